@@ -1,0 +1,165 @@
+"""SpectralLinear: a frozen base layer adapted along its singular directions.
+
+    W' = U diag(σ + δ) Vᵀ,   δ = 0 outside the selection S
+
+computed in the one-sided form (see functional.py): the layer stores ONE basis, of its smaller
+side (V_S, in × R, when in ≤ out; else U_S, out × R), never a copy of W. Several adapters may live
+in one layer, keyed by name, one active at a time; each trains a vector over its own selection,
+a subset of the R stored directions. Everything an adapter trains is named `sigma_adapters.*`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .svd import Spectrum, side_for
+from .weights import bias_of, dense_weight, linear_shape, write_dense_weight
+
+
+class SigmaVector(nn.Module):
+    """One adapter's trained vector in one layer, and where its entries sit in the layer's basis."""
+
+    def __init__(self, indices: torch.Tensor, update: str, init: str, init_std: float, dtype: torch.dtype):
+        super().__init__()
+        vector = torch.zeros(len(indices), dtype=dtype, device=indices.device)  # (r,)
+        if init == "normal":
+            vector.normal_(0.0, init_std)
+        self.vector = nn.Parameter(vector)
+        self.update = update  # "additive" (vector = δ) or "multiplicative" (vector = g)
+        self.register_buffer("indices", indices, persistent=False)  # (r,) singular-value indices
+        self.register_buffer("positions", None, persistent=False)  # (r,) columns of the basis; None = all
+
+    def extra_repr(self) -> str:
+        return f"r={self.vector.numel()}, update={self.update}"
+
+
+class SpectralLinear(nn.Module):
+    """Wraps a linear base layer (never copies or subclasses it) and adapts it on one side."""
+
+    def __init__(self, base_layer: nn.Module, spectrum: Spectrum, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.out_features, self.in_features = linear_shape(base_layer)
+        self.side = side_for(self.out_features, self.in_features)
+        self.sigma_adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self._set_spectrum(spectrum, dtype or dense_weight(base_layer).dtype)
+
+    # ---- adapters ----------------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.sigma_basis.shape[1]
+
+    def add_adapter(self, name: str, indices: list[int], update: str, init: str = "zeros", init_std: float = 0.0):
+        """A new adapter training a vector over the given singular-value indices (all stored here)."""
+        if name in self.sigma_adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer; delete it first")
+        index = torch.tensor(sorted(indices), dtype=torch.int64, device=self.sigma_indices.device)
+        adapter = SigmaVector(index, update, init, init_std, self.sigma_values.dtype)  # fp32, fp64 for fp64
+        adapter.positions = self._positions(index)
+        self.sigma_adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged_adapter == name:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
+        del self.sigma_adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make one adapter active (None = none: the layer computes the base layer alone)."""
+        if name is not None and name not in self.sigma_adapters:
+            raise KeyError(f"no adapter {name!r} in this layer (have: {list(self.sigma_adapters)})")
+        if self.merged_adapter is not None and name != self.merged_adapter:
+            raise ValueError(
+                f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() before switching"
+            )
+        self.active_adapter = name
+
+    def extend_spectrum(self, spectrum: Spectrum) -> None:
+        """Replace the stored basis by a larger one that holds every direction in use (adapters remap)."""
+        if self.merged_adapter is not None:
+            raise ValueError("unmerge() before changing the basis of a merged layer")
+        current = set(self.sigma_indices.tolist())
+        if not current <= set(spectrum.indices.tolist()):
+            raise ValueError("the new basis must contain every singular direction already stored")
+        self._set_spectrum(spectrum, self.sigma_basis.dtype)
+        for adapter in self.sigma_adapters.values():
+            adapter.positions = self._positions(adapter.indices)
+
+    def scales(self, name: str) -> torch.Tensor:
+        """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing."""
+        adapter = self.sigma_adapters[name]
+        if adapter.positions is None:
+            return F.scales(adapter.vector, self.sigma_values, adapter.update)
+        g = F.scales(adapter.vector, self.sigma_values[adapter.positions], adapter.update)  # (r,)
+        return g.new_zeros(self.rank).index_copy(0, adapter.positions, g)  # (R,)
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if name is None or self.merged_adapter is not None:
+            return self.base_layer(x)
+        g = self.scales(name)  # (R,)
+        if self.side == "input":
+            return self.base_layer(F.adapt_input(x, self.sigma_basis, g))
+        return F.adapt_output(self.base_layer(x), bias_of(self.base_layer), self.sigma_basis, g)
+
+    # ---- merge -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + U_S diag(δ_S) V_Sᵀ for the active adapter. A second merge changes nothing."""
+        if self.merged_adapter is not None or self.active_adapter is None:
+            return
+        g = self.scales(self.active_adapter).detach().clone()
+        self._rewrite_weight(g)
+        self.register_buffer("_merged_scales", g, persistent=False)
+        self.merged_adapter = self.active_adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() exactly (up to rounding in the weight's dtype); nothing happens if not merged."""
+        if self.merged_adapter is None:
+            return
+        self._rewrite_weight(F.inverse_scales(self._merged_scales))
+        del self._merged_scales
+        self.merged_adapter = None
+
+    def _rewrite_weight(self, g: torch.Tensor) -> None:
+        weight = dense_weight(self.base_layer)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        write_dense_weight(self.base_layer, F.apply_to_weight(weight.to(wide), self.sigma_basis, g, self.side))
+
+    # ---- internals -------------------------------------------------------------------------------------
+
+    def _set_spectrum(self, spectrum: Spectrum, dtype: torch.dtype) -> None:
+        device = dense_weight(self.base_layer).device
+        self.register_buffer("sigma_basis", spectrum.basis.to(device, dtype), persistent=False)  # (d, R)
+        wide = torch.promote_types(spectrum.sigma.dtype, torch.float32)
+        self.register_buffer("sigma_values", spectrum.sigma.to(device, wide), persistent=False)  # (R,)
+        self.register_buffer("sigma_indices", spectrum.indices.to(device), persistent=False)  # (R,)
+        self.register_buffer("sigma_max", spectrum.sigma_max.to(device, wide), persistent=False)  # ()
+
+    def _positions(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """Columns of the stored basis holding these singular-value indices (None = all, in order)."""
+        stored = self.sigma_indices.tolist()
+        wanted = indices.tolist()
+        if wanted == stored:
+            return None
+        column = {index: position for position, index in enumerate(stored)}
+        missing = [i for i in wanted if i not in column]
+        if missing:
+            raise ValueError(f"singular directions {missing[:5]} are not stored in this layer")
+        return torch.tensor([column[i] for i in wanted], dtype=torch.int64, device=indices.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, "
+            f"stored_rank={self.rank}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+        )

@@ -1,0 +1,443 @@
+"""SigmaModel: a model whose chosen linear layers carry spectral adapters, with a PEFT-like API.
+
+    model = get_sigma_model(AutoModelForCausalLM.from_pretrained(...), SigmaConfig(rank=16))
+    ... train ...                      # only the vectors named *.sigma_adapters.* train
+    model.save_pretrained("out")       # a few KB: vectors + settings, no weights
+    model = SigmaModel.from_pretrained(base, "out")
+    plain = model.merge_and_unload()   # the base model's own class, weights merged
+
+The base model is adapted in place: each target layer is replaced by a SpectralLinear that wraps
+it, and unload() puts the original layer objects back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter_file import AdapterRecord, LayerRecord, read_adapter, write_adapter
+from .config import SigmaConfig
+from .layer import SpectralLinear
+from .svd import SpectrumRequest, compute_spectra
+from .targets import find_targets, linear_layers
+from .version import __version__
+from .weights import as_dense, dense_weight, fingerprint, linear_shape
+
+SPECTRUM_TOLERANCE = 2e-2  # loading checks |σ_saved − σ_base| ≤ this · σ_max per layer (bf16 and int8 pass)
+
+
+class BaseModelMismatchError(ValueError):
+    """An adapter was loaded onto a base model other than the one it was trained on."""
+
+
+def get_sigma_model(
+    model: nn.Module,
+    config: SigmaConfig,
+    adapter_name: str = "default",
+    full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> SigmaModel:
+    """Wrap a model with one new spectral adapter (trainable, active); the base model is frozen."""
+    return SigmaModel(model, config, adapter_name, full_precision_state_dict, progress)
+
+
+class SigmaModel(nn.Module):
+    """A base model with spectral adapters. Unknown attributes are looked up on the base model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SigmaConfig | None = None,
+        adapter_name: str = "default",
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+        progress: bool | None = None,
+    ):
+        super().__init__()
+        self.base_model = model.requires_grad_(False)
+        self.peft_config: dict[str, SigmaConfig] = {}
+        self.active_adapter: str | None = None
+        self.progress = progress
+        self._frozen_adapters: set[str] = set()
+        self._fingerprints: dict[str, str] = {}  # layer name → fingerprint of the weight its SVD came from
+        if config is not None:
+            self.add_adapter(adapter_name, config, full_precision_state_dict)
+            self.set_adapter(adapter_name)
+
+    # ---- calling the model --------------------------------------------------------------------------
+
+    @property
+    def forward(self):
+        """The base model's forward (inspect.signature shows its arguments; the HF Trainer reads them)."""
+        return _BaseForward(self)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ---- adapters -------------------------------------------------------------------------------------
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: SigmaConfig,
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add a new adapter on config.target_modules (not active until set_adapter)."""
+        layers = linear_layers(self.base_model)
+        plan = {}
+        for name in find_targets(self.base_model, config.target_modules):
+            plan[name] = config.indices_for(name, min(linear_shape(_base(layers[name]))))
+        self._add(adapter_name, config, plan, full_precision_state_dict, drop_small=config.update == "additive")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make one adapter active (and trainable, unless it was loaded for inference)."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        for layer in self.spectral_layers().values():
+            layer.set_adapter(adapter_name if adapter_name in layer.sigma_adapters else None)
+        self.active_adapter = adapter_name
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left without any adapter get their original module back."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        for layer in self.spectral_layers().values():
+            if adapter_name in layer.sigma_adapters:
+                layer.delete_adapter(adapter_name)
+        self._unwrap_empty()
+        del self.peft_config[adapter_name]
+        self._frozen_adapters.discard(adapter_name)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within this block the model computes as the base model alone."""
+        layers = self.spectral_layers().values()
+        active = {layer: layer.active_adapter for layer in layers}
+        try:
+            for layer in layers:
+                layer.set_adapter(None)
+            yield
+        finally:
+            for layer, name in active.items():
+                layer.set_adapter(name)
+
+    def spectral_layers(self) -> dict[str, SpectralLinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLinear)}
+
+    # ---- parameters -------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, adapters included."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the adapters' vectors: the base model's weights belong to the base model."""
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in full if k.startswith(prefix) and ".sigma_adapters." not in k]:
+            del full[key]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load adapter vectors saved by state_dict(); strict checks adapter keys only."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if ".sigma_adapters." in k]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"adapter keys missing: {missing[:5]}; unexpected keys: {result.unexpected_keys[:5]}")
+        return torch.nn.modules.module._IncompatibleKeys(missing, result.unexpected_keys)
+
+    # ---- saving and loading ---------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        save_bases: bool = False,
+        is_main_process: bool = True,
+        **_ignored,
+    ) -> None:
+        """Save adapters: "default" in save_directory, any other in save_directory/<name> (as PEFT does).
+
+        Each is one safetensors file (vectors, their singular-value indices, σ there for the base
+        check, and the settings) plus a JSON copy of the settings, written atomically. Bases are
+        recomputed on load (and cached), so they are stored only with save_bases=True.
+        """
+        if not is_main_process:
+            return
+        for name in selected_adapters or list(self.peft_config):
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            write_adapter(directory, self._record(name, save_bases))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+        progress: bool | None = None,
+        **_ignored,
+    ) -> SigmaModel:
+        """Wrap a base model with a saved adapter (frozen for inference unless is_trainable)."""
+        sigma_model = cls(model, progress=progress)
+        sigma_model.load_adapter(model_id, adapter_name, is_trainable, full_precision_state_dict)
+        sigma_model.set_adapter(adapter_name)
+        return sigma_model
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add a saved adapter under adapter_name, after checking it fits this base model."""
+        record = read_adapter(model_id)
+        layers = linear_layers(self.base_model)
+        _check_structure(model_id, record, {name: linear_shape(_base(layer)) for name, layer in layers.items()})
+        plan = {name: layer.indices.tolist() for name, layer in record.layers.items()}
+        self._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
+        try:
+            spectral = self.spectral_layers()
+            _check_spectra(model_id, record, spectral, adapter_name)
+            with torch.no_grad():
+                for name, saved in record.layers.items():
+                    vector = spectral[name].sigma_adapters[adapter_name].vector
+                    vector.copy_(saved.vector.to(vector.device))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self._frozen_adapters.add(adapter_name)
+        self._refresh_trainable()
+
+    # ---- merging --------------------------------------------------------------------------------------
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weights (W ← W + U_S diag(δ_S) V_Sᵀ); idempotent."""
+        for layer in self.spectral_layers().values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Undo merge(); idempotent."""
+        for layer in self.spectral_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with the active adapter merged and every wrapper removed (its own class)."""
+        self.merge()
+        return self._unwrap_all()
+
+    def unload(self) -> nn.Module:
+        """The base model as it was: adapters unmerged and every wrapper removed."""
+        self.unmerge()
+        return self._unwrap_all()
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _add(self, adapter_name, config, plan, full_precision_state_dict, drop_small) -> None:
+        """Compute (or fetch) the bases the plan needs, wrap or extend layers, then add the vectors."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
+        layers = linear_layers(self.base_model)
+        if any(getattr(layer, "merged_adapter", None) for layer in layers.values()):
+            raise ValueError("unmerge() before adding adapters: bases must come from the unmerged weights")
+        requests = []
+        for name, indices in plan.items():
+            layer = layers[name]
+            stored = set(layer.sigma_indices.tolist()) if isinstance(layer, SpectralLinear) else set()
+            if not set(indices) <= stored:
+                weight = _svd_weight(name, _base(layer), full_precision_state_dict)
+                union = sorted(stored | set(indices))
+                self._fingerprints[name] = fingerprint(weight)
+                method = config.svd_method_for(union, min(weight.shape))
+                requests.append(SpectrumRequest(name, weight, union, method, self._fingerprints[name]))
+        cache = config.cache_path if config.cache else None
+        spectra = compute_spectra(requests, config.svd_oversample, config.svd_niter, cache, self.progress)
+        try:
+            for name, spectrum in spectra.items():
+                layer = layers[name]
+                if isinstance(layer, SpectralLinear):
+                    layer.extend_spectrum(spectrum)
+                else:
+                    self._replace(name, SpectralLinear(layer, spectrum, config.torch_dtype))
+            spectral = self.spectral_layers()
+            if drop_small:
+                plan = _drop_small(adapter_name, plan, spectral, config.sigma_tol)
+            for name, indices in plan.items():
+                spectral[name].add_adapter(adapter_name, indices, config.update, config.init, config.init_std)
+        except BaseException:
+            for layer in self.spectral_layers().values():
+                if adapter_name in layer.sigma_adapters:
+                    layer.delete_adapter(adapter_name)
+            self._unwrap_empty()
+            raise
+        self.peft_config[adapter_name] = config
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        for layer in self.spectral_layers().values():
+            for name, adapter in layer.sigma_adapters.items():
+                train = name == self.active_adapter and name not in self._frozen_adapters
+                adapter.vector.requires_grad_(train)
+
+    def _record(self, adapter_name: str, save_bases: bool) -> AdapterRecord:
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        layers = {}
+        for name, layer in self.spectral_layers().items():
+            if adapter_name not in layer.sigma_adapters:
+                continue
+            adapter = layer.sigma_adapters[adapter_name]
+            columns = slice(None) if adapter.positions is None else adapter.positions
+            layers[name] = LayerRecord(
+                vector=adapter.vector.detach(),
+                indices=adapter.indices,
+                sigma=layer.sigma_values[columns],
+                out_features=layer.out_features,
+                in_features=layer.in_features,
+                basis=layer.sigma_basis[:, columns] if save_bases else None,
+            )
+        prints = "|".join(f"{name}:{self._fingerprints.get(name)}" for name in sorted(layers))
+        base_config = getattr(self.base_model, "config", None)
+        return AdapterRecord(
+            config=self.peft_config[adapter_name],
+            layers=layers,
+            base_model_name_or_path=getattr(base_config, "_name_or_path", None) or None,
+            base_fingerprint=hashlib.sha256(prints.encode()).hexdigest()[:32],
+            info={"sigmatune_version": __version__},
+        )
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name), child, module)
+
+    def _unwrap_empty(self) -> None:
+        """Give every layer left without adapters its original module back."""
+        for name, layer in self.spectral_layers().items():
+            if not layer.sigma_adapters:
+                self._replace(name, layer.base_layer)
+                self._fingerprints.pop(name, None)
+
+    def _unwrap_all(self) -> nn.Module:
+        for name, layer in self.spectral_layers().items():
+            self._replace(name, layer.base_layer)
+        self.peft_config.clear()
+        self._fingerprints.clear()
+        self.active_adapter = None
+        return self.base_model
+
+
+class _BaseForward:
+    """SigmaModel's forward: calls the base model, and shows the base forward's signature."""
+
+    def __init__(self, owner: SigmaModel):
+        self._owner = owner
+
+    def __call__(self, *args, **kwargs):
+        return self._owner.base_model(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self._owner.base_model.forward)
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base_layer if isinstance(layer, SpectralLinear) else layer
+
+
+def _svd_weight(name: str, layer: nn.Module, full_precision_state_dict) -> torch.Tensor:
+    """The (out, in) weight to take the SVD of: from the user's full-precision state dict, else the layer."""
+    weight = dense_weight(layer)
+    if full_precision_state_dict is None:
+        return weight
+    stored = full_precision_state_dict.get(f"{name}.weight")
+    if stored is None:
+        warnings.warn(f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4)
+        return weight
+    stored = as_dense(layer, stored)
+    if stored.shape != weight.shape:
+        raise ValueError(
+            f"full_precision_state_dict[{name + '.weight'!r}] has shape {tuple(stored.shape)}, but the layer's "
+            f"weight is {tuple(weight.shape)}: the state dict belongs to another model"
+        )
+    return stored.to(weight.device)
+
+
+def _drop_small(adapter_name: str, plan: dict, spectral: dict[str, SpectralLinear], tol: float) -> dict:
+    """Leave out directions with σ < tol · σ_max, where an additive δ would need g = δ/σ ≈ ∞."""
+    kept_plan, dropped = {}, 0
+    for name, indices in plan.items():
+        layer = spectral[name]
+        sigma = dict(zip(layer.sigma_indices.tolist(), layer.sigma_values.tolist()))
+        kept = [i for i in indices if sigma[i] >= tol * float(layer.sigma_max)]
+        if not kept:
+            raise ValueError(
+                f"layer {name!r}: every selected singular value is below sigma_tol · σ_max, so an additive "
+                "update cannot be applied; leave the layer out of target_modules or use update='multiplicative'"
+            )
+        kept_plan[name], dropped = kept, dropped + len(indices) - len(kept)
+    if dropped:
+        warnings.warn(
+            f"adapter {adapter_name!r}: left out {dropped} singular directions with σ < sigma_tol · σ_max "
+            "(an additive update there would divide by ~0); use update='multiplicative' to keep them",
+            stacklevel=4,
+        )
+    return kept_plan
+
+
+def _check_structure(model_id, record: AdapterRecord, shapes: dict[str, tuple[int, int]]) -> None:
+    missing = [name for name in record.layers if name not in shapes]
+    wrong = [
+        f"{name} {shapes[name]} ≠ {(layer.out_features, layer.in_features)}"
+        for name, layer in record.layers.items()
+        if name in shapes and shapes[name] != (layer.out_features, layer.in_features)
+    ]
+    if missing or wrong:
+        raise BaseModelMismatchError(
+            f"{model_id}: this adapter was trained on another base model "
+            f"({record.base_model_name_or_path or 'unnamed'}): "
+            + (f"layers {missing[:3]} do not exist here; " if missing else "")
+            + (f"layer shapes differ: {wrong[:3]}; " if wrong else "")
+            + "load it onto the model it was trained on"
+        )
+
+
+def _check_spectra(model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear], adapter_name: str) -> None:
+    worst = []
+    for name, saved in record.layers.items():
+        layer = spectral[name]
+        adapter = layer.sigma_adapters[adapter_name]
+        now = layer.sigma_values if adapter.positions is None else layer.sigma_values[adapter.positions]
+        error = float((now.cpu().double() - saved.sigma.double()).abs().max() / layer.sigma_max.double())
+        if error > SPECTRUM_TOLERANCE:
+            worst.append((error, name))
+    if worst:
+        error, name = max(worst)
+        raise BaseModelMismatchError(
+            f"{model_id}: this adapter was trained on another base model "
+            f"({record.base_model_name_or_path or 'unnamed'}, fingerprint {record.base_fingerprint}): the singular "
+            f"values of {len(worst)} layers differ, {name!r} by {100 * error:.1f}% of σ_max; "
+            "load it onto the model it was trained on"
+        )

@@ -1,0 +1,205 @@
+"""Singular directions of layer weights: exact or randomized SVD, batched over layers of one shape,
+with canonical signs, and an on-disk cache keyed by a fingerprint of the weight.
+
+A layer keeps one side only (DESIGN.md §1): the input side V_S (in × r) when in ≤ out, else the
+output side U_S (out × r). Both identities below make that enough:
+
+    W V_S = U_S diag(σ_S)        U_Sᵀ W = diag(σ_S) V_Sᵀ
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .files import AdapterFileError, atomic_save_tensors, load_tensors
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = "sigmatune-basis-v1"
+BATCH_ELEMENTS = 1 << 28  # weight elements per batched SVD call (1 GiB in fp32)
+RANDOM_SEED = 0  # the randomized SVD's test matrix depends only on its shape and this seed
+
+
+@dataclass
+class Spectrum:
+    """The selected singular directions of one layer, on one side."""
+
+    basis: torch.Tensor  # (d, r) orthonormal: V_S (input side, d = in) or U_S (output side, d = out)
+    sigma: torch.Tensor  # (r,) σ_S
+    indices: torch.Tensor  # (r,) int64, positions in the descending spectrum (0 = largest)
+    sigma_max: torch.Tensor  # () σ_1
+
+
+@dataclass
+class SpectrumRequest:
+    """What to compute for one layer."""
+
+    name: str
+    weight: torch.Tensor  # (out, in), any float dtype, on the device the SVD runs on
+    indices: list[int]  # sorted singular-value indices to keep
+    method: str  # "exact" or "randomized"
+    fingerprint: str  # weights.fingerprint(weight): the cache key's identity of the weight
+
+
+def side_for(out_features: int, in_features: int) -> str:
+    """The side whose basis is smaller: 'input' when in ≤ out, else 'output'."""
+    return "input" if in_features <= out_features else "output"
+
+
+def compute_spectra(
+    requests: list[SpectrumRequest],
+    oversample: int = 16,
+    niter: int = 4,
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Spectrum]:
+    """Spectra for every request, from the cache where possible, else by batched SVD (then cached)."""
+    found, missing = {}, []
+    for request in requests:
+        key = _cache_key(request, oversample, niter)
+        spectrum = None if cache_dir is None else _read_cache(cache_dir, key, request)
+        if spectrum is None:
+            missing.append((request, key))
+        else:
+            found[request.name] = spectrum
+    if requests:
+        logger.info("bases: %d from cache, %d to compute", len(found), len(missing))
+    groups = defaultdict(list)
+    for request, key in missing:
+        groups[_group_key(request, oversample)].append((request, key))
+    bar = tqdm(total=len(missing), desc="SVD", unit="layer", disable=progress is False or not missing)
+    for (shape, _, _, method, q), members in groups.items():
+        per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
+        for start in range(0, len(members), per_batch):
+            batch = members[start : start + per_batch]
+            spectra = _batched_spectra([r for r, _ in batch], method, q, niter)
+            for (request, key), spectrum in zip(batch, spectra):
+                found[request.name] = spectrum
+                if cache_dir is not None:
+                    _write_cache(cache_dir, key, spectrum)
+            bar.update(len(batch))
+    bar.close()
+    return found
+
+
+def exact_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a (…, m, n) batch: U (…, m, k), σ (…, k) descending, Vᵀ (…, k, n)."""
+    return torch.linalg.svd(weight, full_matrices=False)
+
+
+def randomized_svd(weight: torch.Tensor, q: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top q singular triplets of a (…, m, n) batch by subspace iteration (Halko et al. 2011).
+
+    Y = W Ω, then niter rounds of Q ← orth(W orth(Wᵀ Q)); finally the SVD of the small Qᵀ W.
+    Ω (n × q) is drawn on the CPU from a fixed seed, so every device starts from the same matrix.
+    """
+    n = weight.shape[-1]
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    omega = torch.randn(n, q, generator=generator, dtype=torch.float64).to(weight)  # (n, q)
+    basis = torch.linalg.qr(weight @ omega).Q  # (…, m, q)
+    for _ in range(niter):
+        row_basis = torch.linalg.qr(weight.mT @ basis).Q  # (…, n, q)
+        basis = torch.linalg.qr(weight @ row_basis).Q  # (…, m, q)
+    small_u, sigma, vh = torch.linalg.svd(basis.mT @ weight, full_matrices=False)  # (…, q, q), (…, q), (…, q, n)
+    return basis @ small_u, sigma, vh
+
+
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (SVD signs are arbitrary)."""
+    rows = basis.abs().argmax(dim=0)  # (r,)
+    signs = torch.sign(basis[rows, torch.arange(basis.shape[1], device=basis.device)])
+    return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+# ---- batching ---------------------------------------------------------------------------------------
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _group_key(request: SpectrumRequest, oversample: int) -> tuple:
+    out_features, in_features = request.weight.shape
+    q = min(max(request.indices) + 1 + oversample, min(out_features, in_features))
+    if request.method == "exact":
+        q = 0
+    return (tuple(request.weight.shape), request.weight.device, _compute_dtype(request.weight), request.method, q)
+
+
+def _batched_spectra(requests: list[SpectrumRequest], method: str, q: int, niter: int) -> list[Spectrum]:
+    weights = torch.stack([r.weight.detach().to(_compute_dtype(r.weight)) for r in requests])  # (B, m, n)
+    u, sigma, vh = exact_svd(weights) if method == "exact" else randomized_svd(weights, q, niter)
+    out_features, in_features = weights.shape[1:]
+    input_side = side_for(out_features, in_features) == "input"
+    spectra = []
+    for b, request in enumerate(requests):
+        index = torch.tensor(request.indices, dtype=torch.int64, device=weights.device)
+        basis = vh[b, index, :].T if input_side else u[b, :, index]  # (d, r)
+        spectra.append(
+            Spectrum(
+                basis=canonical_signs(basis).contiguous(),
+                sigma=sigma[b, index].contiguous(),
+                indices=index,
+                sigma_max=sigma[b, 0].clone(),
+            )
+        )
+    return spectra
+
+
+# ---- cache ------------------------------------------------------------------------------------------
+
+
+def _cache_key(request: SpectrumRequest, oversample: int, niter: int) -> str:
+    method = request.method if request.method == "exact" else f"randomized-p{oversample}-n{niter}"
+    indices = hashlib.sha256(",".join(map(str, request.indices)).encode()).hexdigest()[:16]
+    out_features, in_features = request.weight.shape
+    side = side_for(out_features, in_features)
+    dtype = str(_compute_dtype(request.weight)).removeprefix("torch.")
+    return f"{CACHE_VERSION}|{request.fingerprint}|{side}|{method}|{dtype}|idx-{indices}"
+
+
+def _cache_file(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
+
+
+def _read_cache(cache_dir: Path, key: str, request: SpectrumRequest) -> Spectrum | None:
+    path = _cache_file(cache_dir, key)
+    if not path.exists():
+        return None
+    try:
+        tensors, metadata = load_tensors(path)
+        spectrum = Spectrum(**{name: tensors[name] for name in ("basis", "sigma", "indices", "sigma_max")})
+        _check_cached(spectrum, metadata, key, request)
+    except (AdapterFileError, KeyError, ValueError) as err:
+        warnings.warn(f"ignoring a damaged basis cache file ({err}); recomputing it", stacklevel=3)
+        return None
+    device = request.weight.device
+    return Spectrum(**{name: getattr(spectrum, name).to(device) for name in ("basis", "sigma", "indices", "sigma_max")})
+
+
+def _check_cached(spectrum: Spectrum, metadata: dict, key: str, request: SpectrumRequest) -> None:
+    out_features, in_features = request.weight.shape
+    d = in_features if side_for(out_features, in_features) == "input" else out_features
+    r = len(request.indices)
+    if metadata.get("key") != key:
+        raise ValueError("its key does not match")
+    if spectrum.basis.shape != (d, r) or spectrum.sigma.shape != (r,) or spectrum.indices.tolist() != request.indices:
+        raise ValueError(f"its shapes do not match the layer {request.name!r}")
+    if not (torch.isfinite(spectrum.basis).all() and torch.isfinite(spectrum.sigma).all()):
+        raise ValueError("it holds NaN or Inf")
+
+
+def _write_cache(cache_dir: Path, key: str, spectrum: Spectrum) -> None:
+    tensors = {"basis": spectrum.basis, "sigma": spectrum.sigma, "indices": spectrum.indices}
+    tensors["sigma_max"] = spectrum.sigma_max
+    try:
+        atomic_save_tensors(_cache_file(cache_dir, key), tensors, metadata={"key": key})
+    except OSError as err:
+        warnings.warn(f"could not write the basis cache in {cache_dir} ({err}); continuing without it", stacklevel=3)

@@ -1,0 +1,80 @@
+"""The base layers sigmatune wraps: which modules are linear, their dense weight (out, in), their bias.
+
+A base layer stays a black box to the forward pass; only initialisation (the SVD), merging and
+export look at its weight, always through the functions here, so that other layer kinds (e.g.
+transposed Conv1D, quantized layers) are taught in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)  # Conv1D (GPT-2 style) stores its weight as (in, out)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FINGERPRINT_CHUNK = 1 << 22  # elements hashed per step, bounding the int64 copy to 32 MiB
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out, in) tensor (a view of the parameter, no copy)."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise TypeError(
+        f"sigmatune cannot read the weight of a {type(module).__name__}; supported layers: "
+        f"{', '.join(t.__name__ for t in LINEAR_TYPES)}"
+    )
+
+
+def as_dense(module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
+    """A weight as stored in the module's state dict, turned into the (out, in) layout."""
+    return stored.T if isinstance(module, Conv1D) else stored
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear layer."""
+    out_features, in_features = dense_weight(module).shape
+    return out_features, in_features
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+@torch.no_grad()
+def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite the layer's weight in place with an (out, in) tensor (cast to the weight's dtype)."""
+    target = dense_weight(module)
+    if target.shape != weight.shape:
+        raise ValueError(f"new weight has shape {tuple(weight.shape)}, the layer's is {tuple(target.shape)}")
+    target.copy_(weight)
+
+
+@torch.no_grad()
+def fingerprint(weight: torch.Tensor) -> str:
+    """A content hash of a weight: its shape, dtype and raw bits, computed where the weight lives.
+
+    The bits are read as integers and reduced to three sums, plain and weighted by two position
+    patterns, in int64 arithmetic that wraps; wrapping addition is associative, so CPU and GPU give
+    the same result without copying the weight to the host.
+    """
+    flat = weight.detach().reshape(-1)
+    bits = flat.view(_INT_OF_SIZE[flat.element_size()])
+    sums = torch.zeros(3, dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), _FINGERPRINT_CHUNK):
+        chunk = bits[start : start + _FINGERPRINT_CHUNK].to(torch.int64)  # (C,)
+        position = torch.arange(start, start + chunk.numel(), device=flat.device)
+        sums[0] += chunk.sum()
+        sums[1] += (chunk * (position % 65521 + 1)).sum()
+        sums[2] += (chunk * (position % 8191 + 3) * (position % 127 + 5)).sum()
+    text = f"{tuple(weight.shape)}|{weight.dtype}|{sums.tolist()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -1,0 +1,13 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own basis cache folder (never the user's ~/.cache)."""
+    folder = tmp_path_factory.mktemp("sigma-cache")
+    monkeypatch.setenv("SIGMATUNE_CACHE", str(folder))
+    return folder / "bases"
