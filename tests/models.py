@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
 TINY_LLAMA = dict(
     vocab_size=96,
     hidden_size=32,
@@ -12,6 +13,7 @@ TINY_LLAMA = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=64,
+    initializer_range=0.1,  # larger than the default 0.02, so the spectra carry the model
 )
 
 

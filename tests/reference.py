@@ -1,6 +1,6 @@
 """The plain two-sided reference every fast path is checked against (fp64, from a fresh SVD).
 
-    y = U diag(σ + δ) Vᵀ x + b,    δ = 0 outside the selection S
+y = U diag(σ + δ) Vᵀ x + b,    δ = 0 outside the selection S
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 
-def reference_weight(weight: torch.Tensor, indices: list[int], vector: torch.Tensor, update: str) -> torch.Tensor:
+def reference_weight(
+    weight: torch.Tensor, indices: list[int], vector: torch.Tensor, update: str
+) -> torch.Tensor:
     """W' = U diag(σ + δ) Vᵀ with δ_S = vector (additive) or σ_S ⊙ vector (multiplicative)."""
     u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     index = torch.tensor(indices)

@@ -51,7 +51,10 @@ def test_matches_two_sided_reference_in_fp64(side, update, selection, bias):
     assert layer.sigma_basis.shape == (min(SHAPES[side]), len(config.indices_for("layer", 8)))
     indices = config.indices_for("layer", 8)
     vector = layer.sigma_adapters["default"].vector.detach()
-    for x in (torch.randn(5, linear.in_features, dtype=torch.float64), torch.randn(2, 3, linear.in_features).double()):
+    for x in (
+        torch.randn(5, linear.in_features, dtype=torch.float64),
+        torch.randn(2, 3, linear.in_features).double(),
+    ):
         expected = reference_linear(x, linear.weight.detach(), linear.bias, indices, vector, update)
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
 
@@ -77,7 +80,9 @@ def test_gradient_of_vector_matches_reference(side):
     x = torch.randn(6, linear.in_features, dtype=torch.float64)
     layer(x).square().sum().backward()
     v = layer.sigma_adapters["default"].vector.detach().clone().requires_grad_(True)
-    reference_linear(x, linear.weight.detach(), linear.bias, list(range(4)), v, "multiplicative").square().sum().backward()
+    reference_linear(
+        x, linear.weight.detach(), linear.bias, list(range(4)), v, "multiplicative"
+    ).square().sum().backward()
     torch.testing.assert_close(layer.sigma_adapters["default"].vector.grad, v.grad, rtol=1e-9, atol=1e-10)
     assert linear.weight.grad is None  # the base weight never gets a gradient
 
@@ -91,7 +96,9 @@ def test_low_precision_follows_reference(dtype, side):
     vector = layer.sigma_adapters["default"].vector
     assert vector.dtype == torch.float32 and layer.sigma_basis.dtype == dtype
     x = torch.randn(4, 3, linear64.in_features, dtype=torch.float64)
-    expected = reference_linear(x, linear64.weight.detach(), linear64.bias, list(range(4)), vector.detach(), "multiplicative")
+    expected = reference_linear(
+        x, linear64.weight.detach(), linear64.bias, list(range(4)), vector.detach(), "multiplicative"
+    )
     out = layer(x.to(dtype))
     assert out.dtype == dtype
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 8e-3}[dtype]
@@ -117,7 +124,9 @@ def test_adapters_are_keyed_by_name_and_switch():
     x = torch.randn(3, 8, dtype=torch.float64)
     out_a = layer(x)
     layer.set_adapter("b")
-    expected_b = reference_linear(x, linear.weight.detach(), linear.bias, [1, 3], torch.tensor([0.5, -0.25]), "additive")
+    expected_b = reference_linear(
+        x, linear.weight.detach(), linear.bias, [1, 3], torch.tensor([0.5, -0.25]), "additive"
+    )
     torch.testing.assert_close(layer(x), expected_b, rtol=0, atol=1e-10)
     layer.set_adapter(None)
     torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
@@ -139,7 +148,9 @@ def test_merge_equals_forward_and_unmerge_restores(side, update):
     adapted = layer(x).detach()
     layer.merge()
     vector = layer.sigma_adapters["default"].vector.detach()
-    torch.testing.assert_close(linear.weight.detach(), reference_weight(original, list(range(5)), vector, update))
+    torch.testing.assert_close(
+        linear.weight.detach(), reference_weight(original, list(range(5)), vector, update)
+    )
     torch.testing.assert_close(layer(x), adapted, rtol=0, atol=1e-10)
     merged = linear.weight.detach().clone()
     layer.merge()  # a second merge changes nothing
@@ -157,7 +168,8 @@ def test_extended_basis_keeps_every_adapter_exact():
     x = torch.randn(3, 12, dtype=torch.float64)
     before = layer(x).detach()
     wider = compute_spectra(
-        [SpectrumRequest("layer", linear.weight, [0, 1, 4, 6], "exact", fingerprint(linear.weight))], progress=False
+        [SpectrumRequest("layer", linear.weight, [0, 1, 4, 6], "exact", fingerprint(linear.weight))],
+        progress=False,
     )["layer"]
     layer.extend_spectrum(wider)
     assert layer.rank == 4
@@ -166,5 +178,7 @@ def test_extended_basis_keeps_every_adapter_exact():
     layer.set_adapter("wide")
     with torch.no_grad():
         layer.sigma_adapters["wide"].vector.copy_(torch.tensor([0.2, 0.7]))
-    expected = reference_linear(x, linear.weight.detach(), linear.bias, [1, 6], torch.tensor([0.2, 0.7]), "multiplicative")
+    expected = reference_linear(
+        x, linear.weight.detach(), linear.bias, [1, 6], torch.tensor([0.2, 0.7]), "multiplicative"
+    )
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)

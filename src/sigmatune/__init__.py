@@ -4,6 +4,7 @@ Each target layer W = U diag(σ) Vᵀ stays frozen; only a vector over its singu
 """
 
 from .adapter_file import AdapterRecord, read_adapter
+from .callbacks import SaveAdapterCallback
 from .config import SigmaConfig
 from .files import AdapterFileError
 from .layer import SpectralLinear
@@ -17,6 +18,7 @@ __all__ = [
     "BaseModelMismatchError",
     "EigenTuneConfig",
     "EigenTunedLayer",
+    "SaveAdapterCallback",
     "SigmaConfig",
     "SigmaModel",
     "SpectralLinear",

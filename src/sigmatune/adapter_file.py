@@ -88,8 +88,15 @@ def read_adapter(directory: str | Path) -> AdapterRecord:
     """Load and check a saved adapter; every problem is an AdapterFileError naming the file."""
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
-    if not path.exists() and directory.is_dir() and (directory / "adapter_config.json").exists():
+    if not path.exists() and (directory / "adapter_config.json").exists():
         raise AdapterFileError(directory, "holds a PEFT adapter, not a sigmatune one", "load it with peft")
+    if not path.exists() and (directory / "model.safetensors").exists():
+        raise AdapterFileError(
+            directory,
+            f"holds no {WEIGHTS_NAME}, only a Trainer checkpoint of the vectors (model.safetensors)",
+            "wrap the base with the same SigmaConfig and call model.load_state_dict(safetensors.torch.load_file("
+            "'<dir>/model.safetensors')), or train with callbacks=[sigmatune.SaveAdapterCallback()]",
+        )
     tensors, metadata = load_tensors(path)
     header = _parse_header(path, metadata)
     config_path = directory / CONFIG_NAME
@@ -122,7 +129,9 @@ def read_adapter(directory: str | Path) -> AdapterRecord:
 
 def _parse_header(path: Path, metadata: dict) -> dict:
     if FORMAT not in metadata:
-        raise AdapterFileError(path, "has no sigmatune header", "it was not written by sigmatune's save_pretrained")
+        raise AdapterFileError(
+            path, "has no sigmatune header", "it was not written by sigmatune's save_pretrained"
+        )
     try:
         header = json.loads(metadata[FORMAT])
     except json.JSONDecodeError as err:
@@ -134,13 +143,17 @@ def _parse_header(path: Path, metadata: dict) -> dict:
         raise AdapterFileError(path, f"has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
-            path, f"uses format version {version}; this sigmatune reads up to {FORMAT_VERSION}", "upgrade sigmatune"
+            path,
+            f"uses format version {version}; this sigmatune reads up to {FORMAT_VERSION}",
+            "upgrade sigmatune",
         )
     layers = header.get("layers")
     if not isinstance(header.get("config"), dict) or not isinstance(layers, dict):
         raise AdapterFileError(path, "has a header without 'config' and 'layers'")
     for name, shape in layers.items():
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        if not (
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)
+        ):
             raise AdapterFileError(path, f"gives layer {name!r} an invalid shape {shape!r}")
     return header
 
@@ -148,7 +161,9 @@ def _parse_header(path: Path, metadata: dict) -> dict:
 def _layer(path: Path, name: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> LayerRecord:
     missing = [part for part in LAYER_TENSORS if f"{name}.{part}" not in tensors]
     if missing:
-        raise AdapterFileError(path, f"lacks {missing} for layer {name!r}", "the file is incomplete; re-save it")
+        raise AdapterFileError(
+            path, f"lacks {missing} for layer {name!r}", "the file is incomplete; re-save it"
+        )
     vector, indices, sigma = (tensors[f"{name}.{part}"] for part in LAYER_TENSORS)
     basis = tensors.get(f"{name}.basis")
     out_features, in_features = shape
@@ -158,8 +173,12 @@ def _layer(path: Path, name: str, shape: list[int], tensors: dict[str, torch.Ten
     if not (vector.is_floating_point() and sigma.is_floating_point() and indices.dtype == torch.int64):
         problem = "wrong dtypes (vector and sigma must be float, indices int64)"
     elif not (1 <= r <= k and indices.shape == (r,) and sigma.shape == (r,)):
-        problem = f"inconsistent shapes {[tuple(t.shape) for t in (vector, indices, sigma)]} for min(in, out) = {k}"
-    elif not (bool((indices >= 0).all()) and bool((indices < k).all()) and bool((indices[1:] > indices[:-1]).all())):
+        problem = (
+            f"inconsistent shapes {[tuple(t.shape) for t in (vector, indices, sigma)]} for min(in, out) = {k}"
+        )
+    elif not (
+        bool((indices >= 0).all()) and bool((indices < k).all()) and bool((indices[1:] > indices[:-1]).all())
+    ):
         problem = f"singular-value indices that are not sorted, unique and within 0..{k - 1}"
     elif not (torch.isfinite(vector).all() and torch.isfinite(sigma).all()):
         problem = "NaN or Inf values"

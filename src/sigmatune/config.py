@@ -71,7 +71,11 @@ class SigmaConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         for name in ("init_std", "sigma_tol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
 
     # ---- derived values -------------------------------------------------------------------------

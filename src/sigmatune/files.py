@@ -76,7 +76,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(
-            path, f"is not a readable safetensors file ({err})", "it may be truncated or corrupted; re-save it"
+            path,
+            f"is not a readable safetensors file ({err})",
+            "it may be truncated or corrupted; re-save it",
         ) from None
     return tensors, metadata
 

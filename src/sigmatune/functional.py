@@ -51,7 +51,9 @@ def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.
     return x + spectral_term(x, basis, g)
 
 
-def adapt_output(y: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def adapt_output(
+    y: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
     """y + ((z U_S) ⊙ g) U_Sᵀ with z = y − b: the base output, adapted on its output side."""
     z = y if bias is None else y - bias.to(y.dtype)
     return y + spectral_term(z, basis, g)

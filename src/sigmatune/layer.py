@@ -54,7 +54,9 @@ class SpectralLinear(nn.Module):
     def rank(self) -> int:
         return self.sigma_basis.shape[1]
 
-    def add_adapter(self, name: str, indices: list[int], update: str, init: str = "zeros", init_std: float = 0.0):
+    def add_adapter(
+        self, name: str, indices: list[int], update: str, init: str = "zeros", init_std: float = 0.0
+    ):
         """A new adapter training a vector over the given singular-value indices (all stored here)."""
         if name in self.sigma_adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer; delete it first")
@@ -65,7 +67,9 @@ class SpectralLinear(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weight; unmerge it before deleting it"
+            )
         del self.sigma_adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -134,7 +138,9 @@ class SpectralLinear(nn.Module):
     def _rewrite_weight(self, g: torch.Tensor) -> None:
         weight = dense_weight(self.base_layer)
         wide = torch.promote_types(weight.dtype, torch.float32)
-        write_dense_weight(self.base_layer, F.apply_to_weight(weight.to(wide), self.sigma_basis, g, self.side))
+        write_dense_weight(
+            self.base_layer, F.apply_to_weight(weight.to(wide), self.sigma_basis, g, self.side)
+        )
 
     # ---- internals -------------------------------------------------------------------------------------
 

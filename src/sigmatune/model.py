@@ -47,6 +47,35 @@ def get_sigma_model(
     return SigmaModel(model, config, adapter_name, full_precision_state_dict, progress)
 
 
+class _Forward:
+    """SigmaModel.forward. The HF Trainer reads forward's signature twice: on the model, to keep the
+    batch columns the model takes (here: the base model's arguments), and on the class, to find the
+    label arguments (here: `labels`). This descriptor answers both."""
+
+    def __get__(self, instance, owner):
+        return _forward_with_labels if instance is None else _BaseForward(instance)
+
+
+def _forward_with_labels(self, *args, labels=None, **kwargs):
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self.base_model(*args, **kwargs)
+
+
+class _BaseForward:
+    """SigmaModel's forward on an instance: calls the base model, shows the base forward's signature."""
+
+    def __init__(self, owner: SigmaModel):
+        self._owner = owner
+
+    def __call__(self, *args, **kwargs):
+        return self._owner.base_model(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self._owner.base_model.forward)
+
+
 class SigmaModel(nn.Module):
     """A base model with spectral adapters. Unknown attributes are looked up on the base model."""
 
@@ -71,11 +100,6 @@ class SigmaModel(nn.Module):
 
     # ---- calling the model --------------------------------------------------------------------------
 
-    @property
-    def forward(self):
-        """The base model's forward (inspect.signature shows its arguments; the HF Trainer reads them)."""
-        return _BaseForward(self)
-
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -83,6 +107,8 @@ class SigmaModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    forward = _Forward()
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -100,7 +126,9 @@ class SigmaModel(nn.Module):
         plan = {}
         for name in find_targets(self.base_model, config.target_modules):
             plan[name] = config.indices_for(name, min(linear_shape(_base(layers[name]))))
-        self._add(adapter_name, config, plan, full_precision_state_dict, drop_small=config.update == "additive")
+        self._add(
+            adapter_name, config, plan, full_precision_state_dict, drop_small=config.update == "additive"
+        )
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make one adapter active (and trainable, unless it was loaded for inference)."""
@@ -149,7 +177,9 @@ class SigmaModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only the adapters' vectors: the base model's weights belong to the base model."""
@@ -163,7 +193,9 @@ class SigmaModel(nn.Module):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if ".sigma_adapters." in k]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"adapter keys missing: {missing[:5]}; unexpected keys: {result.unexpected_keys[:5]}")
+            raise RuntimeError(
+                f"adapter keys missing: {missing[:5]}; unexpected keys: {result.unexpected_keys[:5]}"
+            )
         return torch.nn.modules.module._IncompatibleKeys(missing, result.unexpected_keys)
 
     # ---- saving and loading ---------------------------------------------------------------------------
@@ -215,7 +247,9 @@ class SigmaModel(nn.Module):
         """Add a saved adapter under adapter_name, after checking it fits this base model."""
         record = read_adapter(model_id)
         layers = linear_layers(self.base_model)
-        _check_structure(model_id, record, {name: linear_shape(_base(layer)) for name, layer in layers.items()})
+        _check_structure(
+            model_id, record, {name: linear_shape(_base(layer)) for name, layer in layers.items()}
+        )
         plan = {name: layer.indices.tolist() for name, layer in record.layers.items()}
         self._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
         try:
@@ -259,7 +293,9 @@ class SigmaModel(nn.Module):
     def _add(self, adapter_name, config, plan, full_precision_state_dict, drop_small) -> None:
         """Compute (or fetch) the bases the plan needs, wrap or extend layers, then add the vectors."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name"
+            )
         layers = linear_layers(self.base_model)
         if any(getattr(layer, "merged_adapter", None) for layer in layers.values()):
             raise ValueError("unmerge() before adding adapters: bases must come from the unmerged weights")
@@ -349,20 +385,6 @@ class SigmaModel(nn.Module):
         return self.base_model
 
 
-class _BaseForward:
-    """SigmaModel's forward: calls the base model, and shows the base forward's signature."""
-
-    def __init__(self, owner: SigmaModel):
-        self._owner = owner
-
-    def __call__(self, *args, **kwargs):
-        return self._owner.base_model(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self._owner.base_model.forward)
-
-
 def _base(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, SpectralLinear) else layer
 
@@ -374,7 +396,9 @@ def _svd_weight(name: str, layer: nn.Module, full_precision_state_dict) -> torch
         return weight
     stored = full_precision_state_dict.get(f"{name}.weight")
     if stored is None:
-        warnings.warn(f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4)
+        warnings.warn(
+            f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4
+        )
         return weight
     stored = as_dense(layer, stored)
     if stored.shape != weight.shape:
@@ -390,7 +414,7 @@ def _drop_small(adapter_name: str, plan: dict, spectral: dict[str, SpectralLinea
     kept_plan, dropped = {}, 0
     for name, indices in plan.items():
         layer = spectral[name]
-        sigma = dict(zip(layer.sigma_indices.tolist(), layer.sigma_values.tolist()))
+        sigma = dict(zip(layer.sigma_indices.tolist(), layer.sigma_values.tolist(), strict=True))
         kept = [i for i in indices if sigma[i] >= tol * float(layer.sigma_max)]
         if not kept:
             raise ValueError(
@@ -424,7 +448,9 @@ def _check_structure(model_id, record: AdapterRecord, shapes: dict[str, tuple[in
         )
 
 
-def _check_spectra(model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear], adapter_name: str) -> None:
+def _check_spectra(
+    model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear], adapter_name: str
+) -> None:
     worst = []
     for name, saved in record.layers.items():
         layer = spectral[name]

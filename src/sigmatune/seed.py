@@ -50,7 +50,9 @@ def get_eigentune_model(
     return get_sigma_model(model, config, full_precision_state_dict=full_precision_state_dict)
 
 
-def EigenTunedLayer(original_layer: nn.Module, rank: int, full_precision_weight: torch.Tensor) -> SpectralLinear:  # noqa: N802
+def EigenTunedLayer(
+    original_layer: nn.Module, rank: int, full_precision_weight: torch.Tensor
+) -> SpectralLinear:
     """The seed's layer: original_layer adapted on its top-`rank` singular values (additive, trainable)."""
     weight = full_precision_weight.to(original_layer.weight.device)
     request = SpectrumRequest("layer", weight, list(range(rank)), "exact", fingerprint(weight))

@@ -74,13 +74,13 @@ def compute_spectra(
     groups = defaultdict(list)
     for request, key in missing:
         groups[_group_key(request, oversample)].append((request, key))
-    bar = tqdm(total=len(missing), desc="SVD", unit="layer", disable=progress is False or not missing)
+    bar = tqdm(total=len(missing), desc="SVD", unit="layer", disable=_bar_disabled(progress, bool(missing)))
     for (shape, _, _, method, q), members in groups.items():
         per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(members), per_batch):
             batch = members[start : start + per_batch]
             spectra = _batched_spectra([r for r, _ in batch], method, q, niter)
-            for (request, key), spectrum in zip(batch, spectra):
+            for (request, key), spectrum in zip(batch, spectra, strict=True):
                 found[request.name] = spectrum
                 if cache_dir is not None:
                     _write_cache(cache_dir, key, spectrum)
@@ -89,12 +89,21 @@ def compute_spectra(
     return found
 
 
+def _bar_disabled(progress: bool | None, work: bool) -> bool | None:
+    """tqdm's `disable`: None (the default) shows a bar on an interactive terminal only."""
+    if not work or progress is False:
+        return True
+    return None if progress is None else False
+
+
 def exact_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of a (…, m, n) batch: U (…, m, k), σ (…, k) descending, Vᵀ (…, k, n)."""
     return torch.linalg.svd(weight, full_matrices=False)
 
 
-def randomized_svd(weight: torch.Tensor, q: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(
+    weight: torch.Tensor, q: int, niter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top q singular triplets of a (…, m, n) batch by subspace iteration (Halko et al. 2011).
 
     Y = W Ω, then niter rounds of Q ← orth(W orth(Wᵀ Q)); finally the SVD of the small Qᵀ W.
@@ -107,7 +116,9 @@ def randomized_svd(weight: torch.Tensor, q: int, niter: int) -> tuple[torch.Tens
     for _ in range(niter):
         row_basis = torch.linalg.qr(weight.mT @ basis).Q  # (…, n, q)
         basis = torch.linalg.qr(weight @ row_basis).Q  # (…, m, q)
-    small_u, sigma, vh = torch.linalg.svd(basis.mT @ weight, full_matrices=False)  # (…, q, q), (…, q), (…, q, n)
+    small_u, sigma, vh = torch.linalg.svd(
+        basis.mT @ weight, full_matrices=False
+    )  # (…, q, q), (…, q), (…, q, n)
     return basis @ small_u, sigma, vh
 
 
@@ -130,7 +141,13 @@ def _group_key(request: SpectrumRequest, oversample: int) -> tuple:
     q = min(max(request.indices) + 1 + oversample, min(out_features, in_features))
     if request.method == "exact":
         q = 0
-    return (tuple(request.weight.shape), request.weight.device, _compute_dtype(request.weight), request.method, q)
+    return (
+        tuple(request.weight.shape),
+        request.weight.device,
+        _compute_dtype(request.weight),
+        request.method,
+        q,
+    )
 
 
 def _batched_spectra(requests: list[SpectrumRequest], method: str, q: int, niter: int) -> list[Spectrum]:
@@ -181,7 +198,9 @@ def _read_cache(cache_dir: Path, key: str, request: SpectrumRequest) -> Spectrum
         warnings.warn(f"ignoring a damaged basis cache file ({err}); recomputing it", stacklevel=3)
         return None
     device = request.weight.device
-    return Spectrum(**{name: getattr(spectrum, name).to(device) for name in ("basis", "sigma", "indices", "sigma_max")})
+    return Spectrum(
+        **{name: getattr(spectrum, name).to(device) for name in ("basis", "sigma", "indices", "sigma_max")}
+    )
 
 
 def _check_cached(spectrum: Spectrum, metadata: dict, key: str, request: SpectrumRequest) -> None:
@@ -190,7 +209,11 @@ def _check_cached(spectrum: Spectrum, metadata: dict, key: str, request: Spectru
     r = len(request.indices)
     if metadata.get("key") != key:
         raise ValueError("its key does not match")
-    if spectrum.basis.shape != (d, r) or spectrum.sigma.shape != (r,) or spectrum.indices.tolist() != request.indices:
+    if (
+        spectrum.basis.shape != (d, r)
+        or spectrum.sigma.shape != (r,)
+        or spectrum.indices.tolist() != request.indices
+    ):
         raise ValueError(f"its shapes do not match the layer {request.name!r}")
     if not (torch.isfinite(spectrum.basis).all() and torch.isfinite(spectrum.sigma).all()):
         raise ValueError("it holds NaN or Inf")
@@ -202,4 +225,6 @@ def _write_cache(cache_dir: Path, key: str, spectrum: Spectrum) -> None:
     try:
         atomic_save_tensors(_cache_file(cache_dir, key), tensors, metadata={"key": key})
     except OSError as err:
-        warnings.warn(f"could not write the basis cache in {cache_dir} ({err}); continuing without it", stacklevel=3)
+        warnings.warn(
+            f"could not write the basis cache in {cache_dir} ({err}); continuing without it", stacklevel=3
+        )

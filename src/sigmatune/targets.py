@@ -61,7 +61,12 @@ def _base(layer: nn.Module) -> nn.Module:
 def _unknown_message(model: nn.Module, keys: list, layers: dict[str, nn.Module]) -> str:
     available = sorted({name.rsplit(".", 1)[-1] for name in layers})
     non_linear = sorted(
-        {name for name, _ in model.named_modules() for key in keys if isinstance(key, str) and name_matches(name, key)}
+        {
+            name
+            for name, _ in model.named_modules()
+            for key in keys
+            if isinstance(key, str) and name_matches(name, key)
+        }
         - set(layers)
     )
     message = f"target_modules {keys if len(keys) > 1 else keys[0]!r} matched no linear layer of the model"
