@@ -264,3 +264,24 @@ def test_attributes_and_generate_reach_the_base_model():
     assert model.config.hidden_size == TINY_LLAMA["hidden_size"]
     out = model.generate(token_batch(batch=1, length=4), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_model_matches_cpu_and_trains(dtype, tmp_path):
+    cpu = get_sigma_model(tiny_llama(), SigmaConfig(rank=4, svd="exact"))
+    gpu = get_sigma_model(tiny_llama(dtype=dtype).cuda(), SigmaConfig(rank=4, svd="exact"))
+    layer = next(iter(gpu.spectral_layers().values()))
+    assert layer.sigma_basis.is_cuda and layer.sigma_basis.dtype == dtype
+    assert layer.sigma_adapters["default"].vector.dtype == torch.float32  # trained in fp32
+    randomize(cpu, scale=0.1)
+    randomize(gpu, scale=0.1)
+    ids = token_batch()
+    torch.testing.assert_close(logits(gpu, ids.cuda()).float().cpu(), logits(cpu, ids), rtol=0.05, atol=0.05)
+    gpu(ids.cuda(), labels=ids.cuda()).loss.backward()
+    assert all(p.grad is not None and p.grad.is_cuda for p in gpu.parameters() if p.requires_grad)
+    gpu.save_pretrained(tmp_path)
+    assert torch.equal(
+        logits(SigmaModel.from_pretrained(tiny_llama(dtype=dtype).cuda(), tmp_path), ids.cuda()),
+        logits(gpu, ids.cuda()),
+    )
