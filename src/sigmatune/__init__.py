@@ -4,11 +4,12 @@ Each target layer W = U diag(σ) Vᵀ stays frozen; only a vector over its singu
 """
 
 from .adapter_file import AdapterRecord, read_adapter
+from .base_check import BaseModelMismatchError
 from .callbacks import SaveAdapterCallback
 from .config import SigmaConfig
 from .files import AdapterFileError
 from .layer import SpectralLinear
-from .model import BaseModelMismatchError, SigmaModel, get_sigma_model
+from .model import SigmaModel, get_sigma_model
 from .seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
 from .version import __version__
 

@@ -95,12 +95,17 @@ class SpectralLinear(nn.Module):
         for adapter in self.sigma_adapters.values():
             adapter.positions = self._positions(adapter.indices)
 
+    def columns(self, name: str) -> torch.Tensor | slice:
+        """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
+        positions = self.sigma_adapters[name].positions
+        return slice(None) if positions is None else positions
+
     def scales(self, name: str) -> torch.Tensor:
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing."""
         adapter = self.sigma_adapters[name]
+        g = F.scales(adapter.vector, self.sigma_values[self.columns(name)], adapter.update)  # (r,)
         if adapter.positions is None:
-            return F.scales(adapter.vector, self.sigma_values, adapter.update)
-        g = F.scales(adapter.vector, self.sigma_values[adapter.positions], adapter.update)  # (r,)
+            return g
         return g.new_zeros(self.rank).index_copy(0, adapter.positions, g)  # (R,)
 
     # ---- forward -------------------------------------------------------------------------------------
@@ -169,3 +174,8 @@ class SpectralLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, "
             f"stored_rank={self.rank}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
         )
+
+
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The base layer inside a SpectralLinear (any other module as it is)."""
+    return layer.base_layer if isinstance(layer, SpectralLinear) else layer

@@ -22,18 +22,13 @@ import torch
 from torch import nn
 
 from .adapter_file import AdapterRecord, LayerRecord, read_adapter, write_adapter
+from .base_check import check_spectra, check_structure
 from .config import SigmaConfig
-from .layer import SpectralLinear
+from .layer import SpectralLinear, unwrapped
 from .svd import SpectrumRequest, compute_spectra
 from .targets import find_targets, linear_layers
 from .version import __version__
-from .weights import as_dense, dense_weight, fingerprint, linear_shape
-
-SPECTRUM_TOLERANCE = 2e-2  # loading checks |σ_saved − σ_base| ≤ this · σ_max per layer (bf16 and int8 pass)
-
-
-class BaseModelMismatchError(ValueError):
-    """An adapter was loaded onto a base model other than the one it was trained on."""
+from .weights import fingerprint, linear_shape, svd_source
 
 
 def get_sigma_model(
@@ -125,7 +120,7 @@ class SigmaModel(nn.Module):
         layers = linear_layers(self.base_model)
         plan = {}
         for name in find_targets(self.base_model, config.target_modules):
-            plan[name] = config.indices_for(name, min(linear_shape(_base(layers[name]))))
+            plan[name] = config.indices_for(name, min(linear_shape(unwrapped(layers[name]))))
         self._add(
             adapter_name, config, plan, full_precision_state_dict, drop_small=config.update == "additive"
         )
@@ -247,14 +242,14 @@ class SigmaModel(nn.Module):
         """Add a saved adapter under adapter_name, after checking it fits this base model."""
         record = read_adapter(model_id)
         layers = linear_layers(self.base_model)
-        _check_structure(
-            model_id, record, {name: linear_shape(_base(layer)) for name, layer in layers.items()}
+        check_structure(
+            model_id, record, {name: linear_shape(unwrapped(layer)) for name, layer in layers.items()}
         )
         plan = {name: layer.indices.tolist() for name, layer in record.layers.items()}
         self._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
         try:
             spectral = self.spectral_layers()
-            _check_spectra(model_id, record, spectral, adapter_name)
+            check_spectra(model_id, record, spectral, adapter_name)
             with torch.no_grad():
                 for name, saved in record.layers.items():
                     vector = spectral[name].sigma_adapters[adapter_name].vector
@@ -304,7 +299,7 @@ class SigmaModel(nn.Module):
             layer = layers[name]
             stored = set(layer.sigma_indices.tolist()) if isinstance(layer, SpectralLinear) else set()
             if not set(indices) <= stored:
-                weight = _svd_weight(name, _base(layer), full_precision_state_dict)
+                weight = svd_source(name, unwrapped(layer), full_precision_state_dict)
                 union = sorted(stored | set(indices))
                 self._fingerprints[name] = fingerprint(weight)
                 method = config.svd_method_for(union, min(weight.shape))
@@ -346,14 +341,13 @@ class SigmaModel(nn.Module):
             if adapter_name not in layer.sigma_adapters:
                 continue
             adapter = layer.sigma_adapters[adapter_name]
-            columns = slice(None) if adapter.positions is None else adapter.positions
             layers[name] = LayerRecord(
                 vector=adapter.vector.detach(),
                 indices=adapter.indices,
-                sigma=layer.sigma_values[columns],
+                sigma=layer.sigma_values[layer.columns(adapter_name)],
                 out_features=layer.out_features,
                 in_features=layer.in_features,
-                basis=layer.sigma_basis[:, columns] if save_bases else None,
+                basis=layer.sigma_basis[:, layer.columns(adapter_name)] if save_bases else None,
             )
         prints = "|".join(f"{name}:{self._fingerprints.get(name)}" for name in sorted(layers))
         base_config = getattr(self.base_model, "config", None)
@@ -385,30 +379,6 @@ class SigmaModel(nn.Module):
         return self.base_model
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    return layer.base_layer if isinstance(layer, SpectralLinear) else layer
-
-
-def _svd_weight(name: str, layer: nn.Module, full_precision_state_dict) -> torch.Tensor:
-    """The (out, in) weight to take the SVD of: from the user's full-precision state dict, else the layer."""
-    weight = dense_weight(layer)
-    if full_precision_state_dict is None:
-        return weight
-    stored = full_precision_state_dict.get(f"{name}.weight")
-    if stored is None:
-        warnings.warn(
-            f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4
-        )
-        return weight
-    stored = as_dense(layer, stored)
-    if stored.shape != weight.shape:
-        raise ValueError(
-            f"full_precision_state_dict[{name + '.weight'!r}] has shape {tuple(stored.shape)}, but the layer's "
-            f"weight is {tuple(weight.shape)}: the state dict belongs to another model"
-        )
-    return stored.to(weight.device)
-
-
 def _drop_small(adapter_name: str, plan: dict, spectral: dict[str, SpectralLinear], tol: float) -> dict:
     """Leave out directions with σ < tol · σ_max, where an additive δ would need g = δ/σ ≈ ∞."""
     kept_plan, dropped = {}, 0
@@ -429,41 +399,3 @@ def _drop_small(adapter_name: str, plan: dict, spectral: dict[str, SpectralLinea
             stacklevel=4,
         )
     return kept_plan
-
-
-def _check_structure(model_id, record: AdapterRecord, shapes: dict[str, tuple[int, int]]) -> None:
-    missing = [name for name in record.layers if name not in shapes]
-    wrong = [
-        f"{name} {shapes[name]} ≠ {(layer.out_features, layer.in_features)}"
-        for name, layer in record.layers.items()
-        if name in shapes and shapes[name] != (layer.out_features, layer.in_features)
-    ]
-    if missing or wrong:
-        raise BaseModelMismatchError(
-            f"{model_id}: this adapter was trained on another base model "
-            f"({record.base_model_name_or_path or 'unnamed'}): "
-            + (f"layers {missing[:3]} do not exist here; " if missing else "")
-            + (f"layer shapes differ: {wrong[:3]}; " if wrong else "")
-            + "load it onto the model it was trained on"
-        )
-
-
-def _check_spectra(
-    model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear], adapter_name: str
-) -> None:
-    worst = []
-    for name, saved in record.layers.items():
-        layer = spectral[name]
-        adapter = layer.sigma_adapters[adapter_name]
-        now = layer.sigma_values if adapter.positions is None else layer.sigma_values[adapter.positions]
-        error = float((now.cpu().double() - saved.sigma.double()).abs().max() / layer.sigma_max.double())
-        if error > SPECTRUM_TOLERANCE:
-            worst.append((error, name))
-    if worst:
-        error, name = max(worst)
-        raise BaseModelMismatchError(
-            f"{model_id}: this adapter was trained on another base model "
-            f"({record.base_model_name_or_path or 'unnamed'}, fingerprint {record.base_fingerprint}): the singular "
-            f"values of {len(worst)} layers differ, {name!r} by {100 * error:.1f}% of σ_max; "
-            "load it onto the model it was trained on"
-        )

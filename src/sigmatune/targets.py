@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from .config import name_matches
-from .layer import SpectralLinear
+from .layer import SpectralLinear, unwrapped
 from .weights import is_linear
 
 
@@ -35,7 +35,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     layers = linear_layers(model)
     if target_modules == "all-linear":
         head = _output_head(model)
-        names = [name for name, layer in layers.items() if _base(layer) is not head]
+        names = [name for name, layer in layers.items() if unwrapped(layer) is not head]
     elif isinstance(target_modules, str):
         names = [name for name in layers if re.fullmatch(target_modules, name)]
     else:
@@ -51,11 +51,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 def _output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    return _base(head) if head is not None else None
-
-
-def _base(layer: nn.Module) -> nn.Module:
-    return layer.base_layer if isinstance(layer, SpectralLinear) else layer
+    return unwrapped(head) if head is not None else None
 
 
 def _unknown_message(model: nn.Module, keys: list, layers: dict[str, nn.Module]) -> str:

@@ -8,6 +8,7 @@ transposed Conv1D, quantized layers) are taught in one place.
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 from torch import nn
@@ -48,6 +49,26 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 def bias_of(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def svd_source(name: str, layer: nn.Module, full_precision_state_dict: dict | None) -> torch.Tensor:
+    """The (out, in) weight to take the SVD of: from the user's full-precision state dict, else the layer."""
+    weight = dense_weight(layer)
+    if full_precision_state_dict is None:
+        return weight
+    stored = full_precision_state_dict.get(f"{name}.weight")
+    if stored is None:
+        warnings.warn(
+            f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4
+        )
+        return weight
+    stored = as_dense(layer, stored)
+    if stored.shape != weight.shape:
+        raise ValueError(
+            f"full_precision_state_dict[{name + '.weight'!r}] has shape {tuple(stored.shape)}, but the layer's "
+            f"weight is {tuple(weight.shape)}: the state dict belongs to another model"
+        )
+    return stored.to(weight.device)
 
 
 @torch.no_grad()
