@@ -7,6 +7,7 @@ transposed Conv1D, quantized layers) are taught in one place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 
@@ -16,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 LINEAR_TYPES = (nn.Linear, Conv1D)  # Conv1D (GPT-2 style) stores its weight as (in, out)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_FINGERPRINT_CHUNK = 1 << 22  # elements hashed per step, bounding the int64 copy to 32 MiB
+_FINGERPRINT_CHUNK = 1 << 20  # elements hashed per step: int64 copies of 8 MiB, patterns of 16 MiB
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -84,18 +85,24 @@ def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
 def fingerprint(weight: torch.Tensor) -> str:
     """A content hash of a weight: its shape, dtype and raw bits, computed where the weight lives.
 
-    The bits are read as integers and reduced to three sums, plain and weighted by two position
-    patterns, in int64 arithmetic that wraps; wrapping addition is associative, so CPU and GPU give
-    the same result without copying the weight to the host.
+    The bits are read as integers and reduced, chunk j by chunk, to a plain sum and two sums
+    weighted by fixed position patterns (the latter times 2j + 1, so chunks cannot trade places),
+    in int64 arithmetic that wraps. Wrapping addition is associative, so CPU and GPU give the same
+    result without copying the weight to the host.
     """
     flat = weight.detach().reshape(-1)
     bits = flat.view(_INT_OF_SIZE[flat.element_size()])
+    patterns = _position_patterns(flat.device)  # (2, CHUNK)
     sums = torch.zeros(3, dtype=torch.int64, device=flat.device)
-    for start in range(0, bits.numel(), _FINGERPRINT_CHUNK):
+    for j, start in enumerate(range(0, bits.numel(), _FINGERPRINT_CHUNK)):
         chunk = bits[start : start + _FINGERPRINT_CHUNK].to(torch.int64)  # (C,)
-        position = torch.arange(start, start + chunk.numel(), device=flat.device)
         sums[0] += chunk.sum()
-        sums[1] += (chunk * (position % 65521 + 1)).sum()
-        sums[2] += (chunk * (position % 8191 + 3) * (position % 127 + 5)).sum()
+        sums[1:] += (patterns[:, : chunk.numel()] * chunk).sum(dim=1) * (2 * j + 1)
     text = f"{tuple(weight.shape)}|{weight.dtype}|{sums.tolist()}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4)
+def _position_patterns(device: torch.device) -> torch.Tensor:
+    position = torch.arange(_FINGERPRINT_CHUNK, device=device)
+    return torch.stack([position % 65521 + 1, (position % 8191 + 3) * (position % 127 + 5)])  # (2, CHUNK)
