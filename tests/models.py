@@ -33,3 +33,40 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 def token_batch(seed: int = 1, batch: int = 2, length: int = 12, vocab: int = 96) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(texts: list[str]):
+    """A real byte-level BPE tokenizer trained on texts, with a ChatML chat template (as SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_chat_model(folder, texts: list[str], seed: int = 0):
+    """A tiny Llama and its tokenizer saved as a from_pretrained folder; returns the folder."""
+    tokenizer = tiny_tokenizer(texts)
+    model = tiny_llama(seed, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

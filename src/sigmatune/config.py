@@ -90,8 +90,7 @@ class SigmaConfig:
         """The folder of the basis cache."""
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
-        root = os.environ.get("SIGMATUNE_CACHE") or Path.home() / ".cache" / "sigmatune"
-        return Path(root).expanduser() / "bases"
+        return cache_root() / "bases"
 
     def indices_for(self, layer_name: str, k: int) -> list[int]:
         """Singular-value indices (0 = largest) this config selects in a layer with k singular values."""
@@ -145,6 +144,11 @@ class SigmaConfig:
                 "upgrade sigmatune to load it"
             )
         return cls(**data)
+
+
+def cache_root() -> Path:
+    """Where sigmatune keeps what it computes or downloads: $SIGMATUNE_CACHE, else ~/.cache/sigmatune."""
+    return Path(os.environ.get("SIGMATUNE_CACHE") or Path.home() / ".cache" / "sigmatune").expanduser()
 
 
 def name_matches(name: str, key: str) -> bool:

@@ -16,6 +16,9 @@ import safetensors
 import safetensors.torch
 import torch
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the umask can only be read by setting it
+
 
 class AdapterFileError(ValueError):
     """A file sigmatune was asked to read is missing, damaged, or does not fit the model."""
@@ -32,6 +35,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(handle, "wb") as temp:
             temp.write(data)
             temp.flush()

@@ -1,0 +1,12 @@
+# Sourced by the other scripts: `. scripts/setup.sh EXTRAS` makes (or reuses) a virtualenv in .venv
+# unless one is active, and installs sigmatune with those extras. Any torch >= 2.4 works; when none
+# is installed it takes 2.13.0, a CPU build these machines keep on disk (no 5 GB CUDA download).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[$1]"

@@ -1,0 +1,7 @@
+"""`python -m sigmatune ...` is the `sigmatune` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""`sigmatune <command>`: a table from command name to one public function; no logic of its own.
+
+sigmatune train [--rank 16 --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
+sigmatune eval ADAPTER                             held-out loss and exact match, base vs adapted
+sigmatune inspect ADAPTER [--plot out.png]         what the adapter learned, per layer
+sigmatune merge ADAPTER OUTPUT                     a plain HF model folder with the adapter merged
+sigmatune generate ADAPTER "prompt"                the adapted model's answer
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+
+from . import tools, train
+from .version import __version__
+
+
+def _rank(text: str) -> int | str:
+    return text if text == "full" else int(text)
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainSettings field; its help is the field's inline comment."""
+    try:
+        source = inspect.getsource(train.TrainSettings)
+    except OSError:  # installed without sources
+        source = ""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
+    for field in dataclasses.fields(train.TrainSettings):
+        kind = _rank if field.name == "rank" else type(field.default)
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=field.default,
+            help=f"{comments.get(field.name, '')} (default: %(default)s)",
+        )
+
+
+def _train(args) -> dict:
+    fields = {f.name for f in dataclasses.fields(train.TrainSettings)}
+    return train.train(train.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
+def _add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    parser.add_argument(
+        "--model", help="base model path or name (default: the one the adapter was trained on)"
+    )
+    if device:
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sigmatune", description="Fine-tune and use singular-value adapters."
+    )
+    parser.add_argument("--version", action="version", version=f"sigmatune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    command = commands.add_parser("train", help="fine-tune a model's singular values on a task")
+    _train_arguments(command)
+    command.set_defaults(run=_train)
+
+    command = commands.add_parser("eval", help="held-out loss and exact match of a saved adapter")
+    command.add_argument("adapter", help="adapter folder")
+    _add_model_options(command)
+    command.add_argument("--data", help="task spec or file (default: the training data)")
+    command.add_argument("--heldout", type=int, help="held-out examples (default: as in training)")
+    command.add_argument("--eval-accuracy", type=int, help="examples scored by exact match")
+    command.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    command.set_defaults(
+        run=lambda a: tools.evaluate_adapter(
+            a.adapter, a.model, a.data, a.heldout, a.eval_accuracy, a.device, a.dtype
+        )
+    )
+
+    command = commands.add_parser("inspect", help="per-layer summary of a saved adapter")
+    command.add_argument("adapter", help="adapter folder")
+    command.add_argument("--plot", metavar="PNG", help="also draw the learned scales and base spectra")
+    command.set_defaults(run=lambda a: tools.inspect_adapter(a.adapter, a.plot))
+
+    command = commands.add_parser("merge", help="write a plain HF model with the adapter merged in")
+    command.add_argument("adapter", help="adapter folder")
+    command.add_argument("output", help="folder for the merged model")
+    _add_model_options(command, device=False)
+    command.add_argument(
+        "--dtype", default="float32", help="dtype of the merged weights (default: %(default)s)"
+    )
+    command.set_defaults(run=lambda a: tools.merge_adapter(a.adapter, a.output, a.model, a.dtype))
+
+    command = commands.add_parser("generate", help="the adapted model's answer to a prompt")
+    command.add_argument("adapter", help="adapter folder")
+    command.add_argument("prompt", help="the user's message")
+    _add_model_options(command)
+    command.add_argument("--max-new-tokens", type=int, default=64)
+    command.set_defaults(
+        run=lambda a: tools.generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as err:
+        print(f"sigmatune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

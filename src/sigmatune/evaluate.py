@@ -1,0 +1,96 @@
+"""Scoring a model on held-out examples: loss on the answer tokens, and exact-match accuracy.
+
+loss      mean cross-entropy per taught token (the answer and the end of the turn)
+accuracy  share of prompts whose greedy answer equals one of the accepted answers, compared after
+          normalising case, surrounding whitespace, quotes and final punctuation
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Example
+from .tokens import IGNORE, Encoded, collate, prompt_batch
+
+
+@dataclass
+class Score:
+    loss: float  # mean cross-entropy per answer token
+    accuracy: float | None  # exact match, None when the examples have no prompts
+    examples: int
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over labelled tokens, their count). Logits are computed only from the first
+    position that predicts a label on, when the model supports logits_to_keep (saves the output head)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    labelled = (targets != IGNORE).any(dim=0).nonzero()
+    start = int(labelled[0]) if len(labelled) else 0
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = torch.arange(start, labels.shape[1] - 1, device=labels.device)
+        logits = model(**kwargs).logits  # (B, K, V)
+    else:
+        logits = model(**kwargs).logits[:, start:-1]
+    kept = targets[:, start:]  # (B, K)
+    count = int((kept != IGNORE).sum())
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE)
+    return loss, count
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
+    total, count = 0.0, 0
+    model.eval()
+    for start in tqdm(range(0, len(encoded), batch_size), desc="held-out loss", leave=False, disable=None):
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
+        loss, n = token_loss(model, batch)
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def exact_match(
+    model,
+    tokenizer,
+    instruction: str | None,
+    examples: list[Example],
+    batch_size: int,
+    device,
+    max_new_tokens=24,
+) -> tuple[float, list[tuple[str, str, list[str]]]]:
+    """(accuracy, [(prompt, generated answer, accepted answers)]) by greedy decoding."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples, correct = [], 0
+    for start in tqdm(
+        range(0, len(examples), batch_size), desc="held-out accuracy", leave=False, disable=None
+    ):
+        chunk = examples[start : start + batch_size]
+        batch = {
+            k: v.to(device)
+            for k, v in prompt_batch(tokenizer, instruction, [e.prompt for e in chunk]).items()
+        }
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        for example, row in zip(chunk, out[:, batch["input_ids"].shape[1] :], strict=True):
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            correct += any(normalize(answer) == normalize(a) for a in example.answers)
+            samples.append((example.prompt, answer, example.answers))
+    return correct / max(len(examples), 1), samples
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no surrounding quotes or final punctuation."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.strip("\"'`").rstrip(".!?;:,").strip()
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

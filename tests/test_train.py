@@ -1,0 +1,180 @@
+"""The main job end to end on a tiny chat model and a small task file, through the Python API and
+the `sigmatune` command line (in process and as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sigmatune import SigmaModel, read_adapter
+from sigmatune.adapter_file import WEIGHTS_NAME
+from sigmatune.cli import main
+from sigmatune.data import Example, load_model
+from sigmatune.evaluate import normalize
+from sigmatune.tokens import IGNORE, encode
+from sigmatune.train import SUMMARY_NAME, TrainSettings, _batch_order, _lr_factor, train
+from tests.models import save_tiny_chat_model, tiny_tokenizer
+
+PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny chat model folder and a task file of 150 yes/no questions."""
+    folder = tmp_path_factory.mktemp("job")
+    texts = [f"{r['input']} {r['output']}" for r in PARITY] + ["system user assistant"]
+    save_tiny_chat_model(folder / "model", texts)
+    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in PARITY))
+    return folder
+
+
+def settings(workspace, out, **overrides) -> TrainSettings:
+    fields = dict(
+        model=str(workspace / "model"),
+        data=str(workspace / "parity.jsonl"),
+        rank="full",
+        lr=0.1,
+        steps=30,
+        batch_size=8,
+        heldout=30,
+        eval_accuracy=10,
+        output_dir=str(out),
+    )
+    return TrainSettings(**{**fields, **overrides})
+
+
+def test_encode_puts_labels_on_the_answer_only():
+    tokenizer = tiny_tokenizer(["Is 3 even? no", "system user assistant"])
+    encoded = encode(tokenizer, "Be brief.", Example("Is 3 even?", ["no"]), max_length=64)
+    taught = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE]
+    assert tokenizer.decode(taught) == "no<|im_end|>\n"
+    prefix = tokenizer.decode(encoded.input_ids[: len(encoded.input_ids) - len(taught)])
+    assert (
+        prefix
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nIs 3 even?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    short = encode(tokenizer, None, Example("Is 3 even? " * 20, ["no"]), max_length=16)
+    assert len(short.input_ids) == 16 and short.labels[-len(taught) :] == taught  # the prompt lost its start
+
+
+def test_schedule_and_batch_order():
+    s = TrainSettings(steps=100, warmup=0.1)
+    assert _lr_factor(0, s) == pytest.approx(0.1) and _lr_factor(9, s) == 1.0
+    assert _lr_factor(55, s) == pytest.approx(0.5) and _lr_factor(99, s) < 0.01
+    order = _batch_order(10, 4, 5, seed=1)
+    assert len(order) == 5 and all(len(b) == 4 for b in order)
+    assert sorted(i for b in order[:2] for i in b) == sorted(
+        set(i for b in order[:2] for i in b)
+    )  # no repeats in an epoch
+    assert order == _batch_order(10, 4, 5, seed=1) != _batch_order(10, 4, 5, seed=2)
+
+
+def test_normalize_for_exact_match():
+    assert normalize('  "Paris." ') == normalize("paris") == "paris"
+    assert normalize("New   York!") == "new york"
+
+
+def test_train_lowers_the_heldout_loss_and_saves_everything(workspace, tmp_path):
+    summary = train(settings(workspace, tmp_path / "out"))
+    assert summary["after"]["loss"] < 0.75 * summary["before"]["loss"], summary
+    assert summary["after"]["accuracy"] >= summary["before"]["accuracy"]
+    assert len(summary["loss_history"]) == 30
+    saved = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert saved["after"] == summary["after"] and saved["settings"]["rank"] == "full"
+    record = read_adapter(tmp_path / "out")
+    assert record.config.rank == "full" and len(record.layers) == 14
+    model, _ = load_model(str(workspace / "model"))
+    loaded = SigmaModel.from_pretrained(model, tmp_path / "out")
+    assert any(
+        float(layer.sigma_adapters["default"].vector.abs().max()) > 0 for layer in loaded.spectral_layers().values()
+    )
+
+
+def test_same_seed_same_result(workspace, tmp_path):
+    first = train(settings(workspace, tmp_path / "a", steps=6, eval_accuracy=0))
+    second = train(settings(workspace, tmp_path / "b", steps=6, eval_accuracy=0))
+    assert first["loss_history"] == second["loss_history"]
+    for name, layer in read_adapter(tmp_path / "a").layers.items():
+        assert torch.equal(layer.vector, read_adapter(tmp_path / "b").layers[name].vector)
+
+
+def test_cli_commands_in_process(workspace, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = [
+        "train",
+        "--model",
+        str(workspace / "model"),
+        "--data",
+        str(workspace / "parity.jsonl"),
+        "--rank",
+        "4",
+    ]
+    args += [
+        "--steps",
+        "8",
+        "--heldout",
+        "20",
+        "--eval-accuracy",
+        "5",
+        "--lr",
+        "0.05",
+        "--output-dir",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "held-out loss" in capsys.readouterr().out and (out / WEIGHTS_NAME).exists()
+    assert main(["eval", str(out), "--heldout", "10", "--eval-accuracy", "4"]) == 0
+    assert "adapted:    held-out loss" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "scales.png")]) == 0
+    assert (tmp_path / "scales.png").stat().st_size > 10_000
+    assert "14 layers, 56 trained numbers" in capsys.readouterr().out
+    assert main(["generate", str(out), "Is 4 even?", "--max-new-tokens", "3"]) == 0
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(str(tmp_path / "merged"))
+    adapted, _ = load_model(str(workspace / "model"))
+    adapted = SigmaModel.from_pretrained(adapted, out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_reports_bad_input_clearly(workspace, tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.jsonl"), "--model", str(workspace / "model")]) == 1
+    assert "sigmatune train: error:" in capsys.readouterr().err
+    assert main(["train", "--update", "sideways", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "update must be one of" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_line(workspace, tmp_path):
+    out = tmp_path / "sub"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sigmatune",
+            "train",
+            "--model",
+            str(workspace / "model"),
+            "--data",
+            str(workspace / "parity.jsonl"),
+            "--steps",
+            "3",
+            "--heldout",
+            "10",
+            "--eval-accuracy",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "before" in done.stdout and "after" in done.stdout and (out / WEIGHTS_NAME).exists()
