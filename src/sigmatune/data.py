@@ -145,6 +145,7 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
             tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as out,
         ):
             size = int(response.headers.get("Content-Length") or 0) or None
+            print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
             with tqdm(
                 total=size, unit="B", unit_scale=True, desc=f"download {filename}", disable=None
             ) as bar:
