@@ -90,7 +90,8 @@ def test_train_lowers_the_heldout_loss_and_saves_everything(workspace, tmp_path)
     model, _ = load_model(str(workspace / "model"))
     loaded = SigmaModel.from_pretrained(model, tmp_path / "out")
     assert any(
-        float(layer.sigma_adapters["default"].vector.abs().max()) > 0 for layer in loaded.spectral_layers().values()
+        float(layer.sigma_adapters["default"].vector.abs().max()) > 0
+        for layer in loaded.spectral_layers().values()
     )
 
 

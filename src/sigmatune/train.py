@@ -106,7 +106,8 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
     history, smoothed, tokens, start = [], None, 0, time.perf_counter()
     model.train()
     bar = tqdm(order, desc="train", unit="step", disable=None, dynamic_ncols=True)
-    for indices in bar:
+    every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
+    for step, indices in enumerate(bar, 1):
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
         }
@@ -125,7 +126,13 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
         history.append(round(value, 4))
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         tokens += int(batch["attention_mask"].sum())
-        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+        if bar.disable and (step % every == 0 or step == settings.steps):
+            eta = elapsed / step * (settings.steps - step)
+            _log(
+                f"step {step}/{settings.steps}  loss {smoothed:.3f}  {tokens / elapsed:.0f} tok/s  eta {eta:.0f} s"
+            )
     bar.close()
     model.eval()
     return history
