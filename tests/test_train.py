@@ -4,8 +4,11 @@ the `sigmatune` command line (in process and as a real subprocess)."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -179,3 +182,58 @@ def test_python_dash_m_runs_the_command_line(workspace, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "before" in done.stdout and "after" in done.stdout and (out / WEIGHTS_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "/no/such/model"], "no model at /no/such/model"),
+        (["--batch-size", "100000", "--max-length", "60"], r"may need ~.* GiB for activations, more than"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--lr", "-1"], "lr must be a positive learning rate"),
+    ],
+)
+def test_bad_settings_get_a_clear_message_and_no_traceback(workspace, tmp_path, capsys, extra, message):
+    base = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "parity.jsonl")]
+    assert main([*base, "--output-dir", str(tmp_path / "o"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_max_length_is_capped_at_the_model_context(workspace, tmp_path, capsys):
+    args = [
+        "train",
+        "--model",
+        str(workspace / "model"),
+        "--data",
+        str(workspace / "parity.jsonl"),
+        "--steps",
+        "1",
+    ]
+    assert main([*args, "--max-length", "100000", "--output-dir", str(tmp_path), "--eval-accuracy", "0"]) == 0
+    assert "--max-length 100000 capped at the model's context of 64 tokens" in capsys.readouterr().err
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["settings"]["max_length"] == 64
+
+
+def test_empty_data_file_is_refused(workspace, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["train", "--model", str(workspace / "model"), "--data", str(tmp_path / "empty.jsonl")]) == 1
+    assert "needs at least 2 examples" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_leaves_the_saved_adapter_intact(workspace, tmp_path):
+    out = tmp_path / "keep"
+    train(settings(workspace, out, steps=2, eval_accuracy=0))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = [sys.executable, "-u", "-m", "sigmatune", "train", "--model", str(workspace / "model")]
+    command += ["--data", str(workspace / "parity.jsonl"), "--steps", "1000000", "--eval-accuracy", "0"]
+    job = subprocess.Popen([*command, "--output-dir", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in job.stderr:  # wait until training has started
+        if line.startswith("before:"):
+            break
+    time.sleep(1.0)
+    job.send_signal(signal.SIGINT)
+    err = job.stderr.read()
+    assert job.wait(timeout=60) == 130
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

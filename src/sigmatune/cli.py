@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, RuntimeError, OSError, FloatingPointError) as err:
+    except KeyboardInterrupt:
+        print(
+            f"sigmatune {args.command}: interrupted; files already saved are left as they were",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, RuntimeError, OSError, ArithmeticError, MemoryError, ImportError, KeyError) as err:
         print(f"sigmatune {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

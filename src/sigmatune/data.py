@@ -292,8 +292,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    looks_like_path = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # not a hub name
+    if looks_like_path and not (Path(path).expanduser() / "config.json").exists():
+        raise ValueError(f"no model at {path}: give a folder holding config.json, a hub name, or 'smollm2'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as err:
+        raise ValueError(
+            f"could not load model {name_or_path!r} ({err}); give a local folder with config.json, "
+            "a hub name (needs network), or 'smollm2' (the default model)"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -47,6 +47,20 @@ class TrainSettings:
     output_dir: str = "sigmatune-adapter"  # where the adapter and training_summary.json go
     seed: int = 0  # data order, held-out split and any random init
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_length", "heldout", "eval_accuracy"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "eval_accuracy" else 1)
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.lr < 10:
+            raise ValueError(f"lr must be a positive learning rate below 10, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup!r}")
+
     def sigma_config(self) -> SigmaConfig:
         targets = self.targets  # "all-linear", a regex, or names: "q_proj" / "q_proj,v_proj"
         if targets != "all-linear" and ("," in targets or targets.isidentifier()):
@@ -61,6 +75,7 @@ def train(settings: TrainSettings) -> dict:
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
     model, tokenizer = load_model(settings.model, dtype, device)
+    settings = fit_to_model(model, settings, device)
     task = load_task(settings.data, settings.heldout, settings.seed)
     _log(
         f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
@@ -111,13 +126,7 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
         }
-        loss, _ = token_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {float(loss)} at step {len(history) + 1}; lower --lr "
-                "(nothing was saved; the previous adapter in the output folder, if any, is untouched)"
-            )
-        loss.backward()
+        loss = _backward(model, batch, step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -136,6 +145,56 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
     bar.close()
     model.eval()
     return history
+
+
+def _backward(model, batch: dict, step: int) -> torch.Tensor:
+    """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
+    try:
+        loss, _ = token_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {float(loss)} at step {step}; lower --lr "
+                "(nothing was saved; the previous adapter in the output folder, if any, is untouched)"
+            )
+        loss.backward()
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "memory" not in str(err):
+            raise
+        raise MemoryError(
+            f"out of memory at step {step} ({str(err).splitlines()[0][:120]}); "
+            "lower --batch-size or --max-length (nothing was saved)"
+        ) from None
+    return loss
+
+
+def fit_to_model(model, settings: TrainSettings, device: torch.device) -> TrainSettings:
+    """Settings that fit: max_length capped at the model's context; activations (a rough upper
+    estimate: per token, 48 bytes per hidden unit per layer plus the logits) beyond free memory refused."""
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None)
+    if context and settings.max_length > context:
+        _log(f"--max-length {settings.max_length} capped at the model's context of {context} tokens")
+        settings = dataclasses.replace(settings, max_length=context)
+    tokens = settings.batch_size * settings.max_length
+    per_token = 48 * config.hidden_size * config.num_hidden_layers + 8 * config.vocab_size
+    need, free = tokens * per_token, _free_memory(device)
+    if free and need > free:
+        raise ValueError(
+            f"--batch-size {settings.batch_size} × --max-length {settings.max_length} may need ~{need / 2**30:.1f} "
+            f"GiB for activations, more than the {free / 2**30:.1f} GiB free on {device}; lower one of them"
+        )
+    return settings
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = next((line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return int(found) * 1024 if found else None
 
 
 def score(model, tokenizer, task: Task, settings: TrainSettings, device) -> Score:
