@@ -50,6 +50,11 @@ def settings(workspace, out, **overrides) -> TrainSettings:
     return TrainSettings(**{**fields, **overrides})
 
 
+def cli_train(workspace, *extra: str) -> list[str]:
+    """`sigmatune train` arguments for the tiny model and the parity task, plus extra ones."""
+    return ["train", "--model", str(workspace / "model"), "--data", str(workspace / "parity.jsonl"), *extra]
+
+
 def test_encode_puts_labels_on_the_answer_only():
     tokenizer = tiny_tokenizer(["Is 3 even? no", "system user assistant"])
     encoded = encode(tokenizer, "Be brief.", Example("Is 3 even?", ["no"]), max_length=64)
@@ -108,15 +113,7 @@ def test_same_seed_same_result(workspace, tmp_path):
 
 def test_cli_commands_in_process(workspace, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--model",
-        str(workspace / "model"),
-        "--data",
-        str(workspace / "parity.jsonl"),
-        "--rank",
-        "4",
-    ]
+    args = cli_train(workspace, "--rank", "4")
     args += [
         "--steps",
         "8",
@@ -194,22 +191,13 @@ def test_python_dash_m_runs_the_command_line(workspace, tmp_path):
     ],
 )
 def test_bad_settings_get_a_clear_message_and_no_traceback(workspace, tmp_path, capsys, extra, message):
-    base = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "parity.jsonl")]
-    assert main([*base, "--output-dir", str(tmp_path / "o"), *extra]) == 1
+    assert main(cli_train(workspace, "--output-dir", str(tmp_path / "o"), *extra)) == 1
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err
 
 
 def test_max_length_is_capped_at_the_model_context(workspace, tmp_path, capsys):
-    args = [
-        "train",
-        "--model",
-        str(workspace / "model"),
-        "--data",
-        str(workspace / "parity.jsonl"),
-        "--steps",
-        "1",
-    ]
+    args = cli_train(workspace, "--steps", "1")
     assert main([*args, "--max-length", "100000", "--output-dir", str(tmp_path), "--eval-accuracy", "0"]) == 0
     assert "--max-length 100000 capped at the model's context of 64 tokens" in capsys.readouterr().err
     assert json.loads((tmp_path / SUMMARY_NAME).read_text())["settings"]["max_length"] == 64
