@@ -7,13 +7,15 @@ base layer applied to a transformed input, or followed by a transformed output:
     input side  (in ≤ out):  y = base(x + ((x V_S) ⊙ g) V_Sᵀ)
     output side (in > out):  z = base(x) − b;   y = z + b + ((z U_S) ⊙ g) U_Sᵀ
 
-The extra work per token is two thin GEMMs (N × d × r) forward and two backward; autograd keeps
-only the projection x V_S (N × r) for the gradient of g.
+The extra work per token is two thin GEMMs (N × d × r) forward and two backward; only the
+projection x V_S (N × r) is kept for the gradient of g.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import kernels
 
 
 def scales(vector: torch.Tensor, sigma: torch.Tensor, update: str) -> torch.Tensor:
@@ -33,30 +35,71 @@ def deltas(vector: torch.Tensor, sigma: torch.Tensor, update: str) -> torch.Tens
     return vector * sigma.to(torch.promote_types(vector.dtype, sigma.dtype))
 
 
-def spectral_term(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """((x B) ⊙ g) Bᵀ for x (…, d), basis B (d, r), g (r,) → (…, d).
+def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None):
+    """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None.
 
-    The projection runs in x's dtype (the GEMMs accumulate in fp32); the scaling by g is done in at
-    least fp32 and rounded once back to x's dtype.
+    Differentiable in a and g. Autograd keeps only the projection aB − c (N × r) for the gradient
+    of g: dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128) a fused
+    Triton kernel computes each direction in one launch; elsewhere cuBLAS/CPU GEMMs do. Under
+    torch.compile the plain formula is traced, for the compiler to fuse.
     """
-    basis = basis.to(x.dtype)
-    projected = x @ basis  # (…, r)
-    wide = torch.promote_types(x.dtype, torch.float32)
-    scaled = (projected.to(wide) * g.to(wide)).to(x.dtype)  # (…, r)
-    return scaled @ basis.T  # (…, d)
+    if torch.compiler.is_compiling():
+        projected = a @ basis.to(a.dtype)  # (…, r)
+        if shift is not None:
+            projected = projected - shift.to(a.dtype)
+        return a + _scaled(projected, g, a.dtype) @ basis.to(a.dtype).T
+    flat = a.reshape(-1, a.shape[-1])  # (N, d)
+    return _Transform.apply(flat, basis, g, shift).view(a.shape)
 
 
 def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """x̃ = x + ((x V_S) ⊙ g) V_Sᵀ: the input whose image under the base layer is the adapted output."""
-    return x + spectral_term(x, basis, g)
+    return transform(x, basis, g)
 
 
 def adapt_output(
     y: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor, g: torch.Tensor
 ) -> torch.Tensor:
     """y + ((z U_S) ⊙ g) U_Sᵀ with z = y − b: the base output, adapted on its output side."""
-    z = y if bias is None else y - bias.to(y.dtype)
-    return y + spectral_term(z, basis, g)
+    shift = None if bias is None else bias.to(basis.dtype) @ basis  # b U_S: (y − b) U_S = y U_S − b U_S
+    return transform(y, basis, g, shift)
+
+
+class _Transform(torch.autograd.Function):
+    """transform() on a 2-D a, saving only the projection; fused kernel or GEMMs, decided per call."""
+
+    @staticmethod
+    def forward(ctx, a, basis, g, shift):
+        fused = kernels.available(a, basis.shape[1])
+        if fused:
+            out, projection, _ = kernels.transform(a, basis, g, shift)
+        else:
+            projection = a @ basis.to(a.dtype)  # (N, r)
+            if shift is not None:
+                projection = projection - shift.to(a.dtype)
+            out = torch.addmm(a, _scaled(projection, g, a.dtype), basis.to(a.dtype).T)
+        ctx.fused = fused
+        ctx.save_for_backward(projection, basis, g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        projection, basis, g = ctx.saved_tensors
+        if ctx.fused:
+            grad_a, _, grad_g = kernels.transform(grad_out, basis, g, saved=projection)
+        else:
+            dtype = grad_out.dtype
+            along = grad_out @ basis.to(dtype)  # (N, r)
+            grad_a = torch.addmm(grad_out, _scaled(along, g, dtype), basis.to(dtype).T)
+            wide = torch.promote_types(projection.dtype, torch.float32)
+            grad_g = (along.to(wide) * projection.to(wide)).sum(dim=0)
+        return grad_a, None, grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None, None
+
+
+def _scaled(projected: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(projected ⊙ g) in at least fp32, rounded once to dtype."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (projected.to(wide) * g.to(wide)).to(dtype)
 
 
 def inverse_scales(g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""Where a training step's time goes: the top GPU kernels of one row of train_step.py, by total time.
+
+python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from train_step import WARMUP, build, decoder_layers, timed_init
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="1.1b")
+    parser.add_argument("--method", default="sigmatune")
+    parser.add_argument("--rank", default="64")
+    parser.add_argument("--tokens", default="4x1024")
+    parser.add_argument("--compiled", action="store_true")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    rank = args.rank if args.rank == "full" else int(args.rank)
+    batch, length = (int(x) for x in args.tokens.split("x"))
+    base = build(args.shape)
+    model, _, _, _ = timed_init(base, args.method, rank)
+    if args.compiled:
+        for layer in decoder_layers(base):
+            layer.compile(fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, 32000, (batch, length), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(WARMUP):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"{args.method} r={args.rank} compiled={args.compiled}: 3 steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

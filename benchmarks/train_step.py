@@ -1,0 +1,266 @@
+"""Training-step benchmark (../shared/BENCH.md): one process per model shape, every row in one run.
+
+    python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled]
+
+A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
+(no trainable weights, input gradients on), sigmatune r=16, 64, full, PEFT LoRA r=16 (alpha 32),
+eigentune 0.2.0 r=16/64 (backends torch and auto) — eager, and compiled (each decoder layer with
+torch.compile(fullgraph=True), the same for every row). Per row: init seconds (cold, and warm from
+the basis cache), trainable parameters, median step ms over TIMED steps after WARMUP (synchronised
+around each), ratio to the frozen step, peak allocated GiB and its ratio. Rows go into
+benchmarks/results/train_step.json (merged by key) and a markdown table into benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SHAPES = {
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}  # "tiny" checks the script itself, on any device
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WARMUP, TIMED = 3, 7
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+TABLE = Path(__file__).parent / "README.md"
+KEY = ("shape", "method", "rank", "compiled", "tokens")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        sync()
+
+
+def build(shape: str) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # gradients flow to the embeddings' output in every row
+    return model
+
+
+def wrap(base, method: str, rank, cache: str):
+    """(model to train, unwrap function) for one row."""
+    if method == "frozen":
+        return base, lambda: base
+    if method == "sigmatune":
+        from sigmatune import SigmaConfig, get_sigma_model
+
+        model = get_sigma_model(
+            base, SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache), progress=False
+        )
+        return model, model.unload
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+        )
+        return model, model.unload
+    if method.startswith("eigentune-"):
+        import eigentune
+
+        backend = method.removeprefix("eigentune-")
+        config = eigentune.EigenTuneConfig(
+            rank=rank, target_modules=TARGETS, backend=backend, cache_dir=cache
+        )
+        model = eigentune.get_eigentune_model(base, config)
+        return model, lambda: eigentune.unload(model)
+    raise ValueError(method)
+
+
+def timed_init(base, method, rank) -> tuple[object, object, float, float | None]:
+    """Wrap cold (empty basis cache), unwrap, wrap again warm; returns the warm model and both times."""
+    cache = tempfile.mkdtemp(prefix="bases-")
+    sync()
+    start = time.perf_counter()
+    model, unwrap = wrap(base, method, rank, cache)
+    sync()
+    cold = time.perf_counter() - start
+    if method in ("frozen", "lora"):
+        return model, unwrap, cold, None
+    unwrap()
+    sync()
+    start = time.perf_counter()
+    model, unwrap = wrap(base, method, rank, cache)
+    sync()
+    return model, unwrap, cold, time.perf_counter() - start
+
+
+def decoder_layers(base) -> list:
+    return list(base.model.layers)
+
+
+def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float, float]:
+    """(median step ms, peak allocated GiB) of forward + backward + optimizer step."""
+    if compiled:
+        for layer in decoder_layers(base):
+            layer.compile(fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(WARMUP + TIMED):
+        sync()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        if step >= WARMUP:
+            times.append(1000 * (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    if compiled:
+        for layer in decoder_layers(base):
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()
+    return statistics.median(times), peak
+
+
+def rows_for(which: str) -> list[tuple[str, object, bool]]:
+    eager = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
+    eager += [(f"eigentune-{b}", r) for b in ("torch", "auto") for r in (16, 64)]
+    compiled = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
+    rows = []
+    if which in ("all", "eager"):
+        rows += [(m, r, False) for m, r in eager]
+    if which in ("all", "compiled"):
+        rows += [(m, r, True) for m, r in compiled]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=SHAPES, default="1.1b")
+    parser.add_argument("--tokens", default="4x1024", help="batch x sequence length")
+    parser.add_argument(
+        "--rows", default="all", help="all, eager, compiled, or method:rank[:c],... (c = compiled)"
+    )
+    parser.add_argument("--out", default=str(RESULTS), help="results JSON to merge the rows into")
+    parser.add_argument(
+        "--table-from", metavar="JSON", help="only rewrite the README table from this results file"
+    )
+    args = parser.parse_args()
+    if args.table_from:
+        write_table(markdown(json.loads(Path(args.table_from).read_text())))
+        return
+    batch, length = (int(x) for x in args.tokens.split("x"))
+    if args.rows in ("all", "eager", "compiled"):
+        rows = rows_for(args.rows)
+    else:
+        rows = [
+            (p[0], p[1] if p[1] == "full" else int(p[1]), p[2:] == ["c"])
+            for p in (r.split(":") for r in args.rows.split(","))
+        ]
+    base = build(args.shape)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    results, frozen = [], {}
+    for method, rank, compiled in sorted(rows, key=lambda r: (r[2], r[0] != "frozen")):
+        try:
+            model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            step_ms, peak = measure(model, base, compiled, batch, length)
+            unwrap()
+        except Exception as err:  # a failing peer must not lose the other rows
+            print(f"{method} r={rank} compiled={compiled}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        if method == "frozen":
+            frozen[compiled] = (step_ms, peak)
+        ref_ms, ref_peak = frozen.get(compiled, (float("nan"), float("nan")))
+        row = dict(
+            shape=args.shape, method=method, rank=rank, compiled=compiled, tokens=batch * length,
+            init_s=round(init_s, 3), init_warm_s=None if init_warm_s is None else round(init_warm_s, 3),
+            trainable=trainable, step_ms=round(step_ms, 2), ratio_vs_frozen=round(step_ms / ref_ms, 3),
+            peak_gib=round(peak, 2), peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
+        )  # fmt: skip
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    save(results, Path(args.out))
+
+
+def save(rows: list[dict], path: Path) -> None:
+    """Merge rows into the results file (same key: replaced), then rewrite the README table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    keys = {tuple(r[k] for k in KEY) for r in rows}
+    merged = [r for r in existing if tuple(r[k] for k in KEY) not in keys] + rows
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    print(markdown(merged))
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| shape | tokens | method | rank | compiled | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
+    lines = [head, "|" + "---|" * 11]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["shape"],
+            r["tokens"],
+            r["compiled"],
+            r["method"] != "frozen",
+            r["method"],
+            str(r["rank"]),
+        ),
+    ):
+        warm = "" if r["init_warm_s"] is None else f" ({r['init_warm_s']:.2f})"
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | "
+            f"{r['init_s']:.2f}{warm} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['ratio_vs_frozen']:.2f} | "
+            f"{r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
+        )
+    device = sorted({r["device"] for r in rows})
+    return (
+        "\n".join(lines)
+        + f"\n\nDevice: {', '.join(device)}. Ratios are within one run (one process per shape).\n"
+    )
+
+
+def write_table(table: str) -> None:
+    start, end = "<!-- train_step table -->", "<!-- /train_step table -->"
+    text = TABLE.read_text() if TABLE.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    before, _, rest = text.partition(start)
+    _, _, after = rest.partition(end)
+    TABLE.write_text(f"{before}{start}\n{table}{end}{after}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Fused Triton kernel for the one-sided transform, used for both the forward and the backward pass.
+
+    out = a + (((a B) − c) ⊙ g) Bᵀ          a (N, d), B (d, r), g (r,), c (r,) or none
+
+forward:  a = x (input side) or y (output side, c = b B removes the bias), returns out and P = a B − c
+backward: a = dy (c none), returns dx = out and Q = dy B; also dg = Σ_rows Q ⊙ P_saved, reduced per
+          block of rows (one partial row per program, summed afterwards: no atomics)
+
+One program owns BLOCK_N rows. Pass 1 streams the rows' d columns once to build P (BLOCK_N × r, fp32
+accumulation); pass 2 streams them again (mostly from L2) and writes out = a + (P ⊙ g) Bᵀ. Every
+product accumulates in fp32; g stays fp32; out has a's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the plain torch path is used everywhere
+    triton = None
+
+MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
+
+def available(a: torch.Tensor, rank: int) -> bool:
+    """Whether the fused kernel serves this call (else the plain torch path does)."""
+    if triton is None or rank > MAX_RANK or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return a.is_cuda or (INTERPRET and a.device.type == "cpu")
+
+
+if triton is not None:
+
+    def _configs():
+        if INTERPRET:
+            return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=4)]
+        return [
+            triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
+            for n, d, w, s in [
+                (16, 128, 4, 3),
+                (32, 128, 4, 3),
+                (32, 64, 4, 4),
+                (64, 64, 4, 3),
+                (64, 128, 8, 3),
+            ]
+        ]
+
+    @triton.autotune(configs=_configs(), key=["D", "BLOCK_R", "N_BUCKET"], reset_to_zero=["PARTIAL"])
+    @triton.jit
+    def _transform_kernel(
+        A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
+        N, D, R, N_BUCKET,  # sizes (N_BUCKET: a coarse N for the autotune key)
+        stride_a, stride_out, stride_b,
+        HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        row_ok = rows < N
+        ranks = tl.arange(0, BLOCK_R)  # (BR,)
+        rank_ok = ranks < R
+        projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):  # pass 1: P = a B
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            a = tl.load(
+                A + rows[:, None] * stride_a + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                B + cols[:, None] * stride_b + ranks[None, :],
+                mask=col_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+            projection = tl.dot(a.to(DOT), b.to(DOT), projection, input_precision=PRECISION)
+        if HAS_SHIFT:
+            projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+        keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
+        tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
+        if REDUCE:  # dg partial for these rows: Σ_rows Q ⊙ P_saved
+            saved = tl.load(SAVED + rows[:, None] * BLOCK_R + ranks[None, :], mask=keep, other=0.0)
+            tl.store(PARTIAL + pid * BLOCK_R + ranks, tl.sum(projection * saved, axis=0), mask=rank_ok)
+        g = tl.load(G + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+        scaled = projection * g[None, :]  # (BN, BR) fp32
+        for start in range(0, D, BLOCK_D):  # pass 2: out = a + (P ⊙ g) Bᵀ
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            tile = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=tile, other=0.0)
+            bt = tl.load(
+                B + cols[None, :] * stride_b + ranks[:, None],
+                mask=col_ok[None, :] & rank_ok[:, None],
+                other=0.0,
+            )
+            update = tl.dot(
+                scaled.to(a.dtype).to(DOT), bt.to(DOT), input_precision=PRECISION
+            )  # (BN, BD) fp32
+            tl.store(
+                OUT + rows[:, None] * stride_out + cols[None, :],
+                (a.to(tl.float32) + update).to(a.dtype),
+                mask=tile,
+            )
+
+
+_TL_DTYPE = (
+    {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
+)
+
+
+def padded_rank(r: int) -> int:
+    """The rank the kernel computes with: a power of two, at least 16 (tl.dot's smallest side)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def transform(
+    a: torch.Tensor,
+    basis: torch.Tensor,
+    g: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    saved: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out, projection, dg) for a 2-D a (N, d) and a basis (d, r):
+
+    out = a + ((aB − c) ⊙ g)Bᵀ in a's dtype; projection = aB − c as (N, padded_rank(r)) fp32 with zero
+    columns past r; dg = Σ_rows projection ⊙ saved, (r,) fp32, when saved (a projection of the
+    forward pass, same layout) is given: the backward pass.
+    """
+    n, d = a.shape
+    r = basis.shape[1]
+    width = padded_rank(r)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    basis = basis.to(a.dtype).contiguous()
+    out = torch.empty_like(a)
+    projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
+    partial = torch.zeros(
+        (triton.cdiv(n, 16), width), device=a.device, dtype=torch.float32
+    )  # 16: smallest BLOCK_N
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _transform_kernel[grid](
+        a, basis, g, g if shift is None else shift, out, projection, projection if saved is None else saved, partial,
+        n, d, r, _bucket(n),
+        a.stride(0), out.stride(0), basis.stride(0),
+        HAS_SHIFT=shift is not None, REDUCE=saved is not None, BLOCK_R=width,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT=tl.float32 if INTERPRET else _TL_DTYPE[a.dtype],  # the interpreter's bf16 tl.dot is wrong
+    )  # fmt: skip
+    return out, projection, None if saved is None else partial.sum(dim=0)[:r]
+
+
+def _bucket(n: int) -> int:
+    """N rounded up to a power of two: autotuning once per size class, not per batch shape."""
+    return 1 << max(0, (n - 1).bit_length())
