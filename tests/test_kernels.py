@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sigmatune import SigmaConfig, kernels
 from sigmatune import functional as F
-from sigmatune import kernels
+from tests.reference import reference_linear
+from tests.test_layer import make_linear, wrap
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,6 +61,7 @@ def test_backward_mode_reduces_dg_across_rows(dtype, n, d, r):
     expected_grad, expected_along = reference(a, basis, g)
     tol = TOLERANCE[dtype] * 4
     torch.testing.assert_close(grad_a.double(), expected_grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(along[:, :r].double(), expected_along, rtol=tol, atol=tol)
     expected_dg = (expected_along * saved[:, :r].double()).sum(0)
     torch.testing.assert_close(dg.double(), expected_dg, rtol=tol, atol=tol * n**0.5)
 
@@ -82,11 +85,6 @@ def test_fused_autograd_matches_the_plain_path(monkeypatch, with_shift):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_layer_uses_the_kernel_on_cuda_and_matches_fp64():
-    from tests.reference import reference_linear
-    from tests.test_layer import make_linear, wrap
-
-    from sigmatune import SigmaConfig
-
     linear64 = make_linear((300, 200))
     layer = wrap(make_linear((300, 200)).float(), SigmaConfig(rank=24, svd="exact")).cuda().to(torch.bfloat16)
     x = torch.randn(3, 70, 200, dtype=torch.float64)
