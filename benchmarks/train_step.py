@@ -58,7 +58,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def sync() -> None:
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def build(shape: str) -> LlamaForCausalLM:
