@@ -86,7 +86,7 @@ def test_fused_autograd_matches_the_plain_path(monkeypatch, with_shift):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_layer_uses_the_kernel_on_cuda_and_matches_fp64():
     linear64 = make_linear((300, 200))
-    layer = wrap(make_linear((300, 200)).float(), SigmaConfig(rank=24, svd="exact")).cuda().to(torch.bfloat16)
+    layer = wrap(make_linear((300, 200)).to("cuda", torch.bfloat16), SigmaConfig(rank=24, svd="exact"))
     x = torch.randn(3, 70, 200, dtype=torch.float64)
     vector = layer.sigma_adapters["default"].vector
     expected = reference_linear(
