@@ -6,6 +6,7 @@ python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--c
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from train_step import WARMUP, build, decoder_layers, timed_init
@@ -40,6 +41,15 @@ def main() -> None:
     for _ in range(WARMUP):
         step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    print(
+        f"per step: cpu issues in {200 * issued:.1f} ms, gpu done in {200 * total:.1f} ms (5 steps, no sync between)"
+    )
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
