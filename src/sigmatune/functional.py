@@ -38,18 +38,14 @@ def deltas(vector: torch.Tensor, sigma: torch.Tensor, update: str) -> torch.Tens
 def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None):
     """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None.
 
-    Differentiable in a and g. Autograd keeps only the projection aB − c (N × r) for the gradient
-    of g: dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128) a fused
-    Triton kernel computes each direction in one launch; elsewhere cuBLAS/CPU GEMMs do. Under
-    torch.compile the plain formula is traced, for the compiler to fuse.
+    Differentiable in a and g. Only the projection aB − c (N × r) is kept for backward:
+    dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128, eager) a fused
+    Triton kernel computes each direction in one launch; otherwise two GEMMs do, the second
+    accumulating onto a (addmm), which is also what torch.compile traces.
     """
-    if torch.compiler.is_compiling():
-        projected = a @ basis.to(a.dtype)  # (…, r)
-        if shift is not None:
-            projected = projected - shift.to(a.dtype)
-        return a + _scaled(projected, g, a.dtype) @ basis.to(a.dtype).T
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
-    return _Transform.apply(flat, basis, g, shift).view(a.shape)
+    fused = not torch.compiler.is_compiling() and kernels.available(flat, basis.shape[1])
+    return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
 
 
 def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -66,40 +62,42 @@ def adapt_output(
 
 
 class _Transform(torch.autograd.Function):
-    """transform() on a 2-D a, saving only the projection; fused kernel or GEMMs, decided per call."""
+    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs."""
 
     @staticmethod
-    def forward(ctx, a, basis, g, shift):
-        fused = kernels.available(a, basis.shape[1])
+    def forward(ctx, a, basis, g, shift, fused):
+        basis = basis.to(a.dtype)
         if fused:
             out, projection, _ = kernels.transform(a, basis, g, shift)
+            scaled_basis = None
         else:
-            projection = a @ basis.to(a.dtype)  # (N, r)
+            projection = a @ basis  # (N, r)
             if shift is not None:
                 projection = projection - shift.to(a.dtype)
-            out = torch.addmm(a, _scaled(projection, g, a.dtype), basis.to(a.dtype).T)
+            scaled_basis = (basis * g).to(a.dtype)  # B diag(g), (d, r): (P ⊙ g) Bᵀ = P (B diag(g))ᵀ
+            out = torch.addmm(a, projection, scaled_basis.T)
         ctx.fused = fused
-        ctx.save_for_backward(projection, basis, g)
+        ctx.save_for_backward(projection, basis, g, scaled_basis)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        projection, basis, g = ctx.saved_tensors
+        projection, basis, g, scaled_basis = ctx.saved_tensors
         if ctx.fused:
             grad_a, _, grad_g = kernels.transform(grad_out, basis, g, saved=projection)
         else:
-            dtype = grad_out.dtype
-            along = grad_out @ basis.to(dtype)  # (N, r)
-            grad_a = torch.addmm(grad_out, _scaled(along, g, dtype), basis.to(dtype).T)
-            wide = torch.promote_types(projection.dtype, torch.float32)
-            grad_g = (along.to(wide) * projection.to(wide)).sum(dim=0)
-        return grad_a, None, grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None, None
+            along = grad_out @ basis  # (N, r)
+            grad_a = torch.addmm(grad_out, along, scaled_basis.T)
+            grad_g = column_dots(along, projection)
+        return grad_a, None, grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None, None, None
 
 
-def _scaled(projected: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(projected ⊙ g) in at least fp32, rounded once to dtype."""
-    wide = torch.promote_types(dtype, torch.float32)
-    return (projected.to(wide) * g.to(wide)).to(dtype)
+def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ_rows q ⊙ p for (N, r) matrices: diag(qᵀ p) by one small GEMM when r is small, else in fp32."""
+    if q.shape[1] <= 256:
+        return torch.mm(q.T, p).diagonal()
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return (q.to(wide) * p.to(wide)).sum(dim=0)
 
 
 def inverse_scales(g: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,13 @@ except ImportError:  # no Triton: the plain torch path is used everywhere
 
 MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
 
 
 def available(a: torch.Tensor, rank: int) -> bool:
-    """Whether the fused kernel serves this call (else the plain torch path does)."""
-    if triton is None or rank > MAX_RANK or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    return a.is_cuda or (INTERPRET and a.device.type == "cpu")
+    """Whether the fused kernel serves this call on CUDA (else the GEMM path does). Under
+    TRITON_INTERPRET=1 transform() also runs on CPU tensors, for tests, but is never chosen."""
+    return ENABLED and triton is not None and a.is_cuda and rank <= MAX_RANK and a.dtype in _TL_DTYPE
 
 
 if triton is not None:

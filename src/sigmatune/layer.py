@@ -103,9 +103,11 @@ class SpectralLinear(nn.Module):
     def scales(self, name: str) -> torch.Tensor:
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing."""
         adapter = self.sigma_adapters[name]
-        g = F.scales(adapter.vector, self.sigma_values[self.columns(name)], adapter.update)  # (r,)
-        if adapter.positions is None:
-            return g
+        if adapter.positions is None:  # the common case: every stored direction, in order
+            return (
+                adapter.vector if adapter.update == "multiplicative" else adapter.vector / self.sigma_values
+            )
+        g = F.scales(adapter.vector, self.sigma_values[adapter.positions], adapter.update)  # (r,)
         return g.new_zeros(self.rank).index_copy(0, adapter.positions, g)  # (R,)
 
     # ---- forward -------------------------------------------------------------------------------------
