@@ -33,7 +33,7 @@ def main() -> None:
     ids = torch.randint(0, 32000, (batch, length), device="cuda")
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
