@@ -9,7 +9,7 @@ import argparse
 import time
 
 import torch
-from train_step import WARMUP, build, decoder_layers, timed_init
+from train_step import WARMUP, build, timed_init
 
 
 def main() -> None:
@@ -25,15 +25,13 @@ def main() -> None:
     batch, length = (int(x) for x in args.tokens.split("x"))
     base = build(args.shape)
     model, _, _, _ = timed_init(base, args.method, rank)
-    if args.compiled:
-        for layer in decoder_layers(base):
-            layer.compile(fullgraph=True)
+    runner = torch.compile(model, fullgraph=True) if args.compiled else model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     ids = torch.randint(0, 32000, (batch, length), device="cuda")
 
     def step():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        runner(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@
 A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
 (no trainable weights, input gradients on), sigmatune r=16, 64, full, PEFT LoRA r=16 (alpha 32),
 eigentune 0.2.0 r=16/64 (backends torch and auto) — eager, and compiled (each decoder layer with
-torch.compile(fullgraph=True), the same for every row). Per row: init seconds (cold, and warm from
+torch.compile(fullgraph=True) on the whole model, or with --compile regions on each decoder layer). Per row: init seconds (cold, and warm from
 the basis cache), trainable parameters, median step ms over TIMED steps after WARMUP (synchronised
 around each), ratio to the frozen step, peak allocated GiB and its ratio. Rows go into
 benchmarks/results/train_step.json (merged by key) and a markdown table into benchmarks/README.md.
@@ -125,12 +125,15 @@ def decoder_layers(base) -> list:
 
 
 def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float, float]:
-    """(median step ms, peak allocated GiB) of forward + backward + optimizer step."""
-    if compiled:
+    """(median step ms, peak allocated GiB) of forward + backward + optimizer step (fused AdamW)."""
+    runner = model
+    if compiled == "regions":  # each decoder layer its own compiled region
         for layer in decoder_layers(base):
             layer.compile(fullgraph=True)
+    elif compiled:
+        runner = torch.compile(model, fullgraph=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda") if params else None
     ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -139,7 +142,7 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
     for step in range(WARMUP + TIMED):
         sync()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = runner(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -147,11 +150,12 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
         sync()
         if step >= WARMUP:
             times.append(1000 * (time.perf_counter() - start))
+        elif step == 0:
+            print(f"  first step (compile included): {time.perf_counter() - start:.1f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
-    if compiled:
-        for layer in decoder_layers(base):
-            layer._compiled_call_impl = None
-        torch._dynamo.reset()
+    for layer in decoder_layers(base):
+        layer._compiled_call_impl = None
+    torch._dynamo.reset()
     return statistics.median(times), peak
 
 
@@ -178,6 +182,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(RESULTS), help="results JSON to merge the rows into")
     parser.add_argument(
+        "--compile", choices=["model", "regions"], default="model", help="what compiled rows compile"
+    )
+    parser.add_argument(
         "--table-from", metavar="JSON", help="only rewrite the README table from this results file"
     )
     args = parser.parse_args()
@@ -199,7 +206,9 @@ def main() -> None:
         try:
             model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            step_ms, peak = measure(model, base, compiled, batch, length)
+            step_ms, peak = measure(
+                model, base, compiled and ("regions" if args.compile == "regions" else True), batch, length
+            )
             unwrap()
         except Exception as err:  # a failing peer must not lose the other rows
             print(f"{method} r={rank} compiled={compiled}: FAILED {type(err).__name__}: {err}", flush=True)

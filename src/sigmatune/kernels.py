@@ -36,25 +36,10 @@ def available(a: torch.Tensor, rank: int) -> bool:
 
 if triton is not None:
 
-    def _configs():
-        if INTERPRET:
-            return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=4)]
-        return [
-            triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
-            for n, d, w, s in [
-                (16, 128, 4, 3),
-                (32, 128, 4, 3),
-                (32, 64, 4, 4),
-                (64, 64, 4, 3),
-                (64, 128, 8, 3),
-            ]
-        ]
-
-    @triton.autotune(configs=_configs(), key=["D", "BLOCK_R", "N_BUCKET"], reset_to_zero=["PARTIAL"])
     @triton.jit
     def _transform_kernel(
         A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
-        N, D, R, N_BUCKET,  # sizes (N_BUCKET: a coarse N for the autotune key)
+        N, D, R,  # sizes
         stride_a, stride_out, stride_b,
         HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -125,7 +110,7 @@ def transform(
     shift: torch.Tensor | None = None,
     saved: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(out, projection, dg) for a 2-D a (N, d) and a basis (d, r):
+    """(out, projection, dg) for a 2-D a (N, d) and a basis (d, r) in a's dtype:
 
     out = a + ((aB − c) ⊙ g)Bᵀ in a's dtype; projection = aB − c as (N, padded_rank(r)) fp32 with zero
     columns past r; dg = Σ_rows projection ⊙ saved, (r,) fp32, when saved (a projection of the
@@ -134,28 +119,20 @@ def transform(
     n, d = a.shape
     r = basis.shape[1]
     width = padded_rank(r)
+    block_n = 16 if INTERPRET else (64 if width <= 32 else 32)  # rows per program: ~N/32 programs
     a = a if a.stride(-1) == 1 else a.contiguous()
-    basis = basis.to(a.dtype).contiguous()
+    basis = basis if basis.is_contiguous() else basis.contiguous()
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
-    partial = torch.zeros(
-        (triton.cdiv(n, 16), width), device=a.device, dtype=torch.float32
-    )  # 16: smallest BLOCK_N
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _transform_kernel[grid](
+    programs = triton.cdiv(n, block_n)
+    partial = torch.empty((programs, width), device=a.device, dtype=torch.float32) if saved is not None else g
+    _transform_kernel[(programs,)](
         a, basis, g, g if shift is None else shift, out, projection, projection if saved is None else saved, partial,
-        n, d, r, _bucket(n),
+        n, d, r,
         a.stride(0), out.stride(0), basis.stride(0),
         HAS_SHIFT=shift is not None, REDUCE=saved is not None, BLOCK_R=width,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         DOT=tl.float32 if INTERPRET else _TL_DTYPE[a.dtype],  # the interpreter's bf16 tl.dot is wrong
+        BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
     )  # fmt: skip
     return out, projection, None if saved is None else partial.sum(dim=0)[:r]
-
-
-def _bucket(n: int) -> int:
-    """N rounded up to a power of two: autotuning once per size class, not per batch shape."""
-    return 1 << max(0, (n - 1).bit_length())
