@@ -29,9 +29,10 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     ids = torch.randint(0, 32000, (batch, length), device="cuda")
+    embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
     def step():
-        runner(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -67,9 +67,7 @@ def build(shape: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.requires_grad_(False)
-    model.enable_input_require_grads()  # gradients flow to the embeddings' output in every row
-    return model
+    return model.requires_grad_(False)
 
 
 def wrap(base, method: str, rank, cache: str):
@@ -135,6 +133,8 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda") if params else None
     ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    # input gradients on: the embeddings' output requires grad, so backward runs through every layer
+    embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -142,7 +142,7 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
     for step in range(WARMUP + TIMED):
         sync()
         start = time.perf_counter()
-        loss = runner(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -203,16 +203,21 @@ def main() -> None:
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     results, frozen = [], {}
     for method, rank, compiled in sorted(rows, key=lambda r: (r[2], r[0] != "frozen")):
+        unwrap = None
         try:
             model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            step_ms, peak = measure(
-                model, base, compiled and ("regions" if args.compile == "regions" else True), batch, length
-            )
-            unwrap()
+            mode = compiled and ("regions" if args.compile == "regions" else True)
+            step_ms, peak = measure(model, base, mode, batch, length)
         except Exception as err:  # a failing peer must not lose the other rows
-            print(f"{method} r={rank} compiled={compiled}: FAILED {type(err).__name__}: {err}", flush=True)
+            print(
+                f"{method} r={rank} compiled={compiled}: FAILED {type(err).__name__}: {err}"[:2000],
+                flush=True,
+            )
             continue
+        finally:
+            if unwrap is not None:
+                unwrap()
         if method == "frozen":
             frozen[compiled] = (step_ms, peak)
         ref_ms, ref_peak = frozen.get(compiled, (float("nan"), float("nan")))

@@ -39,12 +39,14 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
     """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None.
 
     Differentiable in a and g. Only the projection aB − c (N × r) is kept for backward:
-    dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128, eager) a fused
-    Triton kernel computes each direction in one launch; otherwise two GEMMs do, the second
-    accumulating onto a (addmm), which is also what torch.compile traces.
+    dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128) a fused
+    Triton kernel computes each direction in one launch, eager or under torch.compile; otherwise
+    two GEMMs do, the second accumulating onto a (addmm).
     """
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
-    fused = not torch.compiler.is_compiling() and kernels.available(flat, basis.shape[1])
+    fused = kernels.available(flat, basis.shape[1]) and (
+        kernels.IN_COMPILE or not torch.compiler.is_compiling()
+    )
     return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
 
 

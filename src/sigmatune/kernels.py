@@ -26,24 +26,26 @@ except ImportError:  # no Triton: the plain torch path is used everywhere
 MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
+IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def available(a: torch.Tensor, rank: int) -> bool:
     """Whether the fused kernel serves this call on CUDA (else the GEMM path does). Under
     TRITON_INTERPRET=1 transform() also runs on CPU tensors, for tests, but is never chosen."""
-    return ENABLED and triton is not None and a.is_cuda and rank <= MAX_RANK and a.dtype in _TL_DTYPE
+    return ENABLED and triton is not None and a.is_cuda and rank <= MAX_RANK and a.dtype in DTYPES
 
 
 if triton is not None:
-
+    # fmt: off
     @triton.jit
     def _transform_kernel(
         A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
         N, D, R,  # sizes
         stride_a, stride_out, stride_b,
-        HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
+    ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
         row_ok = rows < N
@@ -53,17 +55,12 @@ if triton is not None:
         for start in range(0, D, BLOCK_D):  # pass 1: P = a B
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
-            a = tl.load(
-                A + rows[:, None] * stride_a + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                B + cols[:, None] * stride_b + ranks[None, :],
-                mask=col_ok[:, None] & rank_ok[None, :],
-                other=0.0,
-            )
-            projection = tl.dot(a.to(DOT), b.to(DOT), projection, input_precision=PRECISION)
+            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_b + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = b.to(a.dtype)
+            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            projection = tl.dot(a, b, projection, input_precision=PRECISION)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
@@ -78,24 +75,13 @@ if triton is not None:
             col_ok = cols < D
             tile = row_ok[:, None] & col_ok[None, :]
             a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=tile, other=0.0)
-            bt = tl.load(
-                B + cols[None, :] * stride_b + ranks[:, None],
-                mask=col_ok[None, :] & rank_ok[:, None],
-                other=0.0,
-            )
-            update = tl.dot(
-                scaled.to(a.dtype).to(DOT), bt.to(DOT), input_precision=PRECISION
-            )  # (BN, BD) fp32
-            tl.store(
-                OUT + rows[:, None] * stride_out + cols[None, :],
-                (a.to(tl.float32) + update).to(a.dtype),
-                mask=tile,
-            )
-
-
-_TL_DTYPE = (
-    {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
-)
+            bt = tl.load(B + cols[None, :] * stride_b + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
+            left, right = scaled.to(a.dtype), bt.to(a.dtype)
+            if UPCAST:
+                left, right = left.to(tl.float32), right.to(tl.float32)
+            update = tl.dot(left, right, input_precision=PRECISION)  # (BN, BD) fp32
+            tl.store(OUT + rows[:, None] * stride_out + cols[None, :], (a.to(tl.float32) + update).to(a.dtype), mask=tile)
+    # fmt: on
 
 
 def padded_rank(r: int) -> int:
@@ -131,8 +117,7 @@ def transform(
         n, d, r,
         a.stride(0), out.stride(0), basis.stride(0),
         HAS_SHIFT=shift is not None, REDUCE=saved is not None, BLOCK_R=width,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        DOT=tl.float32 if INTERPRET else _TL_DTYPE[a.dtype],  # the interpreter's bf16 tl.dot is wrong
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
         BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
     )  # fmt: skip
     return out, projection, None if saved is None else partial.sum(dim=0)[:r]
