@@ -265,7 +265,8 @@ def markdown(rows: list[dict]) -> str:
     device = sorted({r["device"] for r in rows})
     return (
         "\n".join(lines)
-        + f"\n\nDevice: {', '.join(device)}. Ratios are within one run (one process per shape).\n"
+        + f"\n\nDevice: {', '.join(device)}. Each ratio is to the frozen row of the same shape and mode measured in"
+        " the same process; the frozen rows shown are from the last process that measured them.\n"
     )
 
 
