@@ -60,9 +60,10 @@ class SpectralLinear(nn.Module):
         """A new adapter training a vector over the given singular-value indices (all stored here)."""
         if name in self.sigma_adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer; delete it first")
-        index = torch.tensor(sorted(indices), dtype=torch.int64, device=self.sigma_indices.device)
+        wanted = sorted(indices)
+        index = torch.tensor(wanted, dtype=torch.int64, device=self.sigma_indices.device)
         adapter = SigmaVector(index, update, init, init_std, self.sigma_values.dtype)  # fp32, fp64 for fp64
-        adapter.positions = self._positions(index)
+        adapter.positions = self._positions(wanted)
         self.sigma_adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -88,12 +89,11 @@ class SpectralLinear(nn.Module):
         """Replace the stored basis by a larger one that holds every direction in use (adapters remap)."""
         if self.merged_adapter is not None:
             raise ValueError("unmerge() before changing the basis of a merged layer")
-        current = set(self.sigma_indices.tolist())
-        if not current <= set(spectrum.indices.tolist()):
+        if not set(self.stored_indices) <= set(spectrum.indices.tolist()):
             raise ValueError("the new basis must contain every singular direction already stored")
         self._set_spectrum(spectrum, self.sigma_basis.dtype)
         for adapter in self.sigma_adapters.values():
-            adapter.positions = self._positions(adapter.indices)
+            adapter.positions = self._positions(adapter.indices.tolist())
 
     def columns(self, name: str) -> torch.Tensor | slice:
         """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
@@ -157,19 +157,18 @@ class SpectralLinear(nn.Module):
         wide = torch.promote_types(spectrum.sigma.dtype, torch.float32)
         self.register_buffer("sigma_values", spectrum.sigma.to(device, wide), persistent=False)  # (R,)
         self.register_buffer("sigma_indices", spectrum.indices.to(device), persistent=False)  # (R,)
+        self.stored_indices = tuple(spectrum.indices.tolist())  # the same, on the host: no device syncs
         self.register_buffer("sigma_max", spectrum.sigma_max.to(device, wide), persistent=False)  # ()
 
-    def _positions(self, indices: torch.Tensor) -> torch.Tensor | None:
+    def _positions(self, wanted: list[int]) -> torch.Tensor | None:
         """Columns of the stored basis holding these singular-value indices (None = all, in order)."""
-        stored = self.sigma_indices.tolist()
-        wanted = indices.tolist()
-        if wanted == stored:
+        if tuple(wanted) == self.stored_indices:
             return None
-        column = {index: position for position, index in enumerate(stored)}
+        column = {index: position for position, index in enumerate(self.stored_indices)}
         missing = [i for i in wanted if i not in column]
         if missing:
             raise ValueError(f"singular directions {missing[:5]} are not stored in this layer")
-        return torch.tensor([column[i] for i in wanted], dtype=torch.int64, device=indices.device)
+        return torch.tensor([column[i] for i in wanted], dtype=torch.int64, device=self.sigma_indices.device)
 
     def extra_repr(self) -> str:
         return (

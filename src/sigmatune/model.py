@@ -297,7 +297,7 @@ class SigmaModel(nn.Module):
         requests = []
         for name, indices in plan.items():
             layer = layers[name]
-            stored = set(layer.sigma_indices.tolist()) if isinstance(layer, SpectralLinear) else set()
+            stored = set(layer.stored_indices) if isinstance(layer, SpectralLinear) else set()
             if not set(indices) <= stored:
                 weight = svd_source(name, unwrapped(layer), full_precision_state_dict)
                 union = sorted(stored | set(indices))
@@ -384,7 +384,7 @@ def _drop_small(adapter_name: str, plan: dict, spectral: dict[str, SpectralLinea
     kept_plan, dropped = {}, 0
     for name, indices in plan.items():
         layer = spectral[name]
-        sigma = dict(zip(layer.sigma_indices.tolist(), layer.sigma_values.tolist(), strict=True))
+        sigma = dict(zip(layer.stored_indices, layer.sigma_values.tolist(), strict=True))
         kept = [i for i in indices if sigma[i] >= tol * float(layer.sigma_max)]
         if not kept:
             raise ValueError(
