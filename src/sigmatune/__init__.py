@@ -4,6 +4,7 @@ Each target layer W = U diag(σ) Vᵀ stays frozen; only a vector over its singu
 """
 
 from .adapter_file import AdapterRecord, read_adapter
+from .bank import AdapterBank
 from .base_check import BaseModelMismatchError
 from .callbacks import SaveAdapterCallback
 from .config import SigmaConfig
@@ -14,6 +15,7 @@ from .seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
 from .version import __version__
 
 __all__ = [
+    "AdapterBank",
     "AdapterFileError",
     "AdapterRecord",
     "BaseModelMismatchError",

@@ -34,13 +34,12 @@ def check_structure(model_id, record: AdapterRecord, shapes: dict[str, tuple[int
         )
 
 
-def check_spectra(
-    model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear], adapter_name: str
-) -> None:
+def check_spectra(model_id, record: AdapterRecord, spectral: dict[str, SpectralLinear]) -> None:
     worst = []
     for name, saved in record.layers.items():
         layer = spectral[name]
-        now = layer.sigma_values[layer.columns(adapter_name)]
+        positions = layer.positions_for(saved.indices.tolist())
+        now = layer.sigma_values if positions is None else layer.sigma_values[positions]
         error = float((now.cpu().double() - saved.sigma.double()).abs().max() / layer.sigma_max.double())
         if error > SPECTRUM_TOLERANCE:
             worst.append((error, name))

@@ -50,6 +50,23 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
     return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
 
 
+def transform_rows(
+    a: torch.Tensor, basis: torch.Tensor, g_rows: torch.Tensor, shift: torch.Tensor | None = None
+):
+    """transform() with one g per leading row: a (B, …, d), g_rows (B, r) — a mixed-adapter batch.
+
+    Costs what one adapter costs: the per-row scales multiply the projection, (B, …, r), before the
+    second GEMM. Plain differentiable torch ops (serving needs no custom backward).
+    """
+    basis = basis.to(a.dtype)
+    projected = a @ basis  # (B, …, r)
+    if shift is not None:
+        projected = projected - shift.to(a.dtype)
+    wide = torch.promote_types(a.dtype, torch.float32)
+    rows = g_rows.to(wide).view(g_rows.shape[0], *([1] * (a.dim() - 2)), g_rows.shape[1])  # (B, 1…, r)
+    return a + (projected.to(wide) * rows).to(a.dtype) @ basis.T
+
+
 def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """x̃ = x + ((x V_S) ⊙ g) V_Sᵀ: the input whose image under the base layer is the adapted output."""
     return transform(x, basis, g)

@@ -46,6 +46,7 @@ class SpectralLinear(nn.Module):
         self.sigma_adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
+        self.row_scales: torch.Tensor | None = None  # (B, R): one g per batch row, set by an AdapterBank
         self._set_spectrum(spectrum, dtype or dense_weight(base_layer).dtype)
 
     # ---- adapters ----------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class SpectralLinear(nn.Module):
         wanted = sorted(indices)
         index = torch.tensor(wanted, dtype=torch.int64, device=self.sigma_indices.device)
         adapter = SigmaVector(index, update, init, init_std, self.sigma_values.dtype)  # fp32, fp64 for fp64
-        adapter.positions = self._positions(wanted)
+        adapter.positions = self.positions_for(wanted)
         self.sigma_adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -93,7 +94,14 @@ class SpectralLinear(nn.Module):
             raise ValueError("the new basis must contain every singular direction already stored")
         self._set_spectrum(spectrum, self.sigma_basis.dtype)
         for adapter in self.sigma_adapters.values():
-            adapter.positions = self._positions(adapter.indices.tolist())
+            adapter.positions = self.positions_for(adapter.indices.tolist())
+
+    def scales_for(self, indices: list[int], vector: torch.Tensor, update: str) -> torch.Tensor:
+        """g over all R stored directions for a vector over the given (stored) singular-value indices."""
+        positions = self.positions_for(sorted(indices))
+        sigma = self.sigma_values if positions is None else self.sigma_values[positions]
+        g = F.scales(vector.to(sigma.device), sigma, update)  # (r,)
+        return g if positions is None else g.new_zeros(self.rank).index_copy(0, positions, g)  # (R,)
 
     def columns(self, name: str) -> torch.Tensor | slice:
         """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
@@ -113,6 +121,8 @@ class SpectralLinear(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_scales is not None:  # a mixed batch: each row its own adapter
+            return self._forward_rows(x, self.row_scales)
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -120,6 +130,15 @@ class SpectralLinear(nn.Module):
         if self.side == "input":
             return self.base_layer(F.adapt_input(x, self.sigma_basis, g))
         return F.adapt_output(self.base_layer(x), bias_of(self.base_layer), self.sigma_basis, g)
+
+    def _forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
+        if self.merged_adapter is not None:
+            raise ValueError("unmerge() before serving a mixed batch: the base weight holds a merged adapter")
+        if self.side == "input":
+            return self.base_layer(F.transform_rows(x, self.sigma_basis, g_rows))
+        bias = bias_of(self.base_layer)
+        shift = None if bias is None else bias.to(self.sigma_basis.dtype) @ self.sigma_basis
+        return F.transform_rows(self.base_layer(x), self.sigma_basis, g_rows, shift)
 
     # ---- merge -----------------------------------------------------------------------------------------
 
@@ -160,7 +179,7 @@ class SpectralLinear(nn.Module):
         self.stored_indices = tuple(spectrum.indices.tolist())  # the same, on the host: no device syncs
         self.register_buffer("sigma_max", spectrum.sigma_max.to(device, wide), persistent=False)  # ()
 
-    def _positions(self, wanted: list[int]) -> torch.Tensor | None:
+    def positions_for(self, wanted: list[int]) -> torch.Tensor | None:
         """Columns of the stored basis holding these singular-value indices (None = all, in order)."""
         if tuple(wanted) == self.stored_indices:
             return None

@@ -63,8 +63,11 @@ class _BaseForward:
     def __init__(self, owner: SigmaModel):
         self._owner = owner
 
-    def __call__(self, *args, **kwargs):
-        return self._owner.base_model(*args, **kwargs)
+    def __call__(self, *args, adapter_ids=None, **kwargs):
+        if adapter_ids is None:
+            return self._owner.base_model(*args, **kwargs)
+        with self._owner.serving(adapter_ids):
+            return self._owner.base_model(*args, **kwargs)
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -89,6 +92,7 @@ class SigmaModel(nn.Module):
         self.progress = progress
         self._frozen_adapters: set[str] = set()
         self._fingerprints: dict[str, str] = {}  # layer name → fingerprint of the weight its SVD came from
+        self._pinned: set[str] = set()  # layers kept wrapped without adapters (for an AdapterBank)
         if config is not None:
             self.add_adapter(adapter_name, config, full_precision_state_dict)
             self.set_adapter(adapter_name)
@@ -108,6 +112,27 @@ class SigmaModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    def generate(self, *args, adapter_ids=None, **kwargs):
+        """The base model's generate(); adapter_ids (one bank row id or adapter name per batch row)
+        serves a mixed batch from the model's AdapterBank."""
+        if adapter_ids is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.serving(adapter_ids):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def serving(self, adapter_ids):
+        """Each batch row b runs adapter adapter_ids[b] of the AdapterBank made on this model."""
+        bank = self.__dict__.get("bank")
+        if bank is None:
+            raise ValueError(
+                "adapter_ids needs an AdapterBank: sigmatune.AdapterBank(model) and add adapters to it"
+            )
+        if not isinstance(adapter_ids, torch.Tensor):
+            adapter_ids = bank.ids(list(adapter_ids))
+        with bank.serving(adapter_ids.to(next(iter(bank.tables.values())).device)):
+            yield
+
     # ---- adapters -------------------------------------------------------------------------------------
 
     def add_adapter(
@@ -117,13 +142,18 @@ class SigmaModel(nn.Module):
         full_precision_state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Add a new adapter on config.target_modules (not active until set_adapter)."""
-        layers = linear_layers(self.base_model)
-        plan = {}
-        for name in find_targets(self.base_model, config.target_modules):
-            plan[name] = config.indices_for(name, min(linear_shape(unwrapped(layers[name]))))
+        plan = self.plan(config)
         self._add(
             adapter_name, config, plan, full_precision_state_dict, drop_small=config.update == "additive"
         )
+
+    def plan(self, config: SigmaConfig) -> dict[str, list[int]]:
+        """Layer name → the singular-value indices config selects there."""
+        layers = linear_layers(self.base_model)
+        return {
+            name: config.indices_for(name, min(linear_shape(unwrapped(layers[name]))))
+            for name in find_targets(self.base_model, config.target_modules)
+        }
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make one adapter active (and trainable, unless it was loaded for inference)."""
@@ -249,7 +279,7 @@ class SigmaModel(nn.Module):
         self._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
         try:
             spectral = self.spectral_layers()
-            check_spectra(model_id, record, spectral, adapter_name)
+            check_spectra(model_id, record, spectral)
             with torch.no_grad():
                 for name, saved in record.layers.items():
                     vector = spectral[name].sigma_adapters[adapter_name].vector
@@ -285,12 +315,16 @@ class SigmaModel(nn.Module):
 
     # ---- internals --------------------------------------------------------------------------------
 
-    def _add(self, adapter_name, config, plan, full_precision_state_dict, drop_small) -> None:
-        """Compute (or fetch) the bases the plan needs, wrap or extend layers, then add the vectors."""
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name"
-            )
+    def ensure_bases(
+        self,
+        config: SigmaConfig,
+        plan: dict[str, list[int]],
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+        pin: bool = False,
+    ) -> None:
+        """Make every layer in plan (name → singular-value indices) a SpectralLinear storing at least those
+        directions: wrap it, or extend its basis; bases come from the cache or a batched SVD. Pinned
+        layers stay wrapped without adapters (an AdapterBank serves from them)."""
         layers = linear_layers(self.base_model)
         if any(getattr(layer, "merged_adapter", None) for layer in layers.values()):
             raise ValueError("unmerge() before adding adapters: bases must come from the unmerged weights")
@@ -306,13 +340,23 @@ class SigmaModel(nn.Module):
                 requests.append(SpectrumRequest(name, weight, union, method, self._fingerprints[name]))
         cache = config.cache_path if config.cache else None
         spectra = compute_spectra(requests, config.svd_oversample, config.svd_niter, cache, self.progress)
+        for name, spectrum in spectra.items():
+            layer = layers[name]
+            if isinstance(layer, SpectralLinear):
+                layer.extend_spectrum(spectrum)
+            else:
+                self._replace(name, SpectralLinear(layer, spectrum, config.torch_dtype))
+        if pin:
+            self._pinned.update(plan)
+
+    def _add(self, adapter_name, config, plan, full_precision_state_dict, drop_small) -> None:
+        """Bases for the plan (wrapping or extending layers), then the adapter's vectors."""
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name"
+            )
         try:
-            for name, spectrum in spectra.items():
-                layer = layers[name]
-                if isinstance(layer, SpectralLinear):
-                    layer.extend_spectrum(spectrum)
-                else:
-                    self._replace(name, SpectralLinear(layer, spectrum, config.torch_dtype))
+            self.ensure_bases(config, plan, full_precision_state_dict)
             spectral = self.spectral_layers()
             if drop_small:
                 plan = _drop_small(adapter_name, plan, spectral, config.sigma_tol)
@@ -366,13 +410,14 @@ class SigmaModel(nn.Module):
     def _unwrap_empty(self) -> None:
         """Give every layer left without adapters its original module back."""
         for name, layer in self.spectral_layers().items():
-            if not layer.sigma_adapters:
+            if not layer.sigma_adapters and name not in self._pinned:
                 self._replace(name, layer.base_layer)
                 self._fingerprints.pop(name, None)
 
     def _unwrap_all(self) -> nn.Module:
         for name, layer in self.spectral_layers().items():
             self._replace(name, layer.base_layer)
+        self._pinned.clear()
         self.peft_config.clear()
         self._fingerprints.clear()
         self.active_adapter = None
