@@ -9,6 +9,7 @@ attention mask hides the padding. Tokens go back through a callback, from the en
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import queue
 import threading
@@ -53,6 +54,10 @@ class Engine:
         self._mask = None  # (B, L) long: 1 = a real token
         self._positions = None  # (B,) long: the position of each row's next token
         self._last = None  # (B,) long: each row's latest token
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_arg = (
+            "cache" if "cache" in parameters else "past_key_values"
+        )  # renamed in transformers 5.2x
         self._thread = None
         self._running = threading.Event()
         self.error: BaseException | None = None
@@ -126,8 +131,8 @@ class Engine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_arg: cache},
             ).logits[:, -1]
         first = self._sample(logits, arrived)
         start = len(self.active)
@@ -143,8 +148,8 @@ class Engine:
                 input_ids=self._last[:, None],
                 attention_mask=self._mask,
                 position_ids=self._positions[:, None],
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_arg: self._cache},
             ).logits[:, -1]
         self._positions = self._positions + 1
         self._deliver(self._sample(logits, self.active))
