@@ -122,6 +122,21 @@ class AdapterBank:
             self._spill(name)
         return row
 
+    def add_many(self, names: list[str], scales: dict[str, torch.Tensor]) -> list[int]:
+        """Add many adapters at once from their scales: layer name → (len(names), R) table block."""
+        with self._lock:
+            clashes = sorted(set(names) & (set(self.rows) | {BASE}))
+            if clashes or len(set(names)) != len(names):
+                raise ValueError(f"adapter names must be new and distinct: {clashes[:5] or 'repeated names'}")
+            if self.max_resident is not None and len(self.rows) + len(names) > self.max_resident:
+                raise ValueError("add_many cannot evict: raise max_resident or add the adapters one by one")
+            rows = [self._take_row() for _ in names]
+            index = torch.tensor(rows, device=next(iter(self.tables.values())).device)
+            for layer_name, table in self.tables.items():
+                table[index] = scales[layer_name].to(table) if layer_name in scales else 0.0
+            self.rows.update(zip(names, rows, strict=True))
+        return rows
+
     def add_mix(self, name: str, weights: dict[str, float], replace: bool = False) -> int:
         """Add the weighted combination Σ w_k adapter_k as an adapter of its own (no weights built)."""
         if not weights:

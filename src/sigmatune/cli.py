@@ -100,7 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(
         run=lambda a: tools.generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
     )
+    command = commands.add_parser("serve", help="an OpenAI-compatible server over a base model and adapters")
+    command.add_argument("--model", default="smollm2", help="base model path or name (default: %(default)s)")
+    command.add_argument("--adapters", help="folder whose subfolders are adapters (served by folder name)")
+    command.add_argument("--host", default="127.0.0.1")
+    command.add_argument("--port", type=int, default=8000)
+    command.add_argument(
+        "--rank", type=int, help="bases for every principal adapter up to this rank (hot-loads)"
+    )
+    command.add_argument("--device", default="auto")
+    command.add_argument("--dtype", default="auto")
+    command.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    command.add_argument("--max-resident", type=int, help="adapters kept in memory (LRU; the rest reload)")
+    command.set_defaults(
+        run=lambda a: _serve(
+            a.model, a.adapters, a.host, a.port, a.rank, a.device, a.dtype, a.max_batch, a.max_resident
+        )
+    )
     return parser
+
+
+def _serve(*args):
+    from .serve import serve  # needs the [serve] extra
+
+    serve(*args)
 
 
 def main(argv: list[str] | None = None) -> int:
