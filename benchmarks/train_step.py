@@ -23,29 +23,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-SHAPES = {
-    "1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-    ),
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-}  # "tiny" checks the script itself, on any device
+# shape → (hidden, intermediate, layers, attention heads, key/value heads); "tiny" checks the script itself
+SHAPES = {"1.1b": (2048, 5632, 22, 32, 4), "7b": (4096, 11008, 32, 32, 32), "tiny": (64, 160, 2, 4, 2)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP, TIMED = 3, 7
 torch._dynamo.config.recompile_limit = 64  # one compiled region per decoder layer may specialise per layer
@@ -63,7 +42,16 @@ def sync() -> None:
 
 
 def build(shape: str) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
+    config = LlamaConfig(
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
