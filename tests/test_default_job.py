@@ -32,3 +32,22 @@ def test_a_few_steps_of_the_default_job_lower_the_heldout_loss(tmp_path):
     assert summary["after"]["loss"] < 0.8 * summary["before"]["loss"], summary
     assert summary["trainable_parameters"] == 30 * 7 * 16
     assert (tmp_path / WEIGHTS_NAME).exists()
+
+
+def test_lora_export_of_the_real_model_matches_in_peft(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from sigmatune import SigmaConfig, get_sigma_model
+
+    model = get_sigma_model(load_model()[0], SigmaConfig(rank=16))
+    with torch.no_grad():
+        for layer in model.spectral_layers().values():
+            layer.sigma_adapters["default"].vector.normal_(0, 0.1)
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        ours = model(ids).logits
+    model.export_lora(tmp_path)
+    peft_model = PeftModel.from_pretrained(load_model()[0], tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)

@@ -134,6 +134,8 @@ def test_cli_commands_in_process(workspace, tmp_path, capsys):
     assert (tmp_path / "scales.png").stat().st_size > 10_000
     assert "14 layers, 56 trained numbers" in capsys.readouterr().out
     assert main(["generate", str(out), "Is 4 even?", "--max-new-tokens", "3"]) == 0
+    assert main(["export", str(out), str(tmp_path / "lora")]) == 0
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 4
     assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
     merged, _ = load_model(str(tmp_path / "merged"))
     adapted, _ = load_model(str(workspace / "model"))

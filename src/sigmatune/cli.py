@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.set_defaults(run=lambda a: tools.merge_adapter(a.adapter, a.output, a.model, a.dtype))
 
+    command = commands.add_parser("export", help="write an adapter in another format (a PEFT LoRA folder)")
+    command.add_argument("adapter", help="adapter folder")
+    command.add_argument("output", help="folder for the exported adapter")
+    command.add_argument("--format", default="lora", choices=["lora"])
+    _add_model_options(command, device=False)
+    command.set_defaults(run=lambda a: tools.export_adapter(a.adapter, a.output, a.format, a.model))
+
     command = commands.add_parser("generate", help="the adapted model's answer to a prompt")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("prompt", help="the user's message")

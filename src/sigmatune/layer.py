@@ -140,6 +140,35 @@ class SpectralLinear(nn.Module):
         shift = None if bias is None else bias.to(self.sigma_basis.dtype) @ self.sigma_basis
         return F.transform_rows(self.base_layer(x), self.sigma_basis, g_rows, shift)
 
+    @torch.no_grad()
+    def lora_factors(
+        self, name: str, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r × in), B (out × r)) in fp32 with B A = the adapter's ΔW = U_S diag(δ_S) V_Sᵀ, exactly:
+
+        input side:  ΔW = W V diag(g) Vᵀ   → B = W V diag(g), A = Vᵀ
+        output side: ΔW = U diag(g) Uᵀ W   → B = U,           A = diag(g) Uᵀ W
+        The side not stored comes from W: the layer's own weight, or `weight` (out, in) when given.
+        """
+        columns = self.columns(name)
+        g = self.scales(name).detach()[columns].double()  # (r,)
+        basis = self.sigma_basis[:, columns].double()  # (d, r)
+        weight = (dense_weight(self.base_layer) if weight is None else weight).detach().to(basis)  # (out, in)
+        if self.side == "input":
+            return basis.T.float(), ((weight @ basis) * g).float()
+        return (g[:, None] * (basis.T @ weight)).float(), basis.float()
+
+    @torch.no_grad()
+    def singular_vectors(
+        self, k: int, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U (out × k), V (in × k)) of the first k stored directions; the side not stored is W V / σ or Wᵀ U / σ."""
+        basis, sigma = self.sigma_basis[:, :k].double(), self.sigma_values[:k].double()
+        weight = (dense_weight(self.base_layer) if weight is None else weight).detach().to(basis)
+        if self.side == "input":
+            return (weight @ basis) / sigma, basis
+        return basis, (weight.T @ basis) / sigma
+
     # ---- merge -----------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -13,7 +13,6 @@ it, and unload() puts the original layer objects back.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import warnings
 from pathlib import Path
@@ -21,13 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import AdapterRecord, LayerRecord, read_adapter, write_adapter
-from .base_check import check_spectra, check_structure
+from . import exchange
+from .adapter_file import write_adapter
 from .config import SigmaConfig
 from .layer import SpectralLinear, unwrapped
 from .svd import SpectrumRequest, compute_spectra
 from .targets import find_targets, linear_layers
-from .version import __version__
 from .weights import fingerprint, linear_shape, svd_source
 
 
@@ -243,7 +241,7 @@ class SigmaModel(nn.Module):
             return
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            write_adapter(directory, self._record(name, save_bases))
+            write_adapter(directory, exchange.record_of(self, name, save_bases))
 
     @classmethod
     def from_pretrained(
@@ -270,26 +268,41 @@ class SigmaModel(nn.Module):
         full_precision_state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Add a saved adapter under adapter_name, after checking it fits this base model."""
-        record = read_adapter(model_id)
-        layers = linear_layers(self.base_model)
-        check_structure(
-            model_id, record, {name: linear_shape(unwrapped(layer)) for name, layer in layers.items()}
-        )
-        plan = {name: layer.indices.tolist() for name, layer in record.layers.items()}
-        self._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
-        try:
-            spectral = self.spectral_layers()
-            check_spectra(model_id, record, spectral)
-            with torch.no_grad():
-                for name, saved in record.layers.items():
-                    vector = spectral[name].sigma_adapters[adapter_name].vector
-                    vector.copy_(saved.vector.to(vector.device))
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
+        exchange.load_saved(self, model_id, adapter_name, full_precision_state_dict)
         if not is_trainable:
             self._frozen_adapters.add(adapter_name)
         self._refresh_trainable()
+
+    @classmethod
+    def from_eigentune(
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> SigmaModel:
+        """Import an adapter of the peer package eigentune: a 0.2.0 save_adapter folder, or the 0.1.0
+        seed's trained vectors (a state dict with `*.delta_s` entries, safetensors). Bases are recomputed
+        (exact SVD) and checked against eigentune's basis signatures where the file has them."""
+        sigma_model = cls(model)
+        exchange.load_eigentune(sigma_model, path, adapter_name, full_precision_state_dict)
+        if not is_trainable:
+            sigma_model._frozen_adapters.add(adapter_name)
+        sigma_model.set_adapter(adapter_name)
+        return sigma_model
+
+    def export_lora(
+        self,
+        save_directory: str | Path,
+        adapter_name: str | None = None,
+        full_precision_state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> int:
+        """Write the adapter (default: the active one) as a PEFT LoRA folder, mathematically equal:
+        B = U_S diag(δ_S), A = V_Sᵀ per layer, lora_alpha = r. Returns r."""
+        return exchange.export_lora(
+            self, save_directory, adapter_name or self.active_adapter, full_precision_state_dict
+        )
 
     # ---- merging --------------------------------------------------------------------------------------
 
@@ -376,32 +389,6 @@ class SigmaModel(nn.Module):
             for name, adapter in layer.sigma_adapters.items():
                 train = name == self.active_adapter and name not in self._frozen_adapters
                 adapter.vector.requires_grad_(train)
-
-    def _record(self, adapter_name: str, save_bases: bool) -> AdapterRecord:
-        if adapter_name not in self.peft_config:
-            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
-        layers = {}
-        for name, layer in self.spectral_layers().items():
-            if adapter_name not in layer.sigma_adapters:
-                continue
-            adapter = layer.sigma_adapters[adapter_name]
-            layers[name] = LayerRecord(
-                vector=adapter.vector.detach(),
-                indices=adapter.indices,
-                sigma=layer.sigma_values[layer.columns(adapter_name)],
-                out_features=layer.out_features,
-                in_features=layer.in_features,
-                basis=layer.sigma_basis[:, layer.columns(adapter_name)] if save_bases else None,
-            )
-        prints = "|".join(f"{name}:{self._fingerprints.get(name)}" for name in sorted(layers))
-        base_config = getattr(self.base_model, "config", None)
-        return AdapterRecord(
-            config=self.peft_config[adapter_name],
-            layers=layers,
-            base_model_name_or_path=getattr(base_config, "_name_or_path", None) or None,
-            base_fingerprint=hashlib.sha256(prints.encode()).hexdigest()[:32],
-            info={"sigmatune_version": __version__},
-        )
 
     def _replace(self, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")

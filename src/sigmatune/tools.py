@@ -110,6 +110,18 @@ def merge_adapter(adapter_dir, output_dir, model: str | None = None, dtype: str 
     return output
 
 
+def export_adapter(adapter_dir, output_dir, format: str = "lora", model: str | None = None) -> Path:
+    """Write the adapter in another format: "lora" = a PEFT LoRA folder (vLLM, LoRAX and PEFT serve it)."""
+    if format != "lora":
+        raise ValueError(
+            f"unknown export format {format!r}; use 'lora' (or `sigmatune merge` for a merged model)"
+        )
+    sigma_model, _ = load_adapted(adapter_dir, model, "cpu", "float32")
+    rank = sigma_model.export_lora(output_dir)
+    print(f"LoRA (r={rank}, lora_alpha={rank}) written to {output_dir}")
+    return Path(output_dir)
+
+
 @torch.no_grad()
 def generate(
     adapter_dir, prompt: str, model: str | None = None, max_new_tokens: int = 64, device="auto"

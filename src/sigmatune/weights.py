@@ -25,15 +25,25 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out, in) tensor (a view of the parameter, no copy)."""
-    if isinstance(module, Conv1D):
-        return module.weight.T
-    if isinstance(module, nn.Linear):
-        return module.weight
-    raise TypeError(
-        f"sigmatune cannot read the weight of a {type(module).__name__}; supported layers: "
-        f"{', '.join(t.__name__ for t in LINEAR_TYPES)}"
-    )
+    """The layer's weight as an (out, in) float tensor (a view of the parameter, no copy)."""
+    weight = _stored_weight(module)
+    if not weight.is_floating_point():  # e.g. a quantized layer that subclasses nn.Linear
+        raise TypeError(
+            f"the weight of this {type(module).__name__} is {weight.dtype}, not a float (quantized?): pass "
+            "full_precision_state_dict={'<module>.weight': the full-precision weight}"
+        )
+    return weight
+
+
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight parameter as (out, in), whatever its dtype."""
+    if not isinstance(module, LINEAR_TYPES):
+        raise TypeError(
+            f"sigmatune cannot read the weight of a {type(module).__name__}; supported layers: "
+            f"{', '.join(t.__name__ for t in LINEAR_TYPES)}; for other (e.g. quantized) layers pass "
+            "full_precision_state_dict={'<module>.weight': the full-precision weight}"
+        )
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def as_dense(module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,7 @@ def as_dense(module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear layer."""
-    out_features, in_features = dense_weight(module).shape
+    out_features, in_features = _stored_weight(module).shape
     return out_features, in_features
 
 
@@ -54,22 +64,21 @@ def bias_of(module: nn.Module) -> torch.Tensor | None:
 
 def svd_source(name: str, layer: nn.Module, full_precision_state_dict: dict | None) -> torch.Tensor:
     """The (out, in) weight to take the SVD of: from the user's full-precision state dict, else the layer."""
-    weight = dense_weight(layer)
-    if full_precision_state_dict is None:
-        return weight
-    stored = full_precision_state_dict.get(f"{name}.weight")
+    stored = None if full_precision_state_dict is None else full_precision_state_dict.get(f"{name}.weight")
     if stored is None:
-        warnings.warn(
-            f"{name}.weight is not in full_precision_state_dict; using the layer's own weight", stacklevel=4
-        )
-        return weight
-    stored = as_dense(layer, stored)
-    if stored.shape != weight.shape:
+        if full_precision_state_dict is not None:
+            warnings.warn(
+                f"{name}.weight is not in full_precision_state_dict; using the layer's own weight",
+                stacklevel=4,
+            )
+        return dense_weight(layer)
+    stored, shape = as_dense(layer, stored), linear_shape(layer)
+    if tuple(stored.shape) != shape:
         raise ValueError(
             f"full_precision_state_dict[{name + '.weight'!r}] has shape {tuple(stored.shape)}, but the layer's "
-            f"weight is {tuple(weight.shape)}: the state dict belongs to another model"
+            f"weight is {shape}: the state dict belongs to another model"
         )
-    return stored.to(weight.device)
+    return stored.to(_stored_weight(layer).device)
 
 
 @torch.no_grad()
