@@ -10,12 +10,23 @@ a subset of the R stored directions. Everything an adapter trains is named `sigm
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from . import functional as F
 from .svd import Spectrum, side_for
-from .weights import bias_of, dense_weight, linear_shape, write_dense_weight
+from .weights import (
+    bias_of,
+    compute_dtype,
+    dense_weight,
+    dequantized_weight,
+    is_quantized,
+    linear_shape,
+    weight_device,
+    write_dense_weight,
+)
 
 
 class SigmaVector(nn.Module):
@@ -47,7 +58,8 @@ class SpectralLinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.row_scales: torch.Tensor | None = None  # (B, R): one g per batch row, set by an AdapterBank
-        self._set_spectrum(spectrum, dtype or dense_weight(base_layer).dtype)
+        self._quantized_base: nn.Module | None = None  # the quantized original while merged into a dense copy
+        self._set_spectrum(spectrum, dtype or compute_dtype(base_layer))
 
     # ---- adapters ----------------------------------------------------------------------------------
 
@@ -153,7 +165,9 @@ class SpectralLinear(nn.Module):
         columns = self.columns(name)
         g = self.scales(name).detach()[columns].double()  # (r,)
         basis = self.sigma_basis[:, columns].double()  # (d, r)
-        weight = (dense_weight(self.base_layer) if weight is None else weight).detach().to(basis)  # (out, in)
+        weight = (
+            (dequantized_weight(self.base_layer) if weight is None else weight).detach().to(basis)
+        )  # (out, in)
         if self.side == "input":
             return basis.T.float(), ((weight @ basis) * g).float()
         return (g[:, None] * (basis.T @ weight)).float(), basis.float()
@@ -164,7 +178,7 @@ class SpectralLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(U (out × k), V (in × k)) of the first k stored directions; the side not stored is W V / σ or Wᵀ U / σ."""
         basis, sigma = self.sigma_basis[:, :k].double(), self.sigma_values[:k].double()
-        weight = (dense_weight(self.base_layer) if weight is None else weight).detach().to(basis)
+        weight = (dequantized_weight(self.base_layer) if weight is None else weight).detach().to(basis)
         if self.side == "input":
             return (weight @ basis) / sigma, basis
         return basis, (weight.T @ basis) / sigma
@@ -186,11 +200,24 @@ class SpectralLinear(nn.Module):
         """Undo merge() exactly (up to rounding in the weight's dtype); nothing happens if not merged."""
         if self.merged_adapter is None:
             return
-        self._rewrite_weight(F.inverse_scales(self._merged_scales))
+        if self._quantized_base is not None:  # the quantized original comes back as it was
+            self.base_layer, self._quantized_base = self._quantized_base, None
+        else:
+            self._rewrite_weight(F.inverse_scales(self._merged_scales))
         del self._merged_scales
         self.merged_adapter = None
 
     def _rewrite_weight(self, g: torch.Tensor) -> None:
+        if is_quantized(self.base_layer):  # dequantize → merge → a dense layer (the original is kept)
+            warnings.warn(
+                f"merging into a quantized {type(self.base_layer).__name__}: the merged layer is dense, from the "
+                "dequantized weight (the quantization error stays in it); re-quantize it if you need it small",
+                stacklevel=4,
+            )
+            weight = dequantized_weight(self.base_layer).detach()
+            merged = F.apply_to_weight(weight.float(), self.sigma_basis, g, self.side)
+            self._quantized_base, self.base_layer = self.base_layer, _dense_linear(self.base_layer, merged)
+            return
         weight = dense_weight(self.base_layer)
         wide = torch.promote_types(weight.dtype, torch.float32)
         write_dense_weight(
@@ -200,7 +227,7 @@ class SpectralLinear(nn.Module):
     # ---- internals -------------------------------------------------------------------------------------
 
     def _set_spectrum(self, spectrum: Spectrum, dtype: torch.dtype) -> None:
-        device = dense_weight(self.base_layer).device
+        device = weight_device(self.base_layer)
         self.register_buffer("sigma_basis", spectrum.basis.to(device, dtype), persistent=False)  # (d, R)
         wide = torch.promote_types(spectrum.sigma.dtype, torch.float32)
         self.register_buffer("sigma_values", spectrum.sigma.to(device, wide), persistent=False)  # (R,)
@@ -228,3 +255,16 @@ class SpectralLinear(nn.Module):
 def unwrapped(layer: nn.Module) -> nn.Module:
     """The base layer inside a SpectralLinear (any other module as it is)."""
     return layer.base_layer if isinstance(layer, SpectralLinear) else layer
+
+
+def _dense_linear(quantized: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain nn.Linear holding weight (out, in) and the quantized layer's bias, in its compute dtype."""
+    out_features, in_features = weight.shape
+    bias = bias_of(quantized)
+    dtype = compute_dtype(quantized)
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense.requires_grad_(False)

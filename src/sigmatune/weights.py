@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,21 +19,97 @@ from transformers.pytorch_utils import Conv1D
 LINEAR_TYPES = (nn.Linear, Conv1D)  # Conv1D (GPT-2 style) stores its weight as (in, out)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _FINGERPRINT_CHUNK = 1 << 20  # elements hashed per step: int64 copies of 8 MiB, patterns of 16 MiB
+_DEQUANTIZERS: dict[type, Callable[[nn.Module], torch.Tensor]] = {}
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def register_dequantizer(layer_type: type, dequantize: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Teach sigmatune a quantized linear layer type: dequantize(module) → its (out, in) float weight."""
+    _DEQUANTIZERS[layer_type] = dequantize
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES)
+    """nn.Linear, Conv1D (and their quantized subclasses), or a registered / dequantizable linear type."""
+    if isinstance(module, (*LINEAR_TYPES, *_DEQUANTIZERS)):
+        return True
+    return all(
+        isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")
+    ) and callable(getattr(module, "dequantize", None))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True when the layer's weight is not a plain float tensor (torchao, bitsandbytes, …)."""
+    if isinstance(module, tuple(_DEQUANTIZERS)) or not isinstance(module, LINEAR_TYPES):
+        return True
+    weight = module.weight
+    return type(weight) not in _PLAIN or not weight.is_floating_point()
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out, in) float tensor (a view of the parameter, no copy)."""
-    weight = _stored_weight(module)
-    if not weight.is_floating_point():  # e.g. a quantized layer that subclasses nn.Linear
+    """The (out, in) float weight of a plain (not quantized) layer: a view of its parameter, no copy."""
+    if is_quantized(module):
         raise TypeError(
-            f"the weight of this {type(module).__name__} is {weight.dtype}, not a float (quantized?): pass "
-            "full_precision_state_dict={'<module>.weight': the full-precision weight}"
+            f"this {type(module).__name__} is quantized ({_describe(module)}); its weight can only be read "
+            "dequantized, or given as full_precision_state_dict={'<module>.weight': the full-precision weight}"
         )
-    return weight
+    return _stored_weight(module)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight of any supported layer: the parameter itself, or a dequantized copy
+    (torchao tensor subclasses, bitsandbytes 4/8-bit, registered types, modules with dequantize())."""
+    for layer_type, dequantize in _DEQUANTIZERS.items():
+        if isinstance(module, layer_type):
+            return dequantize(module)
+    if not isinstance(module, LINEAR_TYPES) and callable(getattr(module, "dequantize", None)):
+        return module.dequantize()
+    if not is_quantized(module):
+        return _stored_weight(module)
+    weight = module.weight
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        dense = _bitsandbytes(weight)
+    elif weight.is_quantized or (
+        type(weight) not in _PLAIN and callable(getattr(weight, "dequantize", None))
+    ):
+        dense = weight.dequantize()  # torch's quantized tensors, torchao's tensor subclasses
+    else:
+        raise TypeError(
+            f"sigmatune cannot dequantize this {type(module).__name__} ({_describe(module)}): pass "
+            "full_precision_state_dict={'<module>.weight': the full-precision weight}, or teach it the layer "
+            "with sigmatune.weights.register_dequantizer(layer_type, function)"
+        )
+    return dense.T if isinstance(module, Conv1D) else dense
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype the layer computes in (for the bases it gets)."""
+    dtype = getattr(getattr(module, "weight", None), "dtype", None)
+    if dtype is not None and dtype.is_floating_point:
+        return dtype
+    return getattr(module, "compute_dtype", None) or torch.get_default_dtype()
+
+
+def weight_device(module: nn.Module) -> torch.device:
+    weight = getattr(module, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(module.parameters()).device
+
+
+def _bitsandbytes(weight) -> torch.Tensor:
+    import bitsandbytes.functional as bnb
+
+    if type(weight).__name__ == "Params4bit":
+        return bnb.dequantize_4bit(weight.data, weight.quant_state).float()
+    codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data  # int8, row-wise scales SCB
+    return codes.float() * (weight.SCB.float()[:, None] / 127.0)
+
+
+def _describe(module: nn.Module) -> str:
+    weight = getattr(module, "weight", None)
+    return (
+        f"weight {type(weight).__name__} of {getattr(weight, 'dtype', '?')}"
+        if weight is not None
+        else "no weight"
+    )
 
 
 def _stored_weight(module: nn.Module) -> torch.Tensor:
@@ -52,7 +129,9 @@ def as_dense(module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear layer."""
+    """(out_features, in_features) of a linear layer (quantized ones too: packed weights lie about shape)."""
+    if not isinstance(module, Conv1D) and isinstance(getattr(module, "out_features", None), int):
+        return module.out_features, module.in_features
     out_features, in_features = _stored_weight(module).shape
     return out_features, in_features
 
@@ -71,14 +150,14 @@ def svd_source(name: str, layer: nn.Module, full_precision_state_dict: dict | No
                 f"{name}.weight is not in full_precision_state_dict; using the layer's own weight",
                 stacklevel=4,
             )
-        return dense_weight(layer)
+        return dequantized_weight(layer)
     stored, shape = as_dense(layer, stored), linear_shape(layer)
     if tuple(stored.shape) != shape:
         raise ValueError(
             f"full_precision_state_dict[{name + '.weight'!r}] has shape {tuple(stored.shape)}, but the layer's "
             f"weight is {shape}: the state dict belongs to another model"
         )
-    return stored.to(_stored_weight(layer).device)
+    return stored.to(weight_device(layer))
 
 
 @torch.no_grad()
