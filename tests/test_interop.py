@@ -211,7 +211,10 @@ def test_export_needs_full_precision_weights_for_a_base_stored_as_integers(tmp_p
         layer.base_layer.weight = torch.nn.Parameter(
             layer.base_layer.weight.detach().to(torch.int8), requires_grad=False
         )
-    with pytest.raises(TypeError, match=r"cannot dequantize this Linear \(weight Parameter of torch\.int8\).*full_precision_state_dict"):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot dequantize this Linear \(weight Parameter of torch\.int8\).*full_precision_state_dict",
+    ):
         model.export_lora(tmp_path / "no")
     assert model.export_lora(tmp_path / "yes", full_precision_state_dict=full_precision) == 4
     assert (tmp_path / "yes" / "adapter_config.json").exists() and not (tmp_path / "no").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -316,9 +317,16 @@ class SigmaModel(nn.Module):
         for layer in self.spectral_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapter merged and every wrapper removed (its own class)."""
+    def merge_and_unload(self, requantize: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """The base model with the active adapter merged and every wrapper removed (its own class).
+
+        Quantized base layers come back dense (merged from their dequantized weights), or passed
+        through requantize(layer) → layer when given."""
         self.merge()
+        if requantize is not None:
+            for layer in self.spectral_layers().values():
+                if layer._quantized_base is not None:
+                    layer.base_layer = requantize(layer.base_layer)
         return self._unwrap_all()
 
     def unload(self) -> nn.Module:
