@@ -32,8 +32,11 @@ def record_of(model, adapter_name: str, save_bases: bool) -> AdapterRecord:
         if adapter_name not in layer.sigma_adapters:
             continue
         columns = layer.columns(adapter_name)
+        vector = layer.sigma_adapters[adapter_name].vector.detach()
+        if hasattr(vector, "full_tensor"):  # a DTensor shard (FSDP2): gather the whole vector
+            vector = vector.full_tensor()
         layers[name] = LayerRecord(
-            vector=layer.sigma_adapters[adapter_name].vector.detach(),
+            vector=vector,
             indices=layer.sigma_adapters[adapter_name].indices,
             sigma=layer.sigma_values[columns],
             out_features=layer.out_features,

@@ -19,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import exchange
 from .adapter_file import write_adapter
 from .config import SigmaConfig
 from .layer import SpectralLinear, unwrapped
-from .svd import SpectrumRequest, compute_spectra
+from .svd import SpectrumRequest, shared_spectra
 from .targets import find_targets, linear_layers
 from .weights import fingerprint, linear_shape, svd_source
 
@@ -236,13 +237,16 @@ class SigmaModel(nn.Module):
 
         Each is one safetensors file (vectors, their singular-value indices, σ there for the base
         check, and the settings) plus a JSON copy of the settings, written atomically. Bases are
-        recomputed on load (and cached), so they are stored only with save_bases=True.
+        recomputed on load (and cached), so they are stored only with save_bases=True. In a
+        torch.distributed job call it on every rank (sharded vectors are gathered); rank 0 writes.
         """
-        if not is_main_process:
-            return
+        if dist.is_available() and dist.is_initialized():  # every rank gathers (FSDP shards), rank 0 writes
+            is_main_process = is_main_process and dist.get_rank() == 0
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            write_adapter(directory, exchange.record_of(self, name, save_bases))
+            record = exchange.record_of(self, name, save_bases)
+            if is_main_process:
+                write_adapter(directory, record)
 
     @classmethod
     def from_pretrained(
@@ -360,7 +364,7 @@ class SigmaModel(nn.Module):
                 method = config.svd_method_for(union, min(weight.shape))
                 requests.append(SpectrumRequest(name, weight, union, method, self._fingerprints[name]))
         cache = config.cache_path if config.cache else None
-        spectra = compute_spectra(requests, config.svd_oversample, config.svd_niter, cache, self.progress)
+        spectra = shared_spectra(requests, config.svd_oversample, config.svd_niter, cache, self.progress)
         for name, spectrum in spectra.items():
             layer = layers[name]
             if isinstance(layer, SpectralLinear):

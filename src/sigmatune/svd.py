@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .files import AdapterFileError, atomic_save_tensors, load_tensors
@@ -87,6 +88,40 @@ def compute_spectra(
             bar.update(len(batch))
     bar.close()
     return found
+
+
+def shared_spectra(
+    requests: list[SpectrumRequest],
+    oversample: int = 16,
+    niter: int = 4,
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Spectrum]:
+    """compute_spectra, once: in a torch.distributed job rank 0 computes and broadcasts, so that every
+    rank holds bit-identical bases (each rank's own SVD could differ in the last bits, or in signs)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute_spectra(requests, oversample, niter, cache_dir, progress)
+    if dist.get_rank() == 0:
+        spectra = compute_spectra(requests, oversample, niter, cache_dir, progress)
+    else:
+        spectra = {request.name: _empty_spectrum(request) for request in requests}
+    for request in requests:  # the same order on every rank
+        spectrum = spectra[request.name]
+        for tensor in (spectrum.basis, spectrum.sigma, spectrum.indices, spectrum.sigma_max):
+            dist.broadcast(tensor, src=0)
+    return spectra
+
+
+def _empty_spectrum(request: SpectrumRequest) -> Spectrum:
+    out_features, in_features = request.weight.shape
+    d = in_features if side_for(out_features, in_features) == "input" else out_features
+    r, device, dtype = len(request.indices), request.weight.device, _compute_dtype(request.weight)
+    return Spectrum(
+        basis=torch.empty(d, r, device=device, dtype=dtype),
+        sigma=torch.empty(r, device=device, dtype=dtype),
+        indices=torch.empty(r, device=device, dtype=torch.int64),
+        sigma_max=torch.empty((), device=device, dtype=dtype),
+    )
 
 
 def _bar_disabled(progress: bool | None, work: bool) -> bool | None:

@@ -1,0 +1,162 @@
+"""Train a sigmatune adapter with DDP or FSDP2 on several processes (or one, as the reference).
+
+    torchrun --nproc-per-node 2 examples/distributed_train.py --mode ddp
+    torchrun --nproc-per-node 2 examples/distributed_train.py --mode fsdp2 --dtype bfloat16
+    accelerate launch --num_processes 2 examples/distributed_train.py --mode ddp
+    python examples/distributed_train.py                    # one process, the same global batches
+    ... --resume ADAPTER                                    # continue from a saved adapter
+
+Every rank builds the same model; the SVD bases are computed once on rank 0 and broadcast. Each step
+takes a global batch (the same examples whatever the number of processes), each rank its slice, in
+--accumulate micro-batches. The loss is the mean over the global batch's answer tokens, so N
+processes train exactly what one process trains. Every rank calls save_pretrained; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
+from sigmatune.data import load_model, load_task
+from sigmatune.evaluate import token_loss
+from sigmatune.tokens import collate, encode
+from sigmatune.train import _batch_order
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--data", default="bigbench:qa_wikidata")
+    parser.add_argument("--rank", default="16", help="singular values per layer, or 'full'")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--global-batch", type=int, default=16, help="examples per step, over all processes")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step")
+    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--dtype", default="float32", help="float32, or bfloat16 for mixed precision")
+    parser.add_argument("--output", default="sigmatune-distributed")
+    parser.add_argument("--resume", help="start from a saved adapter (written by any number of processes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, torch.float32, device)
+    task = load_task(args.data, heldout=min(200, 8), seed=args.seed)
+    examples = [encode(tokenizer, task.instruction, e, 128) for e in task.train]
+    rank_setting = args.rank if args.rank == "full" else int(args.rank)
+    if args.resume:  # loaded whole on every rank, before any sharding
+        sigma = SigmaModel.from_pretrained(model, args.resume, is_trainable=True)
+    else:  # the SVD runs on rank 0 and is broadcast
+        sigma = get_sigma_model(model, SigmaConfig(rank=rank_setting), progress=rank == 0)
+    report_bases(sigma, world, rank)
+    runner = distribute(sigma, args.mode, world, args.dtype, device)
+    params = [p for p in sigma.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16" and args.mode == "ddp"
+        else contextlib.nullcontext()
+    )
+    for step, indices in enumerate(_batch_order(len(examples), args.global_batch, args.steps, args.seed), 1):
+        tokens = sum(
+            sum(label != -100 for label in examples[i].labels[1:]) for i in indices
+        )  # whole global batch
+        chunks = [c for c in split(indices[rank::world], args.accumulate)]
+        total = 0.0
+        for number, chunk in enumerate(chunks, 1):
+            last = number == len(chunks)
+            with sync_gradients(runner, args.mode, last, world), autocast:
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate([examples[i] for i in chunk], tokenizer.pad_token_id).items()
+                }
+                mean, count = token_loss(runner, batch)
+                loss = mean * count / tokens * world  # ranks average gradients: × world gives the global mean
+                loss.backward()
+                total += float(loss.detach()) / world
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # each rank holds its share of the global mean
+            total = torch.tensor(total, device=device)
+            dist.all_reduce(total)
+        if rank == 0:
+            print(f"step {step}: loss {float(total):.4f}", flush=True)
+    sigma.save_pretrained(args.output)  # every rank gathers its shards; rank 0 writes
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def distribute(sigma, mode: str, world: int, dtype: str, device: torch.device):
+    """The module to call: DDP around the model, or the model with FSDP2 on each decoder layer and the root."""
+    if world == 1:
+        return sigma
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(
+            sigma, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if dtype == "bfloat16"
+        else MixedPrecisionPolicy()
+    )
+    for layer in sigma.base_model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(sigma, mesh=mesh, mp_policy=policy)
+    return sigma
+
+
+def sync_gradients(runner, mode: str, last: bool, world: int):
+    """Gradient accumulation: reduce across processes only on the last micro-batch of a step."""
+    if world == 1 or last:
+        if mode == "fsdp2" and world > 1:
+            runner.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if mode == "ddp":
+        return runner.no_sync()
+    runner.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def split(items: list[int], parts: int) -> list[list[int]]:
+    size = -(-len(items) // parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def report_bases(sigma, world: int, rank: int) -> None:
+    """Check that every rank holds the same bases (a hash of rank 0's and each rank's)."""
+    digest = hashlib.sha256()
+    for name, layer in sorted(sigma.spectral_layers().items()):
+        digest.update(name.encode() + layer.sigma_basis.detach().float().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    if rank == 0:
+        print(
+            f"bases {'identical' if len(set(everyone)) == 1 else 'DIFFERENT'} on {world} processes: {everyone[0]}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

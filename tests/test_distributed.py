@@ -1,0 +1,87 @@
+"""Distributed training with real torch.distributed processes (torchrun, gloo on CPU): DDP and FSDP2
+train exactly what one process trains on the same global batches (with gradient accumulation), all
+ranks hold identical bases, and the adapter saved from any layout loads anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sigmatune import read_adapter
+from tests.models import save_tiny_chat_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "distributed_train.py"
+ROWS = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    save_tiny_chat_model(
+        root / "model", [f"{r['input']} {r['output']}" for r in ROWS] + ["system user assistant"]
+    )
+    (root / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    return root
+
+
+def run(job: Path, processes: int, output: str, *extra: str) -> str:
+    launcher = [sys.executable, str(SCRIPT)]
+    if processes > 1:  # --standalone: torchrun picks a free rendezvous port on loopback itself
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launcher += [f"--nproc-per-node={processes}", str(SCRIPT)]
+    args = [
+        "--model",
+        str(job / "model"),
+        "--data",
+        str(job / "parity.jsonl"),
+        "--steps",
+        "3",
+        "--global-batch",
+        "8",
+    ]
+    done = subprocess.run(
+        [*launcher, *args, "--output", str(job / output), *extra], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def vectors(folder: Path) -> dict[str, torch.Tensor]:
+    return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    out = run(job, 1, "reference", "--accumulate", "2")
+    assert "bases identical on 1 processes" in out
+    return vectors(job / "reference")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_train_what_one_process_trains(job, reference, mode):
+    out = run(job, 2, mode, "--mode", mode, "--accumulate", "2")
+    assert "bases identical on 2 processes" in out
+    trained = vectors(job / mode)
+    assert trained.keys() == reference.keys() and any(float(v.abs().max()) > 0 for v in trained.values())
+    for name, vector in reference.items():
+        torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_a_one_process_adapter_on_two_processes(job, reference):
+    run(job, 1, "resumed-1", "--resume", str(job / "reference"))
+    run(job, 2, "resumed-2", "--mode", "fsdp2", "--resume", str(job / "reference"))
+    one, two = vectors(job / "resumed-1"), vectors(job / "resumed-2")
+    for name, vector in one.items():
+        torch.testing.assert_close(two[name], vector, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(vector, reference[name])  # it did train further
+
+
+def test_mixed_precision_runs_and_saves_a_loadable_adapter(job):
+    out = run(job, 2, "bf16", "--mode", "ddp", "--dtype", "bfloat16")
+    assert "step 3: loss" in out
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in vectors(job / "bf16").values())
