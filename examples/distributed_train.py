@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/distributed_train.py --mode ddp
     torchrun --nproc-per-node 2 examples/distributed_train.py --mode fsdp2 --dtype bfloat16
-    accelerate launch --num_processes 2 examples/distributed_train.py --mode ddp
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_train.py --mode ddp
     python examples/distributed_train.py                    # one process, the same global batches
     ... --resume ADAPTER                                    # continue from a saved adapter
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import os
 
@@ -51,7 +52,9 @@ def main() -> None:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world > 1:
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=datetime.timedelta(minutes=5),  # a peer that never arrives fails the job, not hangs it
         )
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, torch.float32, device)

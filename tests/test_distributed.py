@@ -5,6 +5,7 @@ ranks hold identical bases, and the adapter saved from any layout loads anywhere
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +30,22 @@ def job(tmp_path_factory):
     return root
 
 
-def run(job: Path, processes: int, output: str, *extra: str) -> str:
-    launcher = [sys.executable, str(SCRIPT)]
-    if processes > 1:  # --standalone: torchrun picks a free rendezvous port on loopback itself
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        launcher += [f"--nproc-per-node={processes}", str(SCRIPT)]
+def free_port() -> int:
+    """A port nobody listens on now (accelerate's static rendezvous needs one; torchrun --standalone picks its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(job: Path, processes: int, output: str, *extra: str, launcher: str = "torchrun") -> str:
+    command = [sys.executable, str(SCRIPT)]
+    if processes > 1 and launcher == "torchrun":  # --standalone: a free rendezvous port on loopback
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={processes}", str(SCRIPT)]
+    if processes > 1 and launcher == "accelerate":  # --multi_gpu is accelerate's torchrun path (gloo on CPU)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines=1"]
+        command += [f"--num_processes={processes}", "--mixed_precision=no", "--dynamo_backend=no"]
+        command += [f"--main_process_port={free_port()}", str(SCRIPT)]
     args = [
         "--model",
         str(job / "model"),
@@ -45,7 +57,7 @@ def run(job: Path, processes: int, output: str, *extra: str) -> str:
         "8",
     ]
     done = subprocess.run(
-        [*launcher, *args, "--output", str(job / output), *extra], capture_output=True, text=True, timeout=600
+        [*command, *args, "--output", str(job / output), *extra], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -68,6 +80,15 @@ def test_two_processes_train_what_one_process_trains(job, reference, mode):
     assert "bases identical on 2 processes" in out
     trained = vectors(job / mode)
     assert trained.keys() == reference.keys() and any(float(v.abs().max()) > 0 for v in trained.values())
+    for name, vector in reference.items():
+        torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_launch_trains_what_one_process_trains(job, reference):
+    pytest.importorskip("accelerate")
+    out = run(job, 2, "accelerate", "--mode", "ddp", "--accumulate", "2", launcher="accelerate")
+    assert "bases identical on 2 processes" in out
+    trained = vectors(job / "accelerate")
     for name, vector in reference.items():
         torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
 

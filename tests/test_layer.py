@@ -182,3 +182,24 @@ def test_extended_basis_keeps_every_adapter_exact():
         x, linear.weight.detach(), linear.bias, [1, 6], torch.tensor([0.2, 0.7]), "multiplicative"
     )
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("side_shape", [(32, 48), (48, 32)])
+def test_autocast_trains_in_one_dtype_and_matches_fp32(side_shape):
+    """Under autocast the transform computes in autocast's dtype (forward and backward alike); its
+    input gradient comes back in the input's dtype. Full rank: the GEMM path on any device."""
+    linear = make_linear(side_shape, dtype=torch.float32)
+    layer = wrap(linear, SigmaConfig(rank="full", svd="exact", init="normal", init_std=0.1))
+    x = torch.randn(4, 5, side_shape[1], generator=torch.Generator().manual_seed(2), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    vector = layer.sigma_adapters["default"].vector
+    mixed_grads = (x.grad.clone(), vector.grad.clone())
+    assert x.grad.dtype == torch.float32 and out.dtype == torch.bfloat16
+    x.grad, vector.grad = None, None
+    reference = layer(x)
+    reference.square().sum().backward()
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    for mixed, exact in zip(mixed_grads, (x.grad, vector.grad), strict=True):
+        assert float((mixed - exact).norm() / exact.norm()) < 0.05

@@ -85,17 +85,21 @@ class _Transform(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, basis, g, shift, fused):
-        basis = basis.to(a.dtype)
-        if fused:
-            out, projection, _ = kernels.transform(a, basis, g, shift)
-            scaled_basis = None
-        else:
-            projection = a @ basis  # (N, r)
-            if shift is not None:
-                projection = projection - shift.to(a.dtype)
-            scaled_basis = (basis * g).to(a.dtype)  # B diag(g), (d, r): (P ⊙ g) Bᵀ = P (B diag(g))ᵀ
-            out = torch.addmm(a, projection, scaled_basis.T)
-        ctx.fused = fused
+        ctx.fused, ctx.input_dtype = fused, a.dtype
+        device = a.device.type
+        if torch.is_autocast_enabled(device):  # compute in autocast's dtype, as the base linear layer does
+            a = a.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
+            basis = basis.to(a.dtype)
+            if fused:
+                out, projection, _ = kernels.transform(a, basis, g, shift)
+                scaled_basis = None
+            else:
+                projection = a @ basis  # (N, r)
+                if shift is not None:
+                    projection = projection - shift.to(a.dtype)
+                scaled_basis = (basis * g).to(a.dtype)  # B diag(g), (d, r): (P ⊙ g) Bᵀ = P (B diag(g))ᵀ
+                out = torch.addmm(a, projection, scaled_basis.T)
         ctx.save_for_backward(projection, basis, g, scaled_basis)
         return out
 
@@ -108,7 +112,8 @@ class _Transform(torch.autograd.Function):
             along = grad_out @ basis  # (N, r)
             grad_a = torch.addmm(grad_out, along, scaled_basis.T)
             grad_g = column_dots(along, projection)
-        return grad_a, None, grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None, None, None
+        grad_g = grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None
+        return grad_a.to(ctx.input_dtype), None, grad_g, None, None
 
 
 def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

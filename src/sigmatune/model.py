@@ -28,7 +28,7 @@ from .config import SigmaConfig
 from .layer import SpectralLinear, unwrapped
 from .svd import SpectrumRequest, shared_spectra
 from .targets import find_targets, linear_layers
-from .weights import fingerprint, linear_shape, svd_source
+from .weights import compute_dtype, fingerprint, linear_shape, svd_source
 
 
 def get_sigma_model(
@@ -370,7 +370,8 @@ class SigmaModel(nn.Module):
             if isinstance(layer, SpectralLinear):
                 layer.extend_spectrum(spectrum)
             else:
-                self._replace(name, SpectralLinear(layer, spectrum, config.torch_dtype))
+                dtype = config.torch_dtype or compute_dtype(layer, fallback=self._float_dtype())
+                self._replace(name, SpectralLinear(layer, spectrum, dtype))
         if pin:
             self._pinned.update(plan)
 
@@ -401,6 +402,11 @@ class SigmaModel(nn.Module):
             for name, adapter in layer.sigma_adapters.items():
                 train = name == self.active_adapter and name not in self._frozen_adapters
                 adapter.vector.requires_grad_(train)
+
+    def _float_dtype(self) -> torch.dtype | None:
+        """The dtype of the base model's float parameters (embeddings, norms): what a quantized layer
+        that declares no compute dtype (bitsandbytes int8) computes in."""
+        return next((p.dtype for p in self.base_model.parameters() if p.is_floating_point()), None)
 
     def _replace(self, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")

@@ -67,11 +67,18 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return _stored_weight(module)
     weight = module.weight
     if type(weight).__name__ in ("Params4bit", "Int8Params"):
-        dense = _bitsandbytes(weight)
+        dense = _bitsandbytes(module)
     elif weight.is_quantized or (
         type(weight) not in _PLAIN and callable(getattr(weight, "dequantize", None))
     ):
-        dense = weight.dequantize()  # torch's quantized tensors, torchao's tensor subclasses
+        try:
+            dense = weight.dequantize()  # torch's quantized tensors, torchao's tensor subclasses
+        except (NotImplementedError, RuntimeError) as err:  # a layout without a dequantize kernel
+            raise TypeError(
+                f"sigmatune cannot dequantize this {type(module).__name__} ({_describe(module)}: {err}): "
+                "pass full_precision_state_dict={'<module>.weight': the full-precision weight}, or use a "
+                "layout that can dequantize, or sigmatune.weights.register_dequantizer(layer_type, function)"
+            ) from err
     else:
         raise TypeError(
             f"sigmatune cannot dequantize this {type(module).__name__} ({_describe(module)}): pass "
@@ -81,12 +88,18 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return dense.T if isinstance(module, Conv1D) else dense
 
 
-def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The float dtype the layer computes in (for the bases it gets)."""
-    dtype = getattr(getattr(module, "weight", None), "dtype", None)
-    if dtype is not None and dtype.is_floating_point:
-        return dtype
-    return getattr(module, "compute_dtype", None) or torch.get_default_dtype()
+def compute_dtype(module: nn.Module, fallback: torch.dtype | None = None) -> torch.dtype:
+    """The float dtype the layer computes in (for the bases it gets): its weight's, else its declared
+    compute dtype (bitsandbytes 4-bit), else its bias's, else fallback (the model's), else the default."""
+    for dtype in (
+        getattr(getattr(module, "weight", None), "dtype", None),
+        getattr(module, "compute_dtype", None),
+        getattr(getattr(module, "bias", None), "dtype", None),
+        fallback,
+    ):
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return torch.get_default_dtype()
 
 
 def weight_device(module: nn.Module) -> torch.device:
@@ -94,13 +107,20 @@ def weight_device(module: nn.Module) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else next(module.parameters()).device
 
 
-def _bitsandbytes(weight) -> torch.Tensor:
+def _bitsandbytes(module: nn.Module) -> torch.Tensor:
+    """Linear4bit: its blockwise dequantization. Linear8bitLt: int8 codes C with row scales s, W = C s/127
+    (after the first forward bitsandbytes moves C and s from the weight into module.state)."""
     import bitsandbytes.functional as bnb
 
+    weight = module.weight
     if type(weight).__name__ == "Params4bit":
         return bnb.dequantize_4bit(weight.data, weight.quant_state).float()
-    codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data  # int8, row-wise scales SCB
-    return codes.float() * (weight.SCB.float()[:, None] / 127.0)
+    state = getattr(module, "state", None)
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(state, "SCB", None)
+    codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+    if scales is None:
+        raise TypeError(f"this {type(module).__name__} holds no int8 scales (SCB): is it quantized yet?")
+    return codes.float() * (scales.float()[:, None] / 127.0)
 
 
 def _describe(module: nn.Module) -> str:

@@ -1,0 +1,195 @@
+"""Quantized-base benchmark: sigmatune on a 4-bit / 8-bit base against PEFT LoRA on the same base
+(QLoRA-style), every row in one process on one GPU.
+
+    python benchmarks/quantized.py [--shape 1.1b] [--tokens 4x1024] [--schemes bf16,bnb-nf4,...]
+
+Bases, each built from the same random bf16 Llama-shaped model (train_step.py's shapes):
+  bf16      the unquantized model (the reference for memory)
+  bnb-nf4   bitsandbytes 4-bit NF4, compute bf16, double quantization (transformers' load_in_4bit path)
+  bnb-int8  bitsandbytes LLM.int8() (load_in_8bit)
+  ao-int8   torchao weight-only int8 (quantize_ with Int8WeightOnlyConfig)
+  ao-int4   torchao weight-only int4, group 128 (IntxWeightOnlyConfig: tinygemm's Int4WeightOnlyConfig
+            kernel has no backward, so neither LoRA nor a frozen model with input gradients can train on it)
+Rows per base: frozen (input gradients on), sigmatune r=16 and r=64 (bases from the dequantized
+weights), PEFT LoRA r=16 (alpha 32, no prepare_model_for_kbit_training, so that only the adapter
+differs). Per row: init seconds (cold; and warm from the basis cache), trainable parameters, GiB the
+adapter adds to the resident model, median step ms (forward + backward + AdamW) and its ratio to the
+frozen row of the same base, peak allocated GiB and its ratio. A scheme whose library is missing, or a
+row that fails, is reported and skipped. Rows go into benchmarks/results/quantized.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from train_step import DEVICE, SHAPES, build, measure, timed_init
+
+RESULTS = Path(__file__).parent / "results" / "quantized.json"
+SCHEMES = ["bf16", "bnb-nf4", "bnb-int8", "ao-int8", "ao-int4"]
+METHODS = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("lora", 16)]
+
+
+def quantized_base(scheme: str, shape: str, scratch: Path):
+    """The shape's random bf16 model with every decoder linear quantized by the scheme."""
+    if scheme == "bf16":
+        return build(shape)
+    if scheme.startswith("bnb-"):
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        folder = scratch / f"{shape}-bf16"
+        if not folder.exists():
+            build(shape).save_pretrained(folder)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if scheme == "bnb-nf4":
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+            )
+        else:
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=quantization,
+            dtype=torch.bfloat16,
+            device_map={"": 0 if DEVICE == "cuda" else "cpu"},
+        )
+        return model.requires_grad_(False)
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_
+
+    if scheme == "ao-int8":
+        config = Int8WeightOnlyConfig()
+    else:  # dequantize-then-matmul int4 (differentiable: tinygemm's int4 kernel has no backward)
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128))
+    model = build(shape)
+    quantize_(model.model.layers, config)  # decoder linears only; embeddings and lm_head stay bf16
+    return model
+
+
+def settled_memory() -> float:
+    """GiB allocated once garbage (e.g. the bf16 weights a quantizer replaced) is freed."""
+    gc.collect()
+    if DEVICE != "cuda":
+        return float("nan")
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=SHAPES, default="1.1b")
+    parser.add_argument("--tokens", default="4x1024", help="batch x sequence length")
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument(
+        "--compiled", default="", help="schemes also measured under torch.compile, e.g. bnb-nf4"
+    )
+    parser.add_argument(
+        "--rows", help="instead: scheme:method:rank[:c],... (c = compiled; add a frozen row for ratios)"
+    )
+    parser.add_argument("--out", default=str(RESULTS), help="results JSON the rows are merged into")
+    args = parser.parse_args()
+    batch, length = (int(x) for x in args.tokens.split("x"))
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    scratch = Path(tempfile.mkdtemp(prefix="quantized-bench-"))
+    plan = planned_rows(args.rows, args.schemes.split(","), args.compiled.split(","))
+    results = []
+    for scheme in dict.fromkeys(scheme for scheme, *_ in plan):
+        try:
+            base = quantized_base(scheme, args.shape, scratch)
+        except Exception as err:  # the library is missing, or cannot quantize here
+            print(f"{scheme}: SKIPPED {type(err).__name__}: {err}"[:1500], flush=True)
+            continue
+        resident = settled_memory()
+        print(f"{scheme}: base resident {resident:.2f} GiB", flush=True)
+        frozen = {}
+        for _, method, rank, compiled in (row for row in plan if row[0] == scheme):
+            row = measure_row(base, method, rank, compiled, batch, length)
+            if row is None:
+                print(f"{scheme} {method} r={rank} compiled={compiled}: no result", flush=True)
+                continue
+            if method == "frozen":
+                frozen[compiled] = row
+            reference = frozen.get(compiled)
+            row.update(
+                shape=args.shape, scheme=scheme, tokens=batch * length, resident_gib=round(resident, 3),
+                ratio_vs_frozen=round(row["step_ms"] / reference["step_ms"], 3) if reference else None,
+                peak_ratio_vs_frozen=round(row["peak_gib"] / reference["peak_gib"], 3) if reference else None,
+                device=device,
+            )  # fmt: skip
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            save(results, Path(args.out))  # after every row: a run cut short keeps what it measured
+        del base
+        settled_memory()
+    print(markdown(results))
+
+
+def planned_rows(rows: str | None, schemes: list[str], compiled: list[str]) -> list[tuple]:
+    """(scheme, method, rank, compiled) in run order: per scheme, eager then compiled, frozen first."""
+    if rows:
+        plan = [(p[0], p[1], int(p[2]), p[3:] == ["c"]) for p in (r.split(":") for r in rows.split(","))]
+    else:
+        plan = [(s, m, r, False) for s in schemes for m, r in METHODS]
+        plan += [(s, m, r, True) for s in schemes if s in compiled for m, r in METHODS]
+    order = {scheme: i for i, scheme in enumerate(dict.fromkeys(p[0] for p in plan))}
+    return sorted(plan, key=lambda p: (order[p[0]], p[3], p[1] != "frozen"))
+
+
+def measure_row(base, method: str, rank: int, compiled: bool, batch: int, length: int) -> dict | None:
+    """One row's init, memory and step figures (None when the method fails on this base)."""
+    unwrap = None
+    before = settled_memory()
+    try:
+        model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
+        added = settled_memory() - before
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        step_ms, peak = measure(model, base, compiled, batch, length)
+    except Exception as err:  # a failing row must not lose the others
+        print(f"{method} r={rank}: FAILED {type(err).__name__}: {err}"[:1500], flush=True)
+        return None
+    finally:
+        if unwrap is not None:
+            unwrap()
+    return dict(
+        method=method, rank=rank, compiled=compiled, init_s=round(init_s, 3),
+        init_warm_s=None if init_warm_s is None else round(init_warm_s, 3), trainable=trainable,
+        adapter_added_gib=round(added, 4), step_ms=round(step_ms, 2), peak_gib=round(peak, 2),
+    )  # fmt: skip
+
+
+def save(rows: list[dict], path: Path) -> None:
+    """Merge rows into the results file (a row with the same key is replaced), atomically."""
+    key = ("shape", "scheme", "method", "rank", "compiled", "tokens")
+    existing = json.loads(path.read_text()) if path.exists() else []
+    keys = {tuple(r[k] for k in key) for r in rows}
+    merged = [r for r in existing if tuple(r[k] for k in key) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(merged, indent=1) + "\n")
+    temporary.replace(path)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| base | method | rank | compiled | init s (warm) | trainable | adapter adds GiB | step ms | × frozen | peak GiB | × frozen |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        warm = "" if r["init_warm_s"] is None else f" ({r['init_warm_s']:.2f})"
+        lines.append(
+            f"| {r['scheme']} | {r['method']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | {r['init_s']:.2f}{warm} | {r['trainable']:,} | "
+            f"{r['adapter_added_gib']:.3f} | {r['step_ms']:.1f} | {r['ratio_vs_frozen'] or float('nan'):.2f} | "
+            f"{r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen'] or float('nan'):.3f} |"
+        )
+    return "\n".join(lines) + f"\n\nDevice: {', '.join(sorted({r['device'] for r in rows}))}.\n"
+
+
+if __name__ == "__main__":
+    main()
