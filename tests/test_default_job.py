@@ -30,7 +30,9 @@ def test_default_model_and_data_are_real():
 def test_a_few_steps_of_the_default_job_lower_the_heldout_loss(tmp_path):
     summary = train(TrainSettings(steps=6, heldout=24, eval_accuracy=8, output_dir=str(tmp_path)))
     assert summary["after"]["loss"] < 0.8 * summary["before"]["loss"], summary
-    assert summary["trainable_parameters"] == 30 * 7 * 16
+    assert summary["trainable_parameters"] == 30 * (
+        4 * 576 + 2 * 192 + 576
+    )  # the full spectrum of every linear
     assert (tmp_path / WEIGHTS_NAME).exists()
 
 

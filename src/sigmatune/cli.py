@@ -1,6 +1,6 @@
 """`sigmatune <command>`: a table from command name to one public function; no logic of its own.
 
-sigmatune train [--rank 16 --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
+sigmatune train [--rank full --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
 sigmatune eval ADAPTER                             held-out loss and exact match, base vs adapted
 sigmatune inspect ADAPTER [--plot out.png]         what the adapter learned, per layer
 sigmatune merge ADAPTER OUTPUT                     a plain HF model folder with the adapter merged

@@ -32,10 +32,10 @@ SUMMARY_NAME = "training_summary.json"
 class TrainSettings:
     model: str = DEFAULT_MODEL  # "smollm2" (the default model) or any from_pretrained path / hub name
     data: str = DEFAULT_DATA  # "bigbench:<task>" or a .jsonl/.json/.csv/.txt file
-    rank: int | str = 16  # singular values per layer, or "full"
+    rank: int | str = "full"  # singular values per layer, or "full" (all: the best quality measured)
     targets: str = "all-linear"  # "all-linear", comma-separated names, or a regex
     update: str = "multiplicative"  # "multiplicative" or "additive"
-    lr: float = 2e-2  # peak learning rate (vector methods want 10-100x LoRA's)
+    lr: float = 1e-2  # peak learning rate (vector methods want ~10x LoRA's; the best in both quality sweeps)
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
