@@ -35,6 +35,7 @@ from torch import nn
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
 HEAD_LR = 2e-3
 SWEEPS = {
@@ -221,7 +222,7 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
     model, tokenizer = load_model(settings.model, torch.float32, device)
     task = load_task(settings.data, settings.heldout, settings.seed)
     started = time.perf_counter()
-    adapted = adapt(model, row["method"], row["rank"], row["update"], "all-linear")
+    adapted = adapt(model, row["method"], row["rank"], row["update"], DECODER_TARGETS)
     history = fit(adapted, tokenizer, task, settings, device) if trainable(adapted) else []
     wall = time.perf_counter() - started
     result = score(adapted, tokenizer, task, settings, device)
