@@ -217,7 +217,12 @@ def test_ctrl_c_during_training_leaves_the_saved_adapter_intact(workspace, tmp_p
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     command = [sys.executable, "-u", "-m", "sigmatune", "train", "--model", str(workspace / "model")]
     command += ["--data", str(workspace / "parity.jsonl"), "--steps", "1000000", "--eval-accuracy", "0"]
-    job = subprocess.Popen([*command, "--output-dir", str(out)], stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(  # SIGINT at its default: a shell's background job would inherit "ignored"
+        [*command, "--output-dir", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in job.stderr:  # wait until training has started
         if line.startswith("before:"):
             break
