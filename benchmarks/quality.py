@@ -31,13 +31,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_file import load_rows, merge_rows
 from torch import nn
 
+from sigmatune.train import lr_factor
+
 RESULTS = Path(__file__).parent / "results" / "quality.json"
+KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs")  # rows merge by these
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
 HEAD_LR = 2e-3
+WARMUP = 0.06  # share of the steps with a linear warm-up (then cosine decay: sigmatune.train.lr_factor)
 SWEEPS = {
     "classify": {
         ("head", 0, ""): [0.0],
@@ -90,14 +95,6 @@ def adapt(model: nn.Module, method: str, rank, update: str, targets) -> nn.Modul
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
-
-
-def lr_factor(step: int, steps: int, warmup: float = 0.06) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    warm = max(1, round(warmup * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 # ---- (b) sequence classification -----------------------------------------------------------------
@@ -156,7 +153,7 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
         for i in random.Random(row["seed"] + epoch).sample(range(len(train)), len(train))
     ]
     batches = [order[i : i + args.batch] for i in range(0, len(order) - args.batch + 1, args.batch)]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(batches)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(batches), WARMUP))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     curve = []
@@ -275,7 +272,7 @@ def main() -> None:
         Path(args.file).write_text("\n".join(lines) + "\n")
         return
     if args.setting == "report":
-        report(load(Path(args.out)), Path(args.out).with_suffix(".png"))
+        report(load_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -294,7 +291,7 @@ def main() -> None:
     epochs = args.epochs if args.setting == "classify" and args.epochs != 2 else None
     earlier = [
         r
-        for r in load(Path(args.out))
+        for r in load_rows(Path(args.out))
         if r["setting"] == args.setting and r["seed"] == 0 and r.get("epochs") == epochs
     ]
     results = []
@@ -316,8 +313,10 @@ def main() -> None:
                     swept = [r for r in swept if r["lr"] != lr] + [row]
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                save(results, Path(args.out))  # after every row: a run cut short keeps what it measured
-    print(markdown([r for r in load(Path(args.out)) if r["setting"] == args.setting]))
+                merge_rows(
+                    Path(args.out), results, KEY
+                )  # after every row: a run cut short keeps what it measured
+    print(markdown([r for r in load_rows(Path(args.out)) if r["setting"] == args.setting]))
 
 
 def report(rows: list[dict], plot: Path) -> None:
@@ -360,21 +359,6 @@ def best_lr(rows: list[dict]) -> float:
 def read_split(path: Path) -> tuple[list, list]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
-
-
-def load(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def save(rows: list[dict], path: Path) -> None:
-    """Merge rows into the results file (the same setting/method/rank/update/lr/seed is replaced), atomically."""
-    key = ("setting", "method", "rank", "update", "lr", "seed", "epochs")
-    keys = {tuple(r.get(k) for k in key) for r in rows}
-    merged = [r for r in load(path) if tuple(r.get(k) for k in key) not in keys] + rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(merged, indent=1) + "\n")
-    temporary.replace(path)
 
 
 def markdown(rows: list[dict]) -> str:

