@@ -7,9 +7,11 @@ Nothing here unpickles: adapters and caches are safetensors (tensors) and JSON (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors
@@ -71,27 +73,64 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor and the metadata of a safetensors file (CPU); errors name the file."""
+def load_tensors(
+    path: str | Path, check: Callable[[dict[str, str], dict[str, tuple[str, list[int]]]], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file (CPU); errors name the file.
+
+    check(metadata, declared), where declared maps each tensor name to its (dtype, shape) as the file's
+    header states them, runs before any tensor is read: it refuses a file (by raising) before a
+    declared shape can cost memory. safetensors itself checks that the header fits the file.
+    """
     path = Path(path)
     _check_regular_file(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as reader:
             metadata = reader.metadata() or {}
+            if check is not None:
+                declared = {}
+                for name in reader.keys():  # noqa: SIM118 (a reader, not a dict)
+                    part = reader.get_slice(name)
+                    declared[name] = (part.get_dtype(), list(part.get_shape()))
+                check(metadata, declared)
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except AdapterFileError:
+        raise
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as err:
         raise AdapterFileError(
             path,
-            f"is not a readable safetensors file ({err})",
+            f"is not a readable safetensors file ({str(err)[:200]})",
             "it may be truncated or corrupted; re-save it",
         ) from None
     return tensors, metadata
 
 
+def tensors_digest(preamble: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a text and every tensor's name, dtype, shape and bytes (in name order): a checksum
+    that a flipped bit anywhere in the header text or the data changes."""
+    digest = hashlib.sha256(preamble.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_inside(folder: Path, path: Path) -> None:
+    """Refuse a file that is a link out of its folder (a downloaded adapter must not make us read others)."""
+    target = path.resolve()
+    if target.parent != folder.resolve():
+        raise AdapterFileError(
+            path,
+            f"is a link to {target}, outside the adapter folder",
+            "copy the file into the folder; links that leave an adapter folder are refused",
+        )
+
+
 def _check_regular_file(path: Path) -> None:
     if not path.exists():
         raise AdapterFileError(path, "does not exist", "check the path")
-    if not path.is_file():
+    if not path.is_file():  # a folder, a FIFO (opening it would wait forever), a device
         raise AdapterFileError(path, "is not a regular file")
 
 
