@@ -13,11 +13,14 @@ import time
 import pytest
 import torch
 
+import sigmatune.train
 from sigmatune import SigmaModel, read_adapter
 from sigmatune.adapter_file import WEIGHTS_NAME
+from sigmatune.checkpoint import CHECKPOINT_NAME
 from sigmatune.cli import main
 from sigmatune.data import Example, load_model
 from sigmatune.evaluate import normalize
+from sigmatune.files import AdapterFileError
 from sigmatune.tokens import IGNORE, encode
 from sigmatune.train import SUMMARY_NAME, TrainSettings, _batch_order, lr_factor, train
 from tests.models import save_tiny_chat_model, tiny_tokenizer
@@ -231,5 +234,81 @@ def test_ctrl_c_during_training_leaves_the_saved_adapter_intact(workspace, tmp_p
     job.send_signal(signal.SIGINT)
     err = job.stderr.read()
     assert job.wait(timeout=60) == 130
-    assert "interrupted" in err and "Traceback" not in err, err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != CHECKPOINT_NAME}
+    assert after == before  # the adapter and summary as they were (a checkpoint of the new run may be there)
+
+
+class NaNGradient(torch.autograd.Function):
+    """Passes a loss through unchanged; its backward sends NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def failing_loss(monkeypatch, at_call: int, how: str) -> None:
+    """Make the training loss fail at one call: a NaN loss, NaN gradients, or a crash (KeyboardInterrupt)."""
+    real, calls = sigmatune.train.token_loss, [0]
+
+    def token_loss(model, batch):
+        calls[0] += 1
+        loss, count = real(model, batch)
+        if calls[0] != at_call:
+            return loss, count
+        if how == "crash":
+            raise KeyboardInterrupt
+        return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
+
+    monkeypatch.setattr(sigmatune.train, "token_loss", token_loss)
+
+
+def vectors(folder):
+    return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}
+
+
+@pytest.mark.parametrize("how", ["crash", "loss", "gradient"])
+def test_an_interrupted_or_diverged_run_resumes_to_the_uninterrupted_result(
+    workspace, tmp_path, monkeypatch, how
+):
+    options = dict(steps=12, save_every=4, eval_accuracy=0, heldout=10)
+    straight = train(settings(workspace, tmp_path / "straight", **options))
+    out = tmp_path / "out"
+    train(settings(workspace, out, **{**options, "steps": 2}))  # an older adapter in the output folder
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    failing_loss(monkeypatch, at_call=10, how=how)  # steps 1-9 run, step 10 fails; checkpoint at step 8
+    expected = {"crash": KeyboardInterrupt, "loss": FloatingPointError, "gradient": FloatingPointError}[how]
+    with pytest.raises(expected) as failure:
+        train(settings(workspace, out, **options))
+    if how != "crash":
+        message = str(failure.value)
+        assert "at step 10" in message and "--resume" in message and str(out / CHECKPOINT_NAME) in message
+        assert ("training loss" if how == "loss" else "gradient norm") in message
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != CHECKPOINT_NAME} == kept
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="continue it with --resume"):
+        train(settings(workspace, out, **options))  # would overwrite the checkpoint: refused
+    with pytest.raises(ValueError, match=r"other settings.*lr 0.1 → 0.05"):
+        train(settings(workspace, out, **options, lr=0.05, resume=True))
+    resumed = train(settings(workspace, out, **options, resume=True))
+    assert resumed["resumed_from_step"] == 8 and resumed["loss_history"] == straight["loss_history"]
+    assert resumed["before"] == straight["before"] and resumed["after"] == straight["after"]
+    got, want = vectors(out), vectors(tmp_path / "straight")
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert not (out / CHECKPOINT_NAME).exists()  # done: the adapter replaces the checkpoint
+
+
+def test_resume_needs_a_checkpoint_and_refuses_a_damaged_one(workspace, tmp_path):
+    with pytest.raises(ValueError, match=r"no checkpoint .* to continue"):
+        train(settings(workspace, tmp_path / "none", resume=True))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(b"\0" * 100)
+    with pytest.raises(AdapterFileError, match="not a readable safetensors"):
+        train(settings(workspace, out, resume=True))

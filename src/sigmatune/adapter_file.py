@@ -29,6 +29,7 @@ from .files import (
     AdapterFileError,
     atomic_save_tensors,
     atomic_write_json,
+    check_digest,
     check_inside,
     load_tensors,
     read_json,
@@ -211,12 +212,8 @@ def _check_checksum(path: Path, header: dict, metadata: dict, tensors: dict[str,
     saved = metadata.get(CHECKSUM)
     if saved is None and header["format_version"] >= 2:
         raise AdapterFileError(path, "has no checksum", "the file was damaged or not written by sigmatune")
-    if saved is not None and saved != tensors_digest(metadata[FORMAT], tensors):
-        raise AdapterFileError(
-            path,
-            "fails its checksum: the data or the header changed after it was saved",
-            "the file is damaged; download or save it again",
-        )
+    if saved is not None:
+        check_digest(path, metadata[FORMAT], tensors, saved)
 
 
 def _config(path: Path, header: dict) -> SigmaConfig:

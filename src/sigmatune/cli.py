@@ -31,14 +31,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         source = ""
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
     for field in dataclasses.fields(train.TrainSettings):
+        flag, help = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=help)
+            continue
         kind = _rank if field.name == "rank" else type(field.default)
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=field.default,
-            help=f"{comments.get(field.name, '')} (default: %(default)s)",
-        )
+        parser.add_argument(flag, type=kind, default=field.default, help=f"{help} (default: %(default)s)")
 
 
 def _train(args) -> dict:
@@ -138,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except KeyboardInterrupt:
+        resume = "; continue from the last checkpoint with --resume" if args.command == "train" else ""
         print(
-            f"sigmatune {args.command}: interrupted; files already saved are left as they were",
+            f"sigmatune {args.command}: interrupted; files already saved are left as they were{resume}",
             file=sys.stderr,
         )
         return 130

@@ -116,6 +116,16 @@ def tensors_digest(preamble: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def check_digest(path: str | Path, preamble: str, tensors: dict[str, torch.Tensor], saved) -> None:
+    """Refuse a file whose tensors_digest is not the one saved with it."""
+    if saved != tensors_digest(preamble, tensors):
+        raise AdapterFileError(
+            path,
+            "fails its checksum: the data or the header changed after it was saved",
+            "the file is damaged; download or save it again",
+        )
+
+
 def check_inside(folder: Path, path: Path) -> None:
     """Refuse a file that is a link out of its folder (a downloaded adapter must not make us read others)."""
     target = path.resolve()

@@ -3,6 +3,11 @@
 A plain loop (AdamW, linear warm-up then cosine decay, gradient clipping at 1.0) over batches drawn
 in a seeded order, so CPU and GPU see the same data in the same order. The adapter and a
 training_summary.json (settings, scores before and after, timings) are written atomically.
+
+Nothing is lost on failure: every save_every steps a checkpoint (checkpoint.py) goes into the output
+folder, and `resume` continues it to the same result as a run that never stopped. A NaN or Inf in the
+loss, the gradients or the vectors stops the run before it touches a file: the adapter already in the
+output folder and the last checkpoint stay as they were.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint
+from .checkpoint import CHECKPOINT_NAME
 from .config import SigmaConfig
 from .data import DEFAULT_DATA, DEFAULT_MODEL, Task, load_model, load_task
 from .evaluate import Score, exact_match, heldout_loss, token_loss
@@ -46,14 +53,16 @@ class TrainSettings:
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     output_dir: str = "sigmatune-adapter"  # where the adapter and training_summary.json go
     seed: int = 0  # data order, held-out split and any random init
+    save_every: int = 50  # write a checkpoint every this many steps (0 = never) into the output folder
+    resume: bool = False  # continue the interrupted run whose checkpoint is in the output folder
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "max_length", "heldout", "eval_accuracy"):
+        for name in ("steps", "batch_size", "max_length", "heldout", "eval_accuracy", "save_every"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int)
-                or value < (0 if name == "eval_accuracy" else 1)
+                or value < (0 if name in ("eval_accuracy", "save_every") else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < self.lr < 10:
@@ -72,20 +81,29 @@ def train(settings: TrainSettings) -> dict:
     """Run the job end to end; returns (and saves) the summary with scores before and after."""
     started = time.perf_counter()
     config = settings.sigma_config()  # bad settings fail here, before any download
+    resumed = _checkpoint_to_resume(settings)
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
     model, tokenizer = load_model(settings.model, dtype, device)
     settings = fit_to_model(model, settings, device)
+    if resumed is not None:
+        _check_same_run(resumed, settings)
     task = load_task(settings.data, settings.heldout, settings.seed)
     _log(
         f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
     )
     sigma_model = get_sigma_model(model, config)
     sigma_model.print_trainable_parameters()
-    before = score(sigma_model, tokenizer, task, settings, device)
+    if resumed is None:
+        before = score(sigma_model, tokenizer, task, settings, device)
+    else:
+        before = Score(**resumed.before)
+        _log(
+            f"resuming at step {resumed.step} of {settings.steps} from {settings.output_dir}/{CHECKPOINT_NAME}"
+        )
     _log(f"before: {format_score(before)}")
     train_start = time.perf_counter()
-    history = fit(sigma_model, tokenizer, task, settings, device)
+    history = fit(sigma_model, tokenizer, task, settings, device, before, resumed)
     train_seconds = time.perf_counter() - train_start
     after = score(sigma_model, tokenizer, task, settings, device)
     sigma_model.save_pretrained(settings.output_dir)
@@ -104,43 +122,97 @@ def train(settings: TrainSettings) -> dict:
         "after": dataclasses.asdict(after),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from_step": resumed.step if resumed else None,
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)
+    (Path(settings.output_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # the adapter is saved: done
     _print_summary(summary)
     return summary
 
 
-def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, device) -> list[float]:
-    """The optimisation loop; returns the training loss of every step."""
+TRAJECTORY = ("model", "data", "rank", "targets", "update", "lr", "steps", "batch_size", "max_length")
+TRAJECTORY += ("heldout", "warmup", "dtype", "seed")  # settings a resumed run must share to end the same
+
+
+def _checkpoint_to_resume(settings: TrainSettings) -> checkpoint.Checkpoint | None:
+    """The checkpoint to continue (resume=True), after checking it belongs to a run with these settings;
+    without resume, refuse to start over an interrupted run's checkpoint (it would be overwritten)."""
+    path = Path(settings.output_dir) / CHECKPOINT_NAME
+    if not settings.resume:
+        if path.exists():
+            raise ValueError(
+                f"{path} holds the checkpoint of an interrupted run; continue it with --resume, or delete "
+                "it (or choose another --output-dir) to start over"
+            )
+        return None
+    if not path.exists():
+        raise ValueError(f"--resume: there is no checkpoint {path} to continue; train without --resume")
+    return checkpoint.load(path)
+
+
+def _check_same_run(resumed: checkpoint.Checkpoint, settings: TrainSettings) -> None:
+    """A resumed run must share the settings that decide its numbers (after fit_to_model's caps)."""
+    differ = [
+        f"{name} {resumed.settings.get(name)!r} → {getattr(settings, name)!r}"
+        for name in TRAJECTORY
+        if resumed.settings.get(name) != getattr(settings, name)
+    ]
+    if differ:
+        raise ValueError(
+            f"--resume: the checkpoint in {settings.output_dir} was written by a run with other settings "
+            f"({'; '.join(differ)}); resume with the same settings"
+        )
+
+
+def fit(
+    model: SigmaModel,
+    tokenizer,
+    task: Task,
+    settings: TrainSettings,
+    device,
+    before: Score | None = None,
+    resumed: checkpoint.Checkpoint | None = None,
+) -> list[float]:
+    """The optimisation loop; returns the training loss of every step (those before a resume included)."""
     encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup)
-    )
+    path = Path(settings.output_dir) / CHECKPOINT_NAME
+    done, history = 0, []
+    if resumed is not None:
+        checkpoint.restore(path, resumed, model, optimizer)
+        done, history = resumed.step, list(resumed.history)
     order = _batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
-    history, smoothed, tokens, start = [], None, 0, time.perf_counter()
+    smoothed, tokens, start = None, 0, time.perf_counter()
     model.train()
-    bar = tqdm(order, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(order[done:], desc="train", unit="step", disable=None, dynamic_ncols=True, initial=done)
+    bar.total = settings.steps
     every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
-    for step, indices in enumerate(bar, 1):
+    for step, indices in enumerate(bar, done + 1):
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
         }
-        loss = _backward(model, batch, step)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss = _backward(model, batch, step, path)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        _check_finite(norm, "gradient norm", step, path)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step - 1, settings.steps, settings.warmup)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        largest = torch.cat([p.detach().reshape(-1) for p in params]).abs().max()  # NaN if any is NaN
+        _check_finite(largest, "largest trained value", step, path)
         value = float(loss.detach())
         history.append(round(value, 4))
+        if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+            state = checkpoint.Checkpoint(step, history, dataclasses.asdict(settings), _asdict(before), {})
+            checkpoint.save(path, model, optimizer, state)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         tokens += int(batch["attention_mask"].sum())
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         if bar.disable and (step % every == 0 or step == settings.steps):
-            eta = elapsed / step * (settings.steps - step)
+            eta = elapsed / (step - done) * (settings.steps - step)
             _log(
                 f"step {step}/{settings.steps}  loss {smoothed:.3f}  {tokens / elapsed:.0f} tok/s  eta {eta:.0f} s"
             )
@@ -149,22 +221,36 @@ def fit(model: SigmaModel, tokenizer, task: Task, settings: TrainSettings, devic
     return history
 
 
-def _backward(model, batch: dict, step: int) -> torch.Tensor:
+def _asdict(score_before: Score | None) -> dict:
+    return dataclasses.asdict(score_before) if score_before is not None else {}
+
+
+def _check_finite(value: torch.Tensor, what: str, step: int, path: Path) -> None:
+    if not torch.isfinite(value):
+        raise FloatingPointError(
+            f"the {what} became {float(value)} at step {step}; lower --lr. " + _kept(path)
+        )
+
+
+def _kept(path: Path) -> str:
+    """What is safe on disk after a failed step."""
+    if path.exists():
+        return f"Nothing was saved; the last good checkpoint is {path}: continue it with --resume."
+    return "Nothing was saved; the adapter in the output folder, if any, is untouched."
+
+
+def _backward(model, batch: dict, step: int, path: Path) -> torch.Tensor:
     """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
     try:
         loss, _ = token_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {float(loss)} at step {step}; lower --lr "
-                "(nothing was saved; the previous adapter in the output folder, if any, is untouched)"
-            )
+        _check_finite(loss.detach(), "training loss", step, path)
         loss.backward()
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not isinstance(err, torch.OutOfMemoryError) and "memory" not in str(err):
             raise
         raise MemoryError(
             f"out of memory at step {step} ({str(err).splitlines()[0][:120]}); "
-            "lower --batch-size or --max-length (nothing was saved)"
+            "lower --batch-size or --max-length. " + _kept(path)
         ) from None
     return loss
 
