@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.data import load_model
-from sigmatune.serve import build_server, create_app
+from sigmatune.serve import build_server, serve_in_thread
 from tests.models import save_tiny_chat_model
 from tests.test_model import randomize
 
@@ -42,16 +38,9 @@ def server(workspace):
     state, engine = build_server(
         str(workspace / "model"), str(workspace / "adapters"), 8, "cpu", "float32", 8, None
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    http = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
-    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
-    http.should_exit = True
-    thread.join(timeout=10)
+    url, stop = serve_in_thread(state)  # uvicorn with the settings `sigmatune serve` uses
+    yield url, state
+    stop()
     engine.stop()
 
 

@@ -82,7 +82,8 @@ class Engine:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop generating for a request (it leaves the batch at the next step)."""
+        """Stop generating for a request: it leaves the batch (or the queue) at the next step, with a
+        last event of finish reason "cancelled"."""
         request.cancelled = True
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -112,6 +113,9 @@ class Engine:
                 taken.append(self.waiting.get_nowait())
         except queue.Empty:
             pass
+        for request in taken:
+            if request.cancelled:  # cancelled while waiting: its last event, and no work
+                request.emit(None, "cancelled")
         return [r for r in taken if not r.cancelled]
 
     def _prefill(self, arrived: list[Request]) -> None:

@@ -8,40 +8,54 @@
 Requests from all clients decode together in one continuous batch (engine.py), each row with its
 own adapter from the AdapterBank. Errors are OpenAI-style JSON with 4xx codes; nothing a client
 sends reaches a file path outside the adapters folder.
+
+Hostile clients (tests/test_server_hostile.py): everything is checked before it reaches the engine
+thread, whose first exception would stop serving for everyone: a non-empty prompt, an adapter that is
+in the bank when the request is submitted, mix weights that are finite and bounded. An adapter
+serving requests cannot be unloaded (409); a client that hangs up ends its request at the engine's
+next step; a body must arrive within body_seconds (408); slow clients wait on the event loop
+without blocking anyone (see http_server for uvicorn's limits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapter_file import WEIGHTS_NAME, read_adapter
-from .bank import AdapterBank
+from .api_input import (
+    BODY_SECONDS,
+    NAME,
+    ApiError,
+    is_message,
+    json_body,
+    parse_mix,
+    sampling_params,
+    unless_hung_up,
+)
+from .bank import BASE, AdapterBank
 from .engine import Engine
 from .engine import Request as EngineRequest
 
-MAX_BODY = 1 << 20  # bytes of JSON a request may send
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # adapter names: no paths
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+MAX_MIXES = 64  # mixes kept in the bank; past that the oldest idle one goes (clients make them at will)
+HTTP_SETTINGS = dict(  # uvicorn's, see http_server
+    timeout_keep_alive=5,  # s an idle keep-alive connection is kept
+    limit_concurrency=512,  # connections + requests at once; past it 503 (bounds the engine's queue too)
+    h11_max_incomplete_event_size=16 * 1024,  # bytes of request line + headers (400 past it)
+    timeout_graceful_shutdown=10,  # s a shutdown waits for open requests before cancelling them
+)
 
 
 class Server:
@@ -54,7 +68,9 @@ class Server:
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
         self.context = getattr(engine.model.config, "max_position_embeddings", 2048)
         self.max_tokens = max_tokens
+        self.body_seconds = BODY_SECONDS
         self.counts = Counter()
+        self.in_use = Counter()  # adapter → requests the engine still holds (it cannot be unloaded meanwhile)
         self.stop_ids = frozenset(_eos_ids(engine.model, tokenizer))
 
     # ---- model names ------------------------------------------------------------------------------------
@@ -64,10 +80,11 @@ class Server:
         if not isinstance(name, str) or not name:
             raise ApiError(400, "`model` must be a non-empty string", "model")
         if name.startswith("mix:"):
-            weights = _parse_mix(name)
+            weights = parse_mix(name)
             for part in weights:
                 self.resolve(part)
             if name not in self.bank.names():
+                self._make_room_for_a_mix()
                 self.bank.add_mix(name, weights)
             return name
         if name in self.bank.names():
@@ -92,21 +109,54 @@ class Server:
         except (ValueError, KeyError) as err:
             raise ApiError(400, f"cannot load adapter {name!r}: {err}", "name", "adapter_invalid") from None
 
+    def unload(self, name: str) -> None:
+        if name == BASE or not (NAME.fullmatch(name) or name.startswith("mix:")):
+            raise ApiError(
+                400, f"cannot unload {name!r}: give an adapter (letters, digits, '.', '_', '-')", "name"
+            )
+        if self.in_use[name]:
+            raise ApiError(
+                409,
+                f"adapter {name!r} is serving {self.in_use[name]} requests; unload it when they finish",
+                "name",
+                "adapter_in_use",
+            )
+        try:
+            self.bank.remove(name)
+        except KeyError:
+            raise ApiError(404, f"no adapter {name!r} in the bank", "name", "model_not_found") from None
+
+    def _make_room_for_a_mix(self) -> None:
+        mixes = list(self.bank.mixes)  # oldest first
+        if len(mixes) < MAX_MIXES:
+            return
+        idle = [mix for mix in mixes if not self.in_use[mix]]
+        if not idle:
+            raise ApiError(429, f"{MAX_MIXES} mixes are serving requests; retry later", "model")
+        self.bank.remove(idle[0])
+
     def _folder(self, name: str) -> Path | None:
-        if self.adapters_dir is None or not NAME.match(name):
+        if self.adapters_dir is None or not NAME.fullmatch(name):
             return None
         folder = (self.adapters_dir / name).resolve()
         return folder if folder.parent == self.adapters_dir else None
 
     # ---- generation -------------------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], adapter: str, params: dict):
-        """Yields (text delta, finish reason or None, tokens so far) as tokens arrive; the last has a reason."""
+    async def generate(self, prompt_ids: list[int], model: str, params: dict):
+        """Yields (text delta, finish reason or None, tokens so far) as tokens arrive; the last has a reason.
+
+        `model` is resolved again right before the engine gets the request (an unload or a mix eviction may
+        have come since the request was checked); from then until the engine's last event for it, the
+        adapter is in_use. Leaving early (a stop string, a client gone) ends the request at the next step."""
+        adapter = self.resolve(model)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(token, finish):
             loop.call_soon_threadsafe(events.put_nowait, (token, finish))
+            if finish is not None:
+                loop.call_soon_threadsafe(self._release, adapter)
 
         request = EngineRequest(
             prompt_ids,
@@ -118,6 +168,7 @@ class Server:
             self.stop_ids,
         )
         self.engine.submit(request)
+        self.in_use[adapter] += 1
         tokens, sent, stops = [], "", params["stop"]
         hold = (
             max((len(s) for s in stops), default=1) - 1
@@ -132,7 +183,6 @@ class Server:
                 cut = min((text.find(s) for s in stops if s in text), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
-                    self.engine.cancel(request)
                 if finish == "error":
                     raise ApiError(500, f"generation failed: {self.engine.error}")
                 ready = text if finish else text[: max(len(sent), len(text) - hold)]
@@ -144,11 +194,16 @@ class Server:
                 if finish:
                     return
         finally:
-            self.engine.cancel(request)
+            self.engine.cancel(request)  # its last event, which frees its adapter, comes at the next step
+
+    def _release(self, adapter: str) -> None:
+        self.in_use[adapter] -= 1
+        if self.in_use[adapter] <= 0:
+            del self.in_use[adapter]
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="sigmatune", docs_url=None, redoc_url=None)
+    app = FastAPI(title="sigmatune", docs_url=None, redoc_url=None, redirect_slashes=False)
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
@@ -209,7 +264,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
-        body = await _json(request)
+        body = await json_body(request, server.body_seconds)
         name = body.get("name")
         if not isinstance(name, str) or server._folder(name) is None:
             raise ApiError(400, 'give {"name": <an adapter folder inside the adapters folder>}', "name")
@@ -226,40 +281,42 @@ def create_app(server: Server) -> FastAPI:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
-        try:
-            server.bank.remove(name)
-        except KeyError:
-            raise ApiError(404, f"no adapter {name!r} in the bank", "name", "model_not_found") from None
+        server.unload(name)
         return {"id": name, "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json(request)
+        body = await json_body(request, server.body_seconds)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "`prompt` must be a string (or a list of one string)", "prompt")
-        ids = server.tokenizer(prompt, add_special_tokens=True).input_ids
-        return await _answer(server, body, ids, chat=False)
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "`prompt` must be a non-empty string (or a list of one)", "prompt")
+        ids = await asyncio.to_thread(lambda: server.tokenizer(prompt, add_special_tokens=True).input_ids)
+        return await _answer(server, request, body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _json(request)
+        body = await json_body(request, server.body_seconds)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+        if not isinstance(messages, list) or not messages or not all(is_message(m) for m in messages):
             raise ApiError(400, "`messages` must be a non-empty list of {role, content: string}", "messages")
-        text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = server.tokenizer(text, add_special_tokens=False).input_ids
-        return await _answer(server, body, ids, chat=True)
+
+        def encode():  # in a thread: a 1 MiB body takes ~1 s to tokenize, and the event loop serves everyone
+            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return server.tokenizer(text, add_special_tokens=False).input_ids
+
+        return await _answer(server, request, body, await asyncio.to_thread(encode), chat=True)
 
     return app
 
 
-async def _answer(server: Server, body: dict, prompt_ids: list[int], chat: bool):
+async def _answer(server: Server, request: Request, body: dict, prompt_ids: list[int], chat: bool):
     server.counts["requests"] += 1
-    adapter = server.resolve(body.get("model"))
-    params = _params(body, len(prompt_ids), server, default_tokens=server.max_tokens if chat else 16)
+    server.resolve(body.get("model"))  # a 404 or 400 now, before a stream starts
+    params = sampling_params(
+        body, len(prompt_ids), server.context, default_tokens=server.max_tokens if chat else 16
+    )
     label, created, rid = (
         body["model"],
         int(time.time()),
@@ -270,7 +327,7 @@ async def _answer(server: Server, body: dict, prompt_ids: list[int], chat: bool)
 
         async def events():
             first = True
-            async for delta, finish, _ in server.generate(prompt_ids, adapter, params):
+            async for delta, finish, _ in server.generate(prompt_ids, label, params):
                 if chat:
                     piece = {"role": "assistant", "content": delta} if first else {"content": delta}
                     choice = {"index": 0, "delta": piece, "finish_reason": finish}
@@ -286,8 +343,8 @@ async def _answer(server: Server, body: dict, prompt_ids: list[int], chat: bool)
                 yield f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-    pieces = [piece async for piece in server.generate(prompt_ids, adapter, params)]
+        return StreamingResponse(events(), media_type="text/event-stream")  # it stops when the client goes
+    pieces = await unless_hung_up(request, _all(server.generate(prompt_ids, label, params)))
     text, (_, finish, count) = "".join(p[0] for p in pieces), pieces[-1]
     choice = {"index": 0, "finish_reason": finish}
     choice.update(
@@ -308,90 +365,8 @@ async def _answer(server: Server, body: dict, prompt_ids: list[int], chat: bool)
     }
 
 
-def _params(body: dict, prompt_tokens: int, server: Server, default_tokens: int) -> dict:
-    """Sampling parameters, checked: a 400 naming the parameter for anything out of range."""
-    room = server.context - prompt_tokens
-    if room < 1:
-        raise ApiError(
-            400,
-            f"the prompt has {prompt_tokens} tokens; the model's context is {server.context}",
-            "prompt",
-            "context_length_exceeded",
-        )
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(default_tokens, room)))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ApiError(400, "`max_tokens` must be a positive integer", "max_tokens")
-    if max_tokens > room:
-        raise ApiError(
-            400,
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of {server.context}",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-    temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not 0 <= temperature <= 2
-    ):
-        raise ApiError(400, "`temperature` must be a number in [0, 2]", "temperature")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ApiError(400, "`top_p` must be a number in (0, 1]", "top_p")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "`stop` must be a string or a list of up to 4 non-empty strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "`stream` must be true or false", "stream")
-    return {
-        "max_tokens": max_tokens,
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "stop": stop,
-        "stream": stream,
-    }
-
-
-async def _json(request: Request) -> dict:
-    size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the body is not valid JSON ({err})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
-
-
-def _is_message(message) -> bool:
-    return (
-        isinstance(message, dict)
-        and isinstance(message.get("role"), str)
-        and isinstance(message.get("content"), str)
-    )
-
-
-def _parse_mix(name: str) -> dict[str, float]:
-    weights = {}
-    for part in name.removeprefix("mix:").split(","):
-        adapter, _, weight = part.partition("=")
-        try:
-            weights[adapter.strip()] = float(weight)
-        except ValueError:
-            raise ApiError(
-                400, f"bad mix {name!r}: write mix:<adapter>=<weight>,<adapter>=<weight>", "model"
-            ) from None
-    return weights
+async def _all(pieces) -> list:
+    return [piece async for piece in pieces]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -441,6 +416,38 @@ def build_server(
     return Server(engine, tokenizer, adapters), engine
 
 
+def http_server(app: FastAPI, **where) -> uvicorn.Server:
+    """uvicorn over the app with HTTP_SETTINGS; `where` is host= and port=, or run(sockets=[...]) it.
+
+    What those settings leave to the asyncio event loop: a client that sends its request slowly (a
+    byte at a time) only holds its own connection while everyone else is served; uvicorn has no timeout
+    for headers, so each such client keeps one connection (of limit_concurrency) until it stops, and its
+    body must arrive within Server.body_seconds. Facing the internet, put a proxy with header timeouts in
+    front. Headers over h11_max_incomplete_event_size and malformed HTTP get uvicorn's own plain-text 400.
+    """
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", **HTTP_SETTINGS, **where))
+
+
+def serve_in_thread(server: Server, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:
+    """Serve on a free port of `host` from a background thread (tests, benchmarks): (base URL, stop)."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    http = http_server(create_app(server))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not http.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start (see the log above)")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        http.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+    return f"http://{host}:{sock.getsockname()[1]}", stop
+
+
 def serve(
     model: str = "smollm2",
     adapters: str | None = None,
@@ -452,14 +459,12 @@ def serve(
     max_batch: int = 32,
     max_resident: int | None = None,
 ) -> None:
-    """Run the server until interrupted."""
-    import uvicorn
-
+    """Run the server until interrupted (uvicorn with HTTP_SETTINGS: see http_server)."""
     server, engine = build_server(model, adapters, rank, device, dtype, max_batch, max_resident)
     print(
         f"serving {model} with {len(server.bank.names()) - 1} adapters on http://{host}:{port}/v1", flush=True
     )
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        http_server(create_app(server), host=host, port=port).run()
     finally:
         engine.stop()

@@ -1,0 +1,174 @@
+"""What clients send to the server, parsed and checked before anything reaches the engine thread.
+
+Every problem is an ApiError: an OpenAI-style JSON error with a 4xx status naming the parameter.
+Limits: a body of at most MAX_BODY bytes of UTF-8 JSON arriving within a deadline; adapter names are
+plain names (no paths); a "mix:" spec has up to MAX_MIX_PARTS distinct adapters with finite, bounded
+weights; sampling parameters are type- and range-checked (null means "not given", as in OpenAI's API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from .bank import BASE
+
+MAX_BODY = 1 << 20  # bytes of JSON a request may send
+BODY_SECONDS = 30.0  # a request body must arrive within this (a stalled upload gets 408)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names (fullmatch: "$" would let "a\n" in)
+MAX_MIX_PARTS = 16  # adapters in one "mix:" spec
+MAX_MIX_WEIGHT = 4.0  # mix weights lie in [0, MAX_MIX_WEIGHT]: a NaN or huge one would make NaN logits
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def sampling_params(body: dict, prompt_tokens: int, context: int, default_tokens: int) -> dict:
+    """Sampling parameters, checked: a 400 naming the parameter for anything out of range (null = not given)."""
+    body = {key: value for key, value in body.items() if value is not None}
+    room = context - prompt_tokens
+    if prompt_tokens == 0:
+        raise ApiError(400, "the prompt has no tokens", "prompt")
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+            "prompt",
+            "context_length_exceeded",
+        )
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(default_tokens, room)))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ApiError(400, "`max_tokens` must be a positive integer", "max_tokens")
+    if max_tokens > room:
+        raise ApiError(
+            400,
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of {context}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 <= temperature <= 2
+    ):
+        raise ApiError(400, "`temperature` must be a number in [0, 2]", "temperature")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ApiError(400, "`top_p` must be a number in (0, 1]", "top_p")
+    if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
+        raise ApiError(400, "only n=1 is supported", "n")
+    stop = body.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "`stop` must be a string or a list of up to 4 non-empty strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "`stream` must be true or false", "stream")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "stop": stop,
+        "stream": stream,
+    }
+
+
+async def json_body(request: Request, seconds: float) -> dict:
+    """The body as a JSON object: at most MAX_BODY bytes of UTF-8, arrived within `seconds`."""
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    try:
+        raw = await asyncio.wait_for(_body(request), seconds)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {seconds:g} s") from None
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection") from None
+    try:
+        body = json.loads(raw.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # fails on a lone surrogate ("\ud800")
+    except (ValueError, RecursionError) as err:  # JSON, UTF-8 decode and encode errors are ValueErrors
+        raise ApiError(400, f"the body is not valid JSON in UTF-8 ({type(err).__name__}: {err})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+async def _body(request: Request) -> bytes:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    return raw
+
+
+async def unless_hung_up(request: Request, work):
+    """The result of the awaitable `work`, unless the client hangs up first: then work is cancelled (its
+    engine request ends at the next step) and the answer is a 499 that nobody reads."""
+    task, hangup = asyncio.ensure_future(work), asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():  # its cancellation runs at the loop's next turn
+        raise ApiError(499, "the client closed the connection")
+    return task.result()
+
+
+async def _hung_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body was read: only this is left
+        pass
+
+
+def is_message(message) -> bool:
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
+
+
+def parse_mix(name: str) -> dict[str, float]:
+    """The weights of "mix:a=0.7,b=0.3", {a: 0.7, b: 0.3}: up to MAX_MIX_PARTS distinct adapters (not mixes),
+    each weight a number in [0, MAX_MIX_WEIGHT] (NaN, inf or a huge weight would turn the logits into NaN)."""
+    bad = ApiError(
+        400,
+        f"bad mix {name[:200]!r}: write mix:<adapter>=<weight>,<adapter>=<weight> with up to "
+        f"{MAX_MIX_PARTS} distinct adapters, each weight in [0, {MAX_MIX_WEIGHT:g}]",
+        "model",
+    )
+    parts = name.removeprefix("mix:").split(",")
+    if len(parts) > MAX_MIX_PARTS:
+        raise bad
+    weights = {}
+    for part in parts:
+        adapter, _, weight = part.partition("=")
+        adapter = adapter.strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            raise bad from None
+        if (
+            adapter in weights
+            or not (adapter == BASE or NAME.fullmatch(adapter))
+            or not 0 <= value <= MAX_MIX_WEIGHT
+        ):
+            raise bad
+        weights[adapter] = value
+    return weights
