@@ -4,7 +4,10 @@ ranks hold identical bases, and the adapter saved from any layout loads anywhere
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from sigmatune import read_adapter
 from tests.models import save_tiny_chat_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "distributed_train.py"
+HANG_SECONDS = 240  # a 3-step job takes ~10 s; past this it is stuck, and the test shows where
 ROWS = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
 
 
@@ -56,11 +60,26 @@ def run(job: Path, processes: int, output: str, *extra: str, launcher: str = "to
         "--global-batch",
         "8",
     ]
-    done = subprocess.run(
-        [*command, *args, "--output", str(job / output), *extra], capture_output=True, text=True, timeout=300
+    job_process = subprocess.Popen(
+        [*command, *args, "--output", str(job / output), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the launcher and its workers in one process group, to signal them all
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT makes every process print its stack
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    try:
+        out, err = job_process.communicate(timeout=HANG_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(job_process.pid, signal.SIGABRT)  # a hang: show where every process is stuck
+        try:
+            out, err = job_process.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job_process.pid, signal.SIGKILL)
+        pytest.fail(f"the job hung for {HANG_SECONDS} s; stdout:\n{out[-2000:]}\nstacks:\n{err[-12000:]}")
+    assert job_process.returncode == 0, err[-3000:]
+    return out
 
 
 def vectors(folder: Path) -> dict[str, torch.Tensor]:
