@@ -25,9 +25,10 @@ import torch.distributed as dist
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.data import load_model, load_task
+from sigmatune.distributed import distribute, gradient_sync, split
 from sigmatune.evaluate import token_loss
 from sigmatune.tokens import collate, encode
-from sigmatune.train import _batch_order
+from sigmatune.train import batch_order
 
 
 def main() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
         if args.dtype == "bfloat16" and args.mode == "ddp"
         else contextlib.nullcontext()
     )
-    for step, indices in enumerate(_batch_order(len(examples), args.global_batch, args.steps, args.seed), 1):
+    for step, indices in enumerate(batch_order(len(examples), args.global_batch, args.steps, args.seed), 1):
         tokens = sum(
             sum(label != -100 for label in examples[i].labels[1:]) for i in indices
         )  # whole global batch
@@ -82,7 +83,7 @@ def main() -> None:
         total = 0.0
         for number, chunk in enumerate(chunks, 1):
             last = number == len(chunks)
-            with sync_gradients(runner, args.mode, last, world), autocast:
+            with gradient_sync(runner, args.mode, last, world), autocast:
                 batch = {
                     k: v.to(device)
                     for k, v in collate([examples[i] for i in chunk], tokenizer.pad_token_id).items()
@@ -101,46 +102,6 @@ def main() -> None:
     sigma.save_pretrained(args.output)  # every rank gathers its shards; rank 0 writes
     if world > 1:
         dist.destroy_process_group()
-
-
-def distribute(sigma, mode: str, world: int, dtype: str, device: torch.device):
-    """The module to call: DDP around the model, or the model with FSDP2 on each decoder layer and the root."""
-    if world == 1:
-        return sigma
-    if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(
-            sigma, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (world,))
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if dtype == "bfloat16"
-        else MixedPrecisionPolicy()
-    )
-    for layer in sigma.base_model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(sigma, mesh=mesh, mp_policy=policy)
-    return sigma
-
-
-def sync_gradients(runner, mode: str, last: bool, world: int):
-    """Gradient accumulation: reduce across processes only on the last micro-batch of a step."""
-    if world == 1 or last:
-        if mode == "fsdp2" and world > 1:
-            runner.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
-    if mode == "ddp":
-        return runner.no_sync()
-    runner.set_requires_gradient_sync(False)
-    return contextlib.nullcontext()
-
-
-def split(items: list[int], parts: int) -> list[list[int]]:
-    size = -(-len(items) // parts)
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def report_bases(sigma, world: int, rank: int) -> None:

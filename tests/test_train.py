@@ -22,7 +22,7 @@ from sigmatune.data import Example, load_model
 from sigmatune.evaluate import normalize
 from sigmatune.files import AdapterFileError
 from sigmatune.tokens import IGNORE, encode
-from sigmatune.train import SUMMARY_NAME, TrainSettings, _batch_order, lr_factor, train
+from sigmatune.train import SUMMARY_NAME, TrainSettings, batch_order, lr_factor, train
 from tests.models import save_tiny_chat_model, tiny_tokenizer
 
 PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
@@ -72,17 +72,17 @@ def test_encode_puts_labels_on_the_answer_only():
     assert len(short.input_ids) == 16 and short.labels[-len(taught) :] == taught  # the prompt lost its start
 
 
-def test_schedule_and_batch_order():
+def test_schedule_andbatch_order():
     s = TrainSettings(steps=100, warmup=0.1)
     factor = [lr_factor(step, s.steps, s.warmup) for step in range(100)]
     assert factor[0] == pytest.approx(0.1) and factor[9] == 1.0
     assert factor[55] == pytest.approx(0.5) and factor[99] < 0.01
-    order = _batch_order(10, 4, 5, seed=1)
+    order = batch_order(10, 4, 5, seed=1)
     assert len(order) == 5 and all(len(b) == 4 for b in order)
     assert sorted(i for b in order[:2] for i in b) == sorted(
         set(i for b in order[:2] for i in b)
     )  # no repeats in an epoch
-    assert order == _batch_order(10, 4, 5, seed=1) != _batch_order(10, 4, 5, seed=2)
+    assert order == batch_order(10, 4, 5, seed=1) != batch_order(10, 4, 5, seed=2)
 
 
 def test_normalize_for_exact_match():

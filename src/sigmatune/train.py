@@ -183,7 +183,7 @@ def fit(
     if resumed is not None:
         checkpoint.restore(path, resumed, model, optimizer)
         done, history = resumed.step, list(resumed.history)
-    order = _batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
+    order = batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
     smoothed, tokens, start = None, 0, time.perf_counter()
     model.train()
     bar = tqdm(order[done:], desc="train", unit="step", disable=None, dynamic_ncols=True, initial=done)
@@ -321,7 +321,7 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """steps batches of example indices: seeded shuffles, epoch after epoch."""
     rng, pool, batches = random.Random(seed), [], []
     while len(batches) < steps:
