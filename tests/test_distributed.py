@@ -125,3 +125,19 @@ def test_mixed_precision_runs_and_saves_a_loadable_adapter(job):
     out = run(job, 2, "bf16", "--mode", "ddp", "--dtype", "bfloat16")
     assert "step 3: loss" in out
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in vectors(job / "bf16").values())
+
+
+def test_decoder_layers_are_found_for_sharding_and_unknown_models_get_a_clear_error():
+    from sigmatune import SigmaConfig, get_sigma_model
+    from sigmatune.distributed import decoder_layers, distribute, split
+    from tests.models import tiny_gpt2, tiny_llama
+
+    llama = get_sigma_model(tiny_llama(), SigmaConfig(rank=2))
+    assert decoder_layers(llama) == list(llama.base_model.model.layers)
+    assert len(decoder_layers(tiny_gpt2())) == 2
+    with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
+        decoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        distribute(llama, "zero3", 1, "float32", torch.device("cpu"))
+    assert distribute(llama, "ddp", 1, "float32", torch.device("cpu")) is llama  # no process group: as is
+    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]

@@ -47,15 +47,12 @@ def distribute(model: torch.nn.Module, mode: str, world: int, dtype: str, device
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers causal LM (Llama-like `model.layers`, GPT-2 `transformer.h`)."""
-    inner = getattr(model, "base_model", model)
-    for path in ("model.layers", "transformer.h", "layers"):
-        found = inner
-        for part in path.split("."):
-            found = getattr(found, part, None)
-        if isinstance(found, torch.nn.ModuleList):
-            return list(found)
-    raise ValueError(f"cannot find the decoder layers of {type(inner).__name__} to shard")
+    """The repeated blocks of a transformers model, wrapped or not: the first ModuleList named `layers`
+    (Llama, Mistral, Qwen, ...) or `h` (GPT-2) in the module tree."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("layers", "h") and isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
 def gradient_sync(runner, mode: str, last: bool, world: int):
