@@ -80,3 +80,24 @@ def test_cancel_and_sampling(bank):  # noqa: F811
         assert long.done.wait(timeout=60) and long.finish == "cancelled" and len(long.tokens) < 10_000
     finally:
         engine.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bank, saved):  # noqa: F811
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        running = Collector()
+        engine.submit(Request([5, 6, 7], "wide", 10_000, running))  # in the batch when the bad one arrives
+        while not running.tokens:
+            time.sleep(0.01)
+        bad = Collector()
+        engine.submit(Request([5, 10**6], "wide", 4, bad))  # a token id past the vocabulary: prefill raises
+        assert bad.done.wait(timeout=60) and bad.finish == "error"
+        assert running.done.wait(timeout=60) and running.finish == "error"  # its step's requests fail with it
+        assert engine.failed_steps == 1 and "IndexError" in engine.last_failure and engine.error is None
+        prompt = token_batch(seed=3, batch=1, length=6)[0].tolist()
+        after = Collector()  # and the engine serves the next request exactly
+        engine.submit(Request(prompt, "attn", 8, after, stop_ids=frozenset({EOS})))
+        assert after.done.wait(timeout=60) and after.finish in ("stop", "length")
+        assert_greedy_for(saved.get("attn"), prompt, after.tokens, 8, after.finish)
+    finally:
+        engine.stop()

@@ -5,6 +5,11 @@ One engine thread owns the model. A step either prefills the requests that arriv
 one batch, their KV caches then merged into the running cache, padded on the left to a common
 length) or decodes one token for every active request. Rows keep their own positions; the
 attention mask hides the padding. Tokens go back through a callback, from the engine thread.
+
+A step that raises (a bad token id from an API caller, running out of memory) fails only the requests
+in the engine at that moment: each gets finish reason "error", the batch is dropped, failed_steps
+counts it, and the engine goes on with the next requests. Only BaseExceptions that are not Exceptions
+(KeyboardInterrupt, SystemExit) stop it, and then every waiting client is told.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ class Engine:
         )  # renamed in transformers 5.2x
         self._thread = None
         self._running = threading.Event()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what stopped the engine (it serves no more)
+        self.failed_steps = 0
+        self.last_failure: str | None = None  # the latest failed step's exception
 
     # ---- control --------------------------------------------------------------------------------------
 
@@ -94,14 +101,30 @@ class Engine:
                 arrived = self._take(block=not self.active)
                 with torch.no_grad():
                     if arrived:
-                        self._prefill(arrived)
+                        self._guarded(self._prefill, arrived)
                     elif self.active:
-                        self._decode()
+                        self._guarded(self._decode)
         except BaseException as err:  # tell every waiting client instead of hanging them
             self.error = err
             for request in self.active + list(self.waiting.queue):
                 request.emit(None, "error")
             raise
+
+    def _guarded(self, step, *arrived: list[Request]) -> None:
+        """Run one step; if it raises, its requests (those arriving and those active) fail, the batch
+        state is dropped, and the loop goes on."""
+        try:
+            step(*arrived)
+        except Exception as err:
+            self.failed_steps += 1
+            self.last_failure = f"{type(err).__name__}: {str(err)[:300]}"
+            failed = {request.id: request for request in [*self.active, *(arrived[0] if arrived else [])]}
+            self.active = []
+            self._cache = self._mask = self._positions = self._last = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory step leaves its blocks cached
+            for request in failed.values():
+                request.emit(None, "error")
 
     def _take(self, block: bool) -> list[Request]:
         room = self.max_batch - len(self.active)

@@ -184,7 +184,7 @@ class Server:
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
                 if finish == "error":
-                    raise ApiError(500, f"generation failed: {self.engine.error}")
+                    raise ApiError(500, f"generation failed: {self.engine.error or self.engine.last_failure}")
                 ready = text if finish else text[: max(len(sent), len(text) - hold)]
                 if ready.endswith("\ufffd") and not finish:  # half of a multi-byte character
                     ready = sent
@@ -225,6 +225,7 @@ def create_app(server: Server) -> FastAPI:
             "active": len(server.engine.active),
             "waiting": server.engine.waiting.qsize(),
             "adapters": len(server.bank.names()) - 1,
+            "failed_steps": server.engine.failed_steps,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -237,6 +238,7 @@ def create_app(server: Server) -> FastAPI:
             f"sigmatune_resident_adapters {len(server.bank.rows)}",
             f"sigmatune_bank_bytes {server.bank.memory_bytes()}",
             f"sigmatune_engine_steps_total {server.engine.steps}",
+            f"sigmatune_engine_failed_steps_total {server.engine.failed_steps}",
         ]
         lines += [
             f'sigmatune_errors_total{{status="{k[7:]}"}} {v}'
