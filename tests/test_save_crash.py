@@ -5,8 +5,10 @@ one, whole (tests/crash_child.py does the killing)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 from sigmatune import read_adapter
+from sigmatune.adapter_file import WEIGHTS_NAME, write_adapter
+from sigmatune.files import STALE_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +59,17 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_old_or_the_new_adapter(crashes
     )
     assert killed == len(result["runs"]) >= 100  # every kill point lay inside a save
     assert found["old"] > 0 and found["new"] > 0  # kills landed before and after the rename
+
+
+def test_the_next_save_removes_what_killed_saves_left(crashes):
+    workdir, result = crashes
+    debris = [p for run in result["runs"] for p in Path(run["folder"]).glob(".*.tmp")]
+    assert debris  # kills between creating and renaming a temp file leave one
+    folder = debris[0].parent
+    old = time.time() - STALE_SECONDS - 1
+    for path in folder.glob(".*.tmp"):
+        os.utime(path, (old, old))  # from a write long dead
+    live = folder / f".{WEIGHTS_NAME}.inprogress.tmp"
+    live.write_bytes(b"a write still going on elsewhere")
+    write_adapter(folder, read_adapter(workdir / "new"))
+    assert list(folder.glob(".*.tmp")) == [live]

@@ -7,10 +7,12 @@ Nothing here unpickles: adapters and caches are safetensors (tensors) and JSON (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+STALE_SECONDS = 600  # a temp file this old belongs to a write that died
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the umask can only be read by setting it
 
@@ -48,6 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+    _remove_stale_temporaries(path)
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -142,6 +146,16 @@ def _check_regular_file(path: Path) -> None:
         raise AdapterFileError(path, "does not exist", "check the path")
     if not path.is_file():  # a folder, a FIFO (opening it would wait forever), a device
         raise AdapterFileError(path, "is not a regular file")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temp files of earlier writes of path that a killed process left (older than STALE_SECONDS,
+    so a write in progress elsewhere keeps its own)."""
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_SECONDS:
+                stale.unlink()
 
 
 def _fsync_folder(folder: Path) -> None:
