@@ -103,7 +103,8 @@ def train(settings: TrainSettings) -> dict:
         )
     _log(f"before: {format_score(before)}")
     train_start = time.perf_counter()
-    history = fit(sigma_model, tokenizer, task, settings, device, before, resumed)
+    checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
+    history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed)
     train_seconds = time.perf_counter() - train_start
     after = score(sigma_model, tokenizer, task, settings, device)
     sigma_model.save_pretrained(settings.output_dir)
@@ -126,7 +127,7 @@ def train(settings: TrainSettings) -> dict:
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)
-    (Path(settings.output_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # the adapter is saved: done
+    checkpoints.unlink(missing_ok=True)  # the adapter is saved: done
     _print_summary(summary)
     return summary
 
@@ -171,14 +172,16 @@ def fit(
     task: Task,
     settings: TrainSettings,
     device,
+    path: Path | None = None,
     before: Score | None = None,
     resumed: checkpoint.Checkpoint | None = None,
 ) -> list[float]:
-    """The optimisation loop; returns the training loss of every step (those before a resume included)."""
+    """The optimisation loop; returns the training loss of every step (those before a resume included).
+    With a checkpoint path, a checkpoint goes there every settings.save_every steps (with `before`, the
+    score before training, to report on resume); `resumed` continues one."""
     encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    path = Path(settings.output_dir) / CHECKPOINT_NAME
     done, history = 0, []
     if resumed is not None:
         checkpoint.restore(path, resumed, model, optimizer)
@@ -204,7 +207,7 @@ def fit(
         _check_finite(largest, "largest trained value", step, path)
         value = float(loss.detach())
         history.append(round(value, 4))
-        if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+        if path and settings.save_every and step % settings.save_every == 0 and step < settings.steps:
             state = checkpoint.Checkpoint(step, history, dataclasses.asdict(settings), _asdict(before), {})
             checkpoint.save(path, model, optimizer, state)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
@@ -225,21 +228,21 @@ def _asdict(score_before: Score | None) -> dict:
     return dataclasses.asdict(score_before) if score_before is not None else {}
 
 
-def _check_finite(value: torch.Tensor, what: str, step: int, path: Path) -> None:
+def _check_finite(value: torch.Tensor, what: str, step: int, path: Path | None) -> None:
     if not torch.isfinite(value):
         raise FloatingPointError(
             f"the {what} became {float(value)} at step {step}; lower --lr. " + _kept(path)
         )
 
 
-def _kept(path: Path) -> str:
+def _kept(path: Path | None) -> str:
     """What is safe on disk after a failed step."""
-    if path.exists():
+    if path is not None and path.exists():
         return f"Nothing was saved; the last good checkpoint is {path}: continue it with --resume."
     return "Nothing was saved; the adapter in the output folder, if any, is untouched."
 
 
-def _backward(model, batch: dict, step: int, path: Path) -> torch.Tensor:
+def _backward(model, batch: dict, step: int, path: Path | None) -> torch.Tensor:
     """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
     try:
         loss, _ = token_loss(model, batch)
