@@ -41,7 +41,7 @@ from results_file import merge_rows
 from train_step import SHAPES, build
 
 from sigmatune import SigmaConfig, get_sigma_model, read_adapter
-from sigmatune.distributed import distribute
+from sigmatune.distributed import distribute, leave
 
 WARMUP, TIMED = 3, 10
 RESULTS = Path(__file__).parent / "results" / "multi_gpu.json"
@@ -110,7 +110,7 @@ def worker(args) -> None:
             "torch": torch.__version__,
         }
         print("ROW " + json.dumps(row), flush=True)
-    dist.destroy_process_group()
+    leave()
 
 
 def save_gradients(sigma, rank: int, path: str) -> None:

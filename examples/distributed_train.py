@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.data import load_model, load_task
-from sigmatune.distributed import distribute, gradient_sync, split
+from sigmatune.distributed import distribute, gradient_sync, leave, split
 from sigmatune.evaluate import token_loss
 from sigmatune.tokens import collate, encode
 from sigmatune.train import batch_order
@@ -101,7 +101,7 @@ def main() -> None:
             print(f"step {step}: loss {float(total):.4f}", flush=True)
     sigma.save_pretrained(args.output)  # every rank gathers its shards; rank 0 writes
     if world > 1:
-        dist.destroy_process_group()
+        leave()  # barrier, destroy the process group, exit without destructors (they can hang: see leave)
 
 
 def report_bases(sigma, world: int, rank: int) -> None:

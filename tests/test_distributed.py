@@ -65,21 +65,42 @@ def run(job: Path, processes: int, output: str, *extra: str, launcher: str = "to
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # the launcher and its workers in one process group, to signal them all
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT makes every process print its stack
     )
     try:
         out, err = job_process.communicate(timeout=HANG_SECONDS)
     except subprocess.TimeoutExpired:
-        os.killpg(job_process.pid, signal.SIGABRT)  # a hang: show where every process is stuck
+        stuck = [
+            *descendants(job_process.pid),
+            job_process.pid,
+        ]  # torchrun starts workers in their own groups
+        for pid in stuck:  # a hang: every process prints its Python stack (PYTHONFAULTHANDLER) and dies
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
         try:
             out, err = job_process.communicate(timeout=30)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job_process.pid, signal.SIGKILL)
+            for pid in stuck:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the job hung for {HANG_SECONDS} s; stdout:\n{out[-2000:]}\nstacks:\n{err[-12000:]}")
     assert job_process.returncode == 0, err[-3000:]
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc: Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def vectors(folder: Path) -> dict[str, torch.Tensor]:
