@@ -27,13 +27,13 @@ class Collector:
             self.done.set()
 
 
-def assert_greedy_for(folder, prompt, tokens, max_tokens, finish):
+def assert_greedy_for(folder, prompt, tokens, max_tokens, finish, eos=EOS):
     """Every token the engine chose is the adapter's own greedy choice (its logit within 1e-4 of the
     best: random tiny models have near ties that batch shapes may break either way)."""
     logits = alone(folder, torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :]  # (len(tokens) + 1, V)
     for step, token in enumerate(tokens):
         assert logits[step, token] >= logits[step].max() - 1e-4, (step, token)
-        assert token != EOS
+        assert token != eos
     if finish == "length":
         assert len(tokens) == max_tokens
     else:  # stopped: the next greedy token was the end of sequence
@@ -82,22 +82,56 @@ def test_cancel_and_sampling(bank):  # noqa: F811
         engine.stop()
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bank, saved):  # noqa: F811
+def test_a_failing_prefill_fails_only_its_requests_and_the_engine_goes_on(bank, saved):  # noqa: F811
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        prompt = token_batch(seed=3, batch=1, length=6)[0].tolist()
+        running = Collector()  # decoding when the bad request arrives (no stop token: it runs 56 steps)
+        engine.submit(Request(prompt, "attn", 56, running))
+        while not running.tokens:
+            time.sleep(0.01)
+        bad, running_then = Collector(), []
+
+        def bad_emit(token, finish):  # notes how far the running request was when the failure came
+            running_then.append(len(running.tokens))
+            bad(token, finish)
+
+        engine.submit(
+            Request([5, 10**6], "wide", 4, bad_emit)
+        )  # a token id past the vocabulary: prefill raises
+        assert bad.done.wait(timeout=60) and bad.finish == "error"
+        assert engine.failed_steps == 1 and "IndexError" in engine.last_failure and engine.error is None
+        assert running_then[0] < 56  # it was still running when the prefill failed
+        assert running.done.wait(timeout=60) and running.finish == "length"  # and it went on, untouched
+        assert_greedy_for(saved.get("attn"), prompt, running.tokens, 56, "length", eos=None)
+        after = Collector()  # and the engine serves the next request exactly
+        engine.submit(Request(prompt, "wide", 8, after, stop_ids=frozenset({EOS})))
+        assert after.done.wait(timeout=60) and after.finish in ("stop", "length")
+        assert_greedy_for(saved.get("wide"), prompt, after.tokens, 8, after.finish)
+    finally:
+        engine.stop()
+
+
+def test_a_failing_decode_step_fails_the_batch_and_the_engine_goes_on(bank, saved, monkeypatch):  # noqa: F811
     engine = Engine(bank, max_batch=8).start()
     try:
         running = Collector()
-        engine.submit(Request([5, 6, 7], "wide", 10_000, running))  # in the batch when the bad one arrives
+        engine.submit(Request([5, 6, 7], "wide", 10_000, running))
         while not running.tokens:
             time.sleep(0.01)
-        bad = Collector()
-        engine.submit(Request([5, 10**6], "wide", 4, bad))  # a token id past the vocabulary: prefill raises
-        assert bad.done.wait(timeout=60) and bad.finish == "error"
-        assert running.done.wait(timeout=60) and running.finish == "error"  # its step's requests fail with it
-        assert engine.failed_steps == 1 and "IndexError" in engine.last_failure and engine.error is None
-        prompt = token_batch(seed=3, batch=1, length=6)[0].tolist()
-        after = Collector()  # and the engine serves the next request exactly
-        engine.submit(Request(prompt, "attn", 8, after, stop_ids=frozenset({EOS})))
+        real = engine._sample
+
+        def broken(logits, requests):  # one decode step fails, as an out-of-memory would
+            monkeypatch.setattr(engine, "_sample", real)
+            raise torch.OutOfMemoryError("simulated: no memory for this step")
+
+        monkeypatch.setattr(engine, "_sample", broken)
+        assert running.done.wait(timeout=60) and running.finish == "error"
+        assert engine.failed_steps == 1 and "OutOfMemoryError" in engine.last_failure and not engine.active
+        prompt = token_batch(seed=4, batch=1, length=5)[0].tolist()
+        after = Collector()
+        engine.submit(Request(prompt, "mlp", 6, after, stop_ids=frozenset({EOS})))
         assert after.done.wait(timeout=60) and after.finish in ("stop", "length")
-        assert_greedy_for(saved.get("attn"), prompt, after.tokens, 8, after.finish)
+        assert_greedy_for(saved.get("mlp"), prompt, after.tokens, 6, after.finish)
     finally:
         engine.stop()

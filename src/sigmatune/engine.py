@@ -6,9 +6,10 @@ one batch, their KV caches then merged into the running cache, padded on the lef
 length) or decodes one token for every active request. Rows keep their own positions; the
 attention mask hides the padding. Tokens go back through a callback, from the engine thread.
 
-A step that raises (a bad token id from an API caller, running out of memory) fails only the requests
-in the engine at that moment: each gets finish reason "error", the batch is dropped, failed_steps
-counts it, and the engine goes on with the next requests. Only BaseExceptions that are not Exceptions
+A prefill that raises (a bad token id from an API caller, a prompt that runs out of memory) fails only
+the requests arriving with it; a decode step that raises fails the running batch, which is dropped.
+Each failed request gets finish reason "error", failed_steps counts the step, and the engine goes on
+with the next requests. Only BaseExceptions that are not Exceptions
 (KeyboardInterrupt, SystemExit) stop it, and then every waiting client is told.
 """
 
@@ -116,15 +117,18 @@ class Engine:
         try:
             step(*arrived)
         except Exception as err:
-            self.failed_steps += 1
-            self.last_failure = f"{type(err).__name__}: {str(err)[:300]}"
-            failed = {request.id: request for request in [*self.active, *(arrived[0] if arrived else [])]}
+            failed = [*self.active, *(r for r in (arrived[0] if arrived else []) if r not in self.active)]
             self.active = []
             self._cache = self._mask = self._positions = self._last = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # an out-of-memory step leaves its blocks cached
-            for request in failed.values():
-                request.emit(None, "error")
+            self._fail(failed, err)
+
+    def _fail(self, requests: list[Request], err: Exception) -> None:
+        self.failed_steps += 1
+        self.last_failure = f"{type(err).__name__}: {str(err)[:300]}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory step leaves its blocks cached
+        for request in requests:
+            request.emit(None, "error")
 
     def _take(self, block: bool) -> list[Request]:
         room = self.max_batch - len(self.active)
@@ -142,7 +146,19 @@ class Engine:
         return [r for r in taken if not r.cancelled]
 
     def _prefill(self, arrived: list[Request]) -> None:
-        """Prefill the new requests together, then merge them into the running batch."""
+        """Prefill the new requests together, then merge them into the running batch. If the prefill
+        itself raises (before the merge), only the arriving requests fail: the running batch goes on."""
+        try:
+            cache, mask, first = self._prefill_forward(arrived)
+        except Exception as err:
+            self._fail(arrived, err)
+            return
+        start = len(self.active)
+        self._merge(arrived, cache, mask, mask.sum(dim=1), first)
+        self._deliver(first, start)
+
+    def _prefill_forward(self, arrived: list[Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The arrived prompts, left-padded into one batch, through the model: (cache, mask, first tokens)."""
         width = max(len(r.prompt_ids) for r in arrived)
         ids = torch.zeros(len(arrived), width, dtype=torch.long)
         mask = torch.zeros(len(arrived), width, dtype=torch.long)
@@ -161,10 +177,7 @@ class Engine:
                 use_cache=True,
                 **{self._cache_arg: cache},
             ).logits[:, -1]
-        first = self._sample(logits, arrived)
-        start = len(self.active)
-        self._merge(arrived, cache, mask, mask.sum(dim=1), first)
-        self._deliver(first, start)
+        return cache, mask, self._sample(logits, arrived)
 
     def _decode(self) -> None:
         """One token for every active request."""
