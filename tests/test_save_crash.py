@@ -18,6 +18,7 @@ import torch
 from sigmatune import read_adapter
 from sigmatune.adapter_file import WEIGHTS_NAME, write_adapter
 from sigmatune.files import STALE_SECONDS
+from tests.test_distributed import vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,6 @@ def crashes(tmp_path_factory):
         [sys.executable, "-m", "tests.crash_child", str(workdir)], cwd=ROOT, check=True, timeout=600
     )
     return workdir, json.loads((workdir / "result.json").read_text())
-
-
-def vectors(folder: Path) -> dict[str, torch.Tensor]:
-    return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}
 
 
 def same(a: dict, b: dict) -> bool:

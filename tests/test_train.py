@@ -24,6 +24,7 @@ from sigmatune.files import AdapterFileError
 from sigmatune.tokens import IGNORE, encode
 from sigmatune.train import SUMMARY_NAME, TrainSettings, batch_order, lr_factor, train
 from tests.models import save_tiny_chat_model, tiny_tokenizer
+from tests.test_distributed import vectors
 
 PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
 
@@ -265,10 +266,6 @@ def failing_loss(monkeypatch, at_call: int, how: str) -> None:
         return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
 
     monkeypatch.setattr(sigmatune.train, "token_loss", token_loss)
-
-
-def vectors(folder):
-    return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}
 
 
 @pytest.mark.parametrize("how", ["crash", "loss", "gradient"])

@@ -5,7 +5,7 @@
                                                   L.sigma (r,) float32   σ at those indices (base check)
                                                   L.basis (d, r)         only when saved with bases
                                       metadata "sigmatune": the JSON of AdapterRecord.header()
-                                               "sigmatune_sha256": tensors_digest(that JSON, tensors)
+                                               "sigmatune_sha256": its checksum (files.checksummed)
     <dir>/sigma_config.json           the same JSON, for people and tools; the safetensors is the truth
 
 One file holds everything, so one atomic rename saves an adapter: a crash leaves the old one or the
@@ -26,19 +26,19 @@ import torch
 
 from .config import SigmaConfig
 from .files import (
+    CHECKSUM,
     AdapterFileError,
     atomic_save_tensors,
     atomic_write_json,
     check_digest,
     check_inside,
+    checksummed,
     load_tensors,
     read_json,
-    tensors_digest,
 )
 
 FORMAT = "sigmatune"
 FORMAT_VERSION = 2  # 2: the checksum is required (version-1 files, which have none, still load)
-CHECKSUM = "sigmatune_sha256"
 WEIGHTS_NAME = "sigma_adapter.safetensors"
 CONFIG_NAME = "sigma_config.json"
 LAYER_TENSORS = ("vector", "indices", "sigma")
@@ -94,8 +94,7 @@ def write_adapter(directory: str | Path, record: AdapterRecord) -> None:
         if layer.basis is not None:
             tensors[f"{name}.basis"] = layer.basis
     header = record.header()
-    text = json.dumps(header)
-    metadata = {FORMAT: text, CHECKSUM: tensors_digest(text, tensors)}
+    metadata = checksummed(FORMAT, json.dumps(header), tensors)
     atomic_save_tensors(directory / WEIGHTS_NAME, tensors, metadata=metadata)
     atomic_write_json(directory / CONFIG_NAME, header)
 
@@ -209,11 +208,10 @@ def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, l
 
 
 def _check_checksum(path: Path, header: dict, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:
-    saved = metadata.get(CHECKSUM)
-    if saved is None and header["format_version"] >= 2:
+    if CHECKSUM in metadata:
+        check_digest(path, metadata, FORMAT, tensors)
+    elif header["format_version"] >= 2:
         raise AdapterFileError(path, "has no checksum", "the file was damaged or not written by sigmatune")
-    if saved is not None:
-        check_digest(path, metadata[FORMAT], tensors, saved)
 
 
 def _config(path: Path, header: dict) -> SigmaConfig:

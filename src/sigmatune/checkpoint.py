@@ -5,7 +5,7 @@
         exp_avg/<parameter>, ...           the optimizer's state of each (AdamW: step, exp_avg, exp_avg_sq)
         rng                                torch's CPU random state
         metadata "sigmatune_checkpoint":   JSON {step, loss history, settings, score before training}
-                 "sigmatune_sha256":       files.tensors_digest of that JSON and the tensors
+                 "sigmatune_sha256":       its checksum over that JSON and the tensors (files.checksummed)
 
 One file, written atomically (files.py), so a crash or a kill at any moment leaves the previous
 checkpoint or the new one. The data order depends on the seed alone and the learning rate on the step
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .files import AdapterFileError, atomic_save_tensors, check_digest, load_tensors, tensors_digest
+from .files import CHECKSUM, AdapterFileError, atomic_save_tensors, check_digest, checksummed, load_tensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 KEY = "sigmatune_checkpoint"
-CHECKSUM = "sigmatune_sha256"
 RNG = "rng"
 
 
@@ -49,7 +48,7 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     text = json.dumps(
         {"step": state.step, "history": state.history, "settings": state.settings, "before": state.before}
     )
-    atomic_save_tensors(path, tensors, {KEY: text, CHECKSUM: tensors_digest(text, tensors)})
+    atomic_save_tensors(path, tensors, checksummed(KEY, text, tensors))
 
 
 def load(path: Path) -> Checkpoint:
@@ -57,7 +56,7 @@ def load(path: Path) -> Checkpoint:
     tensors, metadata = load_tensors(path)
     if KEY not in metadata or CHECKSUM not in metadata:
         raise AdapterFileError(path, "is not a sigmatune training checkpoint")
-    check_digest(path, metadata[KEY], tensors, metadata[CHECKSUM])
+    check_digest(path, metadata, KEY, tensors)
     info = json.loads(metadata[KEY])  # checked by the digest: it is what save() wrote
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -70,9 +69,14 @@ def restore(
 ) -> None:
     """Put the checkpoint's vectors, optimizer state and RNG into a freshly built model and optimizer."""
     trained = _trained(model)
-    saved = {name for kind, name, _ in _split(checkpoint.tensors) if kind == "vector"}
-    if saved != set(trained) or any(
-        checkpoint.tensors[f"vector/{name}"].shape != p.shape for name, p in trained.items()
+    by_parameter: dict[str, dict[str, torch.Tensor]] = {}  # parameter name → {kind: tensor}
+    for key, value in checkpoint.tensors.items():
+        if "/" in key:
+            kind, name = key.split("/", 1)
+            by_parameter.setdefault(name, {})[kind] = value
+    if by_parameter.keys() != trained.keys() or any(
+        "vector" not in by_parameter[name] or by_parameter[name]["vector"].shape != p.shape
+        for name, p in trained.items()
     ):
         raise AdapterFileError(
             path,
@@ -82,18 +86,12 @@ def restore(
         )
     with torch.no_grad():
         for name, parameter in trained.items():
-            parameter.copy_(checkpoint.tensors[f"vector/{name}"])
+            saved = dict(by_parameter[name])
+            parameter.copy_(saved.pop("vector"))
             optimizer.state[parameter] = {
-                kind: value if kind == "step" else value.to(parameter.device)
-                for kind, of, value in _split(checkpoint.tensors)
-                if of == name and kind != "vector"
+                kind: value if kind == "step" else value.to(parameter.device) for kind, value in saved.items()
             }
     torch.set_rng_state(checkpoint.tensors[RNG])
-
-
-def _split(tensors: dict[str, torch.Tensor]):
-    """(kind, parameter name, tensor) for every "kind/name" entry."""
-    return [(*key.split("/", 1), value) for key, value in tensors.items() if "/" in key]
 
 
 def _trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -20,6 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+CHECKSUM = "sigmatune_sha256"  # the metadata key of the checksum that checksummed() writes
 STALE_SECONDS = 600  # a temp file this old belongs to a write that died
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the umask can only be read by setting it
@@ -120,9 +121,16 @@ def tensors_digest(preamble: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_digest(path: str | Path, preamble: str, tensors: dict[str, torch.Tensor], saved) -> None:
-    """Refuse a file whose tensors_digest is not the one saved with it."""
-    if saved != tensors_digest(preamble, tensors):
+def checksummed(key: str, text: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """safetensors metadata: text under key, and under CHECKSUM the tensors_digest of it and the tensors."""
+    return {key: text, CHECKSUM: tensors_digest(text, tensors)}
+
+
+def check_digest(
+    path: str | Path, metadata: dict[str, str], key: str, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a file whose metadata[CHECKSUM] is not the tensors_digest of metadata[key] and its tensors."""
+    if metadata[CHECKSUM] != tensors_digest(metadata[key], tensors):
         raise AdapterFileError(
             path,
             "fails its checksum: the data or the header changed after it was saved",

@@ -9,9 +9,9 @@ Requests from all clients decode together in one continuous batch (engine.py), e
 own adapter from the AdapterBank. Errors are OpenAI-style JSON with 4xx codes; nothing a client
 sends reaches a file path outside the adapters folder.
 
-Hostile clients (tests/test_server_hostile.py): everything is checked before it reaches the engine
-thread, whose first exception would stop serving for everyone: a non-empty prompt, an adapter that is
-in the bank when the request is submitted, mix weights that are finite and bounded. An adapter
+Hostile clients (tests/test_server_hostile.py): everything is checked (api_input.py) before it reaches
+the engine thread, where a failing step would fail every request in it: a non-empty prompt, an adapter
+that is in the bank when the request is submitted, mix weights that are finite and bounded. An adapter
 serving requests cannot be unloaded (409); a client that hangs up ends its request at the engine's
 next step; a body must arrive within body_seconds (408); slow clients wait on the event loop
 without blocking anyone (see http_server for uvicorn's limits).
