@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from sigmatune import functional as F
-from sigmatune import kernels
+from sigmatune.core import functional as F
+from sigmatune.core import kernels
 
 
 def run(name, fn, x, calls=200):

@@ -41,7 +41,7 @@ from results_file import merge_rows
 from train_step import SHAPES, build
 
 from sigmatune import SigmaConfig, get_sigma_model, read_adapter
-from sigmatune.distributed import distribute, leave
+from sigmatune.training.distributed import distribute, leave
 
 WARMUP, TIMED = 3, 10
 RESULTS = Path(__file__).parent / "results" / "multi_gpu.json"

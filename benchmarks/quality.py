@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from results_file import load_rows, merge_rows
 from torch import nn
 
-from sigmatune.train import lr_factor
+from sigmatune.training.loop import lr_factor
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs")  # rows merge by these
@@ -42,7 +42,9 @@ ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of eac
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
 HEAD_LR = 2e-3
-WARMUP = 0.06  # share of the steps with a linear warm-up (then cosine decay: sigmatune.train.lr_factor)
+WARMUP = (
+    0.06  # share of the steps with a linear warm-up (then cosine decay: sigmatune.training.loop.lr_factor)
+)
 SWEEPS = {
     "classify": {
         ("head", 0, ""): [0.0],
@@ -102,7 +104,7 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 def classification_split(seed: int = 0, train: int = 12000, heldout: int = 2000) -> tuple[list, list]:
     """(train, held-out) lists of {"passage", "claim", "label"} from BIG-bench vitaminc, seeded shuffle."""
-    from sigmatune.data import bigbench_task
+    from sigmatune.training.data import bigbench_task
 
     rows = []
     for example in bigbench_task("vitaminc_fact_verification")["examples"]:
@@ -206,8 +208,9 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 
 
 def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
-    from sigmatune.data import load_model, load_task
-    from sigmatune.train import TrainSettings, fit, score
+    from sigmatune.training.data import load_model, load_task
+    from sigmatune.training.job import fit, score
+    from sigmatune.training.settings import TrainSettings
 
     torch.manual_seed(row["seed"])
     settings = TrainSettings(
@@ -277,7 +280,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.setting == "classify":
-        from sigmatune.data import minilm_path
+        from minilm import minilm_path
 
         model_dir = Path(args.encoder) if args.encoder else minilm_path()
         data = read_split(Path(args.data)) if args.data else classification_split()

@@ -49,7 +49,7 @@ def decode(model, batch: int, call_kwargs: dict, vocab: int) -> tuple[float, flo
 
 def random_adapters(bank: AdapterBank, count: int, prefix: str, scale: float = 0.05) -> list[str]:
     names = [f"{prefix}{i}" for i in range(count)]
-    g = torch.Generator(device=next(iter(bank.tables.values())).device).manual_seed(count)
+    g = torch.Generator(device=bank.device).manual_seed(count)
     block = {
         name: torch.randn(count, layer.rank, generator=g, device=layer.sigma_basis.device) * scale
         for name, layer in bank.layers.items()

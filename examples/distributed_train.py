@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
-from sigmatune.data import load_model, load_task
-from sigmatune.distributed import distribute, gradient_sync, leave, split
-from sigmatune.evaluate import token_loss
-from sigmatune.tokens import collate, encode
-from sigmatune.train import batch_order
+from sigmatune.training.data import load_model, load_task
+from sigmatune.training.distributed import distribute, gradient_sync, leave, split
+from sigmatune.training.evaluate import token_loss
+from sigmatune.training.loop import batch_order
+from sigmatune.training.tokens import collate, encode
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""A process that is killed while it saves an adapter, many times over: run by tests/test_save_crash.py.
+"""A process that is killed while it saves an adapter, many times over: run by tests/formats/test_save_crash.py.
 
     python -m tests.crash_child WORKDIR
 
@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from sigmatune import SigmaConfig, get_sigma_model
-from tests.models import tiny_llama
-from tests.test_model import randomize
+from tests.models import randomize, tiny_llama
 
 SPREAD_POINTS = 60  # kill points spread evenly over the save
 TIMED_KILLS = 20  # kills at random times from outside

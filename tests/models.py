@@ -1,9 +1,14 @@
-"""Tiny real transformers models built from a config (seeded random weights)."""
+"""Tiny real transformers models built from a config (seeded random weights), and helpers that fill
+and read their adapters."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from sigmatune import SigmaModel, read_adapter
 
 TINY_LLAMA = dict(
     vocab_size=96,
@@ -70,3 +75,23 @@ def save_tiny_chat_model(folder, texts: list[str], seed: int = 0):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def randomize(model: SigmaModel, seed: int = 0, scale: float = 0.2) -> None:
+    """Give every trainable vector seeded random values (as if trained)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def logits(model, ids=None):
+    """The model's logits on ids (default: token_batch()), without gradients."""
+    with torch.no_grad():
+        return model(ids if ids is not None else token_batch()).logits
+
+
+def vectors(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained vector of every layer of a saved adapter."""
+    return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}

@@ -1,10 +1,13 @@
-"""`sigmatune <command>`: a table from command name to one public function; no logic of its own.
+"""`sigmatune <command>`: a table from command name to one public function (commands.py, and
+training/job.py for train); no logic of its own.
 
 sigmatune train [--rank full --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
 sigmatune eval ADAPTER                             held-out loss and exact match, base vs adapted
 sigmatune inspect ADAPTER [--plot out.png]         what the adapter learned, per layer
 sigmatune merge ADAPTER OUTPUT                     a plain HF model folder with the adapter merged
+sigmatune export ADAPTER OUTPUT [--format lora]    the adapter as a PEFT LoRA folder
 sigmatune generate ADAPTER "prompt"                the adapted model's answer
+sigmatune serve [--adapters DIR --port 8000]       an OpenAI-compatible server over the adapters in DIR
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import inspect
 import re
 import sys
 
-from . import tools, train
+from . import commands
+from .training import job, settings
 from .version import __version__
 
 
@@ -26,11 +30,11 @@ def _rank(text: str) -> int | str:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainSettings field; its help is the field's inline comment."""
     try:
-        source = inspect.getsource(train.TrainSettings)
+        source = inspect.getsource(settings.TrainSettings)
     except OSError:  # installed without sources
         source = ""
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
-    for field in dataclasses.fields(train.TrainSettings):
+    for field in dataclasses.fields(settings.TrainSettings):
         flag, help = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
         if isinstance(field.default, bool):
             parser.add_argument(flag, action="store_true", help=help)
@@ -40,8 +44,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> dict:
-    fields = {f.name for f in dataclasses.fields(train.TrainSettings)}
-    return train.train(train.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+    fields = {f.name for f in dataclasses.fields(settings.TrainSettings)}
+    return job.train(settings.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
 def _add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -57,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigmatune", description="Fine-tune and use singular-value adapters."
     )
     parser.add_argument("--version", action="version", version=f"sigmatune {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    command = commands.add_parser("train", help="fine-tune a model's singular values on a task")
+    command = subcommands.add_parser("train", help="fine-tune a model's singular values on a task")
     _train_arguments(command)
     command.set_defaults(run=_train)
 
-    command = commands.add_parser("eval", help="held-out loss and exact match of a saved adapter")
+    command = subcommands.add_parser("eval", help="held-out loss and exact match of a saved adapter")
     command.add_argument("adapter", help="adapter folder")
     _add_model_options(command)
     command.add_argument("--data", help="task spec or file (default: the training data)")
@@ -71,41 +75,43 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--eval-accuracy", type=int, help="examples scored by exact match")
     command.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     command.set_defaults(
-        run=lambda a: tools.evaluate_adapter(
+        run=lambda a: commands.evaluate_adapter(
             a.adapter, a.model, a.data, a.heldout, a.eval_accuracy, a.device, a.dtype
         )
     )
 
-    command = commands.add_parser("inspect", help="per-layer summary of a saved adapter")
+    command = subcommands.add_parser("inspect", help="per-layer summary of a saved adapter")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("--plot", metavar="PNG", help="also draw the learned scales and base spectra")
-    command.set_defaults(run=lambda a: tools.inspect_adapter(a.adapter, a.plot))
+    command.set_defaults(run=lambda a: commands.inspect_adapter(a.adapter, a.plot))
 
-    command = commands.add_parser("merge", help="write a plain HF model with the adapter merged in")
+    command = subcommands.add_parser("merge", help="write a plain HF model with the adapter merged in")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("output", help="folder for the merged model")
     _add_model_options(command, device=False)
     command.add_argument(
         "--dtype", default="float32", help="dtype of the merged weights (default: %(default)s)"
     )
-    command.set_defaults(run=lambda a: tools.merge_adapter(a.adapter, a.output, a.model, a.dtype))
+    command.set_defaults(run=lambda a: commands.merge_adapter(a.adapter, a.output, a.model, a.dtype))
 
-    command = commands.add_parser("export", help="write an adapter in another format (a PEFT LoRA folder)")
+    command = subcommands.add_parser("export", help="write an adapter in another format (a PEFT LoRA folder)")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("output", help="folder for the exported adapter")
     command.add_argument("--format", default="lora", choices=["lora"])
     _add_model_options(command, device=False)
-    command.set_defaults(run=lambda a: tools.export_adapter(a.adapter, a.output, a.format, a.model))
+    command.set_defaults(run=lambda a: commands.export_adapter(a.adapter, a.output, a.format, a.model))
 
-    command = commands.add_parser("generate", help="the adapted model's answer to a prompt")
+    command = subcommands.add_parser("generate", help="the adapted model's answer to a prompt")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("prompt", help="the user's message")
     _add_model_options(command)
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(
-        run=lambda a: tools.generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
+        run=lambda a: commands.generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
     )
-    command = commands.add_parser("serve", help="an OpenAI-compatible server over a base model and adapters")
+    command = subcommands.add_parser(
+        "serve", help="an OpenAI-compatible server over a base model and adapters"
+    )
     command.add_argument("--model", default="smollm2", help="base model path or name (default: %(default)s)")
     command.add_argument("--adapters", help="folder whose subfolders are adapters (served by folder name)")
     command.add_argument("--host", default="127.0.0.1")
@@ -118,17 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     command.add_argument("--max-resident", type=int, help="adapters kept in memory (LRU; the rest reload)")
     command.set_defaults(
-        run=lambda a: _serve(
+        run=lambda a: commands.serve(
             a.model, a.adapters, a.host, a.port, a.rank, a.device, a.dtype, a.max_batch, a.max_resident
         )
     )
     return parser
-
-
-def _serve(*args):
-    from .serve import serve  # needs the [serve] extra
-
-    serve(*args)
 
 
 def main(argv: list[str] | None = None) -> int:

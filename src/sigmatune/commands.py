@@ -1,0 +1,223 @@
+"""The commands of `sigmatune` (cli.py maps each name to one of these functions; `train` is
+training/job.py's): evaluate a saved adapter, inspect it, merge it into a plain model, export it,
+generate with it, and serve a folder of adapters over HTTP.
+
+Each adapter command takes the adapter folder; the base model and data default to those recorded in
+its training_summary.json (written by `sigmatune train`), else to the default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .core.config import SigmaConfig
+from .core.device import resolve_device
+from .core.updates import update_rule
+from .formats.adapter_file import WEIGHTS_NAME, read_adapter
+from .formats.files import read_json, staged_folder
+from .model.sigma_model import SigmaModel
+from .training.data import DEFAULT_MODEL, load_model, load_task
+from .training.job import SUMMARY_NAME, format_score, score
+from .training.settings import TrainSettings
+from .training.tokens import prompt_batch
+
+
+def training_summary(adapter_dir: str | Path) -> dict:
+    """The training_summary.json beside an adapter ({} when the adapter was saved another way)."""
+    path = Path(adapter_dir) / SUMMARY_NAME
+    return read_json(path) if path.exists() else {}
+
+
+def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """(SigmaModel for inference, tokenizer) for a saved adapter on its base model."""
+    summary = training_summary(adapter_dir)
+    name = model or summary.get("settings", {}).get("model", DEFAULT_MODEL)
+    chosen, torch_dtype = resolve_device(device, dtype)
+    base, tokenizer = load_model(name, torch_dtype, chosen)
+    return SigmaModel.from_pretrained(base, adapter_dir), tokenizer
+
+
+def evaluate_adapter(
+    adapter_dir, model=None, data=None, heldout=None, eval_accuracy=None, device="auto", dtype="auto"
+) -> dict:
+    """Held-out loss and exact match of the adapter (and of the base model alone), on the training
+    run's held-out split unless data/heldout say otherwise."""
+    recorded = training_summary(adapter_dir).get("settings", {})
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in recorded.items() if k in known})
+    overrides = dict(
+        model=model, data=data, heldout=heldout, eval_accuracy=eval_accuracy, device=device, dtype=dtype
+    )
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    sigma_model, tokenizer = load_adapted(adapter_dir, settings.model, settings.device, settings.dtype)
+    task = load_task(settings.data, settings.heldout, settings.seed)
+    chosen, _ = resolve_device(settings.device, settings.dtype)
+    with sigma_model.disable_adapter():
+        base = score(sigma_model, tokenizer, task, settings, chosen)
+    adapted = score(sigma_model, tokenizer, task, settings, chosen)
+    print(f"base model: {format_score(base)}\nadapted:    {format_score(adapted)}")
+    return {"base": dataclasses.asdict(base), "adapted": dataclasses.asdict(adapted), "data": settings.data}
+
+
+def inspect_adapter(adapter_dir, plot: str | None = None) -> dict:
+    """A per-layer summary of what the adapter learned; with plot, a PNG of the relative changes
+    δ/σ per layer and of the base spectra σ at the trained directions."""
+    record = read_adapter(adapter_dir)
+    update = record.config.update
+    rule = update_rule(update)
+    rows = []
+    for name, layer in record.layers.items():
+        relative = rule.scales(layer.vector, layer.sigma)  # δ/σ
+        rows.append(
+            {
+                "layer": name,
+                "shape": [layer.out_features, layer.in_features],
+                "rank": int(layer.vector.numel()),
+                "mean_abs_relative_change": float(relative.abs().mean()),
+                "max_abs_relative_change": float(relative.abs().max()),
+                "sigma_max": float(layer.sigma.max()),
+            }
+        )
+    print(
+        f"{adapter_dir}: {len(rows)} layers, {sum(r['rank'] for r in rows):,} trained numbers, update={update}"
+    )
+    print(f"base model: {record.base_model_name_or_path}  fingerprint: {record.base_fingerprint}")
+    print(f"{'layer':<48}{'r':>6}{'mean|δ/σ|':>12}{'max|δ/σ|':>12}")
+    for row in rows:
+        print(
+            f"{row['layer'][-48:]:<48}{row['rank']:>6}"
+            f"{row['mean_abs_relative_change']:>12.4f}{row['max_abs_relative_change']:>12.4f}"
+        )
+    if plot:
+        _plot(record, plot)
+    return {"layers": rows, "config": record.config.to_dict()}
+
+
+def merge_adapter(adapter_dir, output_dir, model: str | None = None, dtype: str = "float32") -> Path:
+    """Write a plain HF model folder (weights merged, tokenizer included) that needs no sigmatune."""
+    sigma_model, tokenizer = load_adapted(adapter_dir, model, "cpu", dtype)
+    merged = sigma_model.merge_and_unload()
+    output = Path(output_dir)
+    with staged_folder(output) as staging:  # the folder appears whole, replacing an older one
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    print(f"merged model written to {output}")
+    return output
+
+
+def export_adapter(adapter_dir, output_dir, format: str = "lora", model: str | None = None) -> Path:
+    """Write the adapter in another format: "lora" = a PEFT LoRA folder (vLLM, LoRAX and PEFT serve it)."""
+    if format != "lora":
+        raise ValueError(
+            f"unknown export format {format!r}; use 'lora' (or `sigmatune merge` for a merged model)"
+        )
+    sigma_model, _ = load_adapted(adapter_dir, model, "cpu", "float32")
+    rank = sigma_model.export_lora(output_dir)
+    print(f"LoRA (r={rank}, lora_alpha={rank}) written to {output_dir}")
+    return Path(output_dir)
+
+
+@torch.no_grad()
+def generate(
+    adapter_dir, prompt: str, model: str | None = None, max_new_tokens: int = 64, device="auto"
+) -> str:
+    """The adapted model's greedy answer to a prompt (chat-formatted with the task's instruction)."""
+    sigma_model, tokenizer = load_adapted(adapter_dir, model, device)
+    instruction = training_summary(adapter_dir).get("task", {}).get("instruction")
+    chosen, _ = resolve_device(device, "auto")
+    batch = {k: v.to(chosen) for k, v in prompt_batch(tokenizer, instruction, [prompt]).items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = sigma_model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    print(text)
+    return text
+
+
+def _plot(record, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'sigmatune[cli]' (or matplotlib)") from None
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in record.layers})
+    color = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
+    figure, (changes, spectra) = plt.subplots(1, 2, figsize=(14, 5))
+    rule = update_rule(record.config.update)
+    for name, layer in record.layers.items():
+        kind = name.rsplit(".", 1)[-1]
+        changes.plot(
+            layer.indices, rule.scales(layer.vector, layer.sigma), color=color[kind], alpha=0.4, lw=0.8
+        )
+        spectra.semilogy(layer.indices, layer.sigma, color=color[kind], alpha=0.4, lw=0.8)
+    for kind in kinds:
+        changes.plot([], [], color=color[kind], label=kind)
+    changes.set(title="learned relative change δ/σ per layer", xlabel="singular-value index", ylabel="δ / σ")
+    spectra.set(title="base spectrum σ at the trained directions", xlabel="singular-value index", ylabel="σ")
+    changes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"plot written to {path}")
+
+
+# ---- serving ------------------------------------------------------------------------------------
+
+
+def build_server(
+    model: str,
+    adapters: str | None,
+    rank: int | None,
+    device: str,
+    dtype: str,
+    max_batch: int,
+    max_resident: int | None,
+):
+    """(Server, Engine) over a base model and the adapter folders inside `adapters`: a bank whose bases
+    hold every principal direction up to `rank` (for hot-loads) and every direction the folders select."""
+    from .serving.bank import AdapterBank, bases_for
+    from .serving.engine import Engine
+    from .serving.server import Server  # needs the [serve] extra
+
+    chosen, torch_dtype = resolve_device(device, dtype)
+    base, tokenizer = load_model(model, torch_dtype, chosen)
+    folders = sorted(p for p in Path(adapters).iterdir() if (p / WEIGHTS_NAME).is_file()) if adapters else []
+    sigma_model = SigmaModel(base)
+    config = SigmaConfig(rank=rank or 16)
+    plan = sigma_model.plan(config) if rank or not folders else {}
+    for layer, indices in bases_for(folders).items():
+        plan[layer] = sorted(set(plan.get(layer, [])) | set(indices))
+    sigma_model.ensure_bases(config, plan, pin=True)
+    bank = AdapterBank(sigma_model, max_resident=max_resident)
+    for folder in folders:
+        bank.load(folder.name, folder)
+    engine = Engine(bank, max_batch=max_batch).start()
+    return Server(engine, tokenizer, adapters), engine
+
+
+def serve(
+    model: str = "smollm2",
+    adapters: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    rank: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 32,
+    max_resident: int | None = None,
+) -> None:
+    """Run the server until interrupted (uvicorn with its HTTP_SETTINGS: see serving/routes.http_server)."""
+    from .serving.routes import create_app, http_server
+
+    server, engine = build_server(model, adapters, rank, device, dtype, max_batch, max_resident)
+    print(
+        f"serving {model} with {len(server.bank.names()) - 1} adapters on http://{host}:{port}/v1", flush=True
+    )
+    try:
+        http_server(create_app(server), host=host, port=port).run()
+    finally:
+        engine.stop()

@@ -1,0 +1,223 @@
+"""Singular directions of layer weights: exact or randomized SVD, batched over layers of one shape,
+with canonical signs, read from and written to a cache the caller passes (formats/basis_cache.py).
+
+A layer keeps one side only (docs/ARCHITECTURE.md): the input side V_S (in × r) when in ≤ out, else
+the output side U_S (out × r). Both identities below make that enough:
+
+    W V_S = U_S diag(σ_S)        U_Sᵀ W = diag(σ_S) V_Sᵀ
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+BATCH_ELEMENTS = 1 << 28  # weight elements per batched SVD call (1 GiB in fp32)
+RANDOM_SEED = 0  # the randomized SVD's test matrix depends only on its shape and this seed
+
+
+@dataclass
+class Spectrum:
+    """The selected singular directions of one layer, on one side."""
+
+    basis: torch.Tensor  # (d, r) orthonormal: V_S (input side, d = in) or U_S (output side, d = out)
+    sigma: torch.Tensor  # (r,) σ_S
+    indices: torch.Tensor  # (r,) int64, positions in the descending spectrum (0 = largest)
+    sigma_max: torch.Tensor  # () σ_1
+
+
+@dataclass
+class SpectrumRequest:
+    """What to compute for one layer."""
+
+    name: str
+    weight: torch.Tensor  # (out, in), any float dtype, on the device the SVD runs on
+    indices: list[int]  # sorted singular-value indices to keep
+    method: str  # "exact" or "randomized"
+    fingerprint: str  # weights.fingerprint(weight): the cache key's identity of the weight
+
+
+class SpectrumCache(Protocol):
+    """Where computed spectra are kept between runs (formats.basis_cache.BasisCache on disk)."""
+
+    def read(self, key: str, request: SpectrumRequest) -> Spectrum | None:
+        """The spectrum stored under key, checked against the request, on the request's device; or None."""
+
+    def write(self, key: str, spectrum: Spectrum) -> None:
+        """Keep the spectrum under key (a failure to keep it must not fail the computation)."""
+
+
+def side_for(out_features: int, in_features: int) -> str:
+    """The side whose basis is smaller: 'input' when in ≤ out, else 'output'."""
+    return "input" if in_features <= out_features else "output"
+
+
+def basis_rows(out_features: int, in_features: int) -> int:
+    """d, the rows of the stored basis: in (the input side's V_S) when in ≤ out, else out (U_S)."""
+    return in_features if side_for(out_features, in_features) == "input" else out_features
+
+
+def compute_spectra(
+    requests: list[SpectrumRequest],
+    oversample: int = 16,
+    niter: int = 4,
+    cache: SpectrumCache | None = None,
+    progress: bool | None = None,
+) -> dict[str, Spectrum]:
+    """Spectra for every request, from the cache where possible, else by batched SVD (then cached)."""
+    found, missing = {}, []
+    for request in requests:
+        key = spectrum_key(request, oversample, niter)
+        spectrum = None if cache is None else cache.read(key, request)
+        if spectrum is None:
+            missing.append((request, key))
+        else:
+            found[request.name] = spectrum
+    if requests:
+        logger.info("bases: %d from cache, %d to compute", len(found), len(missing))
+    groups = defaultdict(list)
+    for request, key in missing:
+        groups[_group_key(request, oversample)].append((request, key))
+    bar = tqdm(total=len(missing), desc="SVD", unit="layer", disable=_bar_disabled(progress, bool(missing)))
+    for (shape, _, _, method, q), members in groups.items():
+        per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
+        for start in range(0, len(members), per_batch):
+            batch = members[start : start + per_batch]
+            spectra = _batched_spectra([r for r, _ in batch], method, q, niter)
+            for (request, key), spectrum in zip(batch, spectra, strict=True):
+                found[request.name] = spectrum
+                if cache is not None:
+                    cache.write(key, spectrum)
+            bar.update(len(batch))
+    bar.close()
+    return found
+
+
+def shared_spectra(requests: list[SpectrumRequest], **options) -> dict[str, Spectrum]:
+    """compute_spectra(requests, **options), once: in a torch.distributed job rank 0 computes and
+    broadcasts, so that every rank holds bit-identical bases (each rank's own SVD could differ in the
+    last bits, or in signs)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute_spectra(requests, **options)
+    if dist.get_rank() == 0:
+        spectra = compute_spectra(requests, **options)
+    else:
+        spectra = {request.name: _empty_spectrum(request) for request in requests}
+    for request in requests:  # the same order on every rank
+        spectrum = spectra[request.name]
+        for tensor in (spectrum.basis, spectrum.sigma, spectrum.indices, spectrum.sigma_max):
+            dist.broadcast(tensor, src=0)
+    return spectra
+
+
+def _empty_spectrum(request: SpectrumRequest) -> Spectrum:
+    d = basis_rows(*request.weight.shape)
+    r, device, dtype = len(request.indices), request.weight.device, _compute_dtype(request.weight)
+    return Spectrum(
+        basis=torch.empty(d, r, device=device, dtype=dtype),
+        sigma=torch.empty(r, device=device, dtype=dtype),
+        indices=torch.empty(r, device=device, dtype=torch.int64),
+        sigma_max=torch.empty((), device=device, dtype=dtype),
+    )
+
+
+def _bar_disabled(progress: bool | None, work: bool) -> bool | None:
+    """tqdm's `disable`: None (the default) shows a bar on an interactive terminal only."""
+    if not work or progress is False:
+        return True
+    return None if progress is None else False
+
+
+def exact_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a (…, m, n) batch: U (…, m, k), σ (…, k) descending, Vᵀ (…, k, n)."""
+    return torch.linalg.svd(weight, full_matrices=False)
+
+
+def randomized_svd(
+    weight: torch.Tensor, q: int, niter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top q singular triplets of a (…, m, n) batch by subspace iteration (Halko et al. 2011).
+
+    Y = W Ω, then niter rounds of Q ← orth(W orth(Wᵀ Q)); finally the SVD of the small Qᵀ W.
+    Ω (n × q) is drawn on the CPU from a fixed seed, so every device starts from the same matrix.
+    """
+    n = weight.shape[-1]
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    omega = torch.randn(n, q, generator=generator, dtype=torch.float64).to(weight)  # (n, q)
+    basis = torch.linalg.qr(weight @ omega).Q  # (…, m, q)
+    for _ in range(niter):
+        row_basis = torch.linalg.qr(weight.mT @ basis).Q  # (…, n, q)
+        basis = torch.linalg.qr(weight @ row_basis).Q  # (…, m, q)
+    small_u, sigma, vh = torch.linalg.svd(
+        basis.mT @ weight, full_matrices=False
+    )  # (…, q, q), (…, q), (…, q, n)
+    return basis @ small_u, sigma, vh
+
+
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (SVD signs are arbitrary)."""
+    rows = basis.abs().argmax(dim=0)  # (r,)
+    signs = torch.sign(basis[rows, torch.arange(basis.shape[1], device=basis.device)])
+    return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+# ---- batching ---------------------------------------------------------------------------------------
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _group_key(request: SpectrumRequest, oversample: int) -> tuple:
+    out_features, in_features = request.weight.shape
+    q = min(max(request.indices) + 1 + oversample, min(out_features, in_features))
+    if request.method == "exact":
+        q = 0
+    return (
+        tuple(request.weight.shape),
+        request.weight.device,
+        _compute_dtype(request.weight),
+        request.method,
+        q,
+    )
+
+
+def _batched_spectra(requests: list[SpectrumRequest], method: str, q: int, niter: int) -> list[Spectrum]:
+    weights = torch.stack([r.weight.detach().to(_compute_dtype(r.weight)) for r in requests])  # (B, m, n)
+    u, sigma, vh = exact_svd(weights) if method == "exact" else randomized_svd(weights, q, niter)
+    out_features, in_features = weights.shape[1:]
+    input_side = side_for(out_features, in_features) == "input"
+    spectra = []
+    for b, request in enumerate(requests):
+        index = torch.tensor(request.indices, dtype=torch.int64, device=weights.device)
+        basis = vh[b, index, :].T if input_side else u[b, :, index]  # (d, r)
+        spectra.append(
+            Spectrum(
+                basis=canonical_signs(basis).contiguous(),
+                sigma=sigma[b, index].contiguous(),
+                indices=index,
+                sigma_max=sigma[b, 0].clone(),
+            )
+        )
+    return spectra
+
+
+# ---- cache keys -------------------------------------------------------------------------------------
+
+
+def spectrum_key(request: SpectrumRequest, oversample: int, niter: int) -> str:
+    """What identifies a computed spectrum: the weight's fingerprint, the side, the method, the dtype and
+    the selected indices (the cache stores one spectrum per key)."""
+    method = request.method if request.method == "exact" else f"randomized-p{oversample}-n{niter}"
+    indices = hashlib.sha256(",".join(map(str, request.indices)).encode()).hexdigest()[:16]
+    side = side_for(*request.weight.shape)
+    dtype = str(_compute_dtype(request.weight)).removeprefix("torch.")
+    return f"{request.fingerprint}|{side}|{method}|{dtype}|idx-{indices}"

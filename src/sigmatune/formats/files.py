@@ -1,0 +1,201 @@
+"""Files on disk: atomic writes, and reads of safetensors and JSON only, with errors that name the file.
+
+Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
+the target, so a crash at any point leaves either the old file or the new one, never half of one.
+Nothing here unpickles: adapters and caches are safetensors (tensors) and JSON (settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+CHECKSUM = "sigmatune_sha256"  # the metadata key of the checksum that checksummed() writes
+STALE_SECONDS = 600  # a temp file this old belongs to a write that died
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the umask can only be read by setting it
+
+
+class AdapterFileError(ValueError):
+    """A file sigmatune was asked to read is missing, damaged, or does not fit the model."""
+
+    def __init__(self, path, problem: str, fix: str = ""):
+        self.path = str(path)
+        message = f"{path}: {problem}"
+        super().__init__(f"{message}. {fix}" if fix else message)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    _remove_stale_temporaries(path)
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | Path):
+    """A temporary folder beside target, to fill in the block; when the block ends without error it
+    takes target's place by renames (a folder already there is moved aside, then removed), so target
+    is the old folder or the whole new one. The temporary folder is removed in any case."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    try:
+        yield staging
+        retired = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.old"
+        if target.exists():
+            target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save tensors (made contiguous, on CPU) as one safetensors file, atomically."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def atomic_write_json(path: str | Path, data: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON object from path; any problem is an AdapterFileError naming the file."""
+    path = Path(path)
+    _check_regular_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(path, f"is not valid JSON ({err})", "re-save it or restore it") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(path, f"holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def load_tensors(
+    path: str | Path, check: Callable[[dict[str, str], dict[str, tuple[str, list[int]]]], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file (CPU); errors name the file.
+
+    check(metadata, declared), where declared maps each tensor name to its (dtype, shape) as the file's
+    header states them, runs before any tensor is read: it refuses a file (by raising) before a
+    declared shape can cost memory. safetensors itself checks that the header fits the file.
+    """
+    path = Path(path)
+    _check_regular_file(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            if check is not None:
+                declared = {}
+                for name in reader.keys():  # noqa: SIM118 (a reader, not a dict)
+                    part = reader.get_slice(name)
+                    declared[name] = (part.get_dtype(), list(part.get_shape()))
+                check(metadata, declared)
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
+    except AdapterFileError:
+        raise
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as err:
+        raise AdapterFileError(
+            path,
+            f"is not a readable safetensors file ({str(err)[:200]})",
+            "it may be truncated or corrupted; re-save it",
+        ) from None
+    return tensors, metadata
+
+
+def tensors_digest(preamble: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a text and every tensor's name, dtype, shape and bytes (in name order): a checksum
+    that a flipped bit anywhere in the header text or the data changes."""
+    digest = hashlib.sha256(preamble.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def checksummed(key: str, text: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """safetensors metadata: text under key, and under CHECKSUM the tensors_digest of it and the tensors."""
+    return {key: text, CHECKSUM: tensors_digest(text, tensors)}
+
+
+def check_digest(
+    path: str | Path, metadata: dict[str, str], key: str, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a file whose metadata[CHECKSUM] is not the tensors_digest of metadata[key] and its tensors."""
+    if metadata[CHECKSUM] != tensors_digest(metadata[key], tensors):
+        raise AdapterFileError(
+            path,
+            "fails its checksum: the data or the header changed after it was saved",
+            "the file is damaged; download or save it again",
+        )
+
+
+def check_inside(folder: Path, path: Path) -> None:
+    """Refuse a file that is a link out of its folder (a downloaded adapter must not make us read others)."""
+    target = path.resolve()
+    if target.parent != folder.resolve():
+        raise AdapterFileError(
+            path,
+            f"is a link to {target}, outside the adapter folder",
+            "copy the file into the folder; links that leave an adapter folder are refused",
+        )
+
+
+def _check_regular_file(path: Path) -> None:
+    if not path.exists():
+        raise AdapterFileError(path, "does not exist", "check the path")
+    if not path.is_file():  # a folder, a FIFO (opening it would wait forever), a device
+        raise AdapterFileError(path, "is not a regular file")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temp files of earlier writes of path that a killed process left (older than STALE_SECONDS,
+    so a write in progress elsewhere keeps its own)."""
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_SECONDS:
+                stale.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: fsync the folder entry (not possible on every platform)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)

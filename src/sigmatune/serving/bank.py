@@ -1,0 +1,279 @@
+"""AdapterBank: thousands of adapters of one base model, served together in mixed batches.
+
+Every adapter on the same bases is one row of scales per layer, so the bank keeps, per layer, a
+table G (capacity × R) — row 0 is the base model (zeros). A batch whose rows use adapters `ids`
+runs each layer as x + ((x V) ⊙ G[ids]) Vᵀ: one gather, then the cost of a single adapter.
+
+- Adapters nest: a top-16 adapter sits in a bank whose layers store the top 64 (its row is zero
+  elsewhere); an adapter selecting directions the bank's layers do not store is refused.
+- Mixes are rows too: Σ_k w_k G[k] is exactly the adapter whose δ is Σ_k w_k δ_k (the update is
+  linear in g), so a Transformer²-style expert mix costs nothing extra and no weight is built.
+- With max_resident, the least recently used adapter leaves the tables when a new one needs a
+  row; it comes back from its folder (or from a spill file, for mixes) the next time it is asked for.
+All methods are thread-safe (the server hot-loads while the engine decodes).
+
+The bank owns serving; the model does not know it. bank(input_ids, adapter_ids=...) and
+bank.generate(...) run the model with each row's scales handed to every layer through
+SpectralLinear.serve_rows() (as vLLM's LoRA manager sets each layer's mapping), and take them back after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..core.config import SigmaConfig
+from ..formats.adapter_file import read_adapter
+from ..formats.base_check import check_spectra, check_structure
+from ..formats.files import atomic_save_tensors, load_tensors
+from ..model.sigma_model import SigmaModel
+
+BASE = "base"  # the name of row 0
+
+
+class AdapterBank:
+    """Per-layer tables of adapter scales over a SigmaModel's stored bases."""
+
+    def __init__(
+        self,
+        model: SigmaModel,
+        max_resident: int | None = None,
+        spill_dir: str | Path | None = None,
+        capacity=16,
+    ):
+        self.model = model
+        self.layers = model.spectral_layers()  # name → SpectralLinear
+        if not self.layers:
+            raise ValueError(
+                "the model has no spectral layers; wrap it (or ensure_bases) before making a bank"
+            )
+        self.max_resident = max_resident
+        if spill_dir is None and max_resident is not None:  # evicted mixes must come back from somewhere
+            spill_dir = tempfile.mkdtemp(prefix="sigmatune-spill-")
+        self.spill_dir = Path(spill_dir) if spill_dir else None
+        self.device = next(iter(self.layers.values())).sigma_basis.device  # where the tables live
+        self.tables = {
+            name: torch.zeros(capacity, layer.rank, device=layer.sigma_basis.device)
+            for name, layer in self.layers.items()
+        }  # name → (capacity, R) fp32
+        self.rows: OrderedDict[str, int] = OrderedDict()  # resident name → row, least recently used first
+        self.sources: dict[str, Path] = {}  # name → adapter folder or spill file to (re)load from
+        self.mixes: dict[str, dict[str, float]] = {}
+        self._free = list(range(capacity - 1, 0, -1))
+        self._lock = threading.RLock()
+
+    @classmethod
+    def over(cls, base: torch.nn.Module, config: SigmaConfig, **kwargs) -> AdapterBank:
+        """A bank over a plain model: its config.target_modules get the bases config selects (e.g. rank=64
+        serves every principal adapter up to r=64), with no adapter of their own."""
+        model = SigmaModel(base)
+        model.ensure_bases(config, model.plan(config), pin=True)
+        return cls(model, **kwargs)
+
+    # ---- adding and removing ------------------------------------------------------------------------
+
+    def load(self, name: str, directory: str | Path, replace: bool = False) -> int:
+        """Add (or with replace=True, swap in) a saved adapter; returns its row."""
+        record = read_adapter(directory)
+        check_structure(directory, record, self.model.base_model)
+        unserved = sorted(set(record.layers) - set(self.layers))
+        if unserved:
+            raise ValueError(f"{directory}: adapts layers the bank has no bases for: {unserved[:3]}")
+        for layer_name, saved in record.layers.items():
+            absent = sorted(set(saved.indices.tolist()) - set(self.layers[layer_name].stored_indices))
+            if absent:
+                raise ValueError(
+                    f"{directory}: selects singular directions {absent[:5]} of layer {layer_name!r}, which the "
+                    f"bank's bases do not hold (it holds {len(self.layers[layer_name].stored_indices)} there); "
+                    "serve it from a bank whose selection contains it (e.g. a larger rank)"
+                )
+        check_spectra(directory, record, self.layers)
+        scales = {
+            layer_name: self.layers[layer_name].scales_for(
+                saved.indices.tolist(), saved.vector, record.config.update
+            )
+            for layer_name, saved in record.layers.items()
+        }
+        with self._lock:
+            row = self._store(name, scales, replace)
+            self.sources[name] = Path(directory)
+        return row
+
+    def add_from_model(self, name: str, adapter_name: str | None = None, replace: bool = False) -> int:
+        """Add an adapter that lives in the bank's SigmaModel (e.g. one just trained); returns its row."""
+        adapter_name = adapter_name or self.model.active_adapter
+        scales = {
+            layer_name: layer.scales(adapter_name).detach()
+            for layer_name, layer in self.layers.items()
+            if adapter_name in layer.sigma_adapters
+        }
+        if not scales:
+            raise KeyError(f"the model has no adapter {adapter_name!r}")
+        with self._lock:
+            row = self._store(name, scales, replace)
+            self._spill(name)
+        return row
+
+    def add_many(self, names: list[str], scales: dict[str, torch.Tensor]) -> list[int]:
+        """Add many adapters at once from their scales: layer name → (len(names), R) table block."""
+        with self._lock:
+            clashes = sorted(set(names) & (set(self.rows) | {BASE}))
+            if clashes or len(set(names)) != len(names):
+                raise ValueError(f"adapter names must be new and distinct: {clashes[:5] or 'repeated names'}")
+            if self.max_resident is not None and len(self.rows) + len(names) > self.max_resident:
+                raise ValueError("add_many cannot evict: raise max_resident or add the adapters one by one")
+            rows = [self._take_row() for _ in names]
+            index = torch.tensor(rows, device=self.device)
+            for layer_name, table in self.tables.items():
+                table[index] = scales[layer_name].to(table) if layer_name in scales else 0.0
+            self.rows.update(zip(names, rows, strict=True))
+        return rows
+
+    def add_mix(self, name: str, weights: dict[str, float], replace: bool = False) -> int:
+        """Add the weighted combination Σ w_k adapter_k as an adapter of its own (no weights built)."""
+        if not weights:
+            raise ValueError("a mix needs at least one adapter and its weight")
+        with self._lock:
+            parts = {part: self.row(part) for part in weights}  # hot-loads parts that were evicted
+            scales = {
+                layer_name: sum(w * table[parts[part]] for part, w in weights.items())
+                for layer_name, table in self.tables.items()
+            }
+            row = self._store(name, scales, replace)
+            self.mixes[name] = dict(weights)
+            self._spill(name)
+        return row
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self.rows and name not in self.sources:
+                raise KeyError(f"no adapter {name!r} in the bank")
+            self._release(name)
+            self.sources.pop(name, None)
+            self.mixes.pop(name, None)
+
+    # ---- looking up -----------------------------------------------------------------------------------
+
+    def row(self, name: str) -> int:
+        """The table row of an adapter ('base' = 0), loading it back if it was evicted."""
+        with self._lock:
+            if name == BASE:
+                return 0
+            if name in self.rows:
+                self.rows.move_to_end(name)
+                return self.rows[name]
+            if name not in self.sources:
+                raise KeyError(f"unknown adapter {name!r}; the bank holds {self.names()[:20]}")
+            source = self.sources[name]
+            if source.suffix == ".safetensors":
+                tensors, _ = load_tensors(source)
+                return self._store(name, {k: v for k, v in tensors.items() if k in self.tables}, False)
+            return self.load(name, source)
+
+    def ids(self, names, device=None) -> torch.Tensor:
+        """Row ids for a batch (B,): one adapter name or row id per row, or a tensor of row ids."""
+        if isinstance(names, torch.Tensor):
+            return names.to(device or self.device, torch.long)
+        rows = [name if isinstance(name, int) else self.row(name) for name in names]
+        return torch.tensor(rows, dtype=torch.long, device=device or self.device)
+
+    @contextlib.contextmanager
+    def serving(self, ids: torch.Tensor):
+        """Within this block, each batch row b of the model's input uses adapter row ids[b]: every layer
+        gets its rows of scales through SpectralLinear.serve_rows, and gives them back at the end."""
+        with self._lock:
+            for name, layer in self.layers.items():
+                layer.serve_rows(self.tables[name].index_select(0, ids))  # (B, R)
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.serve_rows(None)
+
+    def __call__(self, *args, adapter_ids, **kwargs):
+        """The model's forward with batch row b on adapter adapter_ids[b] (a name, 'base' or a row id)."""
+        with self.serving(self.ids(adapter_ids)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_ids, **kwargs):
+        """The model's generate() with batch row b on adapter adapter_ids[b], prefill and every step."""
+        with self.serving(self.ids(adapter_ids)):
+            return self.model.generate(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        """Every adapter the bank can serve (resident or not), 'base' first."""
+        with self._lock:
+            return [BASE, *sorted(set(self.rows) | set(self.sources))]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+    @property
+    def capacity(self) -> int:
+        """Rows of every table (row 0, the base model, included); they double when full."""
+        return next(iter(self.tables.values())).shape[0]
+
+    # ---- internals ------------------------------------------------------------------------------------
+
+    def _store(self, name: str, scales: dict[str, torch.Tensor], replace: bool) -> int:
+        if name == BASE:
+            raise ValueError(f"{BASE!r} is the base model's name; pick another adapter name")
+        unknown = sorted(set(scales) - set(self.tables))
+        if unknown:
+            raise ValueError(f"adapter {name!r} adapts layers this bank does not serve: {unknown[:3]}")
+        if name in self.rows and not replace:
+            raise ValueError(f"adapter {name!r} is already in the bank; pass replace=True to swap it")
+        row = self.rows.pop(name) if name in self.rows else self._take_row()
+        for layer_name, table in self.tables.items():
+            table[row] = scales[layer_name].to(table) if layer_name in scales else 0.0
+        self.rows[name] = row
+        return row
+
+    def _take_row(self) -> int:
+        if self.max_resident is not None and len(self.rows) >= self.max_resident:
+            self._release(next(iter(self.rows)))  # the least recently used
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def _grow(self) -> None:
+        old = self.capacity
+        for name, table in self.tables.items():
+            self.tables[name] = torch.cat([table, torch.zeros_like(table)])
+        self._free = list(range(2 * old - 1, old - 1, -1))
+
+    def _release(self, name: str) -> None:
+        row = self.rows.pop(name, None)
+        if row is not None:
+            for table in self.tables.values():
+                table[row] = 0.0
+            self._free.append(row)
+
+    def _spill(self, name: str) -> None:
+        """Keep a copy of an adapter that has no folder, so eviction can bring it back."""
+        if self.spill_dir is None:
+            return
+        row = self.rows[name]
+        path = (
+            self.spill_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.safetensors"
+        )  # any name is safe
+        atomic_save_tensors(
+            path, {k: t[row] for k, t in self.tables.items()}, metadata={"sigmatune_bank_row": name}
+        )
+        self.sources[name] = path
+
+
+def bases_for(adapter_dirs: list[Path]) -> dict[str, list[int]]:
+    """Layer → the union of the singular-value indices the saved adapters select: the bases a bank needs
+    to serve them all."""
+    plan: dict[str, set[int]] = {}
+    for folder in adapter_dirs:
+        for layer, saved in read_adapter(folder).layers.items():
+            plan.setdefault(layer, set()).update(saved.indices.tolist())
+    return {layer: sorted(indices) for layer, indices in plan.items()}

@@ -1,0 +1,146 @@
+"""The optimisation loop: AdamW over the trainable vectors, linear warm-up then cosine decay, gradient
+clipping at 1.0, batches drawn in a seeded order (so CPU and GPU see the same data in the same order).
+
+Nothing is lost on failure: with a checkpoint path, every save_every steps a checkpoint goes there
+(formats/checkpoint.py), and `resumed` continues one to the same numbers as a run that never stopped
+(the data order depends on the seed alone, the learning rate on the step alone). A NaN or Inf in the
+loss, the gradient norm or the vectors stops the loop before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..formats import checkpoint
+from ..model.sigma_model import SigmaModel
+from .data import Task
+from .evaluate import Score, token_loss
+from .settings import TrainSettings
+from .tokens import collate, encode
+
+
+def fit(
+    model: SigmaModel,
+    tokenizer,
+    task: Task,
+    settings: TrainSettings,
+    device,
+    path: Path | None = None,
+    before: Score | None = None,
+    resumed: checkpoint.Checkpoint | None = None,
+) -> list[float]:
+    """The optimisation loop; returns the training loss of every step (those before a resume included).
+    With a checkpoint path, a checkpoint goes there every settings.save_every steps (with `before`, the
+    score before training, to report on resume); `resumed` continues one."""
+    encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    done, history = 0, []
+    if resumed is not None:
+        checkpoint.restore(path, resumed, model, optimizer)
+        done, history = resumed.step, list(resumed.history)
+    order = batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
+    smoothed, tokens, start = None, 0, time.perf_counter()
+    model.train()
+    bar = tqdm(order[done:], desc="train", unit="step", disable=None, dynamic_ncols=True, initial=done)
+    bar.total = settings.steps
+    every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
+    for step, indices in enumerate(bar, done + 1):
+        batch = {
+            k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
+        }
+        loss = _backward(model, batch, step, path)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        _check_finite(norm, "gradient norm", step, path)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step - 1, settings.steps, settings.warmup)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        largest = torch.cat([p.detach().reshape(-1) for p in params]).abs().max()  # NaN if any is NaN
+        _check_finite(largest, "largest trained value", step, path)
+        value = float(loss.detach())
+        history.append(round(value, 4))
+        if path and settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+            state = checkpoint.Checkpoint(step, history, dataclasses.asdict(settings), _asdict(before), {})
+            checkpoint.save(path, model, optimizer, state)
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        tokens += int(batch["attention_mask"].sum())
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+        if bar.disable and (step % every == 0 or step == settings.steps):
+            eta = elapsed / (step - done) * (settings.steps - step)
+            log(
+                f"step {step}/{settings.steps}  loss {smoothed:.3f}  {tokens / elapsed:.0f} tok/s  eta {eta:.0f} s"
+            )
+    bar.close()
+    model.eval()
+    return history
+
+
+def _asdict(score_before: Score | None) -> dict:
+    return dataclasses.asdict(score_before) if score_before is not None else {}
+
+
+def _check_finite(value: torch.Tensor, what: str, step: int, path: Path | None) -> None:
+    if not torch.isfinite(value):
+        raise FloatingPointError(
+            f"the {what} became {float(value)} at step {step}; lower --lr. " + _kept(path)
+        )
+
+
+def _kept(path: Path | None) -> str:
+    """What is safe on disk after a failed step."""
+    if path is not None and path.exists():
+        return f"Nothing was saved; the last good checkpoint is {path}: continue it with --resume."
+    return "Nothing was saved; the adapter in the output folder, if any, is untouched."
+
+
+def _backward(model, batch: dict, step: int, path: Path | None) -> torch.Tensor:
+    """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
+    try:
+        loss, _ = token_loss(model, batch)
+        _check_finite(loss.detach(), "training loss", step, path)
+        loss.backward()
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "memory" not in str(err):
+            raise
+        raise MemoryError(
+            f"out of memory at step {step} ({str(err).splitlines()[0][:120]}); "
+            "lower --batch-size or --max-length. " + _kept(path)
+        ) from None
+    return loss
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning-rate multiplier at a step: linear warm-up over a `warmup` share of the steps, then
+    cosine decay to zero."""
+    warm = max(1, round(warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """steps batches of example indices: seeded shuffles, epoch after epoch."""
+    rng, pool, batches = random.Random(seed), [], []
+    while len(batches) < steps:
+        if len(pool) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            pool += epoch
+        batches.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return batches
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

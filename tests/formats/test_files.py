@@ -1,0 +1,53 @@
+"""Atomic writes and safe reads."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from sigmatune.formats.files import (
+    AdapterFileError,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    load_tensors,
+    read_json,
+)
+
+SOURCE = pathlib.Path(__file__).resolve().parents[2] / "src" / "sigmatune"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
+    target = tmp_path / "adapter.bin"
+    atomic_write_bytes(target, b"old contents")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, "not bytes")  # fails inside the write, after the temp file exists
+    assert target.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.bin"]
+
+
+def test_tensors_round_trip_with_metadata(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    atomic_save_tensors(tmp_path / "t.safetensors", tensors, {"note": "hello"})
+    loaded, metadata = load_tensors(tmp_path / "t.safetensors")
+    assert metadata == {"note": "hello"}
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_bad_json_names_the_file(tmp_path):
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match=r"c\.json: is not valid JSON"):
+        read_json(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text("[1, 2]")
+    with pytest.raises(AdapterFileError, match="holds a JSON list, expected an object"):
+        read_json(tmp_path / "c.json")
+    with pytest.raises(AdapterFileError, match="is not a regular file"):
+        load_tensors(tmp_path)
+
+
+def test_the_package_never_unpickles():
+    pattern = re.compile(r"\bpickle\b|torch\.load\(|weights_only\s*=\s*False|np\.load\(")
+    offenders = [p.name for p in SOURCE.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
