@@ -181,7 +181,13 @@ def build_server(
     hold every principal direction up to `rank` (for hot-loads) and every direction the folders select."""
     from .serving.bank import AdapterBank, bases_for
     from .serving.engine import Engine
-    from .serving.server import Server  # needs the [serve] extra
+
+    try:
+        from .serving.server import Server
+    except ImportError as err:
+        raise ImportError(
+            f"serving needs the [serve] extra: pip install 'sigmatune[serve]' ({err})"
+        ) from None
 
     chosen, torch_dtype = resolve_device(device, dtype)
     base, tokenizer = load_model(model, torch_dtype, chosen)
@@ -211,9 +217,9 @@ def serve(
     max_resident: int | None = None,
 ) -> None:
     """Run the server until interrupted (uvicorn with its HTTP_SETTINGS: see serving/routes.http_server)."""
-    from .serving.routes import create_app, http_server
-
     server, engine = build_server(model, adapters, rank, device, dtype, max_batch, max_resident)
+    from .serving.routes import create_app, http_server  # [serve] is there: build_server checked
+
     print(
         f"serving {model} with {len(server.bank.names()) - 1} adapters on http://{host}:{port}/v1", flush=True
     )

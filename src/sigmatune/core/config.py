@@ -40,9 +40,7 @@ class SigmaConfig:
     selection: str | list[int] | dict[str, list[int]] = "principal"  # "principal" = top-r by σ, "minor" =
     # bottom-r, or explicit singular-value indices (0 = largest): one list for every layer, or a dict from
     # layer name (exact or dotted suffix) to a list; explicit indices override `rank`
-    update: str = (
-        "multiplicative"  # "additive" trains δ; "multiplicative" trains g with δ = σ ⊙ g (updates.py)
-    )
+    update: str = "multiplicative"  # the update rule (updates.py): "additive" trains δ, "multiplicative" g
     init: str = "zeros"  # "zeros" = the adapted model equals the base at step 0; "normal" = N(0, init_std²)
     init_std: float = 1e-3  # standard deviation of init="normal"
     svd: str = "auto"  # "exact", "randomized" (top singular values only), or "auto" (randomized when cheap)

@@ -1,8 +1,9 @@
 """AdapterBank: thousands of adapters of one base model, served together in mixed batches.
 
 Every adapter on the same bases is one row of scales per layer, so the bank keeps, per layer, a
-table G (capacity × R) — row 0 is the base model (zeros). A batch whose rows use adapters `ids`
-runs each layer as x + ((x V) ⊙ G[ids]) Vᵀ: one gather, then the cost of a single adapter.
+table G (capacity × R) — row 0 is the base model (zeros; tables.py). A batch whose rows use adapters
+`ids` runs each layer as x + ((x V) ⊙ G[ids]) Vᵀ: one gather, then the cost of a single adapter.
+The bank decides which adapter holds which row, checks what it loads, and keeps the rows resident.
 
 - Adapters nest: a top-16 adapter sits in a bank whose layers store the top 64 (its row is zero
   elsewhere); an adapter selecting directions the bank's layers do not store is refused.
@@ -33,6 +34,7 @@ from ..formats.adapter_file import read_adapter
 from ..formats.base_check import check_spectra, check_structure
 from ..formats.files import atomic_save_tensors, load_tensors
 from ..model.sigma_model import SigmaModel
+from .tables import ScaleTables
 
 BASE = "base"  # the name of row 0
 
@@ -57,15 +59,12 @@ class AdapterBank:
         if spill_dir is None and max_resident is not None:  # evicted mixes must come back from somewhere
             spill_dir = tempfile.mkdtemp(prefix="sigmatune-spill-")
         self.spill_dir = Path(spill_dir) if spill_dir else None
-        self.device = next(iter(self.layers.values())).sigma_basis.device  # where the tables live
-        self.tables = {
-            name: torch.zeros(capacity, layer.rank, device=layer.sigma_basis.device)
-            for name, layer in self.layers.items()
-        }  # name → (capacity, R) fp32
+        device = next(iter(self.layers.values())).sigma_basis.device
+        self.tables = ScaleTables({name: layer.rank for name, layer in self.layers.items()}, device, capacity)
+        self.device = self.tables.device  # where the tables (and the ids of a batch) live
         self.rows: OrderedDict[str, int] = OrderedDict()  # resident name → row, least recently used first
         self.sources: dict[str, Path] = {}  # name → adapter folder or spill file to (re)load from
         self.mixes: dict[str, dict[str, float]] = {}
-        self._free = list(range(capacity - 1, 0, -1))
         self._lock = threading.RLock()
 
     @classmethod
@@ -128,10 +127,8 @@ class AdapterBank:
                 raise ValueError(f"adapter names must be new and distinct: {clashes[:5] or 'repeated names'}")
             if self.max_resident is not None and len(self.rows) + len(names) > self.max_resident:
                 raise ValueError("add_many cannot evict: raise max_resident or add the adapters one by one")
-            rows = [self._take_row() for _ in names]
-            index = torch.tensor(rows, device=self.device)
-            for layer_name, table in self.tables.items():
-                table[index] = scales[layer_name].to(table) if layer_name in scales else 0.0
+            rows = [self.tables.take() for _ in names]
+            self.tables.write(rows, scales)
             self.rows.update(zip(names, rows, strict=True))
         return rows
 
@@ -140,12 +137,8 @@ class AdapterBank:
         if not weights:
             raise ValueError("a mix needs at least one adapter and its weight")
         with self._lock:
-            parts = {part: self.row(part) for part in weights}  # hot-loads parts that were evicted
-            scales = {
-                layer_name: sum(w * table[parts[part]] for part, w in weights.items())
-                for layer_name, table in self.tables.items()
-            }
-            row = self._store(name, scales, replace)
+            rows = {self.row(part): weight for part, weight in weights.items()}  # hot-loads evicted parts
+            row = self._store(name, self.tables.combine(rows), replace)
             self.mixes[name] = dict(weights)
             self._spill(name)
         return row
@@ -173,7 +166,7 @@ class AdapterBank:
             source = self.sources[name]
             if source.suffix == ".safetensors":
                 tensors, _ = load_tensors(source)
-                return self._store(name, {k: v for k, v in tensors.items() if k in self.tables}, False)
+                return self._store(name, {k: v for k, v in tensors.items() if k in self.layers}, False)
             return self.load(name, source)
 
     def ids(self, names, device=None) -> torch.Tensor:
@@ -188,8 +181,8 @@ class AdapterBank:
         """Within this block, each batch row b of the model's input uses adapter row ids[b]: every layer
         gets its rows of scales through SpectralLinear.serve_rows, and gives them back at the end."""
         with self._lock:
-            for name, layer in self.layers.items():
-                layer.serve_rows(self.tables[name].index_select(0, ids))  # (B, R)
+            for name, rows in self.tables.gather(ids).items():
+                self.layers[name].serve_rows(rows)  # (B, R)
         try:
             yield
         finally:
@@ -212,48 +205,33 @@ class AdapterBank:
             return [BASE, *sorted(set(self.rows) | set(self.sources))]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tables.values())
-
-    @property
-    def capacity(self) -> int:
-        """Rows of every table (row 0, the base model, included); they double when full."""
-        return next(iter(self.tables.values())).shape[0]
+        """Bytes of the tables of scales (what the resident adapters cost, on the device)."""
+        return self.tables.memory_bytes()
 
     # ---- internals ------------------------------------------------------------------------------------
 
     def _store(self, name: str, scales: dict[str, torch.Tensor], replace: bool) -> int:
         if name == BASE:
             raise ValueError(f"{BASE!r} is the base model's name; pick another adapter name")
-        unknown = sorted(set(scales) - set(self.tables))
+        unknown = sorted(set(scales) - set(self.layers))
         if unknown:
             raise ValueError(f"adapter {name!r} adapts layers this bank does not serve: {unknown[:3]}")
         if name in self.rows and not replace:
             raise ValueError(f"adapter {name!r} is already in the bank; pass replace=True to swap it")
         row = self.rows.pop(name) if name in self.rows else self._take_row()
-        for layer_name, table in self.tables.items():
-            table[row] = scales[layer_name].to(table) if layer_name in scales else 0.0
+        self.tables.write(row, scales)
         self.rows[name] = row
         return row
 
     def _take_row(self) -> int:
         if self.max_resident is not None and len(self.rows) >= self.max_resident:
             self._release(next(iter(self.rows)))  # the least recently used
-        if not self._free:
-            self._grow()
-        return self._free.pop()
-
-    def _grow(self) -> None:
-        old = self.capacity
-        for name, table in self.tables.items():
-            self.tables[name] = torch.cat([table, torch.zeros_like(table)])
-        self._free = list(range(2 * old - 1, old - 1, -1))
+        return self.tables.take()
 
     def _release(self, name: str) -> None:
         row = self.rows.pop(name, None)
         if row is not None:
-            for table in self.tables.values():
-                table[row] = 0.0
-            self._free.append(row)
+            self.tables.free(row)
 
     def _spill(self, name: str) -> None:
         """Keep a copy of an adapter that has no folder, so eviction can bring it back."""
@@ -263,9 +241,7 @@ class AdapterBank:
         path = (
             self.spill_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.safetensors"
         )  # any name is safe
-        atomic_save_tensors(
-            path, {k: t[row] for k, t in self.tables.items()}, metadata={"sigmatune_bank_row": name}
-        )
+        atomic_save_tensors(path, self.tables.read(row), metadata={"sigmatune_bank_row": name})
         self.sources[name] = path
 
 
