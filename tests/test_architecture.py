@@ -170,7 +170,8 @@ def shortest_loop(start: str, group: set[str], graph: dict[str, set[str]]) -> li
 def test_the_package_keeps_its_layers():
     modules = read_tree()
     assert {unit_of(name) for name in modules} >= {"core", "formats", "model", "training", "serving", "cli"}
-    assert problems(modules) == []
+    found = problems(modules)
+    assert not found, "the architecture is broken:\n" + "\n".join(found)
 
 
 # ---- the checks catch what they are for -----------------------------------------------------------------
