@@ -94,7 +94,8 @@ def _status_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/models")
     async def models():
         created, served = int(time.time()), server.bank.names()
-        names = served + [name for name in server.on_disk() if name not in set(served)]
+        known = set(served)
+        names = served + [name for name in server.on_disk() if name not in known]
         return {
             "object": "list",
             "data": [
