@@ -165,6 +165,21 @@ def test_eigentune_import_refuses_another_base_and_unknown_formats(tmp_path):
         SigmaModel.from_eigentune(smaller, tmp_path)
 
 
+def test_an_unknown_eigentune_update_or_source_is_refused(tmp_path):
+    eigentune = pytest.importorskip("eigentune")
+    peer = eigentune.get_eigentune_model(tiny_llama(), eigentune.EigenTuneConfig(rank=4, svd_backend="exact"))
+    eigentune.save_adapter(peer, str(tmp_path))
+    same = SigmaModel.from_pretrained(tiny_llama(), tmp_path, source="eigentune")  # what from_eigentune does
+    torch.testing.assert_close(logits(same), logits(peer), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"source must be one of \['sigmatune', 'eigentune'\], got 'peft'"):
+        SigmaModel.from_pretrained(tiny_llama(), tmp_path, source="peft")
+    header = json.loads((tmp_path / "eigentune_config.json").read_text())
+    changed = {**header, "config": {**header["config"], "update": "exponential"}}
+    (tmp_path / "eigentune_config.json").write_text(json.dumps(changed))
+    with pytest.raises(AdapterFileError, match="has an eigentune update 'exponential'"):
+        SigmaModel.from_eigentune(tiny_llama(), tmp_path)
+
+
 # ---- eigentune 0.1.0 (the seed), from its wheel on PyPI ---------------------------------------------
 
 
