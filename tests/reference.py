@@ -24,3 +24,19 @@ def reference_linear(x, weight, bias, indices, vector, update):
     """The adapted layer applied to x (…, in)."""
     y = x.double() @ reference_weight(weight, indices, vector, update).T
     return y if bias is None else y + bias.double()
+
+
+def reference_band_weight(
+    weight: torch.Tensor, indices: list[int], matrix: torch.Tensor, side: str
+) -> torch.Tensor:
+    """W' = W (I + V_S M V_Sᵀ) (input side) or (I + U_S M U_Sᵀ) W (output side), M (r, r) over the selected
+    directions in σ order, from a fresh fp64 SVD with each column's largest entry positive (the stored
+    bases' sign rule: M's off-diagonal entries depend on the signs)."""
+    u, _, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    index = torch.tensor(indices)
+    basis = vh[index].T if side == "input" else u[:, index]  # (d, r)
+    rows = basis.abs().argmax(dim=0)
+    basis = basis * torch.sign(basis[rows, torch.arange(basis.shape[1])])
+    projector = basis @ matrix.double() @ basis.T  # (d, d)
+    eye = torch.eye(projector.shape[0], dtype=torch.float64)
+    return weight.double() @ (eye + projector) if side == "input" else (eye + projector) @ weight.double()

@@ -6,7 +6,8 @@ directions, r = |S|. Only a vector over S is trained:
     additive:        W' = U diag(σ + δ) Vᵀ            (δ is trained, as in the seed package)
     multiplicative:  W' = U diag(σ ⊙ (1 + g)) Vᵀ      (g is trained, δ = σ ⊙ g)
 
-(the update rules are defined in updates.py; `update` takes their names).
+(the update rules are defined in updates.py; `update` takes their names). With structure="band" the
+trained object is a banded r × r matrix M over S instead (structures.py): W' = W (I + V_S M V_Sᵀ).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .updates import UPDATES
+from .structures import STRUCTURES, structure_of
+from .updates import UPDATES, update_rule
 
 INITS = ("zeros", "normal")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -41,6 +43,10 @@ class SigmaConfig:
     # bottom-r, or explicit singular-value indices (0 = largest): one list for every layer, or a dict from
     # layer name (exact or dotted suffix) to a list; explicit indices override `rank`
     update: str = "multiplicative"  # the update rule (updates.py): "additive" trains δ, "multiplicative" g
+    structure: str = (
+        "diagonal"  # what a layer trains over S: "diagonal" (g) or "band" (a banded M, structures.py)
+    )
+    band: int = 0  # structure="band": M's half-width b, |i − j| ≤ b (2b + 1 diagonals); 0 otherwise
     init: str = "zeros"  # "zeros" = the adapted model equals the base at step 0; "normal" = N(0, init_std²)
     init_std: float = 1e-3  # standard deviation of init="normal"
     svd: str = "auto"  # "exact", "randomized" (top singular values only), or "auto" (randomized when cheap)
@@ -60,6 +66,7 @@ class SigmaConfig:
         _check_targets(self.target_modules)
         _check_selection(self.selection)
         _check_choice("update", self.update, tuple(UPDATES))
+        _check_structure(self.structure, self.band, self.update)
         _check_choice("init", self.init, INITS)
         _check_choice("svd", self.svd, SVD_METHODS)
         if self.svd == "randomized" and (self.rank == "full" or self.selection == "minor"):
@@ -163,6 +170,15 @@ def name_matches(name: str, key: str) -> bool:
 def _check_choice(field_name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{field_name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_structure(structure, band, update: str) -> None:
+    _check_choice("structure", structure, STRUCTURES)
+    if isinstance(band, bool) or not isinstance(band, int) or band < 0:
+        raise ValueError(f"band must be an int ≥ 0 (the band's half-width), got {band!r}")
+    if structure == "diagonal" and band:
+        raise ValueError(f"band={band} is the half-width of a band: set structure='band' (or leave band=0)")
+    structure_of(structure, band).check_rule(update_rule(update))
 
 
 def _check_rank(rank) -> None:

@@ -10,6 +10,12 @@ base layer applied to a transformed input, or followed by a transformed output:
 The extra work per token is two thin GEMMs (N × d × r) forward and two backward; only the
 projection x V_S (N × r) is kept for the gradient of g. How g follows from a trained vector is the
 update rule's business (updates.py); here g is given.
+
+A band structure (structures.py) replaces ⊙ g by a banded mix. With W' = W (I + V_S M V_Sᵀ) and rows
+of x as row vectors, base(x̃) = x W'ᵀ needs x̃ = x + ((x V_S) Mᵀ) V_Sᵀ (and the output side likewise
+y = z + b + ((z U_S) Mᵀ) U_Sᵀ): the projection is mixed by Mᵀ, M given by its 2w+1 column-aligned
+diagonals C (C[w+o, j] = M[j−o, j]). Every function here takes either g (r,) or C (2w+1, r) and
+tells them apart by their dimension.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .structures import half_width
 
 
 def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None):
@@ -28,6 +35,8 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
     two GEMMs do, the second accumulating onto a (addmm).
     """
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
+    if g.dim() == 2:  # a band: C (2w+1, r)
+        return _BandTransform.apply(flat, basis, g, shift).view(a.shape)
     fused = kernels.available(flat, basis.shape[1]) and (
         kernels.IN_COMPILE or not torch.compiler.is_compiling()
     )
@@ -37,17 +46,20 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
 def transform_rows(
     a: torch.Tensor, basis: torch.Tensor, g_rows: torch.Tensor, shift: torch.Tensor | None = None
 ):
-    """transform() with one g per leading row: a (B, …, d), g_rows (B, r) — a mixed-adapter batch.
+    """transform() with one g per leading row: a (B, …, d), g_rows (B, r) — a mixed-adapter batch — or
+    one band per row, g_rows (B, 2w+1, r).
 
-    Costs what one adapter costs: the per-row scales multiply the projection, (B, …, r), before the
-    second GEMM. Plain differentiable torch ops (serving needs no custom backward).
+    Costs what one adapter costs: the per-row scales multiply (or mix) the projection, (B, …, r),
+    before the second GEMM. Plain differentiable torch ops (serving needs no custom backward).
     """
     basis = basis.to(a.dtype)
     projected = a @ basis  # (B, …, r)
     if shift is not None:
         projected = projected - shift.to(a.dtype)
     wide = torch.promote_types(a.dtype, torch.float32)
-    rows = g_rows.to(wide).view(g_rows.shape[0], *([1] * (a.dim() - 2)), g_rows.shape[1])  # (B, 1…, r)
+    if g_rows.dim() == 3:
+        return a + band_mix_transposed(projected.to(wide), g_rows.to(wide)).to(a.dtype) @ basis.T
+    rows = _per_row(g_rows.to(wide), a)  # (B, 1…, r)
     return a + (projected.to(wide) * rows).to(a.dtype) @ basis.T
 
 
@@ -112,23 +124,122 @@ def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (q.to(wide) * p.to(wide)).sum(dim=0)
 
 
-def inverse_scales(g: torch.Tensor) -> torch.Tensor:
-    """g' with (I + B diag(g) Bᵀ)(I + B diag(g') Bᵀ) = I for orthonormal B: g' = −g / (1 + g)."""
-    if bool((1 + g == 0).any()):
+# ---- bands -------------------------------------------------------------------------------------------
+
+
+def band_mix(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """P M for M given by column-aligned diagonals: (P M)_j = Σ_o P_{j−o} C[w+o, j].
+
+    p (…, r) with c (2w+1, r); or p (B, …, r) with one band per leading row, c (B, 2w+1, r).
+    """
+    w, r = (c.shape[-2] - 1) // 2, p.shape[-1]
+    padded = torch.nn.functional.pad(p, (w, w))  # (…, r + 2w): padded[w + j] = P_j
+    return sum(padded[..., w - o : w - o + r] * _diagonal(c, w + o, p) for o in range(-w, w + 1))
+
+
+def band_mix_transposed(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Q Mᵀ: (Q Mᵀ)_j = Σ_o Q_{j+o} M[j, j+o] = Σ_o (Q ⊙ C[w+o])_{j+o}.
+
+    q (…, r) with c (2w+1, r); or q (B, …, r) with one band per leading row, c (B, 2w+1, r).
+    """
+    w, r = (c.shape[-2] - 1) // 2, q.shape[-1]
+    terms = [
+        torch.nn.functional.pad(q * _diagonal(c, w + o, q), (w, w))[..., w + o : w + o + r]
+        for o in range(-w, w + 1)
+    ]
+    return sum(terms)
+
+
+def band_grad(p: torch.Tensor, q: torch.Tensor, w: int) -> torch.Tensor:
+    """∂/∂C of Σ (P M) ⊙ Q over rows, for P, Q (N, r): dC[w+o, j] = Σ_n P[n, j−o] Q[n, j]; (2w+1, r).
+    (For Σ (P Mᵀ) ⊙ Q, swap P and Q.)"""
+    r = p.shape[-1]
+    padded = torch.nn.functional.pad(p, (w, w))
+    return torch.stack([(padded[..., w - o : w - o + r] * q).sum(dim=0) for o in range(-w, w + 1)])
+
+
+def _diagonal(c: torch.Tensor, k: int, p: torch.Tensor) -> torch.Tensor:
+    """Row k of a band (r,), or of one band per leading row of p, shaped to broadcast: (B, 1…, r)."""
+    return c[k] if c.dim() == 2 else _per_row(c[:, k], p)
+
+
+def _per_row(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(B, r) → (B, 1…, r): one row per leading row of a (B, …, d)."""
+    return rows.view(rows.shape[0], *([1] * (a.dim() - 2)), rows.shape[1])
+
+
+class _BandTransform(torch.autograd.Function):
+    """transform() with a band on a 2-D a: a + ((aB − c) Mᵀ) Bᵀ, saving only the projection P = aB − c.
+
+    backward: dA = dout + ((dout B) M) Bᵀ; dM = (dout B)ᵀ P, of which the band is kept. Computed in a's
+    dtype (autocast's, when on), the banded mixes in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, a, basis, bands, shift):
+        ctx.input_dtype = a.dtype
+        device = a.device.type
+        if torch.is_autocast_enabled(device):
+            a = a.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            basis = basis.to(a.dtype)
+            projection = a @ basis  # (N, r)
+            if shift is not None:
+                projection = projection - shift.to(a.dtype)
+            wide = torch.promote_types(a.dtype, torch.float32)
+            mixed = band_mix_transposed(projection.to(wide), bands.to(wide)).to(a.dtype)  # P Mᵀ
+            out = torch.addmm(a, mixed, basis.T)
+        ctx.save_for_backward(projection, basis, bands)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        projection, basis, bands = ctx.saved_tensors
+        wide = torch.promote_types(grad_out.dtype, torch.float32)
+        along = grad_out @ basis.to(grad_out.dtype)  # (N, r)
+        back = band_mix(along.to(wide), bands.to(wide)).to(grad_out.dtype)  # (dout B) M
+        grad_a = torch.addmm(grad_out, back, basis.to(grad_out.dtype).T)
+        grad_bands = None
+        if ctx.needs_input_grad[2]:
+            grad_bands = band_grad(along.to(wide), projection.to(wide), half_width(bands)).to(bands.dtype)
+        return grad_a.to(ctx.input_dtype), None, grad_bands, None
+
+
+# ---- merging ---------------------------------------------------------------------------------------------
+
+
+def inverse_scales(m: torch.Tensor) -> torch.Tensor:
+    """The update that undoes m on the subspace, for orthonormal B: with g (r,), g' = −g / (1 + g) so that
+    (I + B diag(g) Bᵀ)(I + B diag(g') Bᵀ) = I; with a dense M (r, r), M' = (I + M)⁻¹ − I."""
+    if m.dim() == 2:
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        inverse, info = torch.linalg.inv_ex(eye + m)
+        if int(info) != 0:
+            raise ValueError(
+                "cannot undo this update: I + M is singular (it maps a direction to zero); "
+                "reload the base weights instead"
+            )
+        return inverse - eye
+    if bool((1 + m == 0).any()):
         raise ValueError(
             "cannot undo this update: it sets a singular value to exactly zero (g = -1), "
             "which loses the direction; reload the base weights instead"
         )
-    return -g / (1 + g)
+    return -m / (1 + m)
 
 
-def apply_to_weight(weight: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, side: str) -> torch.Tensor:
-    """The merged weight W' for a dense (out, in) weight: W (I + V diag(g) Vᵀ) or (I + U diag(g) Uᵀ) W.
+def apply_to_weight(weight: torch.Tensor, basis: torch.Tensor, m: torch.Tensor, side: str) -> torch.Tensor:
+    """The merged weight W' for a dense (out, in) weight: W (I + V M Vᵀ) or (I + U M Uᵀ) W, with M = diag(g)
+    for g (r,), or a dense M (r, r).
 
-    Equal to U diag(σ + δ) Vᵀ when the basis holds exact singular vectors of W.
+    Equal to U diag(σ + δ) Vᵀ when the basis holds exact singular vectors of W and M = diag(g).
     """
     basis = basis.to(weight.dtype)
-    g = g.to(weight.dtype)
+    m = m.to(weight.dtype)
+    if m.dim() == 2:
+        if side == "input":
+            return weight + ((weight @ basis) @ m) @ basis.T  # (out, in)
+        return weight + basis @ (m @ (basis.T @ weight))  # (out, in)
     if side == "input":
-        return weight + ((weight @ basis) * g) @ basis.T  # (out, in)
-    return weight + basis @ (g[:, None] * (basis.T @ weight))  # (out, in)
+        return weight + ((weight @ basis) * m) @ basis.T  # (out, in)
+    return weight + basis @ (m[:, None] * (basis.T @ weight))  # (out, in)

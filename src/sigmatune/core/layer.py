@@ -5,8 +5,9 @@
 computed in the one-sided form (see functional.py): the layer stores ONE basis, of its smaller
 side (V_S, in × R, when in ≤ out; else U_S, out × R), never a copy of W. Several adapters may live
 in one layer, keyed by name, one active at a time; each trains a vector over its own selection,
-a subset of the R stored directions, read through its update rule (updates.py). Everything an
-adapter trains is named `sigma_adapters.*`.
+a subset of the R stored directions, read through its update rule (updates.py): a vector g, or for
+the band structure (structures.py) the diagonals of a banded M. Everything an adapter trains is named
+`sigma_adapters.*`.
 
 A mixed batch (each row its own adapter) reaches the layer through one seam, serve_rows(): whoever
 serves it (serving/bank.py) hands over one row of scales per batch row and takes it back after.
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .structures import Diagonal, Structure, band_to_dense, spread, valid_part
 from .svd import Spectrum, side_for
 from .updates import UpdateRule, update_rule
 from .weights import (
@@ -35,20 +37,32 @@ from .weights import (
 
 
 class SigmaVector(nn.Module):
-    """One adapter's trained vector in one layer, and where its entries sit in the layer's basis."""
+    """One adapter's trained tensor in one layer, and where its entries sit in the layer's basis:
+    `vector` is (r,) for the diagonal structure, the 2b+1 diagonals (2b+1, r) of M for a band."""
 
-    def __init__(self, indices: torch.Tensor, update: str, init: str, init_std: float, dtype: torch.dtype):
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        update: str,
+        init: str,
+        init_std: float,
+        dtype: torch.dtype,
+        structure: Structure | None = None,
+    ):
         super().__init__()
-        vector = torch.zeros(len(indices), dtype=dtype, device=indices.device)  # (r,)
+        self.structure = structure or Diagonal()
+        self.rule = update_rule(update)  # what the vector holds: δ (additive) or g (multiplicative)
+        self.structure.check_rule(self.rule)
+        vector = torch.zeros(self.structure.shape(len(indices)), dtype=dtype, device=indices.device)
         if init == "normal":
             vector.normal_(0.0, init_std)
+            vector.copy_(valid_part(vector))
         self.vector = nn.Parameter(vector)
-        self.rule = update_rule(update)  # what the vector holds: δ (additive) or g (multiplicative)
         self.register_buffer("indices", indices, persistent=False)  # (r,) singular-value indices
         self.register_buffer("positions", None, persistent=False)  # (r,) columns of the basis; None = all
 
     def extra_repr(self) -> str:
-        return f"r={self.vector.numel()}, update={self.rule.name}"
+        return f"r={len(self.indices)}, update={self.rule.name}, structure={self.structure!r}"
 
 
 class SpectralLinear(nn.Module):
@@ -73,14 +87,22 @@ class SpectralLinear(nn.Module):
         return self.sigma_basis.shape[1]
 
     def add_adapter(
-        self, name: str, indices: list[int], update: str, init: str = "zeros", init_std: float = 0.0
+        self,
+        name: str,
+        indices: list[int],
+        update: str,
+        init: str = "zeros",
+        init_std: float = 0.0,
+        structure: Structure | None = None,
     ):
-        """A new adapter training a vector over the given singular-value indices (all stored here)."""
+        """A new adapter training a vector (or, for a band, its diagonals) over the given singular-value
+        indices (all stored here)."""
         if name in self.sigma_adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer; delete it first")
         wanted = sorted(indices)
         index = torch.tensor(wanted, dtype=torch.int64, device=self.sigma_indices.device)
-        adapter = SigmaVector(index, update, init, init_std, self.sigma_values.dtype)  # fp32, fp64 for fp64
+        dtype = self.sigma_values.dtype  # fp32, fp64 for fp64
+        adapter = SigmaVector(index, update, init, init_std, dtype, structure)
         adapter.positions = self.positions_for(wanted)
         self.sigma_adapters[name] = adapter
 
@@ -114,8 +136,8 @@ class SpectralLinear(nn.Module):
             adapter.positions = self.positions_for(adapter.indices.tolist())
 
     def scales_for(self, indices: list[int], vector: torch.Tensor, update: str) -> torch.Tensor:
-        """g over all R stored directions for a vector over the given (stored) singular-value indices,
-        read with the update rule named `update`."""
+        """g (R,) over all R stored directions — or a band (2w+1, R) — for a vector (or band) over the
+        given (stored) singular-value indices, read with the update rule named `update`."""
         positions = self.positions_for(sorted(indices))
         return self._stored_scales(update_rule(update), vector.to(self.sigma_values.device), positions)
 
@@ -125,17 +147,26 @@ class SpectralLinear(nn.Module):
         return slice(None) if positions is None else positions
 
     def scales(self, name: str) -> torch.Tensor:
-        """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing."""
+        """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
+        band, M's diagonals over the stored columns (2w+1, R)."""
         adapter = self.sigma_adapters[name]
         return self._stored_scales(adapter.rule, adapter.vector, adapter.positions)
+
+    def own_scales(self, name: str) -> torch.Tensor:
+        """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
+        adapter = self.sigma_adapters[name]
+        positions = adapter.positions
+        return adapter.rule.scales(
+            adapter.vector, self.sigma_values if positions is None else self.sigma_values[positions]
+        )
 
     def _stored_scales(
         self, rule: UpdateRule, vector: torch.Tensor, positions: torch.Tensor | None
     ) -> torch.Tensor:
-        """g (R,) from a vector over the stored columns `positions` (None = all, in order: no scatter)."""
+        """g (R,), or a band (2w+1, R), from a vector over the stored columns `positions` (None = all, in
+        order: nothing to scatter)."""
         sigma = self.sigma_values if positions is None else self.sigma_values[positions]
-        g = rule.scales(vector, sigma)  # (r,)
-        return g if positions is None else g.new_zeros(self.rank).index_copy(0, positions, g)  # (R,)
+        return spread(rule.scales(vector, sigma), positions, self.rank)
 
     # ---- forward -------------------------------------------------------------------------------------
 
@@ -171,19 +202,19 @@ class SpectralLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r × in), B (out × r)) in fp32 with B A = the adapter's ΔW = U_S diag(δ_S) V_Sᵀ, exactly:
 
-        input side:  ΔW = W V diag(g) Vᵀ   → B = W V diag(g), A = Vᵀ
-        output side: ΔW = U diag(g) Uᵀ W   → B = U,           A = diag(g) Uᵀ W
+        input side:  ΔW = W V M Vᵀ   → B = W V M, A = Vᵀ          (M = diag(g), or the band)
+        output side: ΔW = U M Uᵀ W   → B = U,     A = M Uᵀ W
         The side not stored comes from W: the layer's own weight, or `weight` (out, in) when given.
         """
         columns = self.columns(name)
-        g = self.scales(name).detach()[columns].double()  # (r,)
+        m = band_to_dense(self.own_scales(name).detach().double())  # (r, r)
         basis = self.sigma_basis[:, columns].double()  # (d, r)
         weight = (
             (dequantized_weight(self.base_layer) if weight is None else weight).detach().to(basis)
         )  # (out, in)
         if self.side == "input":
-            return basis.T.float(), ((weight @ basis) * g).float()
-        return (g[:, None] * (basis.T @ weight)).float(), basis.float()
+            return basis.T.float(), ((weight @ basis) @ m).float()
+        return (m @ (basis.T @ weight)).float(), basis.float()
 
     @torch.no_grad()
     def singular_vectors(
@@ -203,7 +234,8 @@ class SpectralLinear(nn.Module):
         """W ← W + U_S diag(δ_S) V_Sᵀ for the active adapter. A second merge changes nothing."""
         if self.merged_adapter is not None or self.active_adapter is None:
             return
-        g = self.scales(self.active_adapter).detach().clone()
+        g = self.scales(self.active_adapter).detach().clone()  # g (R,), or a band: M dense (R, R)
+        g = g if g.dim() == 1 else band_to_dense(g)
         self._rewrite_weight(g)
         self.register_buffer("_merged_scales", g, persistent=False)
         self.merged_adapter = self.active_adapter

@@ -1,6 +1,7 @@
 """The adapter file format: one safetensors file that carries its own settings, and a JSON copy.
 
-    <dir>/sigma_adapter.safetensors   per layer L:  L.vector (r,) float32   the trained vector
+    <dir>/sigma_adapter.safetensors   per layer L:  L.vector (r,) float32   the trained vector (a band:
+                                                                        its diagonals, (2b+1, r))
                                                   L.indices (r,) int64   its singular-value indices
                                                   L.sigma (r,) float32   σ at those indices (base check)
                                                   L.basis (d, r)         only when saved with bases
@@ -40,7 +41,8 @@ from .files import (
 )
 
 FORMAT = "sigmatune"
-FORMAT_VERSION = 2  # 2: the checksum is required (version-1 files, which have none, still load)
+FORMAT_VERSION = 3  # 2: the checksum is required (version-1 files, which have none, still load);
+# 3: the settings name a structure, and a band's vector is (2b+1, r) (version-2 files are diagonal)
 WEIGHTS_NAME = "sigma_adapter.safetensors"
 CONFIG_NAME = "sigma_config.json"
 LAYER_TENSORS = ("vector", "indices", "sigma")
@@ -50,7 +52,7 @@ LAYER_TENSORS = ("vector", "indices", "sigma")
 class LayerRecord:
     """One layer of a saved adapter."""
 
-    vector: torch.Tensor  # (r,) float32: δ (additive) or g (multiplicative)
+    vector: torch.Tensor  # (r,) float32: δ (additive) or g (multiplicative); a band: (2b+1, r), M's diagonals
     indices: torch.Tensor  # (r,) int64, sorted
     sigma: torch.Tensor  # (r,) σ of the base at those indices when it was trained
     out_features: int
@@ -180,19 +182,22 @@ def _parse_header(path: Path, metadata: dict) -> dict:
 def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, list[int]]]) -> None:
     """Every tensor the file declares, by name, dtype and shape, against the header — before reading."""
     header = _parse_header(path, metadata)
+    diagonals = _band_rows(path, header["config"])  # None: a vector (r,); else the rows (2b+1) of a band
+    want = "[r]" if diagonals is None else f"[{diagonals}, r]"
     expected = {}
     for name, (out_features, in_features) in header["layers"].items():
         k, d = min(out_features, in_features), basis_rows(out_features, in_features)
         vector_shape = declared.get(f"{name}.vector", (None, None))[1]
         if vector_shape is None:
             raise AdapterFileError(path, f"lacks {name}.vector", "the file is incomplete; re-save it")
-        if len(vector_shape) != 1 or not 1 <= vector_shape[0] <= k:
+        lead = [] if diagonals is None else [diagonals]
+        if len(vector_shape) != len(lead) + 1 or vector_shape[:-1] != lead or not 1 <= vector_shape[-1] <= k:
             raise AdapterFileError(
                 path,
-                f"declares {name}.vector as {vector_shape}; it must be [r] with 1 ≤ r ≤ min(in, out) = {k}",
+                f"declares {name}.vector as {vector_shape}; it must be {want} with 1 ≤ r ≤ min(in, out) = {k}",
             )
-        r = vector_shape[0]
-        expected[f"{name}.vector"] = ({"F32"}, [r])
+        r = vector_shape[-1]
+        expected[f"{name}.vector"] = ({"F32"}, [*lead, r])
         expected[f"{name}.indices"] = ({"I64"}, [r])
         expected[f"{name}.sigma"] = ({"F32"}, [r])
         expected[f"{name}.basis"] = ({"F32", "F64", "BF16", "F16"}, [d, r])
@@ -207,6 +212,16 @@ def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, l
     missing = sorted(n for n in expected if n not in declared and not n.endswith(".basis"))
     if missing:
         raise AdapterFileError(path, f"lacks {missing[:3]}", "the file is incomplete; re-save it")
+
+
+def _band_rows(path: Path, config: dict) -> int | None:
+    """2b + 1 for a band adapter's settings, None for a diagonal one (settings of version ≤ 2 name none)."""
+    structure, band = config.get("structure", "diagonal"), config.get("band", 0)
+    if structure == "diagonal":
+        return None
+    if structure != "band" or isinstance(band, bool) or not isinstance(band, int) or not 0 <= band < 2**20:
+        raise AdapterFileError(path, f"holds invalid settings (structure {structure!r}, band {band!r})")
+    return 2 * band + 1
 
 
 def _check_checksum(path: Path, header: dict, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:

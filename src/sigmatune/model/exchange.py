@@ -142,7 +142,7 @@ def _fill(model, adapter_name: str, values: dict) -> None:
             where = {index: position for position, index in enumerate(indices)}
             target = layer.sigma_adapters[adapter_name]
             kept = torch.tensor([where[i] for i in target.indices.tolist()])
-            target.vector.copy_(vector.to(target.vector)[kept.to(target.vector.device)])
+            target.vector.copy_(vector.to(target.vector)[..., kept.to(target.vector.device)])
 
 
 def _target_names(model, spectral: dict) -> list[str]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.config import SigmaConfig
 from ..core.layer import SpectralLinear, unwrapped
+from ..core.structures import structure_of
 from ..core.targets import find_targets, linear_layers
 from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape
@@ -322,8 +323,12 @@ class SigmaModel(nn.Module):
             spectral = self.spectral_layers()
             if drop_small and update_rule(config.update).drops_small_sigma:
                 plan = bases.without_small_sigma(adapter_name, plan, spectral, config.sigma_tol)
+            structure = structure_of(config.structure, config.band)
             for name, indices in plan.items():
-                spectral[name].add_adapter(adapter_name, indices, config.update, config.init, config.init_std)
+                structure.check(len(indices), name)
+                spectral[name].add_adapter(
+                    adapter_name, indices, config.update, config.init, config.init_std, structure
+                )
         except BaseException:
             for layer in self.spectral_layers().values():
                 if adapter_name in layer.sigma_adapters:

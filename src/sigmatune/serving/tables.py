@@ -2,7 +2,9 @@
 
 Row 0 is the base model (zeros) and is never handed out; every other row is free or holds the scales g
 of one adapter (zeros where it trains nothing). A mixed batch is a gather, G[ids] (B, R) per layer, and
-a mix of adapters is a weighted sum of rows (the update is linear in g). The tables know rows only:
+a mix of adapters is a weighted sum of rows (the update is linear in g). A layer that holds a band
+adapter keeps bands instead: G (capacity, 2w+1, R), the diagonals of each row's M (structures.py), a
+diagonal adapter's g on the middle one; w grows to the widest band written. The tables know rows only:
 which adapter holds which row, and which adapters stay resident, is the bank's business (bank.py), as
 vLLM keeps its LRU manager apart from the stacked LoRA weights.
 """
@@ -44,8 +46,28 @@ class ScaleTables:
         if unknown:
             raise ValueError(f"scales for layers these tables do not hold: {unknown[:3]}")
         index = rows if isinstance(rows, int) else torch.tensor(rows, device=self.device)
-        for name, table in self.tables.items():
-            table[index] = scales[name].to(table) if name in scales else 0.0
+        block = 0 if isinstance(rows, int) else 1  # leading dimensions of the scales before the band's
+        for name in self.tables:
+            if name not in scales:
+                self.tables[name][index] = 0.0
+                continue
+            values = scales[name].to(self.device, torch.float32)
+            if values.dim() > block + 1:  # a band: the table holds bands at least as wide
+                self._widen(name, (values.shape[-2] - 1) // 2)
+            self.tables[name][index] = _as_rows(values, self.tables[name], block)
+
+    def _widen(self, name: str, w: int) -> None:
+        """Make a layer's table hold bands of half-width ≥ w (a table of vectors becomes the middle band)."""
+        table = self.tables[name]
+        have = 0 if table.dim() == 2 else (table.shape[1] - 1) // 2
+        if table.dim() == 3 and have >= w:
+            return
+        wide = table.new_zeros(table.shape[0], 2 * w + 1, table.shape[-1])
+        if table.dim() == 2:
+            wide[:, w] = table
+        else:
+            wide[:, w - have : w + have + 1] = table
+        self.tables[name] = wide
 
     def free(self, row: int) -> None:
         """Zero a row and hand it back."""
@@ -67,3 +89,18 @@ class ScaleTables:
     def gather(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """G[ids] per layer, (B, R): the rows of scales of a batch whose row b uses table row ids[b]."""
         return {name: table.index_select(0, ids) for name, table in self.tables.items()}
+
+
+def _as_rows(values: torch.Tensor, table: torch.Tensor, block: int) -> torch.Tensor:
+    """values shaped as the rows they fill: g into a table of bands goes on the middle diagonal, a band
+    narrower than the table's is centred in it. block: 1 when values hold several rows, else 0."""
+    if table.dim() == 2:
+        return values  # g (…, R) into a table of vectors
+    w = (table.shape[1] - 1) // 2
+    out = values.new_zeros(*values.shape[:block], 2 * w + 1, values.shape[-1])
+    if values.dim() == block + 1:  # g (…, R): the middle diagonal
+        out[..., w, :] = values
+    else:
+        have = (values.shape[-2] - 1) // 2
+        out[..., w - have : w + have + 1, :] = values
+    return out
