@@ -12,11 +12,14 @@ every row; BIG-bench vitaminc fact verification (passage, claim → True / False
 causal: SmolLM2-135M-Instruct on BIG-bench qa_wikidata with sigmatune's own training loop (the main job's
 settings); held-out answer-token loss and exact match.
 
-ROWS: method:rank:update:lr,... with method head | base | sigmatune | lora | eigentune, rank a number or
-"full", update multiplicative | additive (sigmatune only), lr the adapter's peak rate. The default is
-the sweep below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this run or the
-results file).
-Rows go into benchmarks/results/quality.json (merged by setting, method, rank, update, lr and seed).
+ROWS: method:rank:update:lr[:band],... with method head | base | sigmatune | lora | eigentune, rank a
+number or "full", update multiplicative | additive (sigmatune only), lr the adapter's peak rate, band
+the half-width of a band structure (sigmatune only; none or 0 = the diagonal). The default is the sweep
+below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this run or the results
+file). --compress 32,64,128 also scores each trained sigmatune row compressed to those ranks
+(rows with compressed_from = the rank trained).
+Rows go into benchmarks/results/quality.json (merged by row_key: setting, method, rank, update, lr,
+seed, epochs, structure, band, compressed_from, recipe).
 """
 
 from __future__ import annotations
@@ -37,32 +40,36 @@ from torch import nn
 from sigmatune.training.loop import lr_factor
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
-KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs")  # rows merge by these
+KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs", "structure", "band", "compressed_from")
+KEY += ("recipe",)  # rows merge by these (row_key: a row written before a field existed has its default)
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
 HEAD_LR = 2e-3
-WARMUP = (
-    0.06  # share of the steps with a linear warm-up (then cosine decay: sigmatune.training.loop.lr_factor)
-)
-SWEEPS = {
+WARMUP = 0.06  # share of the steps with a linear warm-up (then cosine decay: training/loop.lr_factor)
+SWEEPS = {  # (method, rank, update, band) → learning rates
     "classify": {
-        ("head", 0, ""): [0.0],
-        ("lora", 16, ""): [3e-4, 1e-3, 3e-3],
-        ("lora", 1, ""): [1e-3, 3e-3, 1e-2],
-        ("sigmatune", "full", "multiplicative"): [1e-3, 3e-3, 1e-2],
-        ("sigmatune", "full", "additive"): [3e-3, 1e-2, 3e-2],
-        ("sigmatune", 64, "multiplicative"): [3e-3, 1e-2, 3e-2],
-        ("sigmatune", 16, "multiplicative"): [1e-2, 3e-2, 1e-1],
-        ("eigentune", 64, ""): [3e-2, 1e-1, 3e-1],
+        ("head", 0, "", 0): [0.0],
+        ("lora", 16, "", 0): [3e-4, 1e-3, 3e-3],
+        ("lora", 1, "", 0): [1e-3, 3e-3, 1e-2],
+        ("sigmatune", "full", "multiplicative", 0): [1e-3, 3e-3, 1e-2],
+        ("sigmatune", "full", "additive", 0): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", 64, "multiplicative", 0): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", 16, "multiplicative", 0): [1e-2, 3e-2, 1e-1],
+        ("sigmatune", "full", "multiplicative", 1): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", "full", "multiplicative", 2): [3e-3, 1e-2, 3e-2],
+        ("sigmatune", "full", "multiplicative", 4): [1e-3, 3e-3, 1e-2],
+        ("eigentune", 64, "", 0): [3e-2, 1e-1, 3e-1],
     },
     "causal": {
-        ("base", 0, ""): [0.0],
-        ("lora", 16, ""): [3e-4, 1e-3],
-        ("lora", 1, ""): [3e-3],
-        ("sigmatune", "full", "multiplicative"): [3e-3, 1e-2],
-        ("sigmatune", 16, "multiplicative"): [2e-2],
-        ("eigentune", 64, ""): [1e-1],
+        ("base", 0, "", 0): [0.0],
+        ("lora", 16, "", 0): [3e-4, 1e-3],
+        ("lora", 1, "", 0): [3e-3],
+        ("sigmatune", "full", "multiplicative", 0): [3e-3, 1e-2],
+        ("sigmatune", 16, "multiplicative", 0): [2e-2],
+        ("sigmatune", "full", "multiplicative", 1): [3e-3, 1e-2],
+        ("sigmatune", "full", "multiplicative", 4): [3e-3],
+        ("eigentune", 64, "", 0): [1e-1],
     },
 }
 
@@ -70,7 +77,7 @@ SWEEPS = {
 # ---- adapters: the one place that knows each method ------------------------------------------------
 
 
-def adapt(model: nn.Module, method: str, rank, update: str, targets) -> nn.Module:
+def adapt(model: nn.Module, method: str, rank, update: str, targets, band: int = 0) -> nn.Module:
     """The model with the method's trainable adapter (head / base: unchanged, frozen)."""
     model.requires_grad_(False)
     if method in ("head", "base"):
@@ -78,9 +85,9 @@ def adapt(model: nn.Module, method: str, rank, update: str, targets) -> nn.Modul
     if method == "sigmatune":
         from sigmatune import SigmaConfig, get_sigma_model
 
-        return get_sigma_model(
-            model, SigmaConfig(rank=rank, update=update, target_modules=targets), progress=False
-        )
+        structure = dict(structure="band", band=band) if band else {}
+        config = SigmaConfig(rank=rank, update=update, target_modules=targets, **structure)
+        return get_sigma_model(model, config, progress=False)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -138,7 +145,7 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False, dtype=torch.float32).to(device)
     started = time.perf_counter()
-    adapted = adapt(encoder, row["method"], row["rank"], row["update"], ENCODER_TARGETS)
+    adapted = adapt(encoder, row["method"], row["rank"], row["update"], ENCODER_TARGETS, row.get("band") or 0)
     model = Classifier(adapted, len(LABELS)).to(device)
     params = trainable(adapted)
     groups = [{"params": model.head.parameters(), "lr": HEAD_LR}]
@@ -174,24 +181,43 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
         if step % 25 == 0:
             curve.append(round(float(loss.detach()), 4))
     wall = time.perf_counter() - started
-    model.eval()
-    losses, predictions = [], []
-    with torch.no_grad(), autocast:
-        for i in range(0, len(heldout), 128):
-            chunk = heldout[i : i + 128]
-            logits = model(**{k: v.to(device) for k, v in encode(chunk).items()}).float()
-            labels = torch.tensor([r["label"] for r in chunk], device=device)
-            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-            predictions += logits.argmax(-1).tolist()
-    truth = [r["label"] for r in heldout]
-    return dict(
-        trainable=sum(p.numel() for p in params),
-        eval_loss=round(float(sum(losses)) / len(heldout), 4),
-        accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
-        macro_f1=round(macro_f1(predictions, truth, len(LABELS)), 4),
-        wall_s=round(wall, 1),
-        curve=curve,
-    )
+
+    def scored() -> dict:
+        model.eval()
+        losses, predictions = [], []
+        with torch.no_grad(), autocast:
+            for i in range(0, len(heldout), 128):
+                chunk = heldout[i : i + 128]
+                logits = model(**{k: v.to(device) for k, v in encode(chunk).items()}).float()
+                labels = torch.tensor([r["label"] for r in chunk], device=device)
+                losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+                predictions += logits.argmax(-1).tolist()
+        truth = [r["label"] for r in heldout]
+        return dict(
+            eval_loss=round(float(sum(losses)) / len(heldout), 4),
+            accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
+            macro_f1=round(macro_f1(predictions, truth, len(LABELS)), 4),
+        )
+
+    result = dict(trainable=sum(p.numel() for p in params), **scored(), wall_s=round(wall, 1), curve=curve)
+    return result | compressed(adapted, row, args, scored)
+
+
+def compressed(adapted, row: dict, args, scored) -> dict:
+    """{"compressed": [(rank, trainable, scores)]}: the trained sigmatune adapter kept to each rank of
+    --compress (model.compress), scored the same way; {} for other methods."""
+    if row["method"] != "sigmatune" or not args.compress:
+        return {}
+    results = []
+    for rank in [int(r) for r in args.compress.split(",")]:
+        name = f"r{rank}"
+        report = adapted.compress(rank, "default", name)
+        adapted.set_adapter(name)
+        count = sum(layer.sigma_adapters[name].vector.numel() for layer in adapted.spectral_layers().values())
+        results.append((rank, count, {**scored(), "kept": round(report.total, 4)}))
+        adapted.set_adapter("default")
+        adapted.delete_adapter(name)
+    return {"compressed": results}
 
 
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
@@ -222,17 +248,17 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
     model, tokenizer = load_model(settings.model, torch.float32, device)
     task = load_task(settings.data, settings.heldout, settings.seed)
     started = time.perf_counter()
-    adapted = adapt(model, row["method"], row["rank"], row["update"], DECODER_TARGETS)
+    adapted = adapt(model, row["method"], row["rank"], row["update"], DECODER_TARGETS, row.get("band") or 0)
     history = fit(adapted, tokenizer, task, settings, device) if trainable(adapted) else []
     wall = time.perf_counter() - started
-    result = score(adapted, tokenizer, task, settings, device)
-    return dict(
-        trainable=sum(p.numel() for p in trainable(adapted)),
-        eval_loss=result.loss,
-        accuracy=result.accuracy,
-        wall_s=round(wall, 1),
-        curve=history[::10],
-    )
+
+    def scored() -> dict:
+        result = score(adapted, tokenizer, task, settings, device)
+        return dict(eval_loss=result.loss, accuracy=result.accuracy)
+
+    count = sum(p.numel() for p in trainable(adapted))
+    result = dict(trainable=count, **scored(), wall_s=round(wall, 1), curve=history[::10])
+    return result | compressed(adapted, row, args, scored)
 
 
 # ---- the sweep --------------------------------------------------------------------------------------
@@ -243,10 +269,21 @@ def planned(setting: str, rows: str | None) -> dict[tuple, list[float]]:
         return SWEEPS[setting]
     plan: dict[tuple, list[float]] = {}
     for spec in rows.split(","):
-        method, rank, update, lr = spec.split(":")
-        key = (method, rank if rank == "full" else int(rank or 0), update)
+        method, rank, update, lr, *band = spec.split(":")
+        key = (method, rank if rank == "full" else int(rank or 0), update, int(band[0] or 0) if band else 0)
         plan.setdefault(key, []).append(float(lr or 0))
     return plan
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row (KEY), a field a row was written without reading as its default."""
+    defaults = {"structure": "diagonal", "band": 0}
+    return tuple(row[k] if row.get(k) is not None else defaults.get(k) for k in KEY)
+
+
+def kind(row: dict) -> tuple:
+    """(method, rank, update, band): the method a row measures, its lr and seed aside."""
+    return (row["method"], row["rank"], row["update"], row.get("band") or 0)
 
 
 def main() -> None:
@@ -263,6 +300,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
     parser.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
+    parser.add_argument("--compress", default="", help="also score sigmatune rows compressed to these ranks")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.setting == "export-data":
@@ -298,11 +336,15 @@ def main() -> None:
         if r["setting"] == args.setting and r["seed"] == 0 and r.get("epochs") == epochs
     ]
     results = []
-    for (method, rank, update), lrs in planned(args.setting, args.rows).items():
-        swept = [r for r in earlier if (r["method"], r["rank"], r["update"]) == (method, rank, update)]
+    for (method, rank, update, band), lrs in planned(args.setting, args.rows).items():
+        swept = [
+            r for r in earlier if kind(r) == (method, rank, update, band) and not r.get("compressed_from")
+        ]
         for seed in seeds:
             for lr in lrs if seed == 0 else [best_lr(swept)]:
                 row = dict(setting=args.setting, method=method, rank=rank, update=update, lr=lr, seed=seed)
+                if method == "sigmatune":
+                    row.update(structure="band" if band else "diagonal", band=band)
                 if args.setting == "classify" and args.epochs != 2:  # rows without the key ran 2 epochs
                     row["epochs"] = args.epochs
                 try:
@@ -312,13 +354,14 @@ def main() -> None:
                     row.update(
                         trainable=None, eval_loss=float("inf"), accuracy=None, wall_s=None, device=name
                     )
+                for kept, count, scores in row.pop("compressed", []):
+                    small = {**row, "rank": kept, "compressed_from": rank, "trainable": count, **scores}
+                    results.append({k: v for k, v in small.items() if k != "curve"})
                 if seed == 0:
                     swept = [r for r in swept if r["lr"] != lr] + [row]
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                merge_rows(
-                    Path(args.out), results, KEY
-                )  # after every row: a run cut short keeps what it measured
+                merge_rows(Path(args.out), results, row_key)  # after every row: a run cut short keeps it
     print(markdown([r for r in load_rows(Path(args.out)) if r["setting"] == args.setting]))
 
 
@@ -364,12 +407,19 @@ def read_split(path: Path) -> tuple[list, list]:
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
 
 
+def label(row: dict) -> str:
+    """The method as the tables name it: e.g. "sigmatune band 2", "sigmatune ← full" (compressed from)."""
+    text = row["method"] + (f" band {row['band']}" if row.get("band") else "")
+    text += f" ← {row['compressed_from']}" if row.get("compressed_from") else ""
+    text += f" [{row['recipe']}]" if row.get("recipe") else ""
+    return text + (f" ({row['epochs']} epochs)" if row.get("epochs") else "")
+
+
 def markdown(rows: list[dict]) -> str:
     """Per method: the best lr's mean over seeds, and the sweep (seed 0)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        method = r["method"] + (f" ({r['epochs']} epochs)" if r.get("epochs") else "")
-        groups.setdefault((method, str(r["rank"]), r["update"]), []).append(r)
+        groups.setdefault((label(r), str(r["rank"]), r["update"]), []).append(r)
     lines = [
         "| method | rank | update | trainable | best lr | seeds | held-out loss | accuracy | macro-F1 | wall s | sweep (lr: loss, seed 0) |",
         "|" + "---|" * 11,

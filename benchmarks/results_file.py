@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -10,11 +11,13 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def merge_rows(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+def merge_rows(path: Path, rows: list[dict], key: tuple[str, ...] | Callable[[dict], tuple]) -> list[dict]:
     """Rows merged into the file (an earlier row with the same key values is replaced; a missing key reads
-    as None), written to a temp file and renamed over it: a run cut short leaves the old file or the new one."""
-    keys = {tuple(r.get(k) for k in key) for r in rows}
-    merged = [r for r in load_rows(path) if tuple(r.get(k) for k in key) not in keys] + rows
+    as None; or key(row) gives the values), written to a temp file and renamed over it: a run cut short
+    leaves the old file or the new one."""
+    values = key if callable(key) else lambda r: tuple(r.get(k) for k in key)
+    keys = {values(r) for r in rows}
+    merged = [r for r in load_rows(path) if values(r) not in keys] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(merged, indent=1) + "\n")

@@ -3,7 +3,8 @@
     python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled]
 
 A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
-(no trainable weights, input gradients on), sigmatune r=16, 64, full, PEFT LoRA r=16 (alpha 32),
+(no trainable weights, input gradients on), sigmatune r=16, 64, full (and its band structure as method
+sigmatune-band<b>, e.g. --rows sigmatune-band1:full,sigmatune-band4:64), PEFT LoRA r=16 (alpha 32),
 eigentune 0.2.0 r=16/64 (backends torch and auto) — eager, and compiled (each decoder layer with
 torch.compile(fullgraph=True) on the whole model, or with --compile regions on each decoder layer). Per row: init seconds (cold, and warm from
 the basis cache), trainable parameters, median step ms over TIMED steps after WARMUP (synchronised
@@ -63,12 +64,13 @@ def wrap(base, method: str, rank, cache: str):
     """(model to train, unwrap function) for one row."""
     if method == "frozen":
         return base, lambda: base
-    if method == "sigmatune":
+    if method == "sigmatune" or method.startswith("sigmatune-band"):
         from sigmatune import SigmaConfig, get_sigma_model
 
-        model = get_sigma_model(
-            base, SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache), progress=False
-        )
+        band = int(method.removeprefix("sigmatune-band") or 0) if method != "sigmatune" else 0
+        structure = dict(structure="band", band=band) if band else {}
+        config = SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache, **structure)
+        model = get_sigma_model(base, config, progress=False)
         return model, model.unload
     if method == "lora":
         from peft import LoraConfig, get_peft_model

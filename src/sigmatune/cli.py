@@ -6,6 +6,7 @@ sigmatune eval ADAPTER                             held-out loss and exact match
 sigmatune inspect ADAPTER [--plot out.png]         what the adapter learned, per layer
 sigmatune merge ADAPTER OUTPUT                     a plain HF model folder with the adapter merged
 sigmatune export ADAPTER OUTPUT [--format lora]    the adapter as a PEFT LoRA folder
+sigmatune compress ADAPTER OUTPUT --rank R         the adapter kept to its R largest directions per layer
 sigmatune generate ADAPTER "prompt"                the adapted model's answer
 sigmatune serve [--adapters DIR --port 8000]       an OpenAI-compatible server over the adapters in DIR
 """
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--format", default="lora", choices=["lora"])
     _add_model_options(command, device=False)
     command.set_defaults(run=lambda a: commands.export_adapter(a.adapter, a.output, a.format, a.model))
+
+    command = subcommands.add_parser("compress", help="keep an adapter's largest directions: a small adapter")
+    command.add_argument("adapter", help="adapter folder")
+    command.add_argument("output", help="folder for the compressed adapter")
+    command.add_argument("--rank", type=int, required=True, help="directions kept per layer")
+    _add_model_options(command, device=False)
+    command.set_defaults(run=lambda a: commands.compress_adapter(a.adapter, a.output, a.rank, a.model))
 
     command = subcommands.add_parser("generate", help="the adapted model's answer to a prompt")
     command.add_argument("adapter", help="adapter folder")

@@ -16,8 +16,9 @@ import torch
 from .core.config import SigmaConfig
 from .core.device import resolve_device
 from .core.updates import update_rule
-from .formats.adapter_file import WEIGHTS_NAME, read_adapter
-from .formats.files import read_json, staged_folder
+from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
+from .formats.files import atomic_write_json, read_json, staged_folder
+from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
 from .training.job import SUMMARY_NAME, format_score, score
@@ -118,6 +119,25 @@ def export_adapter(adapter_dir, output_dir, format: str = "lora", model: str | N
     rank = sigma_model.export_lora(output_dir)
     print(f"LoRA (r={rank}, lora_alpha={rank}) written to {output_dir}")
     return Path(output_dir)
+
+
+def compress_adapter(adapter_dir, output_dir, rank: int, model: str | None = None) -> Path:
+    """Write the adapter kept to its `rank` largest directions per layer (model/compress.py) as an ordinary
+    adapter in output_dir, with the training summary (marked compressed_from) so eval finds its data."""
+    sigma_model, _ = load_adapted(adapter_dir, model, "cpu", "float32")
+    report = sigma_model.compress(rank, "default", "compressed")
+    output = Path(output_dir)
+    write_adapter(output, record_of(sigma_model, "compressed", save_bases=False))
+    summary = training_summary(adapter_dir)
+    if summary:
+        summary["compressed_from"] = {
+            "adapter": str(adapter_dir),
+            "rank": rank,
+            "kept": round(report.total, 4),
+        }
+        atomic_write_json(output / SUMMARY_NAME, summary)
+    print(f"{report.summary()}\ncompressed adapter (rank {rank}) written to {output}")
+    return output
 
 
 @torch.no_grad()

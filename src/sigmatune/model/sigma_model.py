@@ -29,6 +29,7 @@ from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape
 from ..formats.adapter_file import write_adapter
 from . import bases, exchange
+from . import compress as compression
 from .forward import TrainerForward, refuse_adapter_ids
 
 
@@ -251,6 +252,13 @@ class SigmaModel(nn.Module):
         return exchange.export_lora(
             self, save_directory, adapter_name or self.active_adapter, full_precision_state_dict
         )
+
+    def compress(self, rank: int, adapter_name: str | None = None, new_name: str | None = None):
+        """Add an adapter (new_name, default "<adapter>-r<rank>") over the `rank` directions per layer that
+        carry most of adapter_name's update (default: the active one), and return what it kept
+        (model/compress.py): it serves, merges and exports to LoRA at rank `rank`."""
+        adapter_name = adapter_name or self.active_adapter
+        return compression.compress(self, rank, adapter_name, new_name or f"{adapter_name}-r{rank}")
 
     # ---- merging --------------------------------------------------------------------------------------
 

@@ -104,10 +104,12 @@ def _checkpoint_to_resume(settings: TrainSettings) -> checkpoint.Checkpoint | No
 
 def _check_same_run(resumed: checkpoint.Checkpoint, settings: TrainSettings) -> None:
     """A resumed run must share the settings that decide its numbers (after fit_to_model's caps)."""
+    defaults = TrainSettings()  # a checkpoint of an older sigmatune lacks the newer settings: their defaults
+    saved = {name: resumed.settings.get(name, getattr(defaults, name)) for name in TRAJECTORY}
     differ = [
-        f"{name} {resumed.settings.get(name)!r} → {getattr(settings, name)!r}"
+        f"{name} {saved[name]!r} → {getattr(settings, name)!r}"
         for name in TRAJECTORY
-        if resumed.settings.get(name) != getattr(settings, name)
+        if saved[name] != getattr(settings, name)
     ]
     if differ:
         raise ValueError(

@@ -16,6 +16,8 @@ class TrainSettings:
     rank: int | str = "full"  # singular values per layer, or "full" (all: the best quality measured)
     targets: str = "all-linear"  # "all-linear", comma-separated names, or a regex
     update: str = "multiplicative"  # "multiplicative" or "additive"
+    structure: str = "diagonal"  # "diagonal" (a vector over the spectrum) or "band" (a banded matrix M)
+    band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
     lr: float = 1e-2  # peak learning rate (vector methods want ~10x LoRA's; the best in both quality sweeps)
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
@@ -48,9 +50,15 @@ class TrainSettings:
         targets = self.targets  # "all-linear", a regex, or names: "q_proj" / "q_proj,v_proj"
         if targets != "all-linear" and ("," in targets or targets.isidentifier()):
             targets = [t.strip() for t in targets.split(",") if t.strip()]
-        return SigmaConfig(rank=self.rank, target_modules=targets, update=self.update)
+        return SigmaConfig(
+            rank=self.rank,
+            target_modules=targets,
+            update=self.update,
+            structure=self.structure,
+            band=self.band,
+        )
 
 
 # the settings a resumed run must share with the interrupted one to end with the same numbers
-TRAJECTORY = ("model", "data", "rank", "targets", "update", "lr", "steps", "batch_size", "max_length")
-TRAJECTORY += ("heldout", "warmup", "dtype", "seed")
+TRAJECTORY = ("model", "data", "rank", "targets", "update", "structure", "band", "lr", "steps", "batch_size")
+TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed")
