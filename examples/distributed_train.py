@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--data", default="bigbench:qa_wikidata")
     parser.add_argument("--rank", default="16", help="singular values per layer, or 'full'")
+    parser.add_argument(
+        "--band", type=int, default=0, help="train a band of this half-width (0: the diagonal)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=16, help="examples per step, over all processes")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step")
@@ -65,7 +68,8 @@ def main() -> None:
     if args.resume:  # loaded whole on every rank, before any sharding
         sigma = SigmaModel.from_pretrained(model, args.resume, is_trainable=True)
     else:  # the SVD runs on rank 0 and is broadcast
-        sigma = get_sigma_model(model, SigmaConfig(rank=rank_setting), progress=rank == 0)
+        structure = dict(structure="band", band=args.band) if args.band else {}
+        sigma = get_sigma_model(model, SigmaConfig(rank=rank_setting, **structure), progress=rank == 0)
     report_bases(sigma, world, rank)
     runner = distribute(sigma, args.mode, world, args.dtype, device)
     params = [p for p in sigma.parameters() if p.requires_grad]

@@ -15,6 +15,7 @@ import torch
 
 from .core.config import SigmaConfig
 from .core.device import resolve_device
+from .core.structures import half_width
 from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
 from .formats.files import atomic_write_json, read_json, staged_folder
@@ -65,36 +66,49 @@ def evaluate_adapter(
 
 def inspect_adapter(adapter_dir, plot: str | None = None) -> dict:
     """A per-layer summary of what the adapter learned; with plot, a PNG of the relative changes
-    δ/σ per layer and of the base spectra σ at the trained directions."""
+    δ/σ per layer and of the base spectra σ at the trained directions (and, for a band, the size of
+    M's diagonals by offset)."""
     record = read_adapter(adapter_dir)
     update = record.config.update
     rule = update_rule(update)
     rows = []
     for name, layer in record.layers.items():
-        relative = rule.scales(layer.vector, layer.sigma)  # δ/σ
+        scales = rule.scales(layer.vector, layer.sigma)  # g = δ/σ (r,), or a band of M (2b+1, r)
+        relative = _diagonal_of(scales)
         rows.append(
             {
                 "layer": name,
                 "shape": [layer.out_features, layer.in_features],
-                "rank": int(layer.vector.numel()),
+                "rank": len(layer.indices),
+                "trained": int(layer.vector.numel()),
                 "mean_abs_relative_change": float(relative.abs().mean()),
                 "max_abs_relative_change": float(relative.abs().max()),
+                "off_diagonal_share": float(
+                    1 - relative.square().sum() / scales.square().sum().clamp(min=1e-30)
+                ),
                 "sigma_max": float(layer.sigma.max()),
             }
         )
+    structure = record.config.structure + (f" b={record.config.band}" if record.config.band else "")
     print(
-        f"{adapter_dir}: {len(rows)} layers, {sum(r['rank'] for r in rows):,} trained numbers, update={update}"
+        f"{adapter_dir}: {len(rows)} layers, {sum(r['trained'] for r in rows):,} trained numbers, "
+        f"update={update}, structure={structure}"
     )
     print(f"base model: {record.base_model_name_or_path}  fingerprint: {record.base_fingerprint}")
-    print(f"{'layer':<48}{'r':>6}{'mean|δ/σ|':>12}{'max|δ/σ|':>12}")
+    print(f"{'layer':<48}{'r':>6}{'mean|δ/σ|':>12}{'max|δ/σ|':>12}{'off-diag':>10}")
     for row in rows:
         print(
-            f"{row['layer'][-48:]:<48}{row['rank']:>6}"
-            f"{row['mean_abs_relative_change']:>12.4f}{row['max_abs_relative_change']:>12.4f}"
+            f"{row['layer'][-48:]:<48}{row['rank']:>6}{row['mean_abs_relative_change']:>12.4f}"
+            f"{row['max_abs_relative_change']:>12.4f}{100 * row['off_diagonal_share']:>9.1f}%"
         )
     if plot:
         _plot(record, plot)
     return {"layers": rows, "config": record.config.to_dict()}
+
+
+def _diagonal_of(scales: torch.Tensor) -> torch.Tensor:
+    """g (r,) of a diagonal adapter, or the diagonal of a band's M (its middle row)."""
+    return scales if scales.dim() == 1 else scales[half_width(scales)]
 
 
 def merge_adapter(adapter_dir, output_dir, model: str | None = None, dtype: str = "float32") -> Path:
@@ -166,14 +180,20 @@ def _plot(record, path: str) -> None:
         raise ImportError("--plot needs matplotlib: pip install 'sigmatune[cli]' (or matplotlib)") from None
     kinds = sorted({name.rsplit(".", 1)[-1] for name in record.layers})
     color = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
-    figure, (changes, spectra) = plt.subplots(1, 2, figsize=(14, 5))
+    band = record.config.band
+    figure, axes = plt.subplots(1, 3 if band else 2, figsize=(21 if band else 14, 5))
+    changes, spectra = axes[0], axes[1]
     rule = update_rule(record.config.update)
     for name, layer in record.layers.items():
         kind = name.rsplit(".", 1)[-1]
-        changes.plot(
-            layer.indices, rule.scales(layer.vector, layer.sigma), color=color[kind], alpha=0.4, lw=0.8
-        )
+        scales = rule.scales(layer.vector, layer.sigma)
+        changes.plot(layer.indices, _diagonal_of(scales), color=color[kind], alpha=0.4, lw=0.8)
         spectra.semilogy(layer.indices, layer.sigma, color=color[kind], alpha=0.4, lw=0.8)
+        if band:  # the band's size by offset: RMS of each diagonal of M
+            offsets = list(range(-band, band + 1))
+            axes[2].plot(offsets, scales.square().mean(dim=1).sqrt(), color=color[kind], alpha=0.4, lw=0.8)
+    if band:
+        axes[2].set(title="band of M: RMS of each diagonal", xlabel="offset j − i", ylabel="RMS of M[i, j]")
     for kind in kinds:
         changes.plot([], [], color=color[kind], label=kind)
     changes.set(title="learned relative change δ/σ per layer", xlabel="singular-value index", ylabel="δ / σ")

@@ -119,6 +119,24 @@ def test_two_processes_train_what_one_process_trains(job, reference, mode):
         torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def band_reference(job):
+    run(job, 1, "band-reference", "--band", "1", "--accumulate", "2")
+    return vectors(job / "band-reference")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_band_trains_on_two_processes_what_one_process_trains(job, band_reference, mode):
+    out = run(job, 2, f"band-{mode}", "--band", "1", "--mode", mode, "--accumulate", "2")
+    assert "bases identical on 2 processes" in out
+    trained = vectors(job / f"band-{mode}")
+    assert all(v.shape[0] == 3 for v in trained.values()) and any(
+        float(v.abs().max()) > 0 for v in trained.values()
+    )
+    for name, vector in band_reference.items():
+        torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
+
+
 def test_accelerate_launch_trains_what_one_process_trains(job, reference):
     pytest.importorskip("accelerate")
     out = run(job, 2, "accelerate", "--mode", "ddp", "--accumulate", "2", launcher="accelerate")
