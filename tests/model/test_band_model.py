@@ -208,3 +208,10 @@ def test_inspect_shows_the_band(tmp_path, capsys):
     assert "structure=band b=2" in capsys.readouterr().out
     assert all(0 < row["off_diagonal_share"] < 1 and row["trained"] == 5 * 8 for row in summary["layers"])
     assert (tmp_path / "band.png").stat().st_size > 10_000
+
+
+def test_a_band_adapter_is_refused_by_a_bank_that_stores_fewer_directions(tmp_path):
+    band_model().save_pretrained(tmp_path)
+    small = AdapterBank.over(tiny_llama(), SigmaConfig(rank=4, svd="exact"))
+    with pytest.raises(ValueError, match=r"selects singular directions \[4, 5, 6, 7\].*larger rank"):
+        small.load("band", tmp_path)
