@@ -76,7 +76,7 @@ class ScaleTables:
         self._free.append(row)
 
     def read(self, row: int) -> dict[str, torch.Tensor]:
-        """One row of every table, (R,) per layer (views)."""
+        """One row of every table, (R,) per layer — (2w+1, R) for a table of bands (views)."""
         return {name: table[row] for name, table in self.tables.items()}
 
     def combine(self, weights: dict[int, float]) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ class ScaleTables:
         }
 
     def gather(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """G[ids] per layer, (B, R): the rows of scales of a batch whose row b uses table row ids[b]."""
+        """G[ids] per layer, (B, R) or (B, 2w+1, R): the rows of a batch whose row b uses table row ids[b]."""
         return {name: table.index_select(0, ids) for name, table in self.tables.items()}
 
 
