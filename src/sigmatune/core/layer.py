@@ -23,7 +23,7 @@ from torch import nn
 from . import functional as F
 from .structures import Diagonal, Structure, band_to_dense, spread, valid_part
 from .svd import Spectrum, side_for
-from .updates import UpdateRule, update_rule
+from .updates import update_rule
 from .weights import (
     bias_of,
     compute_dtype,
@@ -139,7 +139,8 @@ class SpectralLinear(nn.Module):
         """g (R,) over all R stored directions — or a band (2w+1, R) — for a vector (or band) over the
         given (stored) singular-value indices, read with the update rule named `update`."""
         positions = self.positions_for(sorted(indices))
-        return self._stored_scales(update_rule(update), vector.to(self.sigma_values.device), positions)
+        g = update_rule(update).scales(vector.to(self.sigma_values.device), self.sigma_at(positions))
+        return spread(g, positions, self.rank)
 
     def columns(self, name: str) -> torch.Tensor | slice:
         """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
@@ -149,32 +150,25 @@ class SpectralLinear(nn.Module):
     def scales(self, name: str) -> torch.Tensor:
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
-        adapter = self.sigma_adapters[name]
-        return self._stored_scales(adapter.rule, adapter.vector, adapter.positions)
+        return spread(self.own_scales(name), self.sigma_adapters[name].positions, self.rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
         adapter = self.sigma_adapters[name]
-        positions = adapter.positions
-        return adapter.rule.scales(
-            adapter.vector, self.sigma_values if positions is None else self.sigma_values[positions]
-        )
+        return adapter.rule.scales(adapter.vector, self.sigma_at(adapter.positions))
 
-    def _stored_scales(
-        self, rule: UpdateRule, vector: torch.Tensor, positions: torch.Tensor | None
-    ) -> torch.Tensor:
-        """g (R,), or a band (2w+1, R), from a vector over the stored columns `positions` (None = all, in
-        order: nothing to scatter)."""
-        sigma = self.sigma_values if positions is None else self.sigma_values[positions]
-        return spread(rule.scales(vector, sigma), positions, self.rank)
+    def sigma_at(self, positions: torch.Tensor | None) -> torch.Tensor:
+        """σ at stored columns `positions` (None = all of them, in order)."""
+        return self.sigma_values if positions is None else self.sigma_values[positions]
 
     # ---- forward -------------------------------------------------------------------------------------
 
     def serve_rows(self, row_scales: torch.Tensor | None) -> None:
         """Serve a mixed batch: until serve_rows(None), leading row b of every input (a batch row; a
         token, for a flat (N, d) input) computes with g = row_scales[b] over the R stored directions,
-        whatever adapter is active. row_scales (B, R), fp32, is owned by the caller (an AdapterBank
-        gathers it from its tables); a row of zeros is the base layer. A merged layer refuses to serve."""
+        whatever adapter is active. row_scales (B, R) — or bands (B, 2w+1, R) — fp32, is owned by the
+        caller (an AdapterBank gathers it from its tables); a row of zeros is the base layer. A merged
+        layer refuses to serve."""
         self._row_scales = row_scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +177,7 @@ class SpectralLinear(nn.Module):
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
-        g = self.scales(name)  # (R,)
+        g = self.scales(name)  # g (R,), or a band (2w+1, R)
         if self.side == "input":
             return self.base_layer(F.adapt_input(x, self.sigma_basis, g))
         return F.adapt_output(self.base_layer(x), bias_of(self.base_layer), self.sigma_basis, g)

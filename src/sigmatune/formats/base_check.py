@@ -44,8 +44,7 @@ def check_spectra(model_id, record: AdapterRecord, spectral: dict[str, SpectralL
     worst = []
     for name, saved in record.layers.items():
         layer = spectral[name]
-        positions = layer.positions_for(saved.indices.tolist())
-        now = layer.sigma_values if positions is None else layer.sigma_values[positions]
+        now = layer.sigma_at(layer.positions_for(saved.indices.tolist()))
         error = float((now.cpu().double() - saved.sigma.double()).abs().max() / layer.sigma_max.double())
         if error > SPECTRUM_TOLERANCE:
             worst.append((error, name))

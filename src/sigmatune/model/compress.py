@@ -73,8 +73,7 @@ def compress(model, rank: int, adapter_name: str, new_name: str) -> Compression:
 def _singular_update(layer, adapter_name: str) -> torch.Tensor:
     """ΔΣ (r, r): the update in the singular basis of the adapter's own directions."""
     adapter = layer.sigma_adapters[adapter_name]
-    positions = adapter.positions
-    sigma = (layer.sigma_values if positions is None else layer.sigma_values[positions]).detach()
+    sigma = layer.sigma_at(adapter.positions).detach()
     scales = layer.own_scales(adapter_name).detach()
     if scales.dim() == 1:
         return torch.diag(adapter.rule.deltas(adapter.vector.detach(), sigma))  # diag(δ)
