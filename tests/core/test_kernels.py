@@ -13,6 +13,7 @@ import torch
 from sigmatune import SigmaConfig
 from sigmatune.core import functional as F
 from sigmatune.core import kernels
+from sigmatune.core.structures import band_to_dense, valid_part
 from tests.core.test_layer import make_linear, wrap
 from tests.reference import reference_linear
 
@@ -67,10 +68,61 @@ def test_backward_mode_reduces_dg_across_rows(dtype, n, d, r):
     torch.testing.assert_close(dg.double(), expected_dg, rtol=tol, atol=tol * n**0.5)
 
 
+def band_case(n, d, r, w, dtype, seed=0):
+    a, basis, _, shift = case(n, d, r, dtype, seed)
+    bands = torch.randn(2 * w + 1, r, generator=torch.Generator().manual_seed(seed + 7)) * 0.3
+    return a, basis, bands.to(DEVICE), shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, d, r, w", [(1, 8, 2, 1), (17, 33, 5, 2), (50, 64, 16, 4), (40, 70, 20, 1)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_band_forward_mixes_by_m_or_its_transpose(dtype, n, d, r, w, transposed):
+    """out = a + (P T) Bᵀ with T = M (backward) or Mᵀ (forward), M dense from its diagonals; entries of C
+    outside M (row j − o out of range) are ignored."""
+    a, basis, bands, shift = band_case(n, d, r, w, dtype)
+    out, projection, grad = kernels.transform(a, basis, bands, shift, transposed=transposed)
+    dense = band_to_dense(valid_part(bands)).double()
+    mix = dense.T if transposed else dense
+    expected_projection = a.double() @ basis.double() - shift.double()
+    expected = a.double() + (expected_projection @ mix) @ basis.double().T
+    tol = TOLERANCE[dtype] * 4
+    assert out.dtype == dtype and grad is None
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(projection[:, :r].double(), expected_projection, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, d, r, w", [(1, 8, 2, 1), (37, 24, 5, 2), (64, 48, 16, 4), (20, 30, 6, 5)])
+def test_band_backward_reduces_the_band_of_q_transpose_p(dtype, n, d, r, w):
+    """dC[w+o, j] = (Qᵀ P)[j − o, j] where that entry lies in M, else 0 (Q = a B, P the saved projection)."""
+    a, basis, bands, _ = band_case(n, d, r, w, dtype, seed=1)
+    saved = torch.zeros(n, kernels.padded_rank(r), device=DEVICE)
+    saved[:, :r] = torch.randn(n, r, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grad_a, along, grad = kernels.transform(a, basis, bands, saved=saved)
+    q = a.double() @ basis.double()
+    expected_grad_a = a.double() + (q @ band_to_dense(valid_part(bands)).double()) @ basis.double().T
+    expected = q.T @ saved[:, :r].double()  # dM (r, r)
+    tol = TOLERANCE[dtype] * 4
+    torch.testing.assert_close(grad_a.double(), expected_grad_a, rtol=tol, atol=tol)
+    torch.testing.assert_close(along[:, :r].double(), q, rtol=tol, atol=tol)
+    assert grad.shape == bands.shape
+    for t in range(2 * w + 1):
+        o = t - w
+        for j in range(r):
+            want = expected[j - o, j] if 0 <= j - o < r else 0.0
+            torch.testing.assert_close(
+                grad[t, j].double(), torch.as_tensor(want).double(), rtol=tol, atol=tol * n
+            )
+
+
 @pytest.mark.parametrize("with_shift", [False, True])
-def test_fused_autograd_matches_the_plain_path(monkeypatch, with_shift):
+@pytest.mark.parametrize("band", [0, 2])
+def test_fused_autograd_matches_the_plain_path(monkeypatch, with_shift, band):
     """Through transform(): 3-D input, values and both gradients, fused vs GEMMs (fp32)."""
     a, basis, g, shift = case(2 * 19, 40, 6, torch.float32, seed=3)
+    if band:
+        g = valid_part(band_case(2 * 19, 40, 6, band, torch.float32, seed=3)[2])
     a = a.view(2, 19, 40)
     results = {}
     for fused in (False, True):
@@ -99,3 +151,25 @@ def test_layer_uses_the_kernel_on_cuda_and_matches_fp64():
     assert (
         vector.grad is not None and vector.grad.dtype == torch.float32 and torch.isfinite(vector.grad).all()
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])  # input side, output side
+def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
+    """A bf16 band layer on CUDA (r = 24, b = 2: the fused path) against the same layer in fp64 on CPU."""
+    from tests.core.test_band import wrap_band
+
+    reference_layer = wrap_band(make_linear(shape), list(range(24)), 2)
+    layer = wrap_band(make_linear(shape).to("cuda", torch.bfloat16), list(range(24)), 2)
+    assert kernels.available(torch.empty(1, device="cuda", dtype=torch.bfloat16), 24)
+    x = torch.randn(3, 70, shape[1], dtype=torch.float64)
+    expected = reference_layer(x)
+    out = layer(x.cuda().to(torch.bfloat16))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=5e-2, atol=5e-2)
+    expected.square().sum().backward()
+    out.float().square().sum().backward()
+    grad = layer.sigma_adapters["default"].vector.grad
+    expected_grad = reference_layer.sigma_adapters["default"].vector.grad
+    assert grad.dtype == torch.float32 and grad.shape == expected_grad.shape
+    error = (grad.double().cpu() - expected_grad).norm() / expected_grad.norm()
+    assert error < 5e-2, error

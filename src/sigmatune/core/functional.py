@@ -27,20 +27,20 @@ from .structures import half_width
 
 
 def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None):
-    """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None.
+    """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None;
+    with a band C (2w+1, r) in place of g, a + ((a B − c) Mᵀ) Bᵀ.
 
-    Differentiable in a and g. Only the projection aB − c (N × r) is kept for backward:
-    dg = Σ_rows (dout B) ⊙ (aB − c), da = dout + ((dout B) ⊙ g) Bᵀ. On CUDA (r ≤ 128) a fused
-    Triton kernel computes each direction in one launch, eager or under torch.compile; otherwise
-    two GEMMs do, the second accumulating onto a (addmm).
+    Differentiable in a and g (or C). Only the projection P = aB − c (N × r) is kept for backward:
+    dg = Σ_rows (dout B) ⊙ P, da = dout + ((dout B) ⊙ g) Bᵀ (a band: dM = (dout B)ᵀ P, of which the
+    band is kept, and da = dout + ((dout B) M) Bᵀ). On CUDA (r ≤ 128) a fused Triton kernel computes
+    each direction in one launch, eager or under torch.compile; otherwise GEMMs do, the second
+    accumulating onto a (addmm).
     """
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
-    if g.dim() == 2:  # a band: C (2w+1, r)
-        return _BandTransform.apply(flat, basis, g, shift).view(a.shape)
-    fused = kernels.available(flat, basis.shape[1]) and (
+    fused = kernels.available(flat, basis.shape[1], half_width(g)) and (
         kernels.IN_COMPILE or not torch.compiler.is_compiling()
     )
-    return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
+    return _Transform.apply(flat, basis, g.contiguous() if fused else g, shift, fused).view(a.shape)
 
 
 def transform_rows(
@@ -81,10 +81,11 @@ def output_shift(bias: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor
 
 
 class _Transform(torch.autograd.Function):
-    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs."""
+    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs (_gemm_forward,
+    _gemm_backward). Computed in a's dtype (autocast's, when on); g, a band and their gradients in fp32."""
 
     @staticmethod
-    def forward(ctx, a, basis, g, shift, fused):
+    def forward(ctx, a, basis, coefficients, shift, fused):
         ctx.fused, ctx.input_dtype = fused, a.dtype
         device = a.device.type
         if torch.is_autocast_enabled(device):  # compute in autocast's dtype, as the base linear layer does
@@ -92,28 +93,48 @@ class _Transform(torch.autograd.Function):
         with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
             basis = basis.to(a.dtype)
             if fused:
-                out, projection, _ = kernels.transform(a, basis, g, shift)
-                scaled_basis = None
+                out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
             else:
-                projection = a @ basis  # (N, r)
-                if shift is not None:
-                    projection = projection - shift.to(a.dtype)
-                scaled_basis = (basis * g).to(a.dtype)  # B diag(g), (d, r): (P ⊙ g) Bᵀ = P (B diag(g))ᵀ
-                out = torch.addmm(a, projection, scaled_basis.T)
-        ctx.save_for_backward(projection, basis, g, scaled_basis)
+                out, projection = _gemm_forward(a, basis, coefficients, shift)
+        ctx.save_for_backward(projection, basis, coefficients)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        projection, basis, g, scaled_basis = ctx.saved_tensors
+        projection, basis, coefficients = ctx.saved_tensors
         if ctx.fused:
-            grad_a, _, grad_g = kernels.transform(grad_out, basis, g, saved=projection)
+            grad_a, _, grad_c = kernels.transform(grad_out, basis, coefficients, saved=projection)
         else:
-            along = grad_out @ basis  # (N, r)
-            grad_a = torch.addmm(grad_out, along, scaled_basis.T)
-            grad_g = column_dots(along, projection)
-        grad_g = grad_g.to(g.dtype) if ctx.needs_input_grad[2] else None
-        return grad_a.to(ctx.input_dtype), None, grad_g, None, None
+            grad_a, grad_c = _gemm_backward(grad_out, basis, coefficients, projection)
+        grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[2] else None
+        return grad_a.to(ctx.input_dtype), None, grad_c, None, None
+
+
+def _gemm_forward(a, basis, coefficients, shift):
+    """(out, P) by GEMMs: P = aB − c (N, r); out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ, or a + (P Mᵀ) Bᵀ
+    with the banded mix in fp32."""
+    projection = a @ basis  # (N, r)
+    if shift is not None:
+        projection = projection - shift.to(a.dtype)
+    if coefficients.dim() == 1:
+        return torch.addmm(a, projection, (basis * coefficients).to(a.dtype).T), projection
+    wide = torch.promote_types(a.dtype, torch.float32)
+    mixed = band_mix_transposed(projection.to(wide), coefficients.to(wide)).to(a.dtype)  # P Mᵀ
+    return torch.addmm(a, mixed, basis.T), projection
+
+
+def _gemm_backward(grad_out, basis, coefficients, projection):
+    """(da, dg or dC) by GEMMs, with Q = dout B: da = dout + (Q ⊙ g) Bᵀ (a band: + (Q M) Bᵀ);
+    dg = Σ_rows Q ⊙ P, dC[w+o, j] = Σ_rows Q[:, j] P[:, j−o]."""
+    basis = basis.to(grad_out.dtype)
+    along = grad_out @ basis  # Q (N, r)
+    if coefficients.dim() == 1:
+        grad_a = torch.addmm(grad_out, along, (basis * coefficients).to(grad_out.dtype).T)
+        return grad_a, column_dots(along, projection)
+    wide = torch.promote_types(grad_out.dtype, torch.float32)
+    back = band_mix(along.to(wide), coefficients.to(wide)).to(grad_out.dtype)  # Q M
+    grad_a = torch.addmm(grad_out, back, basis.T)
+    return grad_a, band_grad(along.to(wide), projection.to(wide), half_width(coefficients))
 
 
 def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -166,43 +187,6 @@ def _diagonal(c: torch.Tensor, k: int, p: torch.Tensor) -> torch.Tensor:
 def _per_row(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """(B, r) → (B, 1…, r): one row per leading row of a (B, …, d)."""
     return rows.view(rows.shape[0], *([1] * (a.dim() - 2)), rows.shape[1])
-
-
-class _BandTransform(torch.autograd.Function):
-    """transform() with a band on a 2-D a: a + ((aB − c) Mᵀ) Bᵀ, saving only the projection P = aB − c.
-
-    backward: dA = dout + ((dout B) M) Bᵀ; dM = (dout B)ᵀ P, of which the band is kept. Computed in a's
-    dtype (autocast's, when on), the banded mixes in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, a, basis, bands, shift):
-        ctx.input_dtype = a.dtype
-        device = a.device.type
-        if torch.is_autocast_enabled(device):
-            a = a.to(torch.get_autocast_dtype(device))
-        with torch.autocast(device, enabled=False):
-            basis = basis.to(a.dtype)
-            projection = a @ basis  # (N, r)
-            if shift is not None:
-                projection = projection - shift.to(a.dtype)
-            wide = torch.promote_types(a.dtype, torch.float32)
-            mixed = band_mix_transposed(projection.to(wide), bands.to(wide)).to(a.dtype)  # P Mᵀ
-            out = torch.addmm(a, mixed, basis.T)
-        ctx.save_for_backward(projection, basis, bands)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        projection, basis, bands = ctx.saved_tensors
-        wide = torch.promote_types(grad_out.dtype, torch.float32)
-        along = grad_out @ basis.to(grad_out.dtype)  # (N, r)
-        back = band_mix(along.to(wide), bands.to(wide)).to(grad_out.dtype)  # (dout B) M
-        grad_a = torch.addmm(grad_out, back, basis.to(grad_out.dtype).T)
-        grad_bands = None
-        if ctx.needs_input_grad[2]:
-            grad_bands = band_grad(along.to(wide), projection.to(wide), half_width(bands)).to(bands.dtype)
-        return grad_a.to(ctx.input_dtype), None, grad_bands, None
 
 
 # ---- merging ---------------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """Fused Triton kernel for the one-sided transform, used for both the forward and the backward pass.
 
-    out = a + (((a B) − c) ⊙ g) Bᵀ          a (N, d), B (d, r), g (r,), c (r,) or none
+    out = a + ((a B) − c) T Bᵀ          a (N, d), B (d, r), c (r,) or none
+
+T is diag(g) for a diagonal adapter, g (r,), or a banded matrix given by its column-aligned diagonals
+C (2w+1, r), C[w+o, j] = M[j−o, j] (structures.py): Mᵀ in the forward pass, M in the backward pass.
 
 forward:  a = x (input side) or y (output side, c = b B removes the bias), returns out and P = a B − c
-backward: a = dy (c none), returns dx = out and Q = dy B; also dg = Σ_rows Q ⊙ P_saved, reduced per
-          block of rows (one partial row per program, summed afterwards: no atomics)
+backward: a = dy (c none), returns dx = out and Q = dy B; also the coefficients' gradient,
+          dg = Σ_rows Q ⊙ P_saved, or for a band dC[w+o, j] = Σ_rows Q[:, j−o] P_saved[:, j], reduced per
+          block of rows (one partial row per program and diagonal, summed afterwards: no atomics)
 
 One program owns BLOCK_N rows. Pass 1 streams the rows' d columns once to build P (BLOCK_N × r, fp32
-accumulation); pass 2 streams them again (mostly from L2) and writes out = a + (P ⊙ g) Bᵀ. Every
-product accumulates in fp32; g stays fp32; out has a's dtype.
+accumulation); the mix is P ⊙ g, or P T with the r × r tile of T gathered from C (entries outside the band
+masked: nothing dense is built on the host); pass 2 streams the rows again (mostly from L2) and writes
+out = a + (P T) Bᵀ. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
 """
 
 from __future__ import annotations
@@ -24,16 +29,25 @@ except ImportError:  # no Triton: the plain torch path is used everywhere
     triton = None
 
 MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
+MAX_BAND = 16  # wider bands (one spread over far-apart stored columns) too: the kernel unrolls 2w+1 diagonals
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
 IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def available(a: torch.Tensor, rank: int) -> bool:
-    """Whether the fused kernel serves this call on CUDA (else the GEMM path does). Under
-    TRITON_INTERPRET=1 transform() also runs on CPU tensors, for tests, but is never chosen."""
-    return ENABLED and triton is not None and a.is_cuda and rank <= MAX_RANK and a.dtype in DTYPES
+def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
+    """Whether the fused kernel serves this call on CUDA (else the GEMM path does), for r = rank
+    directions and a band of half-width `band` (0: a diagonal). Under TRITON_INTERPRET=1 transform()
+    also runs on CPU tensors, for tests, but is never chosen."""
+    return (
+        ENABLED
+        and triton is not None
+        and a.is_cuda
+        and rank <= MAX_RANK
+        and band <= MAX_BAND
+        and a.dtype in DTYPES
+    )
 
 
 if triton is not None:
@@ -44,6 +58,7 @@ if triton is not None:
         N, D, R,  # sizes
         stride_a, stride_out, stride_b,
         HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        WIDTH: tl.constexpr, MIX: tl.constexpr,  # band half-width w; MIX 0: ⊙ g, 1: P Mᵀ, 2: P M
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -65,11 +80,22 @@ if triton is not None:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
         tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
-        if REDUCE:  # dg partial for these rows: Σ_rows Q ⊙ P_saved
-            saved = tl.load(SAVED + rows[:, None] * BLOCK_R + ranks[None, :], mask=keep, other=0.0)
-            tl.store(PARTIAL + pid * BLOCK_R + ranks, tl.sum(projection * saved, axis=0), mask=rank_ok)
-        g = tl.load(G + ranks, mask=rank_ok, other=0.0).to(tl.float32)
-        scaled = projection * g[None, :]  # (BN, BR) fp32
+        if REDUCE:  # partial gradient for these rows, diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
+            for t in tl.static_range(0, 2 * WIDTH + 1):  # by k = j − o: Σ_rows Q[:, k] P_saved[:, k + o] at j = k + o
+                column = ranks + (t - WIDTH)  # j = k + o
+                inside = (column >= 0) & (column < R) & rank_ok
+                saved = tl.load(SAVED + rows[:, None] * BLOCK_R + column[None, :], mask=keep & inside[None, :], other=0.0)
+                tl.store(PARTIAL + (pid * (2 * WIDTH + 1) + t) * BLOCK_R + column, tl.sum(projection * saved, axis=0), mask=inside)
+        if MIX == 0:
+            g = tl.load(G + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+            scaled = projection * g[None, :]  # (BN, BR) fp32
+        else:  # the tile T[k, i] of Mᵀ (MIX 1: M[i, k]) or M (MIX 2: M[k, i]), gathered from C
+            k, i = ranks[:, None], ranks[None, :]
+            offset = k - i if MIX == 1 else i - k  # o of the entry, with column j = k (MIX 1) or i (MIX 2)
+            column = k if MIX == 1 else i
+            inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
+            tile = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
+            scaled = tl.dot(projection, tile, input_precision=PRECISION)  # (BN, BR) fp32
         for start in range(0, D, BLOCK_D):  # pass 2: out = a + (P ⊙ g) Bᵀ
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
@@ -92,32 +118,46 @@ def padded_rank(r: int) -> int:
 def transform(
     a: torch.Tensor,
     basis: torch.Tensor,
-    g: torch.Tensor,
+    coefficients: torch.Tensor,
     shift: torch.Tensor | None = None,
     saved: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(out, projection, dg) for a 2-D a (N, d) and a basis (d, r) in a's dtype:
+    """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
+    or a band C (2w+1, r), contiguous:
 
-    out = a + ((aB − c) ⊙ g)Bᵀ in a's dtype; projection = aB − c as (N, padded_rank(r)) fp32 with zero
-    columns past r; dg = Σ_rows projection ⊙ saved, (r,) fp32, when saved (a projection of the
-    forward pass, same layout) is given: the backward pass.
+    out = a + (aB − c) T Bᵀ in a's dtype, T = diag(g), or for a band M (Mᵀ when transposed, the forward
+    pass); projection = aB − c as (N, padded_rank(r)) fp32 with zero columns past r; grad, the
+    coefficients' gradient in their shape, fp32, when saved (a projection of the forward pass, same layout)
+    is given: the backward pass (dg = Σ_rows projection ⊙ saved; for a band dC[w+o, j] = Σ_rows
+    projection[:, j−o] saved[:, j]).
     """
     n, d = a.shape
     r = basis.shape[1]
     width = padded_rank(r)
+    band = 0 if coefficients.dim() == 1 else (coefficients.shape[0] - 1) // 2
     block_n = 16 if INTERPRET else (64 if width <= 32 else 32)  # rows per program: ~N/32 programs
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
     programs = triton.cdiv(n, block_n)
-    partial = torch.empty((programs, width), device=a.device, dtype=torch.float32) if saved is not None else g
+    diagonals = 2 * band + 1
+    partial = coefficients
+    if saved is not None:  # zeros: a band's columns j < o (whose row j − o is outside M) are never written
+        empty = torch.empty if band == 0 else torch.zeros
+        partial = empty((programs, diagonals, width), device=a.device, dtype=torch.float32)
     _transform_kernel[(programs,)](
-        a, basis, g, g if shift is None else shift, out, projection, projection if saved is None else saved, partial,
+        a, basis, coefficients, coefficients if shift is None else shift, out, projection,
+        projection if saved is None else saved, partial,
         n, d, r,
         a.stride(0), out.stride(0), basis.stride(0),
         HAS_SHIFT=shift is not None, REDUCE=saved is not None, BLOCK_R=width,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
+        WIDTH=band, MIX=0 if coefficients.dim() == 1 else (1 if transposed else 2),
         BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
     )  # fmt: skip
-    return out, projection, None if saved is None else partial.sum(dim=0)[:r]
+    if saved is None:
+        return out, projection, None
+    grad = partial.sum(dim=0)[:, :r]  # (2w+1, r)
+    return out, projection, grad[0] if coefficients.dim() == 1 else grad
