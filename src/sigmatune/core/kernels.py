@@ -94,8 +94,8 @@ if triton is not None:
             offset = k - i if MIX == 1 else i - k  # o of the entry, with column j = k (MIX 1) or i (MIX 2)
             column = k if MIX == 1 else i
             inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
-            tile = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
-            scaled = tl.dot(projection, tile, input_precision=PRECISION)  # (BN, BR) fp32
+            mix = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
+            scaled = tl.dot(projection, mix, input_precision=PRECISION)  # (BN, BR) fp32
         for start in range(0, D, BLOCK_D):  # pass 2: out = a + (P ⊙ g) Bᵀ
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
