@@ -229,11 +229,12 @@ def save(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| shape | tokens | method | rank | compiled | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
-    lines = [head, "|" + "---|" * 11]
+    head = "| device | shape | tokens | method | rank | compiled | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
+    lines = [head, "|" + "---|" * 12]
     for r in sorted(
         rows,
         key=lambda r: (
+            r["device"],
             r["shape"],
             r["tokens"],
             r["compiled"],
@@ -244,15 +245,14 @@ def markdown(rows: list[dict]) -> str:
     ):
         warm = "" if r["init_warm_s"] is None else f" ({r['init_warm_s']:.2f})"
         lines.append(
-            f"| {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | "
+            f"| {r['device'].removeprefix('NVIDIA ')} | {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | "
             f"{r['init_s']:.2f}{warm} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['ratio_vs_frozen']:.2f} | "
             f"{r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
         )
-    device = sorted({r["device"] for r in rows})
     return (
         "\n".join(lines)
-        + f"\n\nDevice: {', '.join(device)}. Each ratio is to the frozen row of the same shape and mode measured in"
-        " the same process; the frozen rows shown are from the last process that measured them.\n"
+        + "\n\nEach ratio is to the frozen row of the same device, shape and mode measured in the"
+        " same process; the frozen rows shown are from the last process that measured them.\n"
     )
 
 
