@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import band_kernels, kernels
 from .structures import half_width
 
 
@@ -118,8 +118,11 @@ def _gemm_forward(a, basis, coefficients, shift):
         projection = projection - shift.to(a.dtype)
     if coefficients.dim() == 1:
         return torch.addmm(a, projection, (basis * coefficients).to(a.dtype).T), projection
-    wide = torch.promote_types(a.dtype, torch.float32)
-    mixed = band_mix_transposed(projection.to(wide), coefficients.to(wide)).to(a.dtype)  # P Mᵀ
+    if band_kernels.available(projection, half_width(coefficients)):
+        mixed = band_kernels.mix(projection, coefficients, transposed=True)  # P Mᵀ, summed in fp32
+    else:
+        wide = torch.promote_types(a.dtype, torch.float32)
+        mixed = band_mix_transposed(projection.to(wide), coefficients.to(wide)).to(a.dtype)  # P Mᵀ
     return torch.addmm(a, mixed, basis.T), projection
 
 
@@ -131,10 +134,14 @@ def _gemm_backward(grad_out, basis, coefficients, projection):
     if coefficients.dim() == 1:
         grad_a = torch.addmm(grad_out, along, (basis * coefficients).to(grad_out.dtype).T)
         return grad_a, column_dots(along, projection)
-    wide = torch.promote_types(grad_out.dtype, torch.float32)
-    back = band_mix(along.to(wide), coefficients.to(wide)).to(grad_out.dtype)  # Q M
-    grad_a = torch.addmm(grad_out, back, basis.T)
-    return grad_a, band_grad(along.to(wide), projection.to(wide), half_width(coefficients))
+    w = half_width(coefficients)
+    if band_kernels.available(along, w):  # summed in fp32, one pass each
+        back, grad_c = band_kernels.mix(along, coefficients), band_kernels.grad(along, projection, w)
+    else:
+        wide = torch.promote_types(grad_out.dtype, torch.float32)
+        back = band_mix(along.to(wide), coefficients.to(wide)).to(grad_out.dtype)  # Q M
+        grad_c = band_grad(along.to(wide), projection.to(wide), w)
+    return torch.addmm(grad_out, back, basis.T), grad_c
 
 
 def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Triton kernels for a band's mixes at any rank: the GEMM path's banded steps (r > kernels.MAX_RANK, e.g.
+the full spectrum), one pass over the projection each instead of 2w + 1 shifted copies.
+
+With M given by its column-aligned diagonals C (2w+1, r), C[w+o, j] = M[j−o, j] (structures.py):
+
+    mix                 (P M)_j  = Σ_o P_{j−o} C[w+o, j]          (backward: Q M)
+    mix, transposed     (P Mᵀ)_j = Σ_o P_{j+o} C[w+o, j+o]        (forward)
+    grad                dC[w+o, j] = Σ_rows Q_{j−o} P_j           (the band of Qᵀ P)
+
+P and Q are (N, r) in any float dtype; the sums run in fp32; a mix is returned in P's dtype, a gradient in
+fp32. A mix program owns a BLOCK_N × BLOCK_J tile of the output and reads the 2w + 1 shifted tiles it needs
+(from L1/L2 after the first); a gradient program owns BLOCK_J columns of ROWS rows and writes one partial
+band, summed over the row groups afterwards (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    # fmt: off
+    @triton.jit
+    def _mix_kernel(P, C, OUT, N, R, stride_p, stride_out,
+                    WIDTH: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # j (BJ,)
+        row_ok = rows < N
+        total = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        for t in tl.static_range(0, 2 * WIDTH + 1):
+            source = cols + (t - WIDTH) if TRANSPOSED else cols - (t - WIDTH)  # j + o, or j − o
+            inside = (source >= 0) & (source < R) & (cols < R)
+            p = tl.load(P + rows[:, None] * stride_p + source[None, :], mask=row_ok[:, None] & inside[None, :], other=0.0)
+            c = tl.load(C + t * R + (source if TRANSPOSED else cols), mask=inside, other=0.0)
+            total += p.to(tl.float32) * c.to(tl.float32)[None, :]
+        keep = row_ok[:, None] & (cols < R)[None, :]
+        tl.store(OUT + rows[:, None] * stride_out + cols[None, :], total.to(OUT.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _grad_kernel(Q, P, PARTIAL, N, R, stride_q, stride_p,
+                     WIDTH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+        group = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # j (BJ,)
+        for t in tl.static_range(0, 2 * WIDTH + 1):
+            source = cols - (t - WIDTH)  # j − o
+            inside = (source >= 0) & (source < R) & (cols < R)
+            total = tl.zeros((BLOCK_J,), dtype=tl.float32)
+            for start in range(group * ROWS, group * ROWS + ROWS, BLOCK_N):
+                rows = start + tl.arange(0, BLOCK_N)
+                ok = (rows < N)[:, None] & inside[None, :]
+                q = tl.load(Q + rows[:, None] * stride_q + source[None, :], mask=ok, other=0.0)
+                p = tl.load(P + rows[:, None] * stride_p + cols[None, :], mask=ok, other=0.0)
+                total += tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=0)
+            tl.store(PARTIAL + (group * (2 * WIDTH + 1) + t) * R + cols, total, mask=cols < R)
+    # fmt: on
+
+
+BLOCK_N, BLOCK_J, ROWS = (16, 16, 32) if kernels.INTERPRET else (32, 128, 512)
+
+
+def available(p: torch.Tensor, band: int) -> bool:
+    """Whether these kernels serve a band's mixes of p on CUDA (else the torch ops of functional.py do)."""
+    ready = kernels.ENABLED and triton is not None and p.is_cuda and band <= kernels.MAX_BAND
+    return ready and (kernels.IN_COMPILE or not torch.compiler.is_compiling())
+
+
+def mix(p: torch.Tensor, c: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """P M (or P Mᵀ when transposed) for a 2-D p (N, r) and a band C (2w+1, r); in p's dtype."""
+    p = p if p.stride(-1) == 1 else p.contiguous()
+    c = c.contiguous()
+    n, r = p.shape
+    out = torch.empty_like(p)
+    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(r, BLOCK_J))
+    _mix_kernel[grid](
+        p, c, out, n, r, p.stride(0), out.stride(0),
+        WIDTH=(c.shape[0] - 1) // 2, TRANSPOSED=transposed, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
+    )  # fmt: skip
+    return out
+
+
+def grad(q: torch.Tensor, p: torch.Tensor, w: int) -> torch.Tensor:
+    """dC (2w+1, r) fp32 with dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j] (zero where row j − o is outside M)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    p = p if p.stride(-1) == 1 else p.contiguous()
+    n, r = p.shape
+    groups = triton.cdiv(n, ROWS)
+    partial = torch.empty((groups, 2 * w + 1, r), device=p.device, dtype=torch.float32)
+    _grad_kernel[(groups, triton.cdiv(r, BLOCK_J))](
+        q, p, partial, n, r, q.stride(0), p.stride(0), WIDTH=w, ROWS=ROWS, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
+    )  # fmt: skip
+    return partial.sum(dim=0)

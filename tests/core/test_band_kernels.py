@@ -1,0 +1,69 @@
+"""The Triton kernels for a band's mixes (the GEMM path's, any rank) against the torch mixes in fp64.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest); on a GPU machine the same
+tests run the compiled kernels. Shapes include N and r not multiples of the blocks and bands wider than r.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sigmatune.core import band_kernels, kernels
+from sigmatune.core import functional as F
+from sigmatune.core.structures import valid_part
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 3, 1), (37, 20, 2), (50, 150, 4), (9, 6, 5)]  # (N, r, w)
+
+
+def case(n, r, w, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, r, generator=g, dtype=torch.float64)
+    q = torch.randn(n, r, generator=g, dtype=torch.float64)
+    c = valid_part(torch.randn(2 * w + 1, r, generator=g, dtype=torch.float64))
+    return p.to(DEVICE, dtype), q.to(DEVICE, dtype), c.to(DEVICE, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, r, w", SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mix_matches_the_torch_mix(dtype, n, r, w, transposed):
+    p, _, c = case(n, r, w, dtype)
+    out = band_kernels.mix(p, c, transposed=transposed)
+    reference = F.band_mix_transposed if transposed else F.band_mix
+    expected = reference(p.double(), c.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == p.shape
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, r, w", [*SHAPES, (1100, 7, 2)])  # more rows than one row group
+def test_grad_matches_the_band_of_q_transpose_p(dtype, n, r, w):
+    p, q, _ = case(n, r, w, dtype, seed=1)
+    grad = band_kernels.grad(q, p, w)
+    expected = F.band_grad(q.double(), p.double(), w)
+    assert grad.dtype == torch.float32 and grad.shape == (2 * w + 1, r)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-4 * n**0.5)
+
+
+def test_the_gemm_path_uses_them_and_matches_the_torch_mixes(monkeypatch):
+    """transform() with a band over more directions than the fused kernel takes: values and gradients with
+    the mix kernels against the torch mixes (fp32)."""
+    n, d, r, w = 23, 160, 150, 3
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(n, d, generator=g).to(DEVICE)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64)).Q.to(DEVICE, torch.float32)
+    bands = valid_part(torch.randn(2 * w + 1, r, generator=g) * 0.3).to(DEVICE)
+    monkeypatch.setattr(kernels, "available", lambda *_: False)
+    results = {}
+    for use in (False, True):
+        monkeypatch.setattr(band_kernels, "available", lambda *_, use=use: use)
+        x, c = a.clone().requires_grad_(True), bands.clone().requires_grad_(True)
+        out = F.transform(x, basis, c, shift=torch.ones(r, device=DEVICE))
+        (out * torch.linspace(-1, 1, d, device=DEVICE)).square().sum().backward()
+        results[use] = (out.detach(), x.grad, c.grad)
+    for plain, kernel in zip(results[False], results[True], strict=True):
+        torch.testing.assert_close(kernel, plain, rtol=2e-4, atol=2e-4)
