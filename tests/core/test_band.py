@@ -72,6 +72,15 @@ def test_a_band_over_columns_that_are_not_consecutive(side):
     expected_weight = reference_band_weight(linear.weight.detach(), selection, matrix, side)
     x = torch.randn(4, linear.in_features, dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ expected_weight.T + linear.bias.detach(), rtol=0, atol=1e-10)
+    adapter = layer.sigma_adapters["default"]
+    plan = adapter._plan  # computed once for these positions, reused by every forward
+    assert plan is not None and plan[0] is adapter.positions
+    layer(x)
+    assert adapter._plan is plan
+    spread_dense = band_to_dense(layer.scales("default"))  # the band over stored columns = M scattered
+    assert torch.equal(
+        spread_dense[adapter.positions][:, adapter.positions], band_to_dense(valid_part(adapter.vector))
+    )
     assert torch.equal(
         band_to_dense(spread(torch.ones(3), torch.tensor([0, 2, 3]), 4)),
         torch.diag(torch.tensor([1.0, 0, 1, 1])),

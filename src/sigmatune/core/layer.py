@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .structures import Diagonal, Structure, band_to_dense, spread, valid_part
+from .structures import Diagonal, Structure, band_to_dense, half_width, spread, spread_plan, valid_part
 from .svd import Spectrum, side_for
 from .updates import update_rule
 from .weights import (
@@ -60,6 +60,16 @@ class SigmaVector(nn.Module):
         self.vector = nn.Parameter(vector)
         self.register_buffer("indices", indices, persistent=False)  # (r,) singular-value indices
         self.register_buffer("positions", None, persistent=False)  # (r,) columns of the basis; None = all
+        self._plan = None  # (positions, spread_plan) of a band, for the positions it was computed for
+
+    def spread(self, coefficients: torch.Tensor, stored: int) -> torch.Tensor:
+        """This adapter's coefficients (g, or its band) over all `stored` columns (structures.spread); a
+        band's plan is computed once for the current positions."""
+        if self.positions is None or coefficients.dim() == 1:
+            return spread(coefficients, self.positions, stored)
+        if self._plan is None or self._plan[0] is not self.positions:
+            self._plan = (self.positions, spread_plan(self.positions, half_width(coefficients), stored))
+        return spread(coefficients, self.positions, stored, self._plan[1])
 
     def extra_repr(self) -> str:
         return f"r={len(self.indices)}, update={self.rule.name}, structure={self.structure!r}"
@@ -150,7 +160,7 @@ class SpectralLinear(nn.Module):
     def scales(self, name: str) -> torch.Tensor:
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
-        return spread(self.own_scales(name), self.sigma_adapters[name].positions, self.rank)
+        return self.sigma_adapters[name].spread(self.own_scales(name), self.rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""

@@ -125,21 +125,36 @@ def dense_to_band(matrix: torch.Tensor, w: int) -> torch.Tensor:
     return coefficients
 
 
-def spread(coefficients: torch.Tensor, positions: torch.Tensor | None, stored: int) -> torch.Tensor:
+def spread(
+    coefficients: torch.Tensor,
+    positions: torch.Tensor | None,
+    stored: int,
+    plan: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """An adapter's coefficients over its own r directions as coefficients over all `stored` columns of
     the layer's basis, its directions at `positions` (None: all, in order) and zeros elsewhere. A band
-    keeps its entries; its half-width grows to the widest gap between neighbours within the band."""
+    keeps its entries; its half-width grows to the widest gap between neighbours within the band
+    (`plan`: spread_plan's answer for these positions, when the caller keeps it)."""
     if positions is None:
         return coefficients
     if coefficients.dim() == 1:
         return coefficients.new_zeros(stored).index_copy(0, positions, coefficients)  # (R,)
-    w, r = half_width(coefficients), coefficients.shape[1]
-    wide = max((int(positions[min(j + w, r - 1)] - positions[j]) for j in range(r)), default=0)
-    wide = max(wide, w)
-    out = coefficients.new_zeros(2 * wide + 1, stored)
+    wide, target, source = plan or spread_plan(positions, half_width(coefficients), stored)
+    values = coefficients.flatten()[source]  # (K,)
+    return coefficients.new_zeros((2 * wide + 1) * stored).index_copy(0, target, values).view(-1, stored)
+
+
+def spread_plan(positions: torch.Tensor, w: int, stored: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Where a band (2w+1, r) over the columns `positions` lands in a band over all `stored` columns:
+    (wide, target, source) with wide the new half-width, and for each of the K entries that lie in M its
+    flat index in the (2·wide+1, stored) band and in the (2w+1, r) one. It reads positions on the host:
+    a layer computes it once per adapter (SigmaVector.spread)."""
+    columns = positions.tolist()
+    r = len(columns)
+    wide = max([columns[min(j + w, r - 1)] - columns[j] for j in range(r)] + [w])
+    target, source = [], []
     for o in range(-w, w + 1):
-        columns = torch.arange(max(o, 0), r + min(o, 0), device=positions.device)  # j with j − o in range
-        if len(columns):
-            gaps = positions[columns] - positions[columns - o]  # the offset in stored columns
-            out[wide + gaps, positions[columns]] = coefficients[w + o, columns]
-    return out
+        for j in range(max(o, 0), r + min(o, 0)):  # j with j − o in range
+            target.append((wide + columns[j] - columns[j - o]) * stored + columns[j])
+            source.append((w + o) * r + j)
+    return wide, torch.tensor(target, device=positions.device), torch.tensor(source, device=positions.device)
