@@ -128,7 +128,7 @@ def _gemm_forward(a, basis, coefficients, shift):
 
 def _gemm_backward(grad_out, basis, coefficients, projection):
     """(da, dg or dC) by GEMMs, with Q = dout B: da = dout + (Q ⊙ g) Bᵀ (a band: + (Q M) Bᵀ);
-    dg = Σ_rows Q ⊙ P, dC[w+o, j] = Σ_rows Q[:, j] P[:, j−o]."""
+    dg = Σ_rows Q ⊙ P, dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j]."""
     basis = basis.to(grad_out.dtype)
     along = grad_out @ basis  # Q (N, r)
     if coefficients.dim() == 1:
