@@ -157,4 +157,5 @@ def spread_plan(positions: torch.Tensor, w: int, stored: int) -> tuple[int, torc
         for j in range(max(o, 0), r + min(o, 0)):  # j with j − o in range
             target.append((wide + columns[j] - columns[j - o]) * stored + columns[j])
             source.append((w + o) * r + j)
-    return wide, torch.tensor(target, device=positions.device), torch.tensor(source, device=positions.device)
+    as_index = dict(dtype=torch.long, device=positions.device)
+    return wide, torch.tensor(target, **as_index), torch.tensor(source, **as_index)
