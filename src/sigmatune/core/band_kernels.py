@@ -21,6 +21,7 @@ import torch
 
 from . import kernels
 from .kernels import triton
+from .structures import half_width
 
 if triton is not None:
     import triton.language as tl
@@ -82,7 +83,7 @@ def mix(p: torch.Tensor, c: torch.Tensor, transposed: bool = False) -> torch.Ten
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(r, BLOCK_J))
     _mix_kernel[grid](
         p, c, out, n, r, p.stride(0), out.stride(0),
-        WIDTH=(c.shape[0] - 1) // 2, TRANSPOSED=transposed, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
+        WIDTH=half_width(c), TRANSPOSED=transposed, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
     )  # fmt: skip
     return out
 

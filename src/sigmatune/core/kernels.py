@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from .structures import half_width
+
 try:
     import triton
     import triton.language as tl
@@ -135,7 +137,7 @@ def transform(
     n, d = a.shape
     r = basis.shape[1]
     width = padded_rank(r)
-    band = 0 if coefficients.dim() == 1 else (coefficients.shape[0] - 1) // 2
+    band = half_width(coefficients)
     block_n = 16 if INTERPRET else (64 if width <= 32 else 32)  # rows per program: ~N/32 programs
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
