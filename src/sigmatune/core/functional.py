@@ -40,7 +40,7 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
     fused = kernels.available(flat, basis.shape[1], half_width(g)) and (
         kernels.IN_COMPILE or not torch.compiler.is_compiling()
     )
-    return _Transform.apply(flat, basis, g.contiguous() if fused else g, shift, fused).view(a.shape)
+    return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
 
 
 def transform_rows(

@@ -126,7 +126,7 @@ def transform(
     transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
-    or a band C (2w+1, r), contiguous:
+    or a band C (2w+1, r):
 
     out = a + (aB − c) T Bᵀ in a's dtype, T = diag(g), or for a band M (Mᵀ when transposed, the forward
     pass); projection = aB − c as (N, padded_rank(r)) fp32 with zero columns past r; grad, the
@@ -141,6 +141,7 @@ def transform(
     block_n = 16 if INTERPRET else (64 if width <= 32 else 32)  # rows per program: ~N/32 programs
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
+    coefficients = coefficients.contiguous()  # the kernel reads C's rows at stride r
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
     programs = triton.cdiv(n, block_n)
