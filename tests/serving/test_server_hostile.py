@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote, urlsplit
 
 import httpx
+import pytest
 
 from sigmatune.serving.api_input import MAX_BODY, MAX_MIX_PARTS
 from sigmatune.serving.server import MAX_MIXES
@@ -397,6 +398,29 @@ def test_huge_lying_and_broken_framing(server, monkeypatch):
     barrage(cases, lambda case: problem(*exchange(url, BODIES[case[1]](case[0])), allowed))
     stalled = exchange(url, BODIES["Content-Length longer, then a stall"]("/v1/completions"))
     assert stalled[0] == 408 and b"did not arrive" in stalled[1]
+    healthy(url, state)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["with Content-Length", "chunked"])
+def test_an_oversized_upload_is_read_before_its_413(server, declared):
+    """The server reads and drops the rest of a too-large body before answering, so the connection ends
+    in an orderly close: closing on unread data makes the kernel send a reset, and a client still
+    uploading then loses the answer (it did once in CI)."""
+    url, state = server
+    if declared:
+        data = _http("POST", "/v1/completions", BIG)
+    else:
+        head = _http("POST", "/v1/completions", headers={"Transfer-Encoding": "chunked"})
+        data = head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(BIG), BIG)
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        reply = b""
+        while not _complete(reply):
+            reply += sock.recv(1 << 16)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert problem(int(head.split(b" ")[1]), body, {413}) is None
+        assert sock.recv(1 << 16) == b"", "the server closed the connection on unread data (a reset)"
     healthy(url, state)
 
 

@@ -9,6 +9,7 @@ weights; sampling parameters are type- and range-checked (null means "not given"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 
@@ -20,6 +21,8 @@ from .bank import BASE
 
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
 BODY_SECONDS = 30.0  # a request body must arrive within this (a stalled upload gets 408)
+DRAIN_BODY = 8 << 20  # an oversized body up to this is read and dropped before its 413 (see _too_large)
+DRAIN_SECONDS = 2.0  # ... for at most this long
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names (fullmatch: "$" would let "a\n" in)
 MAX_MIX_PARTS = 16  # adapters in one "mix:" spec
 MAX_MIX_WEIGHT = 4.0  # mix weights lie in [0, MAX_MIX_WEIGHT]: a NaN or huge one would make NaN logits
@@ -90,9 +93,11 @@ async def json_body(request: Request, seconds: float) -> dict:
     """The body as a JSON object: at most MAX_BODY bytes of UTF-8, arrived within `seconds`."""
     size = request.headers.get("content-length")
     if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+        raise await _too_large(request, seconds, drain=size.isdigit() and int(size) <= DRAIN_BODY)
     try:
         raw = await asyncio.wait_for(_body(request), seconds)
+    except _Oversized:
+        raise await _too_large(request, seconds, drain=True) from None
     except asyncio.TimeoutError:
         raise ApiError(408, f"the body did not arrive within {seconds:g} s") from None
     except ClientDisconnect:
@@ -107,13 +112,40 @@ async def json_body(request: Request, seconds: float) -> dict:
     return body
 
 
+class _Oversized(Exception):
+    """The streamed body passed MAX_BODY."""
+
+
 async def _body(request: Request) -> bytes:
     raw = b""
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+            raise _Oversized
     return raw
+
+
+async def _too_large(request: Request, seconds: float, drain: bool) -> ApiError:
+    """The 413 for an oversized body, after reading and dropping what the client still sends of it (up to
+    DRAIN_BODY bytes, within DRAIN_SECONDS): closing a socket with unread data makes the kernel send a reset,
+    and a client that is still uploading then loses the answer instead of reading it (a lingering close, as
+    web servers do). A declared length past DRAIN_BODY (or not a number) is answered at once, and so is a
+    client waiting for "100 Continue": reading its body would invite the upload the 413 refuses."""
+    if drain and request.headers.get("expect", "").lower() != "100-continue":
+        await _drop_body(request, min(seconds, DRAIN_SECONDS))
+    return ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+
+
+async def _drop_body(request: Request, seconds: float) -> None:
+    async def drop():
+        dropped = 0
+        async for chunk in request.stream():
+            dropped += len(chunk)
+            if dropped > DRAIN_BODY:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, ClientDisconnect, RuntimeError):
+        await asyncio.wait_for(drop(), seconds)
 
 
 async def unless_hung_up(request: Request, work):
