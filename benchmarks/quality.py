@@ -18,9 +18,10 @@ number or "full", update multiplicative | additive (sigmatune only), lr the adap
 the half-width of a band structure (sigmatune only; none or 0 = the diagonal). The default is the sweep
 below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this run or the results
 file). --compress 32,64,128 also scores each trained sigmatune row compressed to those ranks
-(rows with compressed_from = the rank trained); --recipe NAME tags the rows as one of the README's recipes.
-Rows go into benchmarks/results/quality.json (merged by row_key: setting, method, rank, update, lr,
-seed, epochs, structure, band, compressed_from, recipe).
+(rows with compressed_from = the rank trained), weighed by --calibrate N training examples (0 = by the
+update alone; "0,64" scores both; rows keep N as `calibration`); --recipe NAME tags the rows as one of
+the README's recipes. Rows go into benchmarks/results/quality.json (merged by row_key: setting, method,
+rank, update, lr, seed, epochs, structure, band, compressed_from, recipe, calibration).
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ from sigmatune.training.loop import lr_factor
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs", "structure", "band", "compressed_from")
-KEY += ("recipe",)  # rows merge by these (row_key: a row written before a field existed has its default)
+KEY += (
+    "recipe",
+    "calibration",
+)  # rows merge by these (row_key: a row written before a field existed has its default)
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
 HEAD_LR = 2e-3
+CALIBRATION = 64  # training examples --calibrate may use (the first ones of the training split)
 WARMUP = 0.06  # share of the steps with a linear warm-up (then cosine decay: training/loop.lr_factor)
 SWEEPS = {  # (method, rank, update, band) → learning rates
     "classify": {
@@ -201,23 +206,29 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
         )
 
     result = dict(trainable=sum(p.numel() for p in params), **scored(), wall_s=round(wall, 1), curve=curve)
-    return result | compressed(adapted, row, args, scored)
+    calibration = [encode([r]) for r in train[:CALIBRATION]]  # one unpadded example each
+    return result | compressed(adapted, row, args, scored, calibration)
 
 
-def compressed(adapted, row: dict, args, scored) -> dict:
+def compressed(adapted, row: dict, args, scored, calibration: list) -> dict:
     """{"compressed": [(rank, trainable, scores)]}: the trained sigmatune adapter kept to each rank of
-    --compress (model.compress), scored the same way; {} for other methods."""
+    --compress (model.compress), weighed by the first N of `calibration` (unpadded training batches) for
+    each N of --calibrate, scored the same way; {} for other methods."""
     if row["method"] != "sigmatune" or not args.compress:
         return {}
     results = []
     for rank in [int(r) for r in args.compress.split(",")]:
-        name = f"r{rank}"
-        report = adapted.compress(rank, "default", name)
-        adapted.set_adapter(name)
-        count = sum(layer.sigma_adapters[name].vector.numel() for layer in adapted.spectral_layers().values())
-        results.append((rank, count, {**scored(), "kept": round(report.total, 4)}))
-        adapted.set_adapter("default")
-        adapted.delete_adapter(name)
+        for count in [int(n) for n in args.calibrate.split(",")]:
+            name = f"r{rank}-c{count}"
+            report = adapted.compress(rank, "default", name, calibration=calibration[:count] or None)
+            adapted.set_adapter(name)
+            size = sum(
+                layer.sigma_adapters[name].vector.numel() for layer in adapted.spectral_layers().values()
+            )
+            scores = {**scored(), "kept": round(report.total, 4), "calibration": count}
+            results.append((rank, size, scores))
+            adapted.set_adapter("default")
+            adapted.delete_adapter(name)
     return {"compressed": results}
 
 
@@ -238,6 +249,7 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
     from sigmatune.training.data import load_model, load_task
     from sigmatune.training.job import fit, score
     from sigmatune.training.settings import TrainSettings
+    from sigmatune.training.tokens import example_batches
 
     torch.manual_seed(row["seed"])
     settings = TrainSettings(
@@ -259,7 +271,9 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
 
     count = sum(p.numel() for p in trainable(adapted))
     result = dict(trainable=count, **scored(), wall_s=round(wall, 1), curve=history[::10])
-    return result | compressed(adapted, row, args, scored)
+    examples = task.train[:CALIBRATION]
+    calibration = example_batches(tokenizer, task.instruction, examples, settings.max_length)
+    return result | compressed(adapted, row, args, scored, calibration)
 
 
 # ---- the sweep --------------------------------------------------------------------------------------
@@ -279,6 +293,7 @@ def planned(setting: str, rows: str | None) -> dict[tuple, list[float]]:
 def row_key(row: dict) -> tuple:
     """What identifies a row (KEY), a field a row was written without reading as its default."""
     defaults = {"structure": "diagonal", "band": 0}
+    defaults |= {"calibration": 0} if row.get("compressed_from") else {}
     return tuple(row[k] if row.get(k) is not None else defaults.get(k) for k in KEY)
 
 
@@ -302,6 +317,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
     parser.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
     parser.add_argument("--compress", default="", help="also score sigmatune rows compressed to these ranks")
+    parser.add_argument(
+        "--calibrate", default="64", help=f"compress weighed by N ≤ {CALIBRATION} training examples (0: none)"
+    )
     parser.add_argument(
         "--recipe", choices=["default", "quality", "fast"], help="tag the rows with a README recipe"
     )
@@ -424,6 +442,7 @@ def label(row: dict) -> str:
     """The method as the tables name it: e.g. "sigmatune band 2", "sigmatune ← full" (compressed from)."""
     text = row["method"] + (f" band {row['band']}" if row.get("band") else "")
     text += f" ← {row['compressed_from']}" if row.get("compressed_from") else ""
+    text += f" calibrated on {row['calibration']}" if row.get("calibration") else ""
     text += f" [{row['recipe']}]" if row.get("recipe") else ""
     return text + (f" ({row['epochs']} epochs)" if row.get("epochs") else "")
 

@@ -106,8 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("output", help="folder for the compressed adapter")
     command.add_argument("--rank", type=int, required=True, help="directions kept per layer")
+    command.add_argument(
+        "--calibrate",
+        type=int,
+        default=64,
+        metavar="N",
+        help="weigh directions by their effect on N training examples (0: by the update alone; default 64)",
+    )
+    command.add_argument("--data", help="data to calibrate on (default: what the adapter was trained on)")
     _add_model_options(command, device=False)
-    command.set_defaults(run=lambda a: commands.compress_adapter(a.adapter, a.output, a.rank, a.model))
+    command.set_defaults(
+        run=lambda a: commands.compress_adapter(a.adapter, a.output, a.rank, a.model, a.data, a.calibrate)
+    )
 
     command = subcommands.add_parser("generate", help="the adapted model's answer to a prompt")
     command.add_argument("adapter", help="adapter folder")

@@ -24,13 +24,20 @@ from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
 from .training.job import SUMMARY_NAME, format_score, score
 from .training.settings import TrainSettings
-from .training.tokens import prompt_batch
+from .training.tokens import example_batches, prompt_batch
 
 
 def training_summary(adapter_dir: str | Path) -> dict:
     """The training_summary.json beside an adapter ({} when the adapter was saved another way)."""
     path = Path(adapter_dir) / SUMMARY_NAME
     return read_json(path) if path.exists() else {}
+
+
+def recorded_settings(adapter_dir: str | Path) -> TrainSettings:
+    """The TrainSettings the adapter was trained with (the defaults for what its summary does not record)."""
+    recorded = training_summary(adapter_dir).get("settings", {})
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in recorded.items() if k in known})
 
 
 def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dtype: str = "auto"):
@@ -47,9 +54,7 @@ def evaluate_adapter(
 ) -> dict:
     """Held-out loss and exact match of the adapter (and of the base model alone), on the training
     run's held-out split unless data/heldout say otherwise."""
-    recorded = training_summary(adapter_dir).get("settings", {})
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    settings = TrainSettings(**{k: v for k, v in recorded.items() if k in known})
+    settings = recorded_settings(adapter_dir)
     overrides = dict(
         model=model, data=data, heldout=heldout, eval_accuracy=eval_accuracy, device=device, dtype=dtype
     )
@@ -135,11 +140,30 @@ def export_adapter(adapter_dir, output_dir, format: str = "lora", model: str | N
     return Path(output_dir)
 
 
-def compress_adapter(adapter_dir, output_dir, rank: int, model: str | None = None) -> Path:
+def compress_adapter(
+    adapter_dir, output_dir, rank: int, model: str | None = None, data: str | None = None, calibrate: int = 64
+) -> Path:
     """Write the adapter kept to its `rank` largest directions per layer (model/compress.py) as an ordinary
-    adapter in output_dir, with the training summary (marked compressed_from) so eval finds its data."""
-    sigma_model, _ = load_adapted(adapter_dir, model, "cpu", "float32")
-    report = sigma_model.compress(rank, "default", "compressed")
+    adapter in output_dir, with the training summary (marked compressed_from) so eval finds its data.
+    The directions are weighed by their effect on `calibrate` training examples of `data` (default: the
+    data the adapter was trained on, from its summary; its held-out split is never used); calibrate=0, or
+    no data known, weighs them by the update alone."""
+    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+        raise ValueError(f"--calibrate must be a whole number of examples (0 = none), got {calibrate!r}")
+    sigma_model, tokenizer = load_adapted(adapter_dir, model, "cpu", "float32")
+    settings = recorded_settings(adapter_dir)
+    spec = data or training_summary(adapter_dir).get("settings", {}).get("data")
+    batches, examples = None, 0
+    if spec and calibrate:
+        task = load_task(spec, settings.heldout, settings.seed)
+        batches = example_batches(tokenizer, task.instruction, task.train[:calibrate], settings.max_length)
+        examples = len(batches)
+        print(f"calibrating on {examples} training examples of {spec}")
+    elif calibrate:
+        print(
+            "no training data recorded with the adapter: directions weighed by the update alone (--data FILE)"
+        )
+    report = sigma_model.compress(rank, "default", "compressed", calibration=batches)
     output = Path(output_dir)
     write_adapter(output, record_of(sigma_model, "compressed", save_bases=False))
     summary = training_summary(adapter_dir)
@@ -148,6 +172,7 @@ def compress_adapter(adapter_dir, output_dir, rank: int, model: str | None = Non
             "adapter": str(adapter_dir),
             "rank": rank,
             "kept": round(report.total, 4),
+            "calibration": {"data": spec, "examples": examples} if examples else None,
         }
         atomic_write_json(output / SUMMARY_NAME, summary)
     print(f"{report.summary()}\ncompressed adapter (rank {rank}) written to {output}")

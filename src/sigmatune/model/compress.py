@@ -8,41 +8,55 @@ the band's entries among them (a band over the kept directions in σ order keeps
 neighbours within b in the old order are within b in the new one). It trains nothing new, and
 serves, merges and exports to LoRA at rank R. `kept` is ‖ΔW_kept‖_F / ‖ΔW‖_F per layer.
 
+With calibration data the directions are weighed by what they do to the layer's output on it: the
+error of dropping a set D is E‖ΔW_D x‖² = E‖ΔΣ_D z‖² with z = Vᵀx, which for a diagonal is
+Σ_{i∈D} δ_i² c_i, c_i = E[z_i²] (exact: the diagonal has no cross terms), so ΔΣ is scored as
+ΔΣ diag(√c) (for a band this leaves out z's cross-covariance). Directions the data hardly excites
+then give way to ones it does; `kept` is then the share of the output's ‖ΔW x‖ on the data. The
+second moments c come from hooks on the layers while the model runs the given batches: an input-side
+layer projects its input, z = x V; an output-side one its base layer's output y = W x + b, z = Uᵀ(y − b) / σ.
+
 Functions of a SigmaModel (passed in), like exchange.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
 from ..core.structures import band_to_dense, dense_to_band, half_width
+from ..core.weights import bias_of
 
 
 @dataclasses.dataclass
 class Compression:
     """What compress() kept: per layer the share of ‖ΔW‖_F, and over all layers together."""
 
-    layers: dict[str, float]  # layer → ‖ΔW_kept‖_F / ‖ΔW‖_F
+    layers: dict[str, float]  # layer → ‖ΔW_kept‖_F / ‖ΔW‖_F (calibrated: of ‖ΔW x‖ on the data)
     total: float  # sqrt(Σ ‖ΔW_kept‖²_F / Σ ‖ΔW‖²_F) over the layers
     rank: int
+    calibrated: bool = False  # weighed by calibration data
 
     def summary(self) -> str:
         worst = min(self.layers.items(), key=lambda item: item[1])
+        measure = "output ‖ΔW x‖ on the calibration data" if self.calibrated else "‖ΔW‖_F"
         return (
-            f"kept {100 * self.total:.1f}% of the update's ‖ΔW‖_F at rank {self.rank} "
+            f"kept {100 * self.total:.1f}% of the update's {measure} at rank {self.rank} "
             f"({len(self.layers)} layers; the least kept: {worst[0]} {100 * worst[1]:.1f}%)"
         )
 
 
-def compress(model, rank: int, adapter_name: str, new_name: str) -> Compression:
-    """Add new_name: adapter_name kept to its `rank` largest directions per layer (all, where it has fewer)."""
+def compress(model, rank: int, adapter_name: str, new_name: str, calibration=None) -> Compression:
+    """Add new_name: adapter_name kept to its `rank` largest directions per layer (all, where it has fewer);
+    with `calibration` (model inputs: see activation_moments) weighed by what each does on that data."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"compress: rank must be a positive int, got {rank!r}")
     if adapter_name not in model.peft_config:
         raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(model.peft_config)}")
     config = model.peft_config[adapter_name]
+    moments = activation_moments(model, adapter_name, calibration) if calibration is not None else {}
     kept, values, shares = {}, {}, {}
     kept_norm = total_norm = 0.0
     for name, layer in model.spectral_layers().items():
@@ -50,6 +64,8 @@ def compress(model, rank: int, adapter_name: str, new_name: str) -> Compression:
             continue
         adapter = layer.sigma_adapters[adapter_name]
         update = _singular_update(layer, adapter_name)  # ΔΣ (r, r) over the adapter's directions
+        if name in moments:
+            update = update * moments[name].sqrt()[None, :]  # ΔΣ diag(√c): as it acts on the data
         score = update.square().sum(dim=0) + update.square().sum(dim=1)  # (r,)
         chosen = sorted(torch.topk(score, min(rank, len(score))).indices.tolist())
         index = torch.tensor(chosen, device=update.device)
@@ -67,7 +83,63 @@ def compress(model, rank: int, adapter_name: str, new_name: str) -> Compression:
             if name in values:
                 layer.sigma_adapters[new_name].vector.copy_(values[name])
     total = (kept_norm / total_norm) ** 0.5 if total_norm > 0 else 1.0
-    return Compression(shares, total, rank)
+    return Compression(shares, total, rank, calibrated=bool(moments))
+
+
+@torch.no_grad()
+def activation_moments(model, adapter_name: str, batches) -> dict[str, torch.Tensor]:
+    """Layer → c (r,), the mean over tokens of (v_iᵀ x)² at adapter_name's directions, while the model (as
+    it is: its active adapter applies) runs `batches`: dicts of model inputs (model(**batch)) or tensors of
+    input ids. Padding tokens count like any other: pass unpadded batches (e.g. one example each)."""
+    layers = {n: m for n, m in model.spectral_layers().items() if adapter_name in m.sigma_adapters}
+    if any(layer.merged_adapter is not None for layer in layers.values()):
+        raise ValueError(
+            "compress: unmerge() before calibrating (a merged layer's outputs include its update)"
+        )
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def add(name: str, z: torch.Tensor) -> None:  # z (N, r)
+        sums[name] = sums.get(name, 0) + z.square().sum(dim=0)
+        counts[name] += z.shape[0]
+
+    hooks = [_moment_hook(layer, adapter_name, lambda z, n=name: add(n, z)) for name, layer in layers.items()]
+    device = next(model.parameters()).device
+    training, seen = model.training, 0
+    model.eval()
+    try:
+        for batch in batches:
+            inputs = batch if isinstance(batch, Mapping) else {"input_ids": batch}
+            model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+            seen += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    if not seen or not sums:
+        raise ValueError(
+            "compress: the calibration data gave no batches that reach the adapter's layers; pass a few "
+            "batches of model inputs (dicts, or input-id tensors), or calibration=None for the data-free score"
+        )
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def _moment_hook(layer, adapter_name: str, add):
+    """A hook giving add() z = Vᵀx (N, r) at the adapter's directions for each input x of the layer."""
+    columns = layer.columns(adapter_name)
+    basis = layer.sigma_basis[:, columns].float()  # (d, r): V (input side) or U (output side)
+    if layer.side == "input":
+        return layer.register_forward_pre_hook(
+            lambda _, args: add(args[0].detach().reshape(-1, basis.shape[0]).float() @ basis)
+        )
+    sigma = layer.sigma_at(layer.sigma_adapters[adapter_name].positions).float()
+    bias = bias_of(layer.base_layer)
+
+    def hook(_, args, output):  # output = W x + b, the base layer's: Uᵀ(W x) = Σ Vᵀ x
+        flat = output.detach().reshape(-1, basis.shape[0]).float()
+        add(((flat if bias is None else flat - bias.float()) @ basis) / sigma)
+
+    return layer.base_layer.register_forward_hook(hook)
 
 
 def _singular_update(layer, adapter_name: str) -> torch.Tensor:

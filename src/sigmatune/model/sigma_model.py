@@ -253,12 +253,17 @@ class SigmaModel(nn.Module):
             self, save_directory, adapter_name or self.active_adapter, full_precision_state_dict
         )
 
-    def compress(self, rank: int, adapter_name: str | None = None, new_name: str | None = None):
+    def compress(
+        self, rank: int, adapter_name: str | None = None, new_name: str | None = None, calibration=None
+    ):
         """Add an adapter (new_name, default "<adapter>-r<rank>") over the `rank` directions per layer that
         carry most of adapter_name's update (default: the active one), and return what it kept
-        (model/compress.py): it serves, merges and exports to LoRA at rank `rank`."""
+        (model/compress.py): it serves, merges and exports to LoRA at rank `rank`. With calibration (a few
+        unpadded batches of model inputs, e.g. training examples, run with the model as it is) the
+        directions are weighed by the update's effect on that data's activations, which keeps more."""
         adapter_name = adapter_name or self.active_adapter
-        return compression.compress(self, rank, adapter_name, new_name or f"{adapter_name}-r{rank}")
+        name = new_name or f"{adapter_name}-r{rank}"
+        return compression.compress(self, rank, adapter_name, name, calibration)
 
     # ---- merging --------------------------------------------------------------------------------------
 

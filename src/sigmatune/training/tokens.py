@@ -70,6 +70,15 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def example_batches(tokenizer, instruction: str | None, examples: list[Example], max_length: int) -> list:
+    """One unpadded batch per example, {"input_ids": (1, T)} of its prompt and answer: inputs for which
+    every token is real (e.g. to calibrate compression)."""
+    return [
+        {"input_ids": torch.tensor([encode(tokenizer, instruction, e, max_length).input_ids])}
+        for e in examples
+    ]
+
+
 def prompt_batch(tokenizer, instruction: str | None, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched generation, (B, T)."""
     rows = [
