@@ -1,5 +1,5 @@
 """The commands of `sigmatune` (cli.py maps each name to one of these functions; `train` is
-training/job.py's): evaluate a saved adapter, inspect it, merge it into a plain model, export it,
+training/job.py's): evaluate a saved adapter, inspect it, merge it into a plain model, export it, compress it,
 generate with it, and serve a folder of adapters over HTTP.
 
 Each adapter command takes the adapter folder; the base model and data default to those recorded in
