@@ -43,10 +43,8 @@ from sigmatune.training.loop import lr_factor
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs", "structure", "band", "compressed_from")
-KEY += (
-    "recipe",
-    "calibration",
-)  # rows merge by these (row_key: a row written before a field existed has its default)
+# rows merge by these (row_key: a row written before a field existed has its default)
+KEY += ("recipe", "calibration")
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear
 LABELS = ["True", "False", "Neither"]
@@ -206,17 +204,20 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
         )
 
     result = dict(trainable=sum(p.numel() for p in params), **scored(), wall_s=round(wall, 1), curve=curve)
-    calibration = [encode([r]) for r in train[:CALIBRATION]]  # one unpadded example each
+
+    def calibration() -> list:  # one unpadded example each
+        return [encode([r]) for r in train[:CALIBRATION]]
+
     return result | compressed(adapted, row, args, scored, calibration)
 
 
-def compressed(adapted, row: dict, args, scored, calibration: list) -> dict:
+def compressed(adapted, row: dict, args, scored, calibration) -> dict:
     """{"compressed": [(rank, trainable, scores)]}: the trained sigmatune adapter kept to each rank of
-    --compress (model.compress), weighed by the first N of `calibration` (unpadded training batches) for
+    --compress (model.compress), weighed by the first N of calibration() (unpadded training batches) for
     each N of --calibrate, scored the same way; {} for other methods."""
     if row["method"] != "sigmatune" or not args.compress:
         return {}
-    results = []
+    calibration, results = calibration(), []
     for rank in [int(r) for r in args.compress.split(",")]:
         for count in [int(n) for n in args.calibrate.split(",")]:
             name = f"r{rank}-c{count}"
@@ -271,8 +272,10 @@ def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
 
     count = sum(p.numel() for p in trainable(adapted))
     result = dict(trainable=count, **scored(), wall_s=round(wall, 1), curve=history[::10])
-    examples = task.train[:CALIBRATION]
-    calibration = example_batches(tokenizer, task.instruction, examples, settings.max_length)
+
+    def calibration() -> list:
+        return example_batches(tokenizer, task.instruction, task.train[:CALIBRATION], settings.max_length)
+
     return result | compressed(adapted, row, args, scored, calibration)
 
 

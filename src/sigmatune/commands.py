@@ -151,8 +151,8 @@ def compress_adapter(
     if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
         raise ValueError(f"--calibrate must be a whole number of examples (0 = none), got {calibrate!r}")
     sigma_model, tokenizer = load_adapted(adapter_dir, model, "cpu", "float32")
-    settings = recorded_settings(adapter_dir)
-    spec = data or training_summary(adapter_dir).get("settings", {}).get("data")
+    settings, summary = recorded_settings(adapter_dir), training_summary(adapter_dir)
+    spec = data or summary.get("settings", {}).get("data")
     batches, examples = None, 0
     if spec and calibrate:
         task = load_task(spec, settings.heldout, settings.seed)
@@ -166,7 +166,6 @@ def compress_adapter(
     report = sigma_model.compress(rank, "default", "compressed", calibration=batches)
     output = Path(output_dir)
     write_adapter(output, record_of(sigma_model, "compressed", save_bases=False))
-    summary = training_summary(adapter_dir)
     if summary:
         summary["compressed_from"] = {
             "adapter": str(adapter_dir),
