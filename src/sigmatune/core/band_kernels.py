@@ -63,9 +63,9 @@ if triton is not None:
 
 
 BLOCK_N, BLOCK_J, ROWS = (16, 16, 32) if kernels.INTERPRET else (32, 128, 512)
-# Opt-in (SIGMATUNE_BAND_KERNELS=1) until tests/core/test_band_kernels.py has passed on a GPU: so far they
-# have run only in Triton's interpreter. Without them the torch mixes of functional.py serve.
-ENABLED = os.environ.get("SIGMATUNE_BAND_KERNELS", "0") == "1"
+# On by default (tests/core/test_band_kernels.py passed on the H200); SIGMATUNE_BAND_KERNELS=0 falls back to the
+# torch mixes of functional.py.
+ENABLED = os.environ.get("SIGMATUNE_BAND_KERNELS", "1") != "0"
 
 
 def available(p: torch.Tensor, band: int) -> bool:
