@@ -73,16 +73,15 @@ def compress(model, rank: int, adapter_name: str, new_name: str, calibration=Non
         if adapter_name not in layer.sigma_adapters:
             continue
         adapter = layer.sigma_adapters[adapter_name]
-        update = _singular_update(layer, adapter_name)  # ΔΣ (r, r) over the adapter's directions
-        if name in moments:
-            update = update * moments[name].sqrt()[None, :]  # ΔΣ diag(√c): as it acts on the data
+        singular = _singular_update(layer, adapter_name)  # ΔΣ (r, r) over the adapter's directions
+        update = singular * moments[name].sqrt()[None, :] if name in moments else singular  # ΔΣ diag(√c)
         score = update.square().sum(dim=0) + update.square().sum(dim=1)  # (r,)
         chosen = sorted(torch.topk(score, min(rank, len(score))).indices.tolist())
         index = torch.tensor(chosen, device=update.device)
         kept[name] = [adapter.indices.tolist()[i] for i in chosen]
         values[name] = _restricted(adapter.vector.detach(), index)
         if name in moments and adapter.vector.dim() == 2:
-            bands[name] = chosen
+            bands[name] = chosen, singular
         part, whole = float(update[index][:, index].square().sum()), float(update.square().sum())
         shares[name] = (part / whole) ** 0.5 if whole > 0 else 1.0
         kept_norm, total_norm = kept_norm + part, total_norm + whole
@@ -164,14 +163,12 @@ def _moment_hook(layer, adapter_name: str, add):
     return layer.base_layer.register_forward_hook(hook)
 
 
-def _refitted_bands(
-    model, adapter_name: str, bands: dict[str, list[int]], batches
-) -> dict[str, torch.Tensor]:
-    """Layer → the compressed band (2b+1, R) over its kept directions `bands[layer]`, least squares on the
-    data (see the module docstring)."""
+def _refitted_bands(model, adapter_name: str, bands: dict, batches) -> dict[str, torch.Tensor]:
+    """Layer → the compressed band (2b+1, R) over its kept directions, least squares on the data (see the
+    module docstring); bands: layer → (the kept directions, ΔΣ (r, r))."""
     layers = model.spectral_layers()
     supports = {}  # layer → T: the kept directions and every column their rows of ΔΣ reach
-    for name, chosen in bands.items():
+    for name, (chosen, _) in bands.items():
         vector = layers[name].sigma_adapters[adapter_name].vector  # (2b+1, r)
         width, r = half_width(vector), vector.shape[1]
         reach = {j for i in chosen for j in range(max(0, i - width), min(r, i + width + 1))}
@@ -179,13 +176,12 @@ def _refitted_bands(
     among = {name: torch.tensor(t, device=layers[name].sigma_values.device) for name, t in supports.items()}
     moments = activation_moments(model, adapter_name, batches, among=among)
     refitted = {}
-    for name, chosen in bands.items():
+    for name, (chosen, update) in bands.items():
         layer = layers[name]
         adapter = layer.sigma_adapters[adapter_name]
         width = half_width(adapter.vector)
-        update = _singular_update(layer, adapter_name).double()  # ΔΣ (r, r)
         at = {direction: k for k, direction in enumerate(supports[name])}
-        rows = update[chosen][:, supports[name]]  # (R, |T|): a_i over T, all of its support
+        rows = update.double()[chosen][:, supports[name]]  # (R, |T|): a_i over T, all of its support
         best = _least_squares_rows(rows, moments[name].double(), [at[i] for i in chosen], width)
         sigma = layer.sigma_at(adapter.positions).detach().double()[chosen]  # σ_S (R,)
         matrix = best / (sigma[:, None] if layer.side == "input" else sigma[None, :])  # M' from ΔΣ'
