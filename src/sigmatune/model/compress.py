@@ -79,9 +79,10 @@ def compress(model, rank: int, adapter_name: str, new_name: str, calibration=Non
         chosen = sorted(torch.topk(score, min(rank, len(score))).indices.tolist())
         index = torch.tensor(chosen, device=update.device)
         kept[name] = [adapter.indices.tolist()[i] for i in chosen]
-        values[name] = _restricted(adapter.vector.detach(), index)
         if name in moments and adapter.vector.dim() == 2:
-            bands[name] = chosen, singular
+            bands[name] = chosen, singular  # a calibrated band: refitted below, not truncated
+        else:
+            values[name] = _restricted(adapter.vector.detach(), index)
         part, whole = float(update[index][:, index].square().sum()), float(update.square().sum())
         shares[name] = (part / whole) ** 0.5 if whole > 0 else 1.0
         kept_norm, total_norm = kept_norm + part, total_norm + whole
