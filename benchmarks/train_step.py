@@ -32,7 +32,7 @@ WARMUP, TIMED = 3, 7
 torch._dynamo.config.recompile_limit = 64  # one compiled region per decoder layer may specialise per layer
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 TABLE = Path(__file__).parent / "README.md"
-KEY = ("shape", "method", "rank", "compiled", "tokens")
+KEY = ("shape", "method", "rank", "compiled", "tokens", "device")  # rows of other GPUs are kept
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
