@@ -66,6 +66,7 @@ class AdapterBank:
         self.sources: dict[str, Path] = {}  # name → adapter folder or spill file to (re)load from
         self.mixes: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
+        self.version = 0  # counts changes of which adapter holds which row (a decoder's ids go stale)
 
     @classmethod
     def over(cls, base: torch.nn.Module, config: SigmaConfig, **kwargs) -> AdapterBank:
@@ -130,6 +131,7 @@ class AdapterBank:
             rows = [self.tables.take() for _ in names]
             self.tables.write(rows, scales)
             self.rows.update(zip(names, rows, strict=True))
+            self.version += 1
         return rows
 
     def add_mix(self, name: str, weights: dict[str, float], replace: bool = False) -> int:
@@ -199,6 +201,12 @@ class AdapterBank:
         with self.serving(self.ids(adapter_ids)):
             return self.model.generate(*args, **kwargs)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the tables change: a CUDA graph that reads them is replayed under it, so a hot-load
+        lands wholly before or after a step."""
+        return self._lock
+
     def names(self) -> list[str]:
         """Every adapter the bank can serve (resident or not), 'base' first."""
         with self._lock:
@@ -221,6 +229,7 @@ class AdapterBank:
         row = self.rows.pop(name) if name in self.rows else self._take_row()
         self.tables.write(row, scales)
         self.rows[name] = row
+        self.version += 1
         return row
 
     def _take_row(self) -> int:
@@ -232,6 +241,7 @@ class AdapterBank:
         row = self.rows.pop(name, None)
         if row is not None:
             self.tables.free(row)
+            self.version += 1
 
     def _spill(self, name: str) -> None:
         """Keep a copy of an adapter that has no folder, so eviction can bring it back."""

@@ -1,30 +1,37 @@
-"""Continuous batching over an AdapterBank: every active request decodes in one batch, each row with
+"""Continuous batching over an AdapterBank: every running request decodes in one batch, each row with
 its own adapter; new requests join between steps and finished ones leave.
 
-One engine thread owns the model. A step either prefills the requests that arrived (left-padded into
-one batch, their KV caches then merged into the running cache, padded on the left to a common
-length) or decodes one token for every active request. Rows keep their own positions; the
-attention mask hides the padding. Tokens go back through a callback, from the engine thread.
+One engine thread owns the model and a SlotDecoder (decoder.py): a static KV cache of `max_batch` slots ×
+`max_len` positions (slots.py), decode steps graphed on CUDA. Each loop turn prefills one chunk of the
+waiting prompts (at most `prefill_tokens` tokens, long prompts over several turns), then decodes one token
+for every running request. Running requests hold slots 0…n−1 in order (a request that leaves hands its
+slot to the last one), so a decode step reads the cache as it lies; prompts prefill into other slots and
+move to slot n when they are done. Tokens go back through a callback, from the engine thread.
 
-A prefill that raises (a bad token id from an API caller, a prompt that runs out of memory) fails only
-the requests arriving with it; a decode step that raises fails the running batch, which is dropped.
-Each failed request gets finish reason "error", failed_steps counts the step, and the engine goes on
-with the next requests. Only BaseExceptions that are not Exceptions
-(KeyboardInterrupt, SystemExit) stop it, and then every waiting client is told.
+A prefill chunk that raises (a bad token id from an API caller, a prompt that runs out of memory) fails
+only the requests in it; a decode step that raises fails the running batch. Each failed request gets finish
+reason "error", failed_steps counts the step, and the engine goes on with the next requests. Only
+BaseExceptions that are not Exceptions (KeyboardInterrupt, SystemExit) stop it, and then every waiting
+client is told. A request ends with "length" at max_tokens or when its slot is full (max_len positions).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from .bank import AdapterBank
+from .decoder import SlotDecoder
+from .slots import SlotCache
+
+CPU_SLOTS = 32  # max_batch on a CPU
+GPU_SLOTS = 1024  # the most max_batch chooses by itself on a GPU
+GPU_SHARE = 0.5  # of the free GPU memory, at most, for the KV cache chosen by default
 
 
 @dataclass
@@ -41,29 +48,43 @@ class Request:
     id: int = field(default_factory=itertools.count().__next__)
     generated: int = 0
     cancelled: bool = False
+    slot: int = -1  # where its keys and values are
+    prefilled: int = 0  # prompt tokens in the cache
+    position: int = 0  # the position its next token goes to
+    last: int = 0  # its latest token (the next decode step's input)
+    row: int = 0  # its adapter's row in the bank's tables
+    finish: str | None = None  # why it ended, once it has
 
 
 class Engine:
     """Runs requests over model + bank in a background thread (start(), submit(), cancel(), stop())."""
 
-    def __init__(self, bank: AdapterBank, max_batch: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        bank: AdapterBank,
+        max_batch: int | None = None,
+        max_len: int | None = None,
+        seed: int = 0,
+        graphs: bool | None = None,
+        prefill_tokens: int = 4096,
+    ):
         self.bank = bank
-        self.model = bank.model.base_model
         self.device = bank.device
-        self.max_batch = max_batch
+        config = bank.model.base_model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_len = max_len or min(getattr(text, "max_position_embeddings", 2048), 2048)
+        self.max_batch = max_batch or _default_slots(config, self.max_len, bank)
+        self.decoder = SlotDecoder(bank, self.max_batch, self.max_len, graphs)
+        self.prefill_tokens = prefill_tokens
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.active: list[Request] = []
+        self.prefilling: list[Request] = []
+        self.active: list[Request] = []  # decoding; active[i] holds slot i
+        self._free = set(range(self.max_batch))
+        self._bank_version = bank.version
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = 0
         self.tokens = 0
-        self._cache = None  # DynamicCache over the active rows, (B, heads, L, head_dim) per layer
-        self._mask = None  # (B, L) long: 1 = a real token
-        self._positions = None  # (B,) long: the position of each row's next token
-        self._last = None  # (B,) long: each row's latest token
-        parameters = inspect.signature(self.model.forward).parameters
-        self._cache_arg = (
-            "cache" if "cache" in parameters else "past_key_values"
-        )  # renamed in transformers 5.2x
+        self.started = time.monotonic()
         self._thread = None
         self._running = threading.Event()
         self.error: BaseException | None = None  # what stopped the engine (it serves no more)
@@ -74,6 +95,7 @@ class Engine:
 
     def start(self) -> Engine:
         self._running.set()
+        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="sigmatune-engine", daemon=True)
         self._thread.start()
         return self
@@ -86,6 +108,11 @@ class Engine:
     def submit(self, request: Request) -> Request:
         if self.error is not None:
             raise RuntimeError(f"the engine stopped after an error: {self.error}")
+        if not request.prompt_ids or len(request.prompt_ids) >= self.max_len:
+            raise ValueError(
+                f"a prompt needs 1 to {self.max_len - 1} tokens (it has {len(request.prompt_ids)}): "
+                "shorten it, or start the engine with a larger max_len"
+            )
         self.waiting.put(request)
         return request
 
@@ -94,33 +121,178 @@ class Engine:
         last event of finish reason "cancelled"."""
         request.cancelled = True
 
+    def stats(self) -> dict[str, float]:
+        """Tokens per second since start and the share of slots decoding now."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {"tokens_per_s": self.tokens / elapsed, "batch_occupancy": len(self.active) / self.max_batch}
+
     # ---- the loop -------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
             while self._running.is_set():
-                arrived = self._take(block=not self.active)
+                self._admit(block=not (self.active or self.prefilling))
                 with torch.no_grad():
-                    if arrived:
-                        self._guarded(self._prefill, arrived)
-                    elif self.active:
-                        self._guarded(self._decode)
+                    self._refresh_rows()
+                    if self.prefilling:
+                        self._prefill()
+                    if self.active:
+                        self._decode()
         except BaseException as err:  # tell every waiting client instead of hanging them
             self.error = err
-            for request in self.active + list(self.waiting.queue):
+            for request in self.active + self.prefilling + list(self.waiting.queue):
                 request.emit(None, "error")
             raise
 
-    def _guarded(self, step, *arrived: list[Request]) -> None:
-        """Run one step; if it raises, its requests (those arriving and those active) fail, the batch
-        state is dropped, and the loop goes on."""
+    def _admit(self, block: bool) -> None:
+        """Waiting requests take free slots (their adapter's row is looked up now)."""
+        taken = []
         try:
-            step(*arrived)
+            if block:
+                taken.append(self.waiting.get(timeout=0.05))
+            while len(taken) < len(self._free):
+                taken.append(self.waiting.get_nowait())
+        except queue.Empty:
+            pass
+        for request in taken:
+            if request.cancelled:  # cancelled while waiting: its last event, and no work
+                request.emit(None, "cancelled")
+                continue
+            try:
+                request.row = self.bank.row(request.adapter)
+            except Exception as err:
+                self._fail([request], err)
+                continue
+            request.slot = min(self._free)
+            self._free.discard(request.slot)
+            self.prefilling.append(request)
+
+    def _refresh_rows(self) -> None:
+        """After the bank moved adapters between rows, look every request's row up again."""
+        if self.bank.version == self._bank_version:
+            return
+        self._bank_version = self.bank.version
+        for request in self.active + self.prefilling:
+            try:
+                request.row = self.bank.row(request.adapter)
+            except KeyError as err:  # removed while running: that request ends
+                request.cancelled = True
+                self.last_failure = f"KeyError: {err}"
+
+    def _prefill(self) -> None:
+        """One chunk of the waiting prompts; the requests whose prompt is done join the decoding batch."""
+        chunk, budget = [], self.prefill_tokens
+        for request in list(self.prefilling):
+            if request.cancelled:
+                self._release([request], "cancelled")
+            elif budget > 0:
+                piece = request.prompt_ids[request.prefilled : request.prefilled + budget]
+                chunk.append((request, piece))
+                budget -= len(piece)
+        if not chunk:
+            return
+        self.steps += 1
+        try:
+            for request, piece in chunk:
+                if max(piece) >= self.decoder.vocabulary or min(piece) < 0:
+                    raise IndexError(
+                        f"token id out of range 0…{self.decoder.vocabulary - 1} in request {request.id}'s prompt"
+                    )
+            logits = self.decoder.prefill([(r.slot, r.prefilled, piece, r.row) for r, piece in chunk])
         except Exception as err:
-            failed = [*self.active, *(r for r in (arrived[0] if arrived else []) if r not in self.active)]
+            self._release([r for r, _ in chunk], None)
+            self._fail([r for r, _ in chunk], err)
+            return
+        done = []
+        for b, (request, piece) in enumerate(chunk):
+            request.prefilled += len(piece)
+            if request.prefilled == len(request.prompt_ids):
+                done.append((b, request))
+        if not done:
+            return
+        first = self._sample(logits[[b for b, _ in done]], [r for _, r in done]).tolist()
+        for (_, request), token in zip(done, first, strict=True):
+            self.prefilling.remove(request)
+            self._join(request)
+            request.position = len(request.prompt_ids)
+            self._advance(request, token)
+        self._leave()
+
+    def _decode(self) -> None:
+        """One token for every decoding request; if the step raises, they all fail."""
+        self.steps += 1
+        try:
+            logits = self.decoder.decode(
+                [r.last for r in self.active], [r.position for r in self.active], [r.row for r in self.active]
+            )
+            tokens = self._sample(logits, self.active).tolist()
+        except Exception as err:
+            failed = self.active
+            self._free.update(r.slot for r in failed)
             self.active = []
-            self._cache = self._mask = self._positions = self._last = None
             self._fail(failed, err)
+            return
+        for request, token in zip(self.active, tokens, strict=True):
+            request.position += 1
+            self._advance(request, token)
+        self._leave()
+
+    def _advance(self, request: Request, token: int) -> None:
+        """Hand a request its new token; one that is done gets its finish reason (it leaves at _leave)."""
+        request.generated += 1
+        self.tokens += 1
+        if token in request.stop_ids:
+            request.finish, token = "stop", None
+        elif request.generated >= request.max_tokens or request.position >= self.max_len:
+            request.finish = "length"
+        elif request.cancelled:
+            request.finish = "cancelled"
+        if token is not None:
+            request.emit(token, None)
+            request.last = token
+        if request.finish:
+            request.emit(None, request.finish)
+
+    # ---- slots ----------------------------------------------------------------------------------------
+
+    def _join(self, request: Request) -> None:
+        """A prefilled request takes slot n (the end of the decoding rows), swapping with whoever holds it."""
+        target = len(self.active)
+        if request.slot != target:
+            holder = next((r for r in self.prefilling if r.slot == target), None)
+            cache = self.decoder.cache
+            if holder is not None:  # through the scratch slot
+                cache.move(target, cache.scratch)
+                cache.move(request.slot, target)
+                cache.move(cache.scratch, request.slot)
+                holder.slot = request.slot
+            else:
+                cache.move(request.slot, target)
+                self._free.add(request.slot)
+                self._free.discard(target)
+            request.slot = target
+        self.active.append(request)
+
+    def _leave(self) -> None:
+        """Finished requests leave the decoding rows; the last row moves into each freed slot."""
+        for i in reversed(range(len(self.active))):
+            if self.active[i].finish is None:
+                continue
+            end = len(self.active) - 1
+            if i != end:
+                self.decoder.cache.move(end, i)
+                self.active[i] = self.active[end]
+                self.active[i].slot = i
+            self.active.pop()
+            self._free.add(end)
+
+    def _release(self, requests: list[Request], finish: str | None) -> None:
+        """Prefilling requests give their slots back (with a last event when finish is given)."""
+        for request in requests:
+            self.prefilling.remove(request)
+            self._free.add(request.slot)
+            if finish:
+                request.emit(None, finish)
 
     def _fail(self, requests: list[Request], err: Exception) -> None:
         self.failed_steps += 1
@@ -130,138 +302,14 @@ class Engine:
         for request in requests:
             request.emit(None, "error")
 
-    def _take(self, block: bool) -> list[Request]:
-        room = self.max_batch - len(self.active)
-        taken = []
-        try:
-            if block:
-                taken.append(self.waiting.get(timeout=0.05))
-            while len(taken) < room:
-                taken.append(self.waiting.get_nowait())
-        except queue.Empty:
-            pass
-        for request in taken:
-            if request.cancelled:  # cancelled while waiting: its last event, and no work
-                request.emit(None, "cancelled")
-        return [r for r in taken if not r.cancelled]
-
-    def _prefill(self, arrived: list[Request]) -> None:
-        """Prefill the new requests together, then merge them into the running batch. If the prefill
-        itself raises (before the merge), only the arriving requests fail: the running batch goes on."""
-        try:
-            cache, mask, first = self._prefill_forward(arrived)
-        except Exception as err:
-            self._fail(arrived, err)
-            return
-        start = len(self.active)
-        self._merge(arrived, cache, mask, mask.sum(dim=1), first)
-        self._deliver(first, start)
-
-    def _prefill_forward(self, arrived: list[Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """The arrived prompts, left-padded into one batch, through the model: (cache, mask, first tokens)."""
-        width = max(len(r.prompt_ids) for r in arrived)
-        ids = torch.zeros(len(arrived), width, dtype=torch.long)
-        mask = torch.zeros(len(arrived), width, dtype=torch.long)
-        for row, request in enumerate(arrived):
-            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        rows = self.bank.ids([r.adapter for r in arrived], self.device)
-        cache = DynamicCache()
-        with self.bank.serving(rows):
-            logits = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: cache},
-            ).logits[:, -1]
-        return cache, mask, self._sample(logits, arrived)
-
-    def _decode(self) -> None:
-        """One token for every active request."""
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        rows = self.bank.ids([r.adapter for r in self.active], self.device)
-        with self.bank.serving(rows):
-            logits = self.model(
-                input_ids=self._last[:, None],
-                attention_mask=self._mask,
-                position_ids=self._positions[:, None],
-                use_cache=True,
-                **{self._cache_arg: self._cache},
-            ).logits[:, -1]
-        self._positions = self._positions + 1
-        self._deliver(self._sample(logits, self.active))
-
-    def _deliver(self, tokens: torch.Tensor, start: int = 0) -> None:
-        """Hand rows start… their new tokens; rows that are done leave the batch."""
-        if start == 0:
-            self._last = tokens
-        self.steps += 1
-        keep = list(range(start))
-        for row, (request, token) in enumerate(zip(self.active[start:], tokens.tolist(), strict=True), start):
-            request.generated += 1
-            self.tokens += 1
-            finish = None
-            if token in request.stop_ids:
-                finish, token = "stop", None
-            elif request.generated >= request.max_tokens:
-                finish = "length"
-            elif request.cancelled:
-                finish = "cancelled"
-            if token is not None:
-                request.emit(token, None)
-            if finish:
-                request.emit(None, finish)
-            else:
-                keep.append(row)
-        if len(keep) < len(self.active):
-            self._select(keep)
-
-    # ---- batch state ------------------------------------------------------------------------------------
-
-    def _merge(self, arrived, cache, mask, positions, first) -> None:
-        if not self.active:
-            self._cache, self._mask, self._positions, self._last = cache, mask, positions, first
-            self.active = list(arrived)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        running, incoming = _left_pad(self._cache, self._mask, width), _left_pad(cache, mask, width)
-        for old, new in zip(running[0].layers, incoming[0].layers, strict=True):
-            old.keys = torch.cat([old.keys, new.keys])
-            old.values = torch.cat([old.values, new.values])
-        self._cache = running[0]
-        self._mask = torch.cat([running[1], incoming[1]])
-        self._positions = torch.cat([self._positions, positions])
-        self._last = torch.cat([self._last, first])
-        self.active += arrived
-
-    def _select(self, keep: list[int]) -> None:
-        self.active = [self.active[i] for i in keep]
-        if not self.active:
-            self._cache = self._mask = self._positions = self._last = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
-        unused = int(
-            (self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum()
-        )  # all-padding columns on the left
-        if unused:
-            self._mask = self._mask[:, unused:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-
     # ---- sampling -----------------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Greedy for temperature 0, else top-p sampling at each row's temperature; (B,) token ids."""
-        logits = logits.float()
         greedy = logits.argmax(dim=-1)
-        temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
-        if not bool((temperature > 0).any()):
+        if all(r.temperature <= 0 for r in requests):
             return greedy
+        temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
         probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
         top_p = torch.tensor([r.top_p for r in requests], device=logits.device)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -272,12 +320,10 @@ class Engine:
         return torch.where(temperature > 0, sampled, greedy)
 
 
-def _left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> tuple[DynamicCache, torch.Tensor]:
-    """The cache and mask padded on the left to width positions (the padding is masked out)."""
-    extra = width - mask.shape[1]
-    if extra == 0:
-        return cache, mask
-    for layer in cache.layers:
-        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, extra, 0))
-        layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
-    return cache, torch.nn.functional.pad(mask, (extra, 0))
+def _default_slots(config, length: int, bank: AdapterBank) -> int:
+    """CPU_SLOTS on a CPU; on a GPU as many slots as GPU_SHARE of the free memory holds, up to GPU_SLOTS."""
+    if bank.device.type != "cuda":
+        return CPU_SLOTS
+    dtype = next(p.dtype for p in bank.model.base_model.parameters() if p.is_floating_point())
+    free, _ = torch.cuda.mem_get_info(bank.device)
+    return max(1, min(GPU_SLOTS, int(GPU_SHARE * free) // SlotCache.bytes_per_slot(config, length, dtype)))

@@ -21,6 +21,7 @@ class ScaleTables:
         self.device = torch.device(device)
         self.tables = {name: torch.zeros(capacity, r, device=self.device) for name, r in ranks.items()}
         self._free = list(range(capacity - 1, 0, -1))  # popped from the end: the lowest row first
+        self.generation = 0  # counts reallocations: a captured CUDA graph reads the tables of one generation
 
     @property
     def capacity(self) -> int:
@@ -33,11 +34,19 @@ class ScaleTables:
     def take(self) -> int:
         """A free row (the tables double when none is left)."""
         if not self._free:
-            old = self.capacity
-            for name, table in self.tables.items():
-                self.tables[name] = torch.cat([table, torch.zeros_like(table)])
-            self._free = list(range(2 * old - 1, old - 1, -1))
+            self.reserve(2 * self.capacity)
         return self._free.pop()
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every table to at least `capacity` rows (new rows free), so that taking rows later moves
+        no table."""
+        old = self.capacity
+        if capacity <= old:
+            return
+        for name, table in self.tables.items():
+            self.tables[name] = torch.cat([table, table.new_zeros(capacity - old, *table.shape[1:])])
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self.generation += 1
 
     def write(self, rows: int | list[int], scales: dict[str, torch.Tensor]) -> None:
         """Put scales into one row ((R,) per layer) or several ((len(rows), R) per layer); a layer that
@@ -68,6 +77,7 @@ class ScaleTables:
         else:
             wide[:, w - have : w + have + 1] = table
         self.tables[name] = wide
+        self.generation += 1
 
     def free(self, row: int) -> None:
         """Zero a row and hand it back."""
