@@ -1,4 +1,6 @@
-"""Continuous batching over an AdapterBank: every active request decodes in one batch, each row with
+"""The engine sigmatune served with before the slot engine (kept for benchmarks/serve.py's before/after row).
+
+Continuous batching over an AdapterBank: every active request decodes in one batch, each row with
 its own adapter; new requests join between steps and finished ones leave.
 
 One engine thread owns the model. A step either prefills the requests that arrived (left-padded into
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .bank import AdapterBank
+from sigmatune.serving.bank import AdapterBank
 
 
 @dataclass

@@ -1,57 +1,111 @@
 """Serving benchmark (../shared/BENCH.md §Serving): decode throughput of mixed-adapter batches.
 
-    python benchmarks/serve.py [--shape 1.1b] [--batches 64,256,1024]
+    python benchmarks/serve.py [--shape 1.1b] [--batches 64,256,1024] [--ranks 16,128,full]
 
-A Llama-shaped model with random bf16 weights; prompts of PROMPT tokens, DECODE tokens decoded per
-request with a KV cache. For a batch of B requests using A distinct adapters (A = 1, 16, B: every
-request its own adapter), decode tokens/s of the base model alone, of sigmatune (AdapterBank, r=RANK
-on all 7 linear types, one gather per layer), and of PEFT LoRA r=16 with `adapter_names` (A = 16),
-all in one process. Also: time to first token (the prefill of the batch), the time to hot-load one
-adapter from disk, and the bank's memory with 10,000 resident adapters. Writes results/serve.json
-(rows: adapters, batch, tokens_per_s, ratio_vs_base, method, device, plus ttft_s) and
-results/serve_facts.json (hot-load seconds, bank bytes), and prints a markdown table.
+A Llama-shaped model with random bf16 weights; B requests of PROMPT random tokens each decode DECODE
+tokens greedily, all submitted at once to the engine (serving/engine.py: slot KV cache, CUDA-graphed
+decode steps), driven step by step in this process. Rows (one process; each configuration runs once
+untimed, then TIMED times, the median reported):
+- base: the engine over an untouched copy of the model (no bank, no wrapping) — the ratios' denominator;
+- sigmatune: the engine over a bank of rank R (16, 128, full) with A distinct adapters (1, 16, B);
+- hf-eager: the untouched model in a plain HF decode loop (DynamicCache, one forward per token);
+- previous-engine: the eager engine this project served with before (previous_engine.py), A = B;
+- peft-lora: PEFT LoRA r16 with `adapter_names` over A = 16 adapters, in the HF loop.
+Time to first token is the prefill of the whole batch (until every request has its first token); decode
+tokens/s counts the tokens after it. Also: the hot-load time of one adapter from disk and the memory of
+RESIDENT adapters in an r16 bank. Rows are merged into results/serve.json by (method, rank, adapters,
+batch, device); facts go to results/serve_facts.json; a markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_file import merge_rows
 from train_step import SHAPES, TARGETS, build, sync
 
 from sigmatune import AdapterBank, SigmaConfig
+from sigmatune.serving.engine import Engine, Request
 
-PROMPT, DECODE, RANK, LORA_ADAPTERS, RESIDENT = 128, 128, 16, 16, 10_000
+PROMPT, DECODE, TIMED, LORA_ADAPTERS, RESIDENT = 128, 128, 2, 16, 10_000
 RESULTS = Path(__file__).parent / "results" / "serve.json"
+KEY = ("method", "rank", "adapters", "batch", "device")
 
 
-def decode(model, batch: int, call_kwargs: dict, vocab: int) -> tuple[float, float]:
-    """(time to first token s, decode tokens/s) for a batch of random prompts, greedy."""
-    ids = torch.randint(0, vocab, (batch, PROMPT), device="cuda" if torch.cuda.is_available() else "cpu")
+def prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, PROMPT), generator=generator).tolist()
+
+
+def engine_run(engine, names: list[str], vocab: int, tokens: int = DECODE) -> tuple[float, float]:
+    """(time to first token s, decode tokens/s) of one batch through an engine driven step by step;
+    works for this engine and the previous one (whose loop turn is _take / _prefill / _decode)."""
+    firsts, counts = [], [0]
+
+    def emit(token, finish):
+        if token is not None:
+            counts[0] += 1
+            if counts[0] <= len(names):
+                firsts.append(time.perf_counter())
+
+    for prompt, name in zip(prompts(len(names), vocab), names, strict=True):
+        engine.submit(Request(prompt, name, tokens, emit))
+    sync()
+    start = time.perf_counter()
+    while engine.waiting.qsize() or engine.active or getattr(engine, "prefilling", None):
+        if hasattr(engine, "step"):
+            engine.step()
+        else:
+            with torch.no_grad():
+                arrived = engine._take(block=False)
+                engine._prefill(arrived) if arrived else engine._decode()
+    sync()
+    end = time.perf_counter()
+    first = max(firsts)
+    return first - start, (counts[0] - len(names)) / (end - first)
+
+
+def hf_run(
+    model, names: list[str] | None, batch: int, vocab: int, tokens: int = DECODE
+) -> tuple[float, float]:
+    """(ttft s, decode tokens/s): the plain HF loop, prefill then one forward per token (DynamicCache);
+    names: PEFT's adapter_names, or None."""
+    ids = torch.tensor(prompts(batch, vocab), device="cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"adapter_names": names} if names else {}
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, **call_kwargs)
+        out = model(input_ids=ids, use_cache=True, **extra)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
-        ttft = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(DECODE - 1):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, **call_kwargs)
+        first = time.perf_counter()
+        cache = out.past_key_values
+        for _ in range(tokens - 1):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
-    return ttft, batch * (DECODE - 1) / (time.perf_counter() - start)
+    return first - start, batch * (tokens - 1) / (time.perf_counter() - first)
+
+
+def measured(run) -> tuple[float, float]:
+    """run(tokens) once untimed (a short run: it captures the same graphs), then TIMED times: medians."""
+    run(4)
+    results = [run(DECODE) for _ in range(TIMED)]
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
 def random_adapters(bank: AdapterBank, count: int, prefix: str, scale: float = 0.05) -> list[str]:
     names = [f"{prefix}{i}" for i in range(count)]
-    g = torch.Generator(device=bank.device).manual_seed(count)
+    generator = torch.Generator(device=bank.device).manual_seed(count)
     block = {
-        name: torch.randn(count, layer.rank, generator=g, device=layer.sigma_basis.device) * scale
+        name: torch.randn(count, layer.rank, generator=generator, device=layer.sigma_basis.device) * scale
         for name, layer in bank.layers.items()
     }
     bank.add_many(names, block)
@@ -64,46 +118,92 @@ def main() -> None:
     )
     parser.add_argument("--shape", choices=SHAPES, default="1.1b")
     parser.add_argument("--batches", default="64,256,1024")
+    parser.add_argument("--ranks", default="16,128,full")
+    parser.add_argument("--full-adapters", default="B", help="A for the full-rank bank (1,16,B: all three)")
+    parser.add_argument("--previous", default="64,1024", help="batches for the previous-engine row")
+    parser.add_argument("--peft", default="64", help="batches for the PEFT adapter_names row")
     parser.add_argument("--resident", type=int, default=RESIDENT, help="adapters for the bank-memory figure")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    base = build(args.shape)
-    vocab = base.config.vocab_size
+    model = build(args.shape).eval()  # untouched: the base rows and the HF loop
+    vocab, length = model.config.vocab_size, PROMPT + DECODE
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    config = SigmaConfig(rank=RANK, target_modules=TARGETS, cache_dir=tempfile.mkdtemp())
-    bank = AdapterBank.over(base, config)
-    rows, base_tps = [], {}
+    out, rows, base = Path(args.out), [], {}
+
+    def add(method, rank, adapters, batch, ttft, tps) -> None:
+        ratio = tps / base[batch] if batch in base else 1.0
+        row = dict(method=method, rank=rank, adapters=adapters, batch=batch, tokens_per_s=round(tps, 1),
+                   ratio_vs_base=round(ratio, 3), ttft_s=round(ttft, 4), device=device)  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        merge_rows(out, [row], KEY)  # after every row: a run cut short keeps what it measured
+
     for batch in batches:
-        ttft, base_tps[batch] = decode(base, batch, {}, vocab)
-        rows.append(row("base", 0, batch, base_tps[batch], 1.0, ttft, device))
-        for count in sorted({1, 16, batch}):
-            names = random_adapters(bank, count, f"b{batch}a{count}-")
-            with bank.serving(bank.ids([names[i % count] for i in range(batch)])):
-                ttft, tps = decode(base, batch, {}, vocab)
-            rows.append(row("sigmatune", count, batch, tps, tps / base_tps[batch], ttft, device))
-    facts = {"hot_load_s": hot_load(bank, config), "device": device}
-    random_adapters(bank, args.resident, "resident-")
-    facts.update(
-        resident_adapters=len(bank.rows), bank_bytes=bank.memory_bytes(), bank_layers=len(bank.layers)
-    )
-    rows += lora_rows(bank.model.unload(), batches, vocab, device, base_tps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+        engine = Engine(model, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
+        ttft, base[batch] = measured(lambda n, e=engine, b=batch: engine_run(e, ["base"] * b, vocab, n))
+        add("base", 0, 0, batch, ttft, base[batch])
+        del engine
+        ttft, tps = measured(lambda n, b=batch: hf_run(model, None, b, vocab, n))
+        add("hf-eager", 0, 0, batch, ttft, tps)
+    cache_dir = tempfile.mkdtemp()
+    facts = {"device": device}
+    for rank in [r if r == "full" else int(r) for r in args.ranks.split(",")]:
+        config = SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache_dir)
+        start = time.perf_counter()
+        bank = AdapterBank.over(copy.deepcopy(model), config)
+        print(f"bank r={rank}: {time.perf_counter() - start:.1f} s", flush=True)
+        for batch in batches:
+            counts = {1, 16, batch} if rank != "full" or args.full_adapters == "1,16,B" else {batch}
+            for count in sorted(counts):
+                names = random_adapters(bank, count, f"r{rank}b{batch}a{count}-")
+                engine = Engine(bank, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
+                mixed = [names[i % count] for i in range(batch)]
+                ttft, tps = measured(lambda n, e=engine, m=mixed: engine_run(e, m, vocab, n))
+                add("sigmatune", rank, count, batch, ttft, tps)
+                del engine
+        if rank == 16:
+            facts.update(hot_load_s=hot_load(bank, config))
+            previous_rows(bank, args.previous, vocab, add)
+            random_adapters(bank, args.resident, "resident-")
+            facts.update(
+                resident_adapters=len(bank.rows), bank_bytes=bank.memory_bytes(), layers=len(bank.layers)
+            )
+        del bank
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    peft_rows(model, args.peft, vocab, add)
     out.with_name(out.stem + "_facts.json").write_text(json.dumps(facts, indent=1) + "\n")
     print(markdown(rows, facts))
 
 
-def row(method, adapters, batch, tps, ratio, ttft, device) -> dict:
-    return dict(
-        adapters=adapters, batch=batch, tokens_per_s=round(tps, 1), ratio_vs_base=round(ratio, 3),
-        method=method, device=device, ttft_s=round(ttft, 4),
-    )  # fmt: skip
+def previous_rows(bank: AdapterBank, batches: str, vocab: int, add) -> None:
+    """The eager engine served before this one (previous_engine.py), every request its own adapter."""
+    from previous_engine import Engine as PreviousEngine
+
+    for batch in [int(b) for b in batches.split(",") if b]:
+        names = random_adapters(bank, batch, f"previous{batch}-")
+        engine = PreviousEngine(bank, max_batch=batch)
+        ttft, tps = measured(lambda n, e=engine, m=names: engine_run(e, m, vocab, n))
+        add("previous-engine", 16, batch, batch, ttft, tps)
+
+
+def peft_rows(model, batches: str, vocab: int, add) -> None:
+    """PEFT LoRA r16 over LORA_ADAPTERS adapters, mixed batches through `adapter_names`."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    peft = get_peft_model(model, lora, adapter_name="l0")
+    for i in range(1, LORA_ADAPTERS):
+        peft.add_adapter(f"l{i}", lora)
+    peft.eval()
+    for batch in [int(b) for b in batches.split(",") if b]:
+        names = [f"l{i % LORA_ADAPTERS}" for i in range(batch)]
+        ttft, tps = measured(lambda n, b=batch, m=names: hf_run(peft, m, b, vocab, n))
+        add("peft-lora", 16, LORA_ADAPTERS, batch, ttft, tps)
 
 
 def hot_load(bank: AdapterBank, config: SigmaConfig) -> float:
-    """Seconds to load one saved adapter (random vectors, r=RANK, all targets) into the serving bank."""
+    """Seconds to load one saved adapter (random vectors, all targets) into the serving bank."""
     model = bank.model
     model.add_adapter("hot", config)
     with torch.no_grad():
@@ -116,42 +216,30 @@ def hot_load(bank: AdapterBank, config: SigmaConfig) -> float:
     start = time.perf_counter()
     bank.load("hot", Path(folder) / "hot")
     sync()
-    return round(time.perf_counter() - start, 4)
-
-
-def lora_rows(base, batches: list[int], vocab: int, device: str, base_tps: dict) -> list[dict]:
-    """PEFT LoRA r=16, LORA_ADAPTERS adapters, mixed batches through `adapter_names`."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
-    model = get_peft_model(base, lora, adapter_name="l0")
-    for i in range(1, LORA_ADAPTERS):
-        model.add_adapter(f"l{i}", lora)
-    model.eval()
-    rows = []
-    for batch in batches:
-        names = [f"l{i % LORA_ADAPTERS}" for i in range(batch)]
-        ttft, tps = decode(model, batch, {"adapter_names": names}, vocab)
-        rows.append(
-            row("peft-lora-adapter_names", LORA_ADAPTERS, batch, tps, tps / base_tps[batch], ttft, device)
-        )
-    return rows
+    seconds = round(time.perf_counter() - start, 4)
+    bank.remove("hot")
+    return seconds
 
 
 def markdown(rows: list[dict], facts: dict) -> str:
     lines = [
-        "| method | adapters | batch | decode tokens/s | × base | time to first token s |",
-        "|---|---|---|---|---|---|",
+        "| method | rank | adapters | batch | decode tokens/s | × base | time to first token s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['adapters']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['method']} | {r['rank']} | {r['adapters']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
             f"{r['ratio_vs_base']:.3f} | {r['ttft_s']:.3f} |"
         )
-    return "\n".join(lines) + (
-        f"\n\nHot-load of one adapter: {facts['hot_load_s']:.3f} s. Bank with {facts['resident_adapters']:,} resident "
-        f"adapters: {facts['bank_bytes'] / 2**20:.0f} MiB over {facts['bank_layers']} layers. Device: {facts['device']}.\n"
-    )
+    text = "\n".join(lines) + f"\n\nDevice: {facts['device']}."
+    if "hot_load_s" in facts:
+        text += f" Hot-load of one adapter: {facts['hot_load_s']:.3f} s."
+    if "resident_adapters" in facts:
+        text += (
+            f" An r16 bank with {facts['resident_adapters']:,} resident adapters: "
+            f"{facts['bank_bytes'] / 2**20:.0f} MiB over {facts['layers']} layers."
+        )
+    return text + "\n"
 
 
 if __name__ == "__main__":

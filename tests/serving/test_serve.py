@@ -175,6 +175,7 @@ def test_health_metrics_and_hot_load(server, client, workspace):
     )
     metrics = httpx.get(server[0] + "/metrics").text
     assert "sigmatune_requests_total" in metrics and "sigmatune_resident_adapters" in metrics
+    assert "sigmatune_tokens_per_s " in metrics and "sigmatune_batch_occupancy " in metrics
     assert httpx.delete(server[0] + "/v1/adapters/late").json()["deleted"] is True
 
 

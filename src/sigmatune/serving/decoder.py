@@ -24,11 +24,10 @@ from .slots import ATTENTION, SlotCache, SlotStep
 
 
 class SlotDecoder:
-    def __init__(self, bank: AdapterBank, slots: int, length: int, graphs: bool | None = None):
-        self.bank = bank
-        self.model = bank.model.base_model
-        self.device = bank.device
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+    def __init__(self, model, bank: AdapterBank | None, slots: int, length: int, graphs: bool | None = None):
+        self.model, self.bank = model, bank  # bank None: the plain model, every row on the base
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        self.device, dtype = weight.device, weight.dtype
         self.cache = SlotCache(self.model.config, slots, length, self.device, dtype)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -88,7 +87,7 @@ class SlotDecoder:
         if not self.graphs:
             self._inputs[:, :size].copy_(host)
             return self._decode_step(size, reach)[:n]
-        with self.bank.lock:
+        with self.bank.lock if self.bank else contextlib.nullcontext():
             self._inputs[:, :size].copy_(host, non_blocking=True)
             graph, out = self._graph(size, reach)
             graph.replay()
@@ -103,9 +102,10 @@ class SlotDecoder:
     def _graph(self, size: int, reach: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured decode step of this bucket (captured now if new). The warm-up runs the step that
         is about to be replayed: it writes the same keys and values, so running it again changes nothing."""
-        if self._generation != self.bank.tables.generation:
+        generation = self.bank.tables.generation if self.bank else 0
+        if self._generation != generation:
             self._captured.clear()
-            self._generation = self.bank.tables.generation
+            self._generation = generation
         if (size, reach) not in self._captured:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -127,7 +127,8 @@ class SlotDecoder:
         return min(max(64, 1 << (positions - 1).bit_length()), self.cache.length)
 
     def _forward(self, ids, positions, step: SlotStep, rows, **kwargs) -> torch.Tensor:
-        with self._slot_attention(), self.bank.serving(rows):
+        serving = self.bank.serving(rows) if self.bank else contextlib.nullcontext()
+        with self._slot_attention(), serving:
             logits = self.model(
                 input_ids=ids,
                 position_ids=positions,

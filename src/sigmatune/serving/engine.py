@@ -61,26 +61,27 @@ class Engine:
 
     def __init__(
         self,
-        bank: AdapterBank,
+        bank: AdapterBank | torch.nn.Module,
         max_batch: int | None = None,
         max_len: int | None = None,
         seed: int = 0,
         graphs: bool | None = None,
         prefill_tokens: int = 4096,
     ):
-        self.bank = bank
-        self.device = bank.device
-        config = bank.model.base_model.config
+        self.bank = bank if isinstance(bank, AdapterBank) else None  # a plain model serves only "base"
+        self.model = self.bank.model.base_model if self.bank else bank
+        self.device = self.bank.device if self.bank else next(self.model.parameters()).device
+        config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_len = max_len or min(getattr(text, "max_position_embeddings", 2048), 2048)
-        self.max_batch = max_batch or _default_slots(config, self.max_len, bank)
-        self.decoder = SlotDecoder(bank, self.max_batch, self.max_len, graphs)
+        self.max_batch = max_batch or _default_slots(self.model, self.max_len)
+        self.decoder = SlotDecoder(self.model, self.bank, self.max_batch, self.max_len, graphs)
         self.prefill_tokens = prefill_tokens
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.prefilling: list[Request] = []
         self.active: list[Request] = []  # decoding; active[i] holds slot i
         self._free = set(range(self.max_batch))
-        self._bank_version = bank.version
+        self._bank_version = self.bank.version if self.bank else 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = 0
         self.tokens = 0
@@ -131,18 +132,26 @@ class Engine:
     def _loop(self) -> None:
         try:
             while self._running.is_set():
-                self._admit(block=not (self.active or self.prefilling))
-                with torch.no_grad():
-                    self._refresh_rows()
-                    if self.prefilling:
-                        self._prefill()
-                    if self.active:
-                        self._decode()
+                self.step(block=not (self.active or self.prefilling))
         except BaseException as err:  # tell every waiting client instead of hanging them
             self.error = err
             for request in self.active + self.prefilling + list(self.waiting.queue):
                 request.emit(None, "error")
             raise
+
+    def step(self, block: bool = False) -> None:
+        """One turn of the loop: admit waiting requests, prefill one chunk, decode one token for every
+        running request. The engine thread calls it; without start(), a caller may drive it (benchmarks)."""
+        self._admit(block)
+        with torch.no_grad():
+            self._refresh_rows()
+            if self.prefilling:
+                self._prefill()
+            if self.active:
+                self._decode()
+
+    def idle(self) -> bool:
+        return not (self.active or self.prefilling or self.waiting.qsize())
 
     def _admit(self, block: bool) -> None:
         """Waiting requests take free slots (their adapter's row is looked up now)."""
@@ -159,7 +168,7 @@ class Engine:
                 request.emit(None, "cancelled")
                 continue
             try:
-                request.row = self.bank.row(request.adapter)
+                request.row = self._row(request.adapter)
             except Exception as err:
                 self._fail([request], err)
                 continue
@@ -169,7 +178,7 @@ class Engine:
 
     def _refresh_rows(self) -> None:
         """After the bank moved adapters between rows, look every request's row up again."""
-        if self.bank.version == self._bank_version:
+        if self.bank is None or self.bank.version == self._bank_version:
             return
         self._bank_version = self.bank.version
         for request in self.active + self.prefilling:
@@ -178,6 +187,13 @@ class Engine:
             except KeyError as err:  # removed while running: that request ends
                 request.cancelled = True
                 self.last_failure = f"KeyError: {err}"
+
+    def _row(self, adapter: str) -> int:
+        if self.bank is not None:
+            return self.bank.row(adapter)
+        if adapter != "base":
+            raise KeyError(f"this engine serves a plain model: only 'base', not {adapter!r}")
+        return 0
 
     def _prefill(self) -> None:
         """One chunk of the waiting prompts; the requests whose prompt is done join the decoding batch."""
@@ -320,10 +336,11 @@ class Engine:
         return torch.where(temperature > 0, sampled, greedy)
 
 
-def _default_slots(config, length: int, bank: AdapterBank) -> int:
+def _default_slots(model: torch.nn.Module, length: int) -> int:
     """CPU_SLOTS on a CPU; on a GPU as many slots as GPU_SHARE of the free memory holds, up to GPU_SLOTS."""
-    if bank.device.type != "cuda":
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    if weight.device.type != "cuda":
         return CPU_SLOTS
-    dtype = next(p.dtype for p in bank.model.base_model.parameters() if p.is_floating_point())
-    free, _ = torch.cuda.mem_get_info(bank.device)
-    return max(1, min(GPU_SLOTS, int(GPU_SHARE * free) // SlotCache.bytes_per_slot(config, length, dtype)))
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    per_slot = SlotCache.bytes_per_slot(model.config, length, weight.dtype)
+    return max(1, min(GPU_SLOTS, int(GPU_SHARE * free) // per_slot))

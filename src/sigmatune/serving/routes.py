@@ -83,6 +83,8 @@ def _status_routes(app: FastAPI, server: Server) -> None:
             f"sigmatune_bank_bytes {server.bank.memory_bytes()}",
             f"sigmatune_engine_steps_total {server.engine.steps}",
             f"sigmatune_engine_failed_steps_total {server.engine.failed_steps}",
+            f"sigmatune_prefilling_requests {len(server.engine.prefilling)}",
+            *(f"sigmatune_{name} {value:.4g}" for name, value in server.engine.stats().items()),
         ]
         lines += [
             f'sigmatune_errors_total{{status="{k[7:]}"}} {v}'

@@ -38,7 +38,7 @@ class Server:
     ):
         self.engine, self.bank, self.tokenizer = engine, engine.bank, tokenizer
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
-        self.context = getattr(engine.model.config, "max_position_embeddings", 2048)
+        self.context = engine.max_len  # positions of an engine slot: prompt + answer
         self.max_tokens = max_tokens
         self.body_seconds = BODY_SECONDS
         self.counts = Counter()
