@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--device", default="auto")
     command.add_argument("--dtype", default="auto")
-    command.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    command.add_argument(
+        "--max-batch",
+        type=int,
+        help="requests decoded together: slots of the KV cache (default: 32 on a CPU; on a GPU as many as "
+        "half the free memory holds, up to 1024)",
+    )
     command.add_argument("--max-resident", type=int, help="adapters kept in memory (LRU; the rest reload)")
     command.set_defaults(
         run=lambda a: commands.serve(

@@ -238,7 +238,7 @@ def build_server(
     rank: int | None,
     device: str,
     dtype: str,
-    max_batch: int,
+    max_batch: int | None,
     max_resident: int | None,
 ):
     """(Server, Engine) over a base model and the adapter folders inside `adapters`: a bank whose bases
@@ -277,7 +277,7 @@ def serve(
     rank: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    max_batch: int = 32,
+    max_batch: int | None = None,
     max_resident: int | None = None,
 ) -> None:
     """Run the server until interrupted (uvicorn with its HTTP_SETTINGS: see serving/routes.http_server)."""
