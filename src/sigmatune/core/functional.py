@@ -50,7 +50,9 @@ def transform_rows(
     one band per row, g_rows (B, 2w+1, r).
 
     Costs what one adapter costs: the per-row scales multiply (or mix) the projection, (B, …, r),
-    before the second GEMM. Plain differentiable torch ops (serving needs no custom backward).
+    before the second GEMM, whose epilogue adds a (addmm: few kernels, for a decode step replayed as a
+    CUDA graph). The scaling is in fp32 at least. Plain differentiable torch ops (serving needs no
+    custom backward).
     """
     basis = basis.to(a.dtype)
     projected = a @ basis  # (B, …, r)
@@ -58,9 +60,11 @@ def transform_rows(
         projected = projected - shift.to(a.dtype)
     wide = torch.promote_types(a.dtype, torch.float32)
     if g_rows.dim() == 3:
-        return a + band_mix_transposed(projected.to(wide), g_rows.to(wide)).to(a.dtype) @ basis.T
-    rows = _per_row(g_rows.to(wide), a)  # (B, 1…, r)
-    return a + (projected.to(wide) * rows).to(a.dtype) @ basis.T
+        scaled = band_mix_transposed(projected.to(wide), g_rows.to(wide))
+    else:
+        scaled = projected * _per_row(g_rows.to(wide), a)  # (B, …, r), promoted to fp32 (or fp64)
+    flat = a.reshape(-1, a.shape[-1])
+    return torch.addmm(flat, scaled.to(a.dtype).reshape(flat.shape[0], -1), basis.T).view(a.shape)
 
 
 def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
