@@ -9,7 +9,7 @@ import time
 import torch
 
 from sigmatune.serving.engine import Engine, Request
-from tests.models import token_batch
+from tests.models import tiny_llama, token_batch
 from tests.serving.test_bank import alone, bank, saved  # noqa: F401  (fixtures)
 
 EOS = 2  # tiny_llama's end-of-sequence id
@@ -135,3 +135,42 @@ def test_a_failing_decode_step_fails_the_batch_and_the_engine_goes_on(bank, save
         assert_greedy_for(saved.get("mlp"), prompt, after.tokens, 6, after.finish)
     finally:
         engine.stop()
+
+
+def test_prompts_prefilled_in_chunks_between_decode_steps_match_each_adapter_alone(bank, saved):  # noqa: F811
+    """Prompts longer than a chunk (3 tokens) prefill over several turns while others decode, and join
+    the decoding rows out of order (slots swap); requests wait for a slot when all 3 are taken."""
+    engine = Engine(bank, max_batch=3, prefill_tokens=3)
+    jobs = []
+    for i, (adapter, length, max_tokens) in enumerate(
+        [("wide", 10, 5), ("attn", 2, 9), ("mlp", 7, 3), ("base", 5, 6), ("wide", 1, 4), ("mlp", 12, 2)]
+    ):
+        prompt = token_batch(seed=40 + i, batch=1, length=length)[0].tolist()
+        collector = Collector()
+        engine.submit(Request(prompt, adapter, max_tokens, collector, stop_ids=frozenset({EOS})))
+        jobs.append((adapter, prompt, max_tokens, collector))
+    turns = 0
+    while not engine.idle():
+        engine.step()
+        turns += 1
+        assert len(engine.active) + len(engine.prefilling) <= 3
+        assert [r.slot for r in engine.active] == list(range(len(engine.active)))
+    assert turns > 6
+    for adapter, prompt, max_tokens, collector in jobs:
+        assert collector.done.is_set() and collector.finish in ("stop", "length")
+        assert_greedy_for(saved.get(adapter), prompt, collector.tokens, max_tokens, collector.finish)
+
+
+def test_an_engine_over_a_plain_model_serves_the_base_and_refuses_adapters():
+    model = tiny_llama()
+    engine = Engine(model, max_batch=2)
+    prompt = token_batch(seed=9, batch=1, length=6)[0].tolist()
+    base, named = Collector(), Collector()
+    engine.submit(Request(prompt, "base", 7, base))
+    engine.submit(Request(prompt, "qa", 7, named))
+    while not engine.idle():
+        engine.step()
+    assert named.finish == "error" and "only 'base'" in engine.last_failure
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)[0, 6:]
+    assert base.tokens == expected.tolist()
