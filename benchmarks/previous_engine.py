@@ -18,31 +18,15 @@ with the next requests. Only BaseExceptions that are not Exceptions
 from __future__ import annotations
 
 import inspect
-import itertools
 import queue
 import threading
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from sigmatune.serving.bank import AdapterBank
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    adapter: str  # a name the bank serves ("base" = the base model)
-    max_tokens: int
-    emit: (
-        callable  # emit(token_id | None, finish_reason | None): called for every token, then once at the end
-    )
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop_ids: frozenset = frozenset()  # token ids that end the answer (e.g. end of turn)
-    id: int = field(default_factory=itertools.count().__next__)
-    generated: int = 0
-    cancelled: bool = False
+from sigmatune.serving.engine import Engine as SlotEngine
+from sigmatune.serving.engine import Request  # a superset of the old one's fields
 
 
 class Engine:
@@ -257,21 +241,7 @@ class Engine:
 
     # ---- sampling -----------------------------------------------------------------------------------------
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Greedy for temperature 0, else top-p sampling at each row's temperature; (B,) token ids."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1)
-        temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
-        if not bool((temperature > 0).any()):
-            return greedy
-        probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-        top_p = torch.tensor([r.top_p for r in requests], device=logits.device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]  # keeps at least the top token
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=self.generator).squeeze(1)
-        sampled = order.gather(1, choice[:, None]).squeeze(1)
-        return torch.where(temperature > 0, sampled, greedy)
+    _sample = SlotEngine._sample  # the same sampling as the engine of today
 
 
 def _left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> tuple[DynamicCache, torch.Tensor]:

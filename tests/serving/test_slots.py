@@ -64,3 +64,11 @@ def test_limits_name_the_fix_and_a_full_slot_ends_with_length():
         engine.stop()
     tokens = [t for t, f in events if t is not None]
     assert events[-1] == (None, "length") and len(tokens) == 16 - 10 + 1  # positions 10…15 fed, then full
+
+
+def test_a_sliding_window_shorter_than_the_slots_is_refused_with_the_fix():
+    model = tiny_llama()
+    model.config.sliding_window = 8  # as a Mistral-style config would say
+    with pytest.raises(ValueError, match="max_len ≤ 8"):
+        Engine(model, max_batch=2, max_len=16)
+    assert Engine(model, max_batch=2, max_len=8).max_len == 8

@@ -36,6 +36,7 @@ class SlotCache:
     """Keys and values (layers, slots + 1, length, kv_heads, head_dim) in the model's dtype."""
 
     def __init__(self, config, slots: int, length: int, device, dtype: torch.dtype):
+        check_supported(config, length)
         layers, kv_heads, head_dim = kv_shape(config)
         shape = (layers, slots + 1, length, kv_heads, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
@@ -73,6 +74,20 @@ class SlotCache:
             folded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scaling
         )  # (B, KVH, g·T, D)
         return out.reshape(batch, heads, tokens, dim).transpose(1, 2)
+
+
+def check_supported(config, length: int) -> None:
+    """Refuse what slot attention does not compute: a sliding window shorter than the slots, logit
+    soft-capping."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    if window is not None and window < length:
+        raise ValueError(
+            f"the model attends over a sliding window of {window} positions and the engine's slots hold "
+            f"{length}: start the engine with max_len ≤ {window}"
+        )
+    if getattr(text, "attn_logit_softcapping", None):
+        raise ValueError("the engine's attention does not soft-cap attention logits (Gemma 2): not served")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
