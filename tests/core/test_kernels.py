@@ -171,3 +171,37 @@ def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
     assert grad.dtype == torch.float32 and grad.shape == expected_grad.shape
     error = (grad.double().cpu() - expected_grad).norm() / expected_grad.norm()
     assert error < 5e-2, error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, r", [((5, 33), 3), ((3, 7, 40), 16), ((2, 1, 24), 20)])
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_mixed_batch_kernel_scales_each_leading_row_by_its_own_g(dtype, shape, r, with_shift):
+    g_ = torch.Generator().manual_seed(3)
+    a = torch.randn(*shape, generator=g_).to(DEVICE, dtype)
+    basis = torch.linalg.qr(torch.randn(shape[-1], r, generator=g_, dtype=torch.float64)).Q.to(DEVICE, dtype)
+    g_rows = (torch.randn(shape[0], r, generator=g_) * 0.5).to(DEVICE)
+    shift = torch.randn(r, generator=g_).to(DEVICE) if with_shift else None
+    out = kernels.transform_rows(a, basis, g_rows, shift)
+    projection = a.double() @ basis.double() - (0 if shift is None else shift.double())
+    rows = g_rows.double().view(shape[0], *([1] * (a.dim() - 2)), r)
+    expected = a.double() + (projection * rows) @ basis.double().T
+    tol = TOLERANCE[dtype] * 4
+    assert out.dtype == dtype and out.shape == a.shape
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_a_mixed_batch_takes_the_kernel_only_where_nothing_needs_a_gradient(monkeypatch):
+    calls = []
+    real = kernels.transform_rows
+    monkeypatch.setattr(kernels, "available", lambda a, rank, band=0: True)  # as on CUDA (interpreter here)
+    monkeypatch.setattr(kernels, "transform_rows", lambda *args: calls.append(1) or real(*args))
+    a, basis, _, _ = case(6, 16, 4, torch.float32)
+    g_rows = torch.randn(6, 4, device=DEVICE)
+    with torch.no_grad():
+        served = F.transform_rows(a, basis, g_rows)
+    assert calls == [1]
+    a.requires_grad_(True)
+    plain = F.transform_rows(a, basis, g_rows)  # training through a bank: the differentiable torch ops
+    assert calls == [1] and plain.requires_grad
+    torch.testing.assert_close(served, plain.detach(), rtol=1e-5, atol=1e-5)

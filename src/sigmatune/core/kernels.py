@@ -1,4 +1,5 @@
-"""Fused Triton kernel for the one-sided transform, used for both the forward and the backward pass.
+"""Fused Triton kernels: the one-sided transform, used for both the forward and the backward pass, and
+(transform_rows) its forward for a mixed-adapter batch, each leading row of a scaled by its own g.
 
     out = a + ((a B) − c) T Bᵀ          a (N, d), B (d, r), c (r,) or none
 
@@ -34,6 +35,7 @@ MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain pa
 MAX_BAND = 16  # wider bands (one spread over far-apart stored columns) too: the kernel unrolls 2w+1 diagonals
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
+ROWS_ENABLED = os.environ.get("SIGMATUNE_FUSED_ROWS", "1") != "0"  # =0: mixed batches through torch ops
 IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,6 +57,39 @@ def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
 if triton is not None:
     # fmt: off
     @triton.jit
+    def _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        """Pass 1: P = a B for these rows, (BN, BR) fp32, streaming their d columns once."""
+        projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_b + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = b.to(a.dtype)
+            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            projection = tl.dot(a, b, projection, input_precision=PRECISION)
+        return projection
+
+    @triton.jit
+    def _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, D, stride_a, stride_out, stride_b,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2: out = a + scaled Bᵀ for these rows, streaming them again (mostly from L2)."""
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            tile = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=tile, other=0.0)
+            bt = tl.load(B + cols[None, :] * stride_b + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
+            left, right = scaled.to(a.dtype), bt.to(a.dtype)
+            if UPCAST:
+                left, right = left.to(tl.float32), right.to(tl.float32)
+            update = tl.dot(left, right, input_precision=PRECISION)  # (BN, BD) fp32
+            tl.store(OUT + rows[:, None] * stride_out + cols[None, :], (a.to(tl.float32) + update).to(a.dtype), mask=tile)
+
+    @triton.jit
     def _transform_kernel(
         A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
         N, D, R,  # sizes
@@ -68,16 +103,8 @@ if triton is not None:
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)  # (BR,)
         rank_ok = ranks < R
-        projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):  # pass 1: P = a B
-            cols = start + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            b = tl.load(B + cols[:, None] * stride_b + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            b = b.to(a.dtype)
-            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            projection = tl.dot(a, b, projection, input_precision=PRECISION)
+        projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
@@ -98,17 +125,31 @@ if triton is not None:
             inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
             mix = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
             scaled = tl.dot(projection, mix, input_precision=PRECISION)  # (BN, BR) fp32
-        for start in range(0, D, BLOCK_D):  # pass 2: out = a + (P ⊙ g) Bᵀ
-            cols = start + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            tile = row_ok[:, None] & col_ok[None, :]
-            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=tile, other=0.0)
-            bt = tl.load(B + cols[None, :] * stride_b + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None], other=0.0)
-            left, right = scaled.to(a.dtype), bt.to(a.dtype)
-            if UPCAST:
-                left, right = left.to(tl.float32), right.to(tl.float32)
-            update = tl.dot(left, right, input_precision=PRECISION)  # (BN, BD) fp32
-            tl.store(OUT + rows[:, None] * stride_out + cols[None, :], (a.to(tl.float32) + update).to(a.dtype), mask=tile)
+        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, D, stride_a, stride_out, stride_b,
+                      PRECISION, UPCAST, BLOCK_D)
+
+    @triton.jit
+    def _rows_kernel(
+        A, B, ROWS, C, OUT,  # pointers
+        N, D, R, TOKENS,  # sizes: TOKENS rows of a per row of ROWS
+        stride_a, stride_out, stride_b,
+        HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out = a + ((a B − c) ⊙ G) Bᵀ with row n of a scaled by ROWS[n // TOKENS]: a mixed batch, forward only."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
+        if HAS_SHIFT:
+            projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+        owner = rows // TOKENS  # the batch row of each row of a
+        g = tl.load(ROWS + owner[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, D,
+                      stride_a, stride_out, stride_b, PRECISION, UPCAST, BLOCK_D)
     # fmt: on
 
 
@@ -164,3 +205,26 @@ def transform(
         return out, projection, None
     grad = partial.sum(dim=0)[:, :r]  # (2w+1, r)
     return out, projection, grad[0] if coefficients.dim() == 1 else grad
+
+
+def transform_rows(
+    a: torch.Tensor, basis: torch.Tensor, g_rows: torch.Tensor, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out = a + ((a B − c) ⊙ g_rows[b]) Bᵀ for a (B, …, d) whose leading row b uses g_rows[b] (B, r)
+    fp32, basis (d, r) in a's dtype: a mixed-adapter batch in one kernel (no backward)."""
+    batch, d = a.shape[0], a.shape[-1]
+    flat = a.reshape(-1, d)
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    n, r = flat.shape[0], basis.shape[1]
+    basis = basis if basis.is_contiguous() else basis.contiguous()
+    g_rows = g_rows.to(torch.float32).contiguous()
+    out = torch.empty_like(flat)
+    block_n = 16 if INTERPRET else 32
+    _rows_kernel[(triton.cdiv(n, block_n),)](
+        flat, basis, g_rows, g_rows if shift is None else shift, out,
+        n, d, r, n // batch,
+        flat.stride(0), out.stride(0), basis.stride(0),
+        HAS_SHIFT=shift is not None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
+        BLOCK_R=padded_rank(r), BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out.view(a.shape)
