@@ -195,6 +195,7 @@ def test_a_mixed_batch_takes_the_kernel_only_where_nothing_needs_a_gradient(monk
     calls = []
     real = kernels.transform_rows
     monkeypatch.setattr(kernels, "available", lambda a, rank, band=0: True)  # as on CUDA (interpreter here)
+    monkeypatch.setattr(kernels, "ROWS_ENABLED", True)  # (SIGMATUNE_FUSED_ROWS=1)
     monkeypatch.setattr(kernels, "transform_rows", lambda *args: calls.append(1) or real(*args))
     a, basis, _, _ = case(6, 16, 4, torch.float32)
     g_rows = torch.randn(6, 4, device=DEVICE)
