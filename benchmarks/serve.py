@@ -1,6 +1,6 @@
 """Serving benchmark (../shared/BENCH.md §Serving): decode throughput of mixed-adapter batches.
 
-    python benchmarks/serve.py [--shape 1.1b] [--batches 64,256,1024] [--ranks 16,128,full]
+    python benchmarks/serve.py [--shape 1.1b] [--batches 64,256,1024] [--ranks 16,128,full] [--static-compile 64,1024]
 
 A Llama-shaped model with random bf16 weights; B requests of PROMPT random tokens each decode DECODE
 tokens greedily, all submitted at once to the engine (serving/engine.py: slot KV cache, CUDA-graphed
@@ -11,6 +11,7 @@ untimed, then TIMED times, the median reported):
 - hf-eager: the untouched model in a plain HF decode loop (DynamicCache, one forward per token);
 - previous-engine: the eager engine this project served with before (previous_engine.py), A = B;
 - peft-lora: PEFT LoRA r16 with `adapter_names` over A = 16 adapters, in the HF loop.
+- hf-static-compile (with --static-compile): transformers' generate with a static cache, forward compiled.
 Time to first token is the prefill of the whole batch (until every request has its first token); decode
 tokens/s counts the tokens after it. Also: the hot-load time of one adapter from disk and the memory of
 RESIDENT adapters in an r16 bank. Rows are merged into results/serve.json by (method, rank, adapters,
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--full-adapters", default="B", help="A for the full-rank bank (1,16,B: all three)")
     parser.add_argument("--previous", default="64,1024", help="batches for the previous-engine row")
     parser.add_argument("--peft", default="64", help="batches for the PEFT adapter_names row")
+    parser.add_argument(
+        "--static-compile", default="", help="batches for the hf-static-compile row (compiles for minutes)"
+    )
     parser.add_argument("--resident", type=int, default=RESIDENT, help="adapters for the bank-memory figure")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -171,6 +175,7 @@ def main() -> None:
             )
         del bank
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    static_compile_rows(model, args.static_compile, vocab, add)
     peft_rows(model, args.peft, vocab, add)
     out.with_name(out.stem + "_facts.json").write_text(json.dumps(facts, indent=1) + "\n")
     print(markdown(rows, facts))
@@ -185,6 +190,36 @@ def previous_rows(bank: AdapterBank, batches: str, vocab: int, add) -> None:
         engine = PreviousEngine(bank, max_batch=batch)
         ttft, tps = measured(lambda n, e=engine, m=names: engine_run(e, m, vocab, n))
         add("previous-engine", 16, batch, batch, ttft, tps)
+
+
+def static_compile_rows(model, batches: str, vocab: int, add) -> None:
+    """transformers' generate() with a static cache and the forward compiled (mode "reduce-overhead"), on
+    the untouched model; ttft from a 1-token generate, decode tokens/s from the rest of a full one."""
+    batches = [int(b) for b in batches.split(",") if b]
+    if not batches:
+        return
+    forward = model.forward
+    model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    settings = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, vocab), device=next(model.parameters()).device)
+
+        def run(tokens, ids=ids, batch=batch):
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=1, min_new_tokens=1, **settings)
+                sync()
+                ttft = time.perf_counter() - start
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
+                sync()
+            return ttft, batch * (tokens - 1) / max(time.perf_counter() - start - ttft, 1e-9)
+
+        run(DECODE)  # compiles (and captures) for this batch and length
+        ttft, tps = measured(run)
+        add("hf-static-compile", 0, 0, batch, ttft, tps)
+    model.forward = forward
 
 
 def peft_rows(model, batches: str, vocab: int, add) -> None:
