@@ -27,7 +27,7 @@ import torch
 
 from .bank import AdapterBank
 from .decoder import SlotDecoder
-from .slots import SlotCache
+from .slots import SlotCache, text_config
 
 CPU_SLOTS = 32  # max_batch on a CPU
 GPU_SLOTS = 1024  # the most max_batch chooses by itself on a GPU
@@ -71,8 +71,7 @@ class Engine:
         self.bank = bank if isinstance(bank, AdapterBank) else None  # a plain model serves only "base"
         self.model = self.bank.model.base_model if self.bank else bank
         self.device = self.bank.device if self.bank else next(self.model.parameters()).device
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(self.model.config)
         self.max_len = max_len or min(getattr(text, "max_position_embeddings", 2048), 2048)
         self.max_batch = max_batch or _default_slots(self.model, self.max_len)
         self.decoder = SlotDecoder(self.model, self.bank, self.max_batch, self.max_len, graphs)

@@ -76,10 +76,15 @@ class SlotCache:
         return out.reshape(batch, heads, tokens, dim).transpose(1, 2)
 
 
+def text_config(config):
+    """The part of a transformers config that describes the language model (itself for most models)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_supported(config, length: int) -> None:
     """Refuse what slot attention does not compute: a sliding window shorter than the slots, logit
     soft-capping."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
     if window is not None and window < length:
         raise ValueError(
@@ -92,7 +97,7 @@ def check_supported(config, length: int) -> None:
 
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a transformers config (its text part)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
