@@ -70,11 +70,11 @@ class Engine:
     ):
         self.bank = bank if isinstance(bank, AdapterBank) else None  # a plain model serves only "base"
         self.model = self.bank.model.base_model if self.bank else bank
-        self.device = self.bank.device if self.bank else next(self.model.parameters()).device
         text = text_config(self.model.config)
         self.max_len = max_len or min(getattr(text, "max_position_embeddings", 2048), 2048)
         self.max_batch = max_batch or _default_slots(self.model, self.max_len)
         self.decoder = SlotDecoder(self.model, self.bank, self.max_batch, self.max_len, graphs)
+        self.device = self.decoder.device  # where the model's weights (and the KV cache) are
         self.prefill_tokens = prefill_tokens
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.prefilling: list[Request] = []
