@@ -174,35 +174,41 @@ def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape, r", [((5, 33), 3), ((3, 7, 40), 16), ((2, 1, 24), 20)])
+@pytest.mark.parametrize(
+    "shape, ranks", [((5, 70), [3]), ((3, 7, 40), [16, 5]), ((2, 1, 96), [20, 16, 8]), ((33, 64), [16, 16])]
+)
 @pytest.mark.parametrize("with_shift", [False, True])
-def test_mixed_batch_kernel_scales_each_leading_row_by_its_own_g(dtype, shape, r, with_shift):
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
+    dtype, shape, ranks, with_shift, split
+):
+    """out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ for every member, each leading row b on its table row,
+    whatever the split of the columns (a split past the column blocks there are is clamped)."""
     g_ = torch.Generator().manual_seed(3)
     a = torch.randn(*shape, generator=g_).to(DEVICE, dtype)
-    basis = torch.linalg.qr(torch.randn(shape[-1], r, generator=g_, dtype=torch.float64)).Q.to(DEVICE, dtype)
-    g_rows = (torch.randn(shape[0], r, generator=g_) * 0.5).to(DEVICE)
-    shift = torch.randn(r, generator=g_).to(DEVICE) if with_shift else None
-    out = kernels.transform_rows(a, basis, g_rows, shift)
-    projection = a.double() @ basis.double() - (0 if shift is None else shift.double())
-    rows = g_rows.double().view(shape[0], *([1] * (a.dim() - 2)), r)
-    expected = a.double() + (projection * rows) @ basis.double().T
-    tol = TOLERANCE[dtype] * 4
-    assert out.dtype == dtype and out.shape == a.shape
-    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    d = shape[-1]
+    bases = [
+        torch.linalg.qr(torch.randn(d, r, generator=g_, dtype=torch.float64)).Q.to(DEVICE, dtype)
+        for r in ranks
+    ]
+    tables = [(torch.randn(7, r, generator=g_) * 0.5).to(DEVICE) for r in ranks]
+    ids = torch.randint(0, 7, (shape[0],), generator=g_).to(DEVICE)
+    shifts = [torch.randn(r, generator=g_).to(DEVICE) for r in ranks] if with_shift else None
+    outs = kernels.transform_rows(a, bases, tables, ids, shifts, split=split)
+    assert len(outs) == len(ranks)
+    for m, out in enumerate(outs):
+        projection = a.double() @ bases[m].double() - (0 if shifts is None else shifts[m].double())
+        rows = tables[m].double()[ids].view(shape[0], *([1] * (a.dim() - 2)), ranks[m])
+        expected = a.double() + (projection * rows) @ bases[m].double().T
+        tol = TOLERANCE[dtype] * 4
+        assert out.dtype == dtype and out.shape == a.shape
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
-def test_a_mixed_batch_takes_the_kernel_only_where_nothing_needs_a_gradient(monkeypatch):
-    calls = []
-    real = kernels.transform_rows
-    monkeypatch.setattr(kernels, "available", lambda a, rank, band=0: True)  # as on CUDA (interpreter here)
-    monkeypatch.setattr(kernels, "ROWS_ENABLED", True)  # (SIGMATUNE_FUSED_ROWS=1)
-    monkeypatch.setattr(kernels, "transform_rows", lambda *args: calls.append(1) or real(*args))
-    a, basis, _, _ = case(6, 16, 4, torch.float32)
-    g_rows = torch.randn(6, 4, device=DEVICE)
-    with torch.no_grad():
-        served = F.transform_rows(a, basis, g_rows)
-    assert calls == [1]
-    a.requires_grad_(True)
-    plain = F.transform_rows(a, basis, g_rows)  # training through a bank: the differentiable torch ops
-    assert calls == [1] and plain.requires_grad
-    torch.testing.assert_close(served, plain.detach(), rtol=1e-5, atol=1e-5)
+def test_mixed_batch_kernel_refuses_what_it_cannot_serve():
+    a, basis, _, _ = case(4, 16, 4, torch.float32)
+    table = torch.zeros(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 3 layers"):
+        kernels.transform_rows(a, [basis] * 4, [table] * 4, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="3 adapter rows for a batch of 4"):
+        kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))

@@ -50,13 +50,11 @@ def transform_rows(
     one band per row, g_rows (B, 2w+1, r).
 
     Costs what one adapter costs: the per-row scales multiply (or mix) the projection, (B, …, r),
-    before the second GEMM, whose epilogue adds a (addmm: few kernels, for a decode step replayed as a
-    CUDA graph). The scaling is in fp32 at least. Plain differentiable torch ops (serving needs no
-    custom backward).
+    before the second GEMM, whose epilogue adds a (addmm). The scaling is in fp32 at least. Plain
+    differentiable torch ops, the reference of the mixed-batch kernel (kernels.transform_rows, which a
+    served batch takes on CUDA: serving/mixed.py).
     """
     basis = basis.to(a.dtype)
-    if g_rows.dim() == 2 and _fused_rows(a, basis, g_rows):  # one kernel
-        return kernels.transform_rows(a, basis, g_rows, None if shift is None else shift.float())
     projected = a @ basis  # (B, …, r)
     if shift is not None:
         projected = projected - shift.to(a.dtype)
@@ -195,17 +193,6 @@ def band_grad(p: torch.Tensor, q: torch.Tensor, w: int) -> torch.Tensor:
 def _diagonal(c: torch.Tensor, k: int, p: torch.Tensor) -> torch.Tensor:
     """Row k of a band (r,), or of one band per leading row of p, shaped to broadcast: (B, 1…, r)."""
     return c[k] if c.dim() == 2 else _per_row(c[:, k], p)
-
-
-def _fused_rows(a: torch.Tensor, basis: torch.Tensor, g_rows: torch.Tensor) -> bool:
-    """Whether the mixed-batch kernel serves this call: on CUDA at r ≤ kernels.MAX_RANK, when nothing
-    needs a gradient (it has no backward), not inside torch.compile."""
-    return (
-        kernels.ROWS_ENABLED
-        and kernels.available(a, basis.shape[1])
-        and not (torch.is_grad_enabled() and (a.requires_grad or g_rows.requires_grad))
-        and not torch.compiler.is_compiling()
-    )
 
 
 def _per_row(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

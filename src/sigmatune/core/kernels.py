@@ -15,6 +15,12 @@ One program owns BLOCK_N rows. Pass 1 streams the rows' d columns once to build 
 accumulation); the mix is P ⊙ g, or P T with the r × r tile of T gathered from C (entries outside the band
 masked: nothing dense is built on the host); pass 2 streams the rows again (mostly from L2) and writes
 out = a + (P T) Bᵀ. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
+
+transform_rows serves a decode step, where every launch counts (a step of a 1.1B model at batch 64 takes
+~4 ms, and it holds 154 adapted layers): up to three layers that read the same input (q, k, v; gate, up)
+go in one launch, each row's g is gathered from the adapters' tables inside it (by row id: no gather
+kernel), and the programs split the columns as well as the rows (program (i, s, m): rows block i, columns
+block s, layer m), each recomputing its rows' projection, so that a few dozen rows still fill the GPU.
 """
 
 from __future__ import annotations
@@ -35,8 +41,6 @@ MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain pa
 MAX_BAND = 16  # wider bands (one spread over far-apart stored columns) too: the kernel unrolls 2w+1 diagonals
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
-# SIGMATUNE_FUSED_ROWS=1: mixed batches through the kernel (off until its GPU tests have passed)
-ROWS_ENABLED = os.environ.get("SIGMATUNE_FUSED_ROWS", "0") == "1"
 IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,10 +79,11 @@ if triton is not None:
         return projection
 
     @triton.jit
-    def _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, D, stride_a, stride_out, stride_b,
+    def _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_out, stride_b,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pass 2: out = a + scaled Bᵀ for these rows, streaming them again (mostly from L2)."""
-        for start in range(0, D, BLOCK_D):
+        """Pass 2: out = a + scaled Bᵀ for these rows and columns [first, D), streaming them again (mostly
+        from L2)."""
+        for start in range(first, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             tile = row_ok[:, None] & col_ok[None, :]
@@ -126,20 +131,16 @@ if triton is not None:
             inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
             mix = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
             scaled = tl.dot(projection, mix, input_precision=PRECISION)  # (BN, BR) fp32
-        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, D, stride_a, stride_out, stride_b,
+        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_out, stride_b,
                       PRECISION, UPCAST, BLOCK_D)
 
     @triton.jit
-    def _rows_kernel(
-        A, B, ROWS, C, OUT,  # pointers
-        N, D, R, TOKENS,  # sizes: TOKENS rows of a per row of ROWS
-        stride_a, stride_out, stride_b,
-        HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """out = a + ((a B − c) ⊙ G) Bᵀ with row n of a scaled by ROWS[n // TOKENS]: a mixed batch, forward only."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _scaled_rows(A, B, T, C, OUT, IDS, N, D, R, TOKENS, col_start, col_stop, stride_a, stride_b, stride_t,
+                     HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One member's tile: out = a + ((a B − c) ⊙ T[IDS[n // TOKENS]]) Bᵀ for this program's rows and
+        columns [col_start, col_stop); the projection is over all D columns (recomputed per column tile)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
@@ -147,10 +148,35 @@ if triton is not None:
                               PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-        owner = rows // TOKENS  # the batch row of each row of a
-        g = tl.load(ROWS + owner[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, D,
-                      stride_a, stride_out, stride_b, PRECISION, UPCAST, BLOCK_D)
+        adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
+        g = tl.load(T + adapter[:, None] * stride_t + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                    other=0.0)
+        _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, col_start,
+                      tl.minimum(col_stop, D), stride_a, D, stride_b, PRECISION, UPCAST, BLOCK_D)
+
+    @triton.jit
+    def _rows_kernel(
+        A, IDS, B0, T0, C0, O0, B1, T1, C1, O1, B2, T2, C2, O2,  # pointers: a, row ids, then per member
+        N, D, R0, R1, R2, TOKENS, COLUMNS,  # sizes: TOKENS rows of a per id; COLUMNS per program
+        stride_a,
+        MEMBERS: tl.constexpr, HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """A mixed batch through up to three layers that read the same a, forward only: program (i, s, m)
+        writes rows block i, columns block s of member m's out_m = a + ((a B_m − c_m) ⊙ T_m[ids]) B_mᵀ."""
+        start = tl.program_id(1) * COLUMNS
+        member = tl.program_id(2)
+        if member == 0:
+            _scaled_rows(A, B0, T0, C0, O0, IDS, N, D, R0, TOKENS, start, start + COLUMNS, stride_a, R0, R0,
+                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
+        if MEMBERS > 1:  # noqa: SIM102  (a constexpr test, then a runtime one: Triton keeps them apart)
+            if member == 1:
+                _scaled_rows(A, B1, T1, C1, O1, IDS, N, D, R1, TOKENS, start, start + COLUMNS, stride_a, R1, R1,
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
+        if MEMBERS > 2:  # noqa: SIM102
+            if member == 2:
+                _scaled_rows(A, B2, T2, C2, O2, IDS, N, D, R2, TOKENS, start, start + COLUMNS, stride_a, R2, R2,
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
     # fmt: on
 
 
@@ -209,23 +235,75 @@ def transform(
 
 
 def transform_rows(
-    a: torch.Tensor, basis: torch.Tensor, g_rows: torch.Tensor, shift: torch.Tensor | None = None
-) -> torch.Tensor:
-    """out = a + ((a B − c) ⊙ g_rows[b]) Bᵀ for a (B, …, d) whose leading row b uses g_rows[b] (B, r)
-    fp32, basis (d, r) in a's dtype: a mixed-adapter batch in one kernel (no backward)."""
-    batch, d = a.shape[0], a.shape[-1]
+    a: torch.Tensor,
+    bases: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    ids: torch.Tensor,
+    shifts: list[torch.Tensor] | None = None,
+    block_n: int | None = None,
+    split: int | None = None,
+) -> list[torch.Tensor]:
+    """[out_m] for up to three layers m reading the same a (B, …, d), each row of a batch on its own adapter:
+
+        out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ    for the rows of a's leading row b
+
+    bases B_m (d, r_m) in a's dtype, tables T_m (capacity, r_m) fp32 (rows gathered inside the kernel, so
+    a CUDA graph that replays it reads whatever the tables hold then), ids (B,) integer rows, shifts c_m
+    (r_m,) fp32 or None. One launch, forward only. block_n (rows per program) and split (column blocks
+    per member) default to a shape that fills the GPU (launch_shape)."""
+    members = len(bases)
+    if not 1 <= members <= 3 or len(tables) != members or (shifts is not None and len(shifts) != members):
+        raise ValueError(f"transform_rows takes 1 to 3 layers with one table each, got {members} bases")
+    if ids.numel() != a.shape[0]:
+        raise ValueError(f"{ids.numel()} adapter rows for a batch of {a.shape[0]}")
+    d = a.shape[-1]
     flat = a.reshape(-1, d)
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
-    n, r = flat.shape[0], basis.shape[1]
-    basis = basis if basis.is_contiguous() else basis.contiguous()
-    g_rows = g_rows.to(torch.float32).contiguous()
-    out = torch.empty_like(flat)
-    block_n = 16 if INTERPRET else 32
-    _rows_kernel[(triton.cdiv(n, block_n),)](
-        flat, basis, g_rows, g_rows if shift is None else shift, out,
-        n, d, r, n // batch,
-        flat.stride(0), out.stride(0), basis.stride(0),
-        HAS_SHIFT=shift is not None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_R=padded_rank(r), BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
+    n = flat.shape[0]
+    bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
+    ranks = [b.shape[1] for b in bases]
+    outs = [torch.empty_like(flat) for _ in bases]
+    chosen_n, chosen_split = launch_shape(n, d, members)
+    block_n, split = block_n or chosen_n, split or chosen_split
+    tiles = triton.cdiv(d, ROWS_BLOCK_D)
+    columns = triton.cdiv(tiles, min(split, tiles)) * ROWS_BLOCK_D
+    pad = 3 - members
+    member_args = []
+    for m in range(3):
+        k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
+        shift = tables[k] if shifts is None else shifts[k]
+        member_args += [bases[k], tables[k], shift, outs[k]]
+    _rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, columns), members)](
+        flat, ids.contiguous(), *member_args,
+        n, d, *(ranks + ranks[-1:] * pad), n // ids.numel(), columns,
+        flat.stride(0),
+        MEMBERS=members, HAS_SHIFT=shifts is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
+        BLOCK_R=padded_rank(max(ranks)), BLOCK_N=block_n, BLOCK_D=ROWS_BLOCK_D, num_warps=4, num_stages=3,
     )  # fmt: skip
-    return out.view(a.shape)
+    return [out.view(a.shape) for out in outs]
+
+
+ROWS_BLOCK_D = 32 if INTERPRET else 128  # columns per step of the mixed-batch kernel
+
+
+def launch_shape(n: int, d: int, members: int) -> tuple[int, int]:
+    """(rows per program, column blocks per member) for the mixed-batch kernel: small row blocks for a
+    decode step (a few dozen rows), then enough column blocks that the programs fill the GPU twice over.
+    Each column block recomputes its rows' projection (all d columns), so no more blocks than needed."""
+    if INTERPRET:
+        return 16, 2
+    block_n = 16 if n <= 256 else 64
+    programs = triton.cdiv(n, block_n) * members
+    return block_n, max(1, min(triton.cdiv(d, ROWS_BLOCK_D), triton.cdiv(2 * _processors(), programs)))
+
+
+def _processors() -> int:
+    """Streaming multiprocessors of the current CUDA device (cached)."""
+    device = torch.cuda.current_device()
+    if device not in _PROCESSORS:
+        _PROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROCESSORS[device]
+
+
+_PROCESSORS: dict[int, int] = {}

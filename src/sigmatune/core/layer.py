@@ -86,7 +86,7 @@ class SpectralLinear(nn.Module):
         self.sigma_adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
-        self._row_scales: torch.Tensor | None = None  # (B, R) while serve_rows() serves a mixed batch
+        self._row_scales = None  # (B, R) scales or a server while serve_rows() serves a mixed batch
         self._quantized_base: nn.Module | None = None  # the quantized original while merged into a dense copy
         self._set_spectrum(spectrum, dtype or compute_dtype(base_layer))
 
@@ -173,17 +173,23 @@ class SpectralLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def serve_rows(self, row_scales: torch.Tensor | None) -> None:
+    def serve_rows(self, rows) -> None:
         """Serve a mixed batch: until serve_rows(None), leading row b of every input (a batch row; a
-        token, for a flat (N, d) input) computes with g = row_scales[b] over the R stored directions,
-        whatever adapter is active. row_scales (B, R) — or bands (B, 2w+1, R) — fp32, is owned by the
-        caller (an AdapterBank gathers it from its tables); a row of zeros is the base layer. A merged
-        layer refuses to serve."""
-        self._row_scales = row_scales
+        token, for a flat (N, d) input) computes with its own g over the R stored directions, whatever
+        adapter is active. rows is either the scales, (B, R) — or bands (B, 2w+1, R) — fp32 (a row of
+        zeros is the base layer), or a callable server(layer, x) that computes the layer's output itself
+        (an AdapterBank's MixedBatch, which gathers from its tables). A merged layer refuses to serve."""
+        self._row_scales = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._row_scales is not None:  # a mixed batch: each row its own adapter
-            return self._forward_rows(x, self._row_scales)
+            if self.merged_adapter is not None:
+                raise ValueError(
+                    "unmerge() before serving a mixed batch: the base weight holds a merged adapter"
+                )
+            if callable(self._row_scales):
+                return self._row_scales(self, x)
+            return self.forward_rows(x, self._row_scales)
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -192,9 +198,8 @@ class SpectralLinear(nn.Module):
             return self.base_layer(F.adapt_input(x, self.sigma_basis, g))
         return F.adapt_output(self.base_layer(x), bias_of(self.base_layer), self.sigma_basis, g)
 
-    def _forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
-        if self.merged_adapter is not None:
-            raise ValueError("unmerge() before serving a mixed batch: the base weight holds a merged adapter")
+    def forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
+        """The layer on a mixed batch by torch ops: leading row b of x with g = g_rows[b] (or its band)."""
         if self.side == "input":
             return self.base_layer(F.transform_rows(x, self.sigma_basis, g_rows))
         shift = F.output_shift(bias_of(self.base_layer), self.sigma_basis)

@@ -2,7 +2,8 @@
 
 Every adapter on the same bases is one row of scales per layer, so the bank keeps, per layer, a
 table G (capacity × R) — row 0 is the base model (zeros; tables.py). A batch whose rows use adapters
-`ids` runs each layer as x + ((x V) ⊙ G[ids]) Vᵀ: one gather, then the cost of a single adapter.
+`ids` runs each layer as x + ((x V) ⊙ G[ids]) Vᵀ: the cost of a single adapter (mixed.py: on CUDA one
+kernel launch, gathering inside it, for up to three layers that read the same input).
 The bank decides which adapter holds which row, checks what it loads, and keeps the rows resident.
 
 - Adapters nest: a top-16 adapter sits in a bank whose layers store the top 64 (its row is zero
@@ -34,6 +35,7 @@ from ..formats.adapter_file import read_adapter
 from ..formats.base_check import check_spectra, check_structure
 from ..formats.files import atomic_save_tensors, load_tensors
 from ..model.sigma_model import SigmaModel
+from .mixed import MixedBatch, SharedInputs
 from .tables import ScaleTables
 
 BASE = "base"  # the name of row 0
@@ -67,6 +69,7 @@ class AdapterBank:
         self.mixes: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
         self.version = 0  # counts changes of which adapter holds which row (a decoder's ids go stale)
+        self._shared = SharedInputs()  # which layers share a launch of the mixed-batch kernel (mixed.py)
 
     @classmethod
     def over(cls, base: torch.nn.Module, config: SigmaConfig, **kwargs) -> AdapterBank:
@@ -181,15 +184,19 @@ class AdapterBank:
     @contextlib.contextmanager
     def serving(self, ids: torch.Tensor):
         """Within this block, each batch row b of the model's input uses adapter row ids[b]: every layer
-        gets its rows of scales through SpectralLinear.serve_rows, and gives them back at the end."""
+        gets a server of this batch (mixed.py: the fused kernel on CUDA, else a gather and torch ops)
+        through SpectralLinear.serve_rows, and gives it back at the end. The bank's lock is held
+        throughout, so a hot-load lands wholly before or after the forward."""
         with self._lock:
-            for name, rows in self.tables.gather(ids).items():
-                self.layers[name].serve_rows(rows)  # (B, R)
-        try:
-            yield
-        finally:
-            for layer in self.layers.values():
-                layer.serve_rows(None)
+            batch = MixedBatch(self.layers, self.tables.tables, ids, self._shared)
+            for name, layer in self.layers.items():
+                layer.serve_rows(batch.server(name))
+            try:
+                yield
+            finally:
+                for layer in self.layers.values():
+                    layer.serve_rows(None)
+                batch.finish()
 
     def __call__(self, *args, adapter_ids, **kwargs):
         """The model's forward with batch row b on adapter adapter_ids[b] (a name, 'base' or a row id)."""

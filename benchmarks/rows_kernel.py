@@ -1,0 +1,96 @@
+"""The mixed-batch kernel alone (core/kernels.transform_rows), as a decode step runs it: back to back in a
+CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's inputs (d = 2048).
+
+    python benchmarks/rows_kernel.py [--out results/rows_kernel.json]
+
+Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
+v), the launch shape (rows per program, column blocks) — the default one and the others tried — and
+the torch ops the kernel replaces (a gather, two GEMMs, the scaling: per layer), in µs per launch (per
+m layers, for the torch ops). The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
+warm-up, divided by LAUNCHES × REPLAYS.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from results_file import merge_rows
+
+from sigmatune.core import functional as F
+from sigmatune.core import kernels
+
+D, ADAPTERS, LAUNCHES, REPLAYS = 2048, 1024, 20, 10
+RESULTS = Path(__file__).parent / "results" / "rows_kernel.json"
+KEY = ("path", "rows", "rank", "members", "block_n", "split", "device")
+
+
+def graphed_us(launch) -> float:
+    """µs per call of launch() in a CUDA graph of LAUNCHES calls (warmed up first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            launch()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAUNCHES):
+            launch()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (LAUNCHES * REPLAYS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    rows = []
+    for n in (64, 256, 1024):
+        x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
+        ids = torch.randint(0, ADAPTERS, (n,), device="cuda")
+        for r in (16, 128):
+            bases = [torch.linalg.qr(torch.randn(D, r, device="cuda")).Q.bfloat16() for _ in range(3)]
+            tables = [torch.randn(ADAPTERS, r, device="cuda") * 0.05 for _ in range(3)]
+            for members in (1, 2, 3):
+                chosen = kernels.launch_shape(n, D, members)
+                shapes = {chosen} | {(b, s) for b in (16, 32, 64) for s in (1, 2, 4, 8, 16) if b <= n}
+                for block_n, split in sorted(shapes):
+                    us = graphed_us(
+                        lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, b=block_n, s=split: (
+                            kernels.transform_rows(x, bases, tables, ids, block_n=b, split=s)
+                        )
+                    )
+                    rows.append(dict(path="kernel", rows=n, rank=r, members=members, block_n=block_n,
+                                     split=split, default=(block_n, split) == chosen, us=round(us, 2),
+                                     device=device))  # fmt: skip
+                us = graphed_us(
+                    lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids: [
+                        F.transform_rows(x, basis, table.index_select(0, ids))
+                        for basis, table in zip(bases, tables, strict=True)
+                    ]
+                )
+                rows.append(dict(path="torch", rows=n, rank=r, members=members, block_n=0, split=0,
+                                 default=True, us=round(us, 2), device=device))  # fmt: skip
+                best = min((row for row in rows if row["path"] == "kernel" and row["rows"] == n
+                            and row["rank"] == r and row["members"] == members), key=lambda row: row["us"])  # fmt: skip
+                default = next(row for row in rows if row["path"] == "kernel" and row["rows"] == n
+                               and row["rank"] == r and row["members"] == members and row["default"])  # fmt: skip
+                print(f"N={n} r={r} m={members}: default {default['block_n']}x{default['split']} {default['us']} µs,"
+                      f" best {best['block_n']}x{best['split']} {best['us']} µs, torch {rows[-1]['us']} µs", flush=True)  # fmt: skip
+    merge_rows(Path(args.out), rows, KEY)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""MixedBatch: a served batch through the mixed-batch kernel (Triton's interpreter on CPU, made to serve as
+it does on CUDA) equals the torch path; layers reading one input share a launch once learned; a member
+called with another tensor computes alone; what the kernel cannot serve takes the torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sigmatune import AdapterBank, SigmaConfig
+from sigmatune.core import kernels
+from tests.models import tiny_llama, token_batch
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_bank(config=None, adapters=3, seed=0) -> tuple[AdapterBank, list[str]]:
+    """A bank over tiny_llama() (k, v and down are output-side there) with random adapters."""
+    bank = AdapterBank.over(tiny_llama().to(DEVICE), config or SigmaConfig(rank=8, svd="exact"))
+    generator = torch.Generator().manual_seed(seed)
+    names = [f"a{i}" for i in range(adapters)]
+    scales = {
+        name: torch.randn(adapters, layer.rank, generator=generator) * 0.3
+        for name, layer in bank.layers.items()
+    }
+    bank.add_many(names, scales)
+    return bank, names
+
+
+AVAILABLE = kernels.available
+
+
+def kernel_serves(monkeypatch):
+    """From now on the kernel serves as on CUDA (on CPU: in Triton's interpreter)."""
+    rule = AVAILABLE if DEVICE == "cuda" else (lambda a, rank, band=0: rank <= kernels.MAX_RANK)
+    monkeypatch.setattr(kernels, "available", rule)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The layer count of each launch of the mixed-batch kernel."""
+    counts = []
+    real = kernels.transform_rows
+
+    def counted(a, bases, *args, **kwargs):
+        counts.append(len(bases))
+        return real(a, bases, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "transform_rows", counted)
+    return counts
+
+
+def served(bank, ids, rows):
+    with torch.no_grad():
+        return bank(ids, adapter_ids=rows).logits
+
+
+def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_input(launches, monkeypatch):
+    bank, _ = random_bank()
+    rows = ["a0", "base", "a2", "a1", "a0"]
+    ids = token_batch(batch=len(rows), length=6).to(DEVICE)
+    monkeypatch.setattr(kernels, "available", lambda *args: False)
+    expected = served(bank, ids, rows)  # the torch ops
+    assert launches == []
+    kernel_serves(monkeypatch)
+    first = served(bank, ids, rows)
+    assert launches == [1] * 14  # the first forward: one launch per layer (7 × 2 layers), learning
+    groups = set(bank._shared.groups.values())
+    layer = "model.layers.0"
+    assert (f"{layer}.self_attn.q_proj", f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj") in groups
+    assert (f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj") in groups
+    launches.clear()
+    second = served(bank, ids, rows)
+    assert sorted(launches) == sorted([3, 1, 2, 1] * 2)  # q k v | o | gate up | down, per decoder layer
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_member_called_with_another_tensor_computes_alone(launches, monkeypatch):
+    kernel_serves(monkeypatch)
+    bank, _ = random_bank()
+    ids = token_batch(batch=2, length=4).to(DEVICE)
+    served(bank, ids, ["a0", "a1"])  # learn the groups
+    attention = bank.model.base_model.model.layers[0].self_attn
+    x = torch.randn(2, 4, 32, device=DEVICE)
+    other = x.clone()
+    rows = bank.ids(["a1", "a2"])
+    with torch.no_grad():
+        with bank.serving(rows):
+            launches.clear()
+            q, k, v = attention.q_proj(x), attention.k_proj(other), attention.v_proj(x)
+        assert launches == [3, 1]  # q's launch computed all three inputs; k's was for another tensor
+        for layer, got, given in (
+            (attention.q_proj, q, x),
+            (attention.k_proj, k, other),
+            (attention.v_proj, v, x),
+        ):
+            g_rows = bank.tables.tables[name_of(bank, layer)].index_select(0, rows)
+            torch.testing.assert_close(got, layer.forward_rows(given, g_rows), rtol=1e-4, atol=1e-4)
+
+
+def name_of(bank, layer):
+    return next(name for name, candidate in bank.layers.items() if candidate is layer)
+
+
+def test_what_the_kernel_cannot_serve_takes_the_torch_ops(launches, monkeypatch):
+    """A forward that needs a gradient, and a layer whose table holds bands, go the torch way."""
+    kernel_serves(monkeypatch)
+    bank, _ = random_bank()
+    ids = token_batch(batch=2, length=4).to(DEVICE)
+    embeddings = bank.model.get_input_embeddings()(ids).requires_grad_(True)
+    logits = bank(inputs_embeds=embeddings, adapter_ids=["a0", "a1"]).logits
+    assert launches == [] and logits.requires_grad  # training through a bank: differentiable torch ops
+    banded = "model.layers.0.mlp.up_proj"
+    band = torch.zeros(3, bank.layers[banded].rank)
+    band[0, 1:] = 0.1
+    bank.tables.write(bank.row("a0"), {banded: band})  # that layer's table becomes a table of bands
+    with torch.no_grad():
+        bank(ids, adapter_ids=["a0", "a1"])
+    assert sum(launches) == 13  # every layer but the banded one
