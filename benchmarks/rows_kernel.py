@@ -4,9 +4,10 @@ CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's
     python benchmarks/rows_kernel.py [--out results/rows_kernel.json]
 
 Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
-v), the launch shape (rows per program, column blocks) — the default one and the others tried — and
-the torch ops the kernel replaces (a gather, two GEMMs, the scaling: per layer), in µs per launch (per
-m layers, for the torch ops). The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
+v), the launch shape (rows per program, column blocks, columns per projection step, warps) — the
+default one (kernels.launch_shape) and others tried — and the torch ops the kernel replaces (a gather,
+two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the torch ops); and the floor:
+a one-element add, the least a launch in the graph costs. The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
 warm-up, divided by LAUNCHES × REPLAYS.
 """
 
@@ -23,7 +24,11 @@ from sigmatune.core import kernels
 
 D, ADAPTERS, LAUNCHES, REPLAYS = 2048, 1024, 20, 10
 RESULTS = Path(__file__).parent / "results" / "rows_kernel.json"
-KEY = ("path", "rows", "rank", "members", "block_n", "split", "device")
+
+
+def key(row: dict) -> tuple:
+    """Rows are merged by path, rows, rank, members, shape and device."""
+    return row["path"], row["rows"], row["rank"], row["members"], tuple(row["shape"] or ()), row["device"]
 
 
 def graphed_us(launch) -> float:
@@ -64,32 +69,37 @@ def main() -> None:
             bases = [torch.linalg.qr(torch.randn(D, r, device="cuda")).Q.bfloat16() for _ in range(3)]
             tables = [torch.randn(ADAPTERS, r, device="cuda") * 0.05 for _ in range(3)]
             for members in (1, 2, 3):
-                chosen = kernels.launch_shape(n, D, members)
-                shapes = {chosen} | {(b, s) for b in (16, 32, 64) for s in (1, 2, 4, 8, 16) if b <= n}
-                for block_n, split in sorted(shapes):
+                chosen = kernels.launch_shape(n, D, members, r)
+                block_n, split = chosen[:2]
+                shapes = {chosen} | {(block_n, split, k, w) for k in (128, 256, 512, 1024) for w in (4, 8)
+                                     if k * r <= 16384}  # fmt: skip
+                for shape in sorted(shapes):
                     us = graphed_us(
-                        lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, b=block_n, s=split: (
-                            kernels.transform_rows(x, bases, tables, ids, block_n=b, split=s)
+                        lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, shape=shape: (
+                            kernels.transform_rows(x, bases, tables, ids, shape=shape)
                         )
                     )
-                    rows.append(dict(path="kernel", rows=n, rank=r, members=members, block_n=block_n,
-                                     split=split, default=(block_n, split) == chosen, us=round(us, 2),
-                                     device=device))  # fmt: skip
+                    rows.append(dict(path="kernel", rows=n, rank=r, members=members, shape=list(shape),
+                                     default=shape == chosen, us=round(us, 2), device=device))  # fmt: skip
                 us = graphed_us(
                     lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids: [
                         F.transform_rows(x, basis, table.index_select(0, ids))
                         for basis, table in zip(bases, tables, strict=True)
                     ]
                 )
-                rows.append(dict(path="torch", rows=n, rank=r, members=members, block_n=0, split=0,
-                                 default=True, us=round(us, 2), device=device))  # fmt: skip
-                best = min((row for row in rows if row["path"] == "kernel" and row["rows"] == n
-                            and row["rank"] == r and row["members"] == members), key=lambda row: row["us"])  # fmt: skip
-                default = next(row for row in rows if row["path"] == "kernel" and row["rows"] == n
-                               and row["rank"] == r and row["members"] == members and row["default"])  # fmt: skip
-                print(f"N={n} r={r} m={members}: default {default['block_n']}x{default['split']} {default['us']} µs,"
-                      f" best {best['block_n']}x{best['split']} {best['us']} µs, torch {rows[-1]['us']} µs", flush=True)  # fmt: skip
-    merge_rows(Path(args.out), rows, KEY)
+                rows.append(dict(path="torch", rows=n, rank=r, members=members, shape=None, default=True,
+                                 us=round(us, 2), device=device))  # fmt: skip
+                tried = [row for row in rows if row["path"] == "kernel" and (row["rows"], row["rank"],
+                         row["members"]) == (n, r, members)]  # fmt: skip
+                best = min(tried, key=lambda row: row["us"])
+                default = next(row for row in tried if row["default"])
+                print(f"N={n} r={r} m={members}: default {default['shape']} {default['us']} µs, best {best['shape']}"
+                      f" {best['us']} µs, torch {rows[-1]['us']} µs", flush=True)  # fmt: skip
+    one = torch.zeros(1, device="cuda")
+    rows.append(dict(path="floor", rows=1, rank=0, members=0, shape=None, default=True,
+                     us=round(graphed_us(lambda: one.add_(1)), 2), device=device))  # fmt: skip
+    print(f"floor (a one-element add in the same graph): {rows[-1]['us']} µs")
+    merge_rows(Path(args.out), rows, key)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ if triton is not None:
     @triton.jit
     def _scaled_rows(A, B, T, C, OUT, IDS, N, D, R, TOKENS, col_start, col_stop, stride_a, stride_b, stride_t,
                      HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """One member's tile: out = a + ((a B − c) ⊙ T[IDS[n // TOKENS]]) Bᵀ for this program's rows and
         columns [col_start, col_stop); the projection is over all D columns (recomputed per column tile)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,7 +145,7 @@ if triton is not None:
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
-                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
+                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
@@ -160,7 +160,7 @@ if triton is not None:
         N, D, R0, R1, R2, TOKENS, COLUMNS,  # sizes: TOKENS rows of a per id; COLUMNS per program
         stride_a,
         MEMBERS: tl.constexpr, HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """A mixed batch through up to three layers that read the same a, forward only: program (i, s, m)
         writes rows block i, columns block s of member m's out_m = a + ((a B_m − c_m) ⊙ T_m[ids]) B_mᵀ."""
@@ -168,15 +168,15 @@ if triton is not None:
         member = tl.program_id(2)
         if member == 0:
             _scaled_rows(A, B0, T0, C0, O0, IDS, N, D, R0, TOKENS, start, start + COLUMNS, stride_a, R0, R0,
-                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
+                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
         if MEMBERS > 1:  # noqa: SIM102  (a constexpr test, then a runtime one: Triton keeps them apart)
             if member == 1:
                 _scaled_rows(A, B1, T1, C1, O1, IDS, N, D, R1, TOKENS, start, start + COLUMNS, stride_a, R1, R1,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
         if MEMBERS > 2:  # noqa: SIM102
             if member == 2:
                 _scaled_rows(A, B2, T2, C2, O2, IDS, N, D, R2, TOKENS, start, start + COLUMNS, stride_a, R2, R2,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_D)
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
     # fmt: on
 
 
@@ -240,8 +240,7 @@ def transform_rows(
     tables: list[torch.Tensor],
     ids: torch.Tensor,
     shifts: list[torch.Tensor] | None = None,
-    block_n: int | None = None,
-    split: int | None = None,
+    shape: tuple[int, int, int, int] | None = None,
 ) -> list[torch.Tensor]:
     """[out_m] for up to three layers m reading the same a (B, …, d), each row of a batch on its own adapter:
 
@@ -249,8 +248,8 @@ def transform_rows(
 
     bases B_m (d, r_m) in a's dtype, tables T_m (capacity, r_m) fp32 (rows gathered inside the kernel, so
     a CUDA graph that replays it reads whatever the tables hold then), ids (B,) integer rows, shifts c_m
-    (r_m,) fp32 or None. One launch, forward only. block_n (rows per program) and split (column blocks
-    per member) default to a shape that fills the GPU (launch_shape)."""
+    (r_m,) fp32 or None. One launch, forward only. shape: (rows per program, column blocks per layer,
+    columns per step of the projection, warps), by default launch_shape's."""
     members = len(bases)
     if not 1 <= members <= 3 or len(tables) != members or (shifts is not None and len(shifts) != members):
         raise ValueError(f"transform_rows takes 1 to 3 layers with one table each, got {members} bases")
@@ -263,8 +262,8 @@ def transform_rows(
     bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
     ranks = [b.shape[1] for b in bases]
     outs = [torch.empty_like(flat) for _ in bases]
-    chosen_n, chosen_split = launch_shape(n, d, members)
-    block_n, split = block_n or chosen_n, split or chosen_split
+    width = padded_rank(max(ranks))
+    block_n, split, block_k, warps = shape or launch_shape(n, d, members, width)
     tiles = triton.cdiv(d, ROWS_BLOCK_D)
     columns = triton.cdiv(tiles, min(split, tiles)) * ROWS_BLOCK_D
     pad = 3 - members
@@ -279,7 +278,7 @@ def transform_rows(
         flat.stride(0),
         MEMBERS=members, HAS_SHIFT=shifts is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_R=padded_rank(max(ranks)), BLOCK_N=block_n, BLOCK_D=ROWS_BLOCK_D, num_warps=4, num_stages=3,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=ROWS_BLOCK_D, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return [out.view(a.shape) for out in outs]
 
@@ -287,15 +286,18 @@ def transform_rows(
 ROWS_BLOCK_D = 32 if INTERPRET else 128  # columns per step of the mixed-batch kernel
 
 
-def launch_shape(n: int, d: int, members: int) -> tuple[int, int]:
-    """(rows per program, column blocks per member) for the mixed-batch kernel: small row blocks for a
-    decode step (a few dozen rows), then enough column blocks that the programs fill the GPU twice over.
-    Each column block recomputes its rows' projection (all d columns), so no more blocks than needed."""
+def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int]:
+    """(rows per program, column blocks per layer, columns per step of the projection, warps) for the
+    mixed-batch kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as
+    many column blocks as fill the GPU once — each recomputes its rows' projection over all d columns —
+    and wide steps for that projection at small rank (a decode step is latency-bound: fewer, larger
+    loads). Chosen from benchmarks/rows_kernel.py on an H200."""
     if INTERPRET:
-        return 16, 2
-    block_n = 16 if n <= 256 else 64
+        return 16, 2, 32, 4
+    block_n = min(64, max(16, triton.next_power_of_2(n) // 4))
     programs = triton.cdiv(n, block_n) * members
-    return block_n, max(1, min(triton.cdiv(d, ROWS_BLOCK_D), triton.cdiv(2 * _processors(), programs)))
+    split = max(1, min(triton.cdiv(d, ROWS_BLOCK_D), round(_processors() / programs)))
+    return block_n, split, max(64, min(512, 8192 // width)), 4
 
 
 def _processors() -> int:
