@@ -58,11 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--rows", default="64,256,1024", help="batch rows N to measure")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     rows = []
-    for n in (64, 256, 1024):
+    for n in [int(n) for n in args.rows.split(",")]:
         x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
         ids = torch.randint(0, ADAPTERS, (n,), device="cuda")
         for r in (16, 128):
