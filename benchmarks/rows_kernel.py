@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import triton
 from results_file import merge_rows
 
 from sigmatune.core import functional as F
@@ -73,13 +74,16 @@ def main() -> None:
                 chosen = kernels.launch_shape(n, D, members, r)
                 block_n, split = chosen[:2]
                 shapes = {chosen} | {(block_n, split, k, w) for k in (128, 256, 512, 1024) for w in (4, 8)
-                                     if k * r <= 16384}  # fmt: skip
+                                     if (block_n + r) * k <= 2 * kernels.SHARED_ELEMENTS}  # fmt: skip
                 for shape in sorted(shapes):
-                    us = graphed_us(
-                        lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, shape=shape: (
-                            kernels.transform_rows(x, bases, tables, ids, shape=shape)
+                    try:
+                        us = graphed_us(
+                            lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, shape=shape: (
+                                kernels.transform_rows(x, bases, tables, ids, shape=shape)
+                            )
                         )
-                    )
+                    except triton.runtime.errors.OutOfResources:  # too large a tile for shared memory
+                        continue
                     rows.append(dict(path="kernel", rows=n, rank=r, members=members, shape=list(shape),
                                      default=shape == chosen, us=round(us, 2), device=device))  # fmt: skip
                 us = graphed_us(
@@ -94,6 +98,7 @@ def main() -> None:
                          row["members"]) == (n, r, members)]  # fmt: skip
                 best = min(tried, key=lambda row: row["us"])
                 default = next(row for row in tried if row["default"])
+                merge_rows(Path(args.out), rows, key)  # a run cut short keeps what it measured
                 print(f"N={n} r={r} m={members}: default {default['shape']} {default['us']} µs, best {best['shape']}"
                       f" {best['us']} µs, torch {rows[-1]['us']} µs", flush=True)  # fmt: skip
     one = torch.zeros(1, device="cuda")

@@ -297,7 +297,11 @@ def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, in
     block_n = min(64, max(16, triton.next_power_of_2(n) // 4))
     programs = triton.cdiv(n, block_n) * members
     split = max(1, min(triton.cdiv(d, ROWS_BLOCK_D), round(_processors() / programs)))
-    return block_n, split, max(64, min(512, 8192 // width)), 4
+    step = triton.next_power_of_2(SHARED_ELEMENTS // (block_n + width) + 1) // 2  # the largest that fits
+    return block_n, split, max(32, min(512, step)), 4
+
+
+SHARED_ELEMENTS = 27_000  # (rows + rank) × projection step: 3 pipeline stages of bf16 tiles in ~160 KB
 
 
 def _processors() -> int:
