@@ -4,7 +4,7 @@ CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's
     python benchmarks/rows_kernel.py [--out results/rows_kernel.json]
 
 Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
-v), the launch shape (rows per program, column blocks, columns per projection step, warps, chains) — the
+v), the launch shape (rows per program, column blocks, columns per projection step, warps) — the
 default one (kernels.launch_shape) and others tried — and the torch ops the kernel replaces (a gather,
 two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the torch ops); and the floor:
 a one-element add, the least a launch in the graph costs. The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
@@ -73,8 +73,8 @@ def main() -> None:
             for members in (1, 2, 3):
                 chosen = kernels.launch_shape(n, D, members, r)
                 block_n, split = chosen[:2]
-                shapes = {chosen} | {(block_n, split, k, 4, c) for k in (32, 64, 128, 256, 512) for c in (1, 4)
-                                     if c * (block_n + r) * k <= 2 * kernels.SHARED_ELEMENTS}  # fmt: skip
+                shapes = {chosen} | {(block_n, split, k, w) for k in (128, 256, 512, 1024) for w in (4, 8)
+                                     if (block_n + r) * k <= 2 * kernels.SHARED_ELEMENTS}  # fmt: skip
                 for shape in sorted(shapes):
                     try:
                         us = graphed_us(

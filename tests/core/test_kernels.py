@@ -194,7 +194,7 @@ def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
     tables = [(torch.randn(7, r, generator=g_) * 0.5).to(DEVICE) for r in ranks]
     ids = torch.randint(0, 7, (shape[0],), generator=g_).to(DEVICE)
     shifts = [torch.randn(r, generator=g_).to(DEVICE) for r in ranks] if with_shift else None
-    launch = None if split is None else (16, split, 32, 4, 1)  # (rows, column blocks, step, warps, chains)
+    launch = None if split is None else (16, split, 32, 4)  # (rows, column blocks, projection step, warps)
     outs = kernels.transform_rows(a, bases, tables, ids, shifts, shape=launch)
     assert len(outs) == len(ranks)
     for m, out in enumerate(outs):

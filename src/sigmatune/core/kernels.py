@@ -68,43 +68,15 @@ if triton is not None:
         """Pass 1: P = a B for these rows, (BN, BR) fp32, streaming their d columns once."""
         projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for start in range(0, D, BLOCK_D):
-            projection = _project_step(A, B, rows, row_ok, ranks, rank_ok, start, D, stride_a, stride_b, projection,
-                                       PRECISION, UPCAST, BLOCK_D)
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_b + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = b.to(a.dtype)
+            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            projection = tl.dot(a, b, projection, input_precision=PRECISION)
         return projection
-
-    @triton.jit
-    def _project_chains(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-        """P = a B as _project, summed in four independent chains of column blocks: a thin P (16 × 16) keeps
-        one warp's tensor cores busy along one chain of dependent products, and four chains overlap."""
-        p0 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        p1 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        p2 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        p3 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for start in range(0, D, 4 * BLOCK_D):
-            p0 = _project_step(A, B, rows, row_ok, ranks, rank_ok, start, D, stride_a, stride_b, p0,
-                               PRECISION, UPCAST, BLOCK_D)
-            p1 = _project_step(A, B, rows, row_ok, ranks, rank_ok, start + BLOCK_D, D, stride_a, stride_b, p1,
-                               PRECISION, UPCAST, BLOCK_D)
-            p2 = _project_step(A, B, rows, row_ok, ranks, rank_ok, start + 2 * BLOCK_D, D, stride_a, stride_b, p2,
-                               PRECISION, UPCAST, BLOCK_D)
-            p3 = _project_step(A, B, rows, row_ok, ranks, rank_ok, start + 3 * BLOCK_D, D, stride_a, stride_b, p3,
-                               PRECISION, UPCAST, BLOCK_D)
-        return (p0 + p1) + (p2 + p3)
-
-    @triton.jit
-    def _project_step(A, B, rows, row_ok, ranks, rank_ok, start, D, stride_a, stride_b, projection,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
-        """projection + a[:, start : start + BLOCK_D] B[start : start + BLOCK_D] (columns past D are zeros)."""
-        cols = start + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(B + cols[:, None] * stride_b + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        b = b.to(a.dtype)
-        if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        return tl.dot(a, b, projection, input_precision=PRECISION)
 
     @triton.jit
     def _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_out, stride_b,
@@ -165,20 +137,15 @@ if triton is not None:
     @triton.jit
     def _scaled_rows(A, B, T, C, OUT, IDS, N, D, R, TOKENS, col_start, col_stop, stride_a, stride_b, stride_t,
                      HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     CHAINS: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """One member's tile: out = a + ((a B − c) ⊙ T[IDS[n // TOKENS]]) Bᵀ for this program's rows and
         columns [col_start, col_stop); the projection is over all D columns (recomputed per column tile)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        if CHAINS == 4:
-            projection = _project_chains(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
-                                         PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
-        else:
-            projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
-                                  PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
+        projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
@@ -194,7 +161,6 @@ if triton is not None:
         stride_a,
         MEMBERS: tl.constexpr, HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        CHAINS: tl.constexpr,
     ):
         """A mixed batch through up to three layers that read the same a, forward only: program (i, s, m)
         writes rows block i, columns block s of member m's out_m = a + ((a B_m − c_m) ⊙ T_m[ids]) B_mᵀ."""
@@ -202,15 +168,15 @@ if triton is not None:
         member = tl.program_id(2)
         if member == 0:
             _scaled_rows(A, B0, T0, C0, O0, IDS, N, D, R0, TOKENS, start, start + COLUMNS, stride_a, R0, R0,
-                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D, CHAINS)
+                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
         if MEMBERS > 1:  # noqa: SIM102  (a constexpr test, then a runtime one: Triton keeps them apart)
             if member == 1:
                 _scaled_rows(A, B1, T1, C1, O1, IDS, N, D, R1, TOKENS, start, start + COLUMNS, stride_a, R1, R1,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D, CHAINS)
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
         if MEMBERS > 2:  # noqa: SIM102
             if member == 2:
                 _scaled_rows(A, B2, T2, C2, O2, IDS, N, D, R2, TOKENS, start, start + COLUMNS, stride_a, R2, R2,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D, CHAINS)
+                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
     # fmt: on
 
 
@@ -274,7 +240,7 @@ def transform_rows(
     tables: list[torch.Tensor],
     ids: torch.Tensor,
     shifts: list[torch.Tensor] | None = None,
-    shape: tuple[int, int, int, int, int] | None = None,
+    shape: tuple[int, int, int, int] | None = None,
 ) -> list[torch.Tensor]:
     """[out_m] for up to three layers m reading the same a (B, …, d), each row of a batch on its own adapter:
 
@@ -283,8 +249,7 @@ def transform_rows(
     bases B_m (d, r_m) in a's dtype, tables T_m (capacity, r_m) fp32 (rows gathered inside the kernel, so
     a CUDA graph that replays it reads whatever the tables hold then), ids (B,) integer rows, shifts c_m
     (r_m,) fp32 or None. One launch, forward only. shape: (rows per program, column blocks per layer,
-    columns per step of the projection, warps, chains of the projection: 1 or 4), by default
-    launch_shape's."""
+    columns per step of the projection, warps), by default launch_shape's."""
     members = len(bases)
     if not 1 <= members <= 3 or len(tables) != members or (shifts is not None and len(shifts) != members):
         raise ValueError(f"transform_rows takes 1 to 3 layers with one table each, got {members} bases")
@@ -298,7 +263,7 @@ def transform_rows(
     ranks = [b.shape[1] for b in bases]
     outs = [torch.empty_like(flat) for _ in bases]
     width = padded_rank(max(ranks))
-    block_n, split, block_k, warps, chains = shape or launch_shape(n, d, members, width)
+    block_n, split, block_k, warps = shape or launch_shape(n, d, members, width)
     tiles = triton.cdiv(d, ROWS_BLOCK_D)
     columns = triton.cdiv(tiles, min(split, tiles)) * ROWS_BLOCK_D
     pad = 3 - members
@@ -313,8 +278,7 @@ def transform_rows(
         flat.stride(0),
         MEMBERS=members, HAS_SHIFT=shifts is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_R=width, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=ROWS_BLOCK_D, CHAINS=chains, num_warps=warps,
-        num_stages=3,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=ROWS_BLOCK_D, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return [out.view(a.shape) for out in outs]
 
@@ -322,24 +286,22 @@ def transform_rows(
 ROWS_BLOCK_D = 32 if INTERPRET else 128  # columns per step of the mixed-batch kernel
 
 
-def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int, int]:
-    """(rows per program, column blocks per layer, columns per step of the projection, warps, chains) for
-    the mixed-batch kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then
-    as many column blocks as fill the GPU once — each recomputes its rows' projection over all d columns,
-    in four independent chains of steps as wide as shared memory holds (a decode step is latency-bound).
-    Chosen from benchmarks/rows_kernel.py on an H200."""
+def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int]:
+    """(rows per program, column blocks per layer, columns per step of the projection, warps) for the
+    mixed-batch kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as
+    many column blocks as fill the GPU once — each recomputes its rows' projection over all d columns —
+    and wide steps for that projection at small rank (a decode step is latency-bound: fewer, larger
+    loads). Chosen from benchmarks/rows_kernel.py on an H200."""
     if INTERPRET:
-        return 16, 2, 32, 4, 4
+        return 16, 2, 32, 4
     block_n = min(64, max(16, triton.next_power_of_2(n) // 4))
     programs = triton.cdiv(n, block_n) * members
     split = max(1, min(triton.cdiv(d, ROWS_BLOCK_D), round(_processors() / programs)))
-    step = (
-        triton.next_power_of_2(SHARED_ELEMENTS // (4 * (block_n + width)) + 1) // 2
-    )  # the largest that fits
-    return block_n, split, max(32, min(128, step)), 4, 4
+    step = triton.next_power_of_2(SHARED_ELEMENTS // (block_n + width) + 1) // 2  # the largest that fits
+    return block_n, split, max(32, min(512, step)), 4
 
 
-SHARED_ELEMENTS = 27_000  # chains × (rows + rank) × step: 3 pipeline stages of bf16 tiles in ~160 KB
+SHARED_ELEMENTS = 27_000  # (rows + rank) × projection step: 3 pipeline stages of bf16 tiles in ~160 KB
 
 
 def _processors() -> int:
