@@ -73,8 +73,12 @@ def main() -> None:
             for members in (1, 2, 3):
                 chosen = kernels.launch_shape(n, D, members, r)
                 block_n, split = chosen[:2]
-                shapes = {chosen} | {(block_n, split, k, w) for k in (128, 256, 512, 1024) for w in (4, 8)
-                                     if (block_n + r) * k <= 2 * kernels.SHARED_ELEMENTS}  # fmt: skip
+                shapes = {chosen} | {
+                    (block_n, split, k, w)
+                    for k in (64, 128, 256, 512)
+                    for w in (4, 8)
+                    if (block_n + r) * k <= 48_000
+                }  # fmt: skip (what fits shared memory)
                 for shape in sorted(shapes):
                     try:
                         us = graphed_us(

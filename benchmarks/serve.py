@@ -4,8 +4,8 @@
 
 A Llama-shaped model with random bf16 weights; B requests of PROMPT random tokens each decode DECODE
 tokens greedily, all submitted at once to the engine (serving/engine.py: slot KV cache, CUDA-graphed
-decode steps), driven step by step in this process. Rows (one process; each configuration runs once
-untimed, then TIMED times, the median reported):
+decode steps), driven step by step in this process. Rows (one process; each configuration runs
+untimed (twice, briefly), then TIMED times, the median reported):
 - base: the engine over an untouched copy of the model (no bank, no wrapping) — the ratios' denominator;
 - sigmatune: the engine over a bank of rank R (16, 128, full) with A distinct adapters (1, 16, B);
 - hf-eager: the untouched model in a plain HF decode loop (DynamicCache, one forward per token);
@@ -96,7 +96,9 @@ def hf_run(
 
 
 def measured(run) -> tuple[float, float]:
-    """run(tokens) once untimed (a short run: it captures the same graphs), then TIMED times: medians."""
+    """run(tokens) untimed (short runs: they capture the same graphs and compile the same kernels; twice,
+    as a bank's first forward learns which layers share a launch), then TIMED times: medians."""
+    run(4)
     run(4)
     results = [run(DECODE) for _ in range(TIMED)]
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)

@@ -289,19 +289,16 @@ ROWS_BLOCK_D = 32 if INTERPRET else 128  # columns per step of the mixed-batch k
 def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int]:
     """(rows per program, column blocks per layer, columns per step of the projection, warps) for the
     mixed-batch kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as
-    many column blocks as fill the GPU once — each recomputes its rows' projection over all d columns —
-    and wide steps for that projection at small rank (a decode step is latency-bound: fewer, larger
-    loads). Chosen from benchmarks/rows_kernel.py on an H200."""
+    many column blocks as fill the GPU once (each recomputes its rows' projection over all d columns).
+    Chosen from benchmarks/rows_kernel.py on an H200: a decode step's launch is latency-bound there
+    (7–12 µs at 64 rows, r16, against a 1.2 µs floor), and neither wider steps, more warps nor four
+    independent chains of products in the projection made it faster."""
     if INTERPRET:
         return 16, 2, 32, 4
     block_n = min(64, max(16, triton.next_power_of_2(n) // 4))
     programs = triton.cdiv(n, block_n) * members
     split = max(1, min(triton.cdiv(d, ROWS_BLOCK_D), round(_processors() / programs)))
-    step = triton.next_power_of_2(SHARED_ELEMENTS // (block_n + width) + 1) // 2  # the largest that fits
-    return block_n, split, max(32, min(512, step)), 4
-
-
-SHARED_ELEMENTS = 27_000  # (rows + rank) × projection step: 3 pipeline stages of bf16 tiles in ~160 KB
+    return block_n, split, 128, 4
 
 
 def _processors() -> int:
