@@ -162,6 +162,7 @@ class Engine:
                 taken.append(self.waiting.get_nowait())
         except queue.Empty:
             pass
+        lowest = sorted(self._free, reverse=True)  # the lowest free slot first (popped from the end)
         for request in taken:
             if request.cancelled:  # cancelled while waiting: its last event, and no work
                 request.emit(None, "cancelled")
@@ -171,7 +172,7 @@ class Engine:
             except Exception as err:
                 self._fail([request], err)
                 continue
-            request.slot = min(self._free)
+            request.slot = lowest.pop()
             self._free.discard(request.slot)
             self.prefilling.append(request)
 
@@ -226,9 +227,11 @@ class Engine:
         if not done:
             return
         first = self._sample(logits[[b for b, _ in done]], [r for _, r in done]).tolist()
+        holders = {r.slot: r for r in self.prefilling}  # slot → the prefilling (or joining) request in it
+        joining = {id(request) for _, request in done}
+        self.prefilling = [r for r in self.prefilling if id(r) not in joining]
         for (_, request), token in zip(done, first, strict=True):
-            self.prefilling.remove(request)
-            self._join(request)
+            self._join(request, holders)
             request.position = len(request.prompt_ids)
             self._advance(request, token)
         self._leave()
@@ -270,17 +273,20 @@ class Engine:
 
     # ---- slots ----------------------------------------------------------------------------------------
 
-    def _join(self, request: Request) -> None:
-        """A prefilled request takes slot n (the end of the decoding rows), swapping with whoever holds it."""
+    def _join(self, request: Request, holders: dict[int, Request]) -> None:
+        """A prefilled request takes slot n (the end of the decoding rows), swapping with whoever holds it
+        (holders: slot → prefilling request, kept up to date)."""
         target = len(self.active)
+        holders.pop(request.slot, None)
         if request.slot != target:
-            holder = next((r for r in self.prefilling if r.slot == target), None)
+            holder = holders.pop(target, None)
             cache = self.decoder.cache
             if holder is not None:  # through the scratch slot
                 cache.move(target, cache.scratch)
                 cache.move(request.slot, target)
                 cache.move(cache.scratch, request.slot)
                 holder.slot = request.slot
+                holders[holder.slot] = holder
             else:
                 cache.move(request.slot, target)
                 self._free.add(request.slot)
