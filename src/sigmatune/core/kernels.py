@@ -144,13 +144,14 @@ if triton is not None:
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
+        # the rows' g first: two dependent loads whose latency the projection's loop then hides
+        adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
+        g = tl.load(T + adapter[:, None] * stride_t + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                    other=0.0)
         projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
                               PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-        adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
-        g = tl.load(T + adapter[:, None] * stride_t + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                    other=0.0)
         _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, col_start,
                       tl.minimum(col_stop, D), stride_a, D, stride_b, PRECISION, UPCAST, BLOCK_D)
 
