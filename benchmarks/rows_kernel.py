@@ -4,8 +4,9 @@ CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's
     python benchmarks/rows_kernel.py [--out results/rows_kernel.json]
 
 Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
-v), the launch shape (rows per program, column blocks, columns per projection step, warps) — the
-default one (kernels.launch_shape) and others tried — and the torch ops the kernel replaces (a gather,
+v), the launch shape (rows per program, column blocks, columns per step, warps, shared) — the default
+one (kernels.launch_shape), one column block, and other steps, warps and either way of projecting (each
+column block alone, or shared: split between them, summed after a barrier) — and the torch ops the kernel replaces (a gather,
 two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the torch ops); and the floor:
 a one-element add, the least a launch in the graph costs. The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
 warm-up, divided by LAUNCHES × REPLAYS.
@@ -73,10 +74,11 @@ def main() -> None:
             for members in (1, 2, 3):
                 chosen = kernels.launch_shape(n, D, members, r)
                 block_n, split = chosen[:2]
-                shapes = {chosen} | {
-                    (block_n, split, k, w)
-                    for k in (64, 128, 256, 512)
+                shapes = {chosen, (block_n, 1, 128, 4, False)} | {  # split 1: one program projects all d
+                    (block_n, split, k, w, shared)
+                    for k in (64, 128, 256)
                     for w in (4, 8)
+                    for shared in (False, True)
                     if (block_n + r) * k <= 48_000
                 }  # fmt: skip (what fits shared memory)
                 for shape in sorted(shapes):

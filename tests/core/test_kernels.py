@@ -178,12 +178,13 @@ def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
     "shape, ranks", [((5, 70), [3]), ((3, 7, 40), [16, 5]), ((2, 1, 96), [20, 16, 8]), ((33, 64), [16, 16])]
 )
 @pytest.mark.parametrize("with_shift", [False, True])
-@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("split, shared", [(None, None), (1, False), (3, False), (3, True), (99, True)])
 def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
-    dtype, shape, ranks, with_shift, split
+    dtype, shape, ranks, with_shift, split, shared
 ):
     """out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ for every member, each leading row b on its table row,
-    whatever the split of the columns (a split past the column blocks there are is clamped)."""
+    whatever the split of the columns (a split past the column blocks there are is clamped), each column
+    block projecting alone or (on CUDA) sharing the projection through a barrier."""
     g_ = torch.Generator().manual_seed(3)
     a = torch.randn(*shape, generator=g_).to(DEVICE, dtype)
     d = shape[-1]
@@ -194,7 +195,7 @@ def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
     tables = [(torch.randn(7, r, generator=g_) * 0.5).to(DEVICE) for r in ranks]
     ids = torch.randint(0, 7, (shape[0],), generator=g_).to(DEVICE)
     shifts = [torch.randn(r, generator=g_).to(DEVICE) for r in ranks] if with_shift else None
-    launch = None if split is None else (16, split, 32, 4)  # (rows, column blocks, projection step, warps)
+    launch = None if split is None else (16, split, 32, 4, shared)  # rows, column blocks, step, warps, shared
     outs = kernels.transform_rows(a, bases, tables, ids, shifts, shape=launch)
     assert len(outs) == len(ranks)
     for m, out in enumerate(outs):

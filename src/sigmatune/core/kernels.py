@@ -62,12 +62,12 @@ def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
 if triton is not None:
     # fmt: off
     @triton.jit
-    def _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+    def _project(A, B, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_b,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_D: tl.constexpr):
-        """Pass 1: P = a B for these rows, (BN, BR) fp32, streaming their d columns once."""
+        """Pass 1: P = a B over columns [first, D) for these rows, (BN, BR) fp32, streaming them once."""
         projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):
+        for start in range(first, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -109,7 +109,7 @@ if triton is not None:
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)  # (BR,)
         rank_ok = ranks < R
-        projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
+        projection = _project(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_b,
                               PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
@@ -135,49 +135,80 @@ if triton is not None:
                       PRECISION, UPCAST, BLOCK_D)
 
     @triton.jit
-    def _scaled_rows(A, B, T, C, OUT, IDS, N, D, R, TOKENS, col_start, col_stop, stride_a, stride_b, stride_t,
-                     HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _scaled_rows(A, B, T, C, OUT, IDS, PARTIAL, ARRIVED, OPENED, N, D, R, TOKENS, first, stop, stride_a,
+                     HAS_SHIFT: tl.constexpr, SYNC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
         """One member's tile: out = a + ((a B − c) ⊙ T[IDS[n // TOKENS]]) Bᵀ for this program's rows and
-        columns [col_start, col_stop); the projection is over all D columns (recomputed per column tile)."""
+        columns [first, stop). The projection a B is over all D columns: SYNC, the programs of this rows
+        block (one per column block, all resident: launch_shape keeps the grid within the GPU) each project
+        their own columns, publish the partial sum and wait at a barrier for the others'; otherwise each
+        program projects all D columns itself."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        # the rows' g first: two dependent loads whose latency the projection's loop then hides
+        # the rows' g first: two dependent loads whose latency the projection then hides
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row of a
-        g = tl.load(T + adapter[:, None] * stride_t + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+        g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
                     other=0.0)
-        projection = _project(A, B, rows, row_ok, ranks, rank_ok, D, stride_a, stride_b,
-                              PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
+        if SYNC:
+            blocks = tl.num_programs(1)
+            barrier = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)  # (member, rows block)
+            opened = tl.atomic_add(OPENED + barrier, 0)  # the barrier's generation before this launch
+            partial = _project(A, B, rows, row_ok, ranks, rank_ok, first, stop, stride_a, R,
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
+            local = tl.arange(0, BLOCK_N)
+            mine = PARTIAL + (barrier * BLOCK_S + tl.program_id(1)) * BLOCK_N * BLOCK_R
+            tl.store(mine + local[:, None] * BLOCK_R + ranks[None, :], partial)
+            tl.debug_barrier()  # every thread's part stored before the program arrives
+            if tl.atomic_add(ARRIVED + barrier, 1) == blocks - 1:  # the last to arrive opens the barrier
+                tl.atomic_xchg(ARRIVED + barrier, 0)
+                tl.atomic_add(OPENED + barrier, 1)
+            seen = tl.atomic_add(OPENED + barrier, 0)
+            while seen == opened:
+                seen = tl.atomic_add(OPENED + barrier, 0)
+            tl.debug_barrier()
+            block = tl.arange(0, BLOCK_S)
+            everyone = PARTIAL + ((barrier * BLOCK_S + block[:, None, None]) * BLOCK_N + local[None, :, None]) * BLOCK_R
+            parts = tl.load(everyone + ranks[None, None, :], mask=(block < blocks)[:, None, None], other=0.0,
+                            cache_modifier=".cg")  # (BS, BN, BR), from L2: other programs wrote them
+            projection = tl.sum(parts, axis=0)
+        else:
+            projection = _project(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, R,
+                                  PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
-        _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, col_start,
-                      tl.minimum(col_stop, D), stride_a, D, stride_b, PRECISION, UPCAST, BLOCK_D)
+        _add_expanded(A, B, OUT, projection * g.to(tl.float32), rows, row_ok, ranks, rank_ok, first, stop,
+                      stride_a, D, R, PRECISION, UPCAST, BLOCK_D)
 
     @triton.jit
     def _rows_kernel(
-        A, IDS, B0, T0, C0, O0, B1, T1, C1, O1, B2, T2, C2, O2,  # pointers: a, row ids, then per member
+        A, IDS, B0, T0, C0, O0, B1, T1, C1, O1, B2, T2, C2, O2, PARTIAL, ARRIVED, OPENED,  # pointers
         N, D, R0, R1, R2, TOKENS, COLUMNS,  # sizes: TOKENS rows of a per id; COLUMNS per program
         stride_a,
-        MEMBERS: tl.constexpr, HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        MEMBERS: tl.constexpr, HAS_SHIFT: tl.constexpr, SYNC: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """A mixed batch through up to three layers that read the same a, forward only: program (i, s, m)
         writes rows block i, columns block s of member m's out_m = a + ((a B_m − c_m) ⊙ T_m[ids]) B_mᵀ."""
-        start = tl.program_id(1) * COLUMNS
+        first = tl.program_id(1) * COLUMNS
+        stop = tl.minimum(first + COLUMNS, D)
         member = tl.program_id(2)
         if member == 0:
-            _scaled_rows(A, B0, T0, C0, O0, IDS, N, D, R0, TOKENS, start, start + COLUMNS, stride_a, R0, R0,
-                         HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
+            _scaled_rows(A, B0, T0, C0, O0, IDS, PARTIAL, ARRIVED, OPENED, N, D, R0, TOKENS, first, stop, stride_a,
+                         HAS_SHIFT, SYNC, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D, BLOCK_S)
         if MEMBERS > 1:  # noqa: SIM102  (a constexpr test, then a runtime one: Triton keeps them apart)
             if member == 1:
-                _scaled_rows(A, B1, T1, C1, O1, IDS, N, D, R1, TOKENS, start, start + COLUMNS, stride_a, R1, R1,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
+                _scaled_rows(A, B1, T1, C1, O1, IDS, PARTIAL, ARRIVED, OPENED, N, D, R1, TOKENS, first, stop,
+                             stride_a, HAS_SHIFT, SYNC, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D,
+                             BLOCK_S)
         if MEMBERS > 2:  # noqa: SIM102
             if member == 2:
-                _scaled_rows(A, B2, T2, C2, O2, IDS, N, D, R2, TOKENS, start, start + COLUMNS, stride_a, R2, R2,
-                             HAS_SHIFT, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D)
+                _scaled_rows(A, B2, T2, C2, O2, IDS, PARTIAL, ARRIVED, OPENED, N, D, R2, TOKENS, first, stop,
+                             stride_a, HAS_SHIFT, SYNC, PRECISION, UPCAST, BLOCK_R, BLOCK_N, BLOCK_K, BLOCK_D,
+                             BLOCK_S)
     # fmt: on
 
 
@@ -241,7 +272,7 @@ def transform_rows(
     tables: list[torch.Tensor],
     ids: torch.Tensor,
     shifts: list[torch.Tensor] | None = None,
-    shape: tuple[int, int, int, int] | None = None,
+    shape: tuple[int, int, int, int, bool] | None = None,
 ) -> list[torch.Tensor]:
     """[out_m] for up to three layers m reading the same a (B, …, d), each row of a batch on its own adapter:
 
@@ -250,7 +281,10 @@ def transform_rows(
     bases B_m (d, r_m) in a's dtype, tables T_m (capacity, r_m) fp32 (rows gathered inside the kernel, so
     a CUDA graph that replays it reads whatever the tables hold then), ids (B,) integer rows, shifts c_m
     (r_m,) fp32 or None. One launch, forward only. shape: (rows per program, column blocks per layer,
-    columns per step of the projection, warps), by default launch_shape's."""
+    columns per step, warps, shared), by default launch_shape's. Each column block of a rows block needs
+    the rows' whole projection: it computes it alone, or (shared, CUDA only) projects its own columns and
+    meets the others at a barrier to sum theirs, which needs the grid on the GPU at once (at most one
+    program per multiprocessor, as launch_shape's grids are)."""
     members = len(bases)
     if not 1 <= members <= 3 or len(tables) != members or (shifts is not None and len(shifts) != members):
         raise ValueError(f"transform_rows takes 1 to 3 layers with one table each, got {members} bases")
@@ -264,42 +298,67 @@ def transform_rows(
     ranks = [b.shape[1] for b in bases]
     outs = [torch.empty_like(flat) for _ in bases]
     width = padded_rank(max(ranks))
-    block_n, split, block_k, warps = shape or launch_shape(n, d, members, width)
-    tiles = triton.cdiv(d, ROWS_BLOCK_D)
-    columns = triton.cdiv(tiles, min(split, tiles)) * ROWS_BLOCK_D
-    pad = 3 - members
+    block_n, split, block_k, warps, shared = shape or launch_shape(n, d, members, width)
+    steps = triton.cdiv(d, block_k)
+    columns = triton.cdiv(steps, min(split, steps)) * block_k
+    grid = (triton.cdiv(n, block_n), triton.cdiv(d, columns), members)
+    sync = (
+        shared and grid[1] > 1 and not INTERPRET
+    )  # the interpreter runs programs one by one: none could wait
+    if sync and grid[0] * grid[1] * members > _processors():
+        raise ValueError(f"a grid of {grid} programs does not fit on the GPU at once; use launch_shape's")
+    partial, arrived, opened = _barriers(flat.device, grid, block_n, width) if sync else (flat,) * 3
     member_args = []
     for m in range(3):
         k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
         shift = tables[k] if shifts is None else shifts[k]
         member_args += [bases[k], tables[k], shift, outs[k]]
-    _rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, columns), members)](
-        flat, ids.contiguous(), *member_args,
-        n, d, *(ranks + ranks[-1:] * pad), n // ids.numel(), columns,
+    _rows_kernel[grid](
+        flat, ids.contiguous(), *member_args, partial, arrived, opened,
+        n, d, *(ranks + ranks[-1:] * (3 - members)), n // ids.numel(), columns,
         flat.stride(0),
-        MEMBERS=members, HAS_SHIFT=shifts is not None,
+        MEMBERS=members, HAS_SHIFT=shifts is not None, SYNC=sync,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_R=width, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=ROWS_BLOCK_D, num_warps=warps, num_stages=3,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_k,
+        BLOCK_S=triton.next_power_of_2(grid[1]), num_warps=warps, num_stages=3,
     )  # fmt: skip
     return [out.view(a.shape) for out in outs]
 
 
-ROWS_BLOCK_D = 32 if INTERPRET else 128  # columns per step of the mixed-batch kernel
+BARRIERS = 512  # barriers (rows block, member) of one launch at most: grids within the GPU need fewer
+_BARRIERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int]:
-    """(rows per program, column blocks per layer, columns per step of the projection, warps) for the
-    mixed-batch kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as
-    many column blocks as fill the GPU once (each recomputes its rows' projection over all d columns).
-    Chosen from benchmarks/rows_kernel.py on an H200: a decode step's launch is latency-bound there
-    (7–12 µs at 64 rows, r16, against a 1.2 µs floor), and neither wider steps, more warps nor four
-    independent chains of products in the projection made it faster."""
+def _barriers(device: torch.device, grid, block_n: int, width: int):
+    """(partial sums, arrivals, generations) for a launch whose column blocks meet at a barrier. The
+    counters are the device's (made once, zeros; each launch leaves the arrivals at zero again), so launches
+    on one device must not overlap: one engine thread, one stream, as the serving engine runs them."""
+    if device not in _BARRIERS:
+        counters = torch.zeros(2, BARRIERS, dtype=torch.int32, device=device)
+        _BARRIERS[device] = counters[0], counters[1]
+    arrived, opened = _BARRIERS[device]
+    blocks = triton.next_power_of_2(grid[1])
+    partial = torch.empty((grid[0] * grid[2], blocks, block_n, width), device=device, dtype=torch.float32)
+    return partial, arrived, opened
+
+
+def launch_shape(n: int, d: int, members: int, width: int) -> tuple[int, int, int, int, bool]:
+    """(rows per program, column blocks per layer, columns per step, warps, shared) for the mixed-batch
+    kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as many column
+    blocks (at most 16) as fit on the GPU at once with one program per multiprocessor. A decode step's
+    launch is latency-bound on an H200 (benchmarks/rows_kernel.py: 7–13 µs at 64 rows, r16, against a
+    1.2 µs floor); at few rows and a narrow rank the column blocks share the projection (each loads a
+    16th of it, then a barrier: 64 rows, r16, decoded 0.87× the base against 0.835× alone); wider or
+    longer, each computes it alone (the barrier's wait cost more than it saved: r128, 1,024 rows)."""
     if INTERPRET:
-        return 16, 2, 32, 4
+        return 16, 2, 32, 4, False
     block_n = min(64, max(16, triton.next_power_of_2(n) // 4))
     programs = triton.cdiv(n, block_n) * members
-    split = max(1, min(triton.cdiv(d, ROWS_BLOCK_D), round(_processors() / programs)))
-    return block_n, split, 128, 4
+    split = max(1, min(16, triton.cdiv(d, 128), _processors() // programs))
+    return block_n, split, 128, 4, n <= SHARED_ROWS and width <= SHARED_RANK
+
+
+SHARED_ROWS, SHARED_RANK = 128, 32  # launch_shape shares the projection up to these rows and padded rank
 
 
 def _processors() -> int:
