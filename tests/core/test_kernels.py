@@ -178,13 +178,24 @@ def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
     "shape, ranks", [((5, 70), [3]), ((3, 7, 40), [16, 5]), ((2, 1, 96), [20, 16, 8]), ((33, 64), [16, 16])]
 )
 @pytest.mark.parametrize("with_shift", [False, True])
-@pytest.mark.parametrize("split, shared", [(None, None), (1, False), (3, False), (3, True), (99, True)])
+@pytest.mark.parametrize(
+    "split, shared, early",
+    [
+        (None, None, False),
+        (1, False, False),
+        (3, False, True),
+        (2, True, False),
+        (3, True, True),
+        (99, True, False),
+    ],
+)
 def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
-    dtype, shape, ranks, with_shift, split, shared
+    dtype, shape, ranks, with_shift, split, shared, early
 ):
     """out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ for every member, each leading row b on its table row,
     whatever the split of the columns (a split past the column blocks there are is clamped), each column
-    block projecting alone or (on CUDA) sharing the projection through a barrier."""
+    block projecting alone or (on CUDA) sharing the projection through a barrier (over one step of columns
+    or more)."""
     g_ = torch.Generator().manual_seed(3)
     a = torch.randn(*shape, generator=g_).to(DEVICE, dtype)
     d = shape[-1]
