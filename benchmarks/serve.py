@@ -5,7 +5,9 @@
 A Llama-shaped model with random bf16 weights; B requests of PROMPT random tokens each decode DECODE
 tokens greedily, all submitted at once to the engine (serving/engine.py: slot KV cache, CUDA-graphed
 decode steps), driven step by step in this process. Rows (one process; each configuration runs
-untimed (twice, briefly), then TIMED times, the median reported):
+untimed (twice, briefly), then TIMED times, each timed run right after one of the base engine's at the same
+batch; tokens/s is the configuration's median, ratio_vs_base that over the median of the base runs beside
+it — the GPU's clocks drift over minutes of load, so a base measured once at the start would not do):
 - base: the engine over an untouched copy of the model (no bank, no wrapping) — the ratios' denominator;
 - sigmatune: the engine over a bank of rank R (16, 128, full) with A distinct adapters (1, 16, B);
 - hf-eager: the untouched model in a plain HF decode loop (DynamicCache, one forward per token);
@@ -95,13 +97,20 @@ def hf_run(
     return first - start, batch * (tokens - 1) / (time.perf_counter() - first)
 
 
-def measured(run) -> tuple[float, float]:
+def measured(run, base=None) -> tuple[float, float, float | None]:
     """run(tokens) untimed (short runs: they capture the same graphs and compile the same kernels; twice,
-    as a bank's first forward learns which layers share a launch), then TIMED times: medians."""
+    as a bank's first forward learns which layers share a launch), then TIMED times, each after a timed
+    run of base (a warm run of the base engine), if given: (median ttft, median tokens/s, median base
+    tokens/s or None)."""
     run(4)
     run(4)
-    results = [run(DECODE) for _ in range(TIMED)]
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+    results, beside = [], []
+    for _ in range(TIMED):
+        if base is not None:
+            beside.append(base(DECODE)[1])
+        results.append(run(DECODE))
+    median = statistics.median
+    return median(r[0] for r in results), median(r[1] for r in results), median(beside) if beside else None
 
 
 def random_adapters(bank: AdapterBank, count: int, prefix: str, scale: float = 0.05) -> list[str]:
@@ -131,30 +140,32 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=RESIDENT, help="adapters for the bank-memory figure")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
     model = build(args.shape).eval()  # untouched: the base rows and the HF loop
     vocab, length = model.config.vocab_size, PROMPT + DECODE
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out, rows, base = Path(args.out), [], {}
+    out, rows, bases = Path(args.out), [], {}
 
-    def add(method, rank, adapters, batch, ttft, tps) -> None:
-        ratio = tps / base[batch] if batch in base else 1.0
+    def add(method, rank, adapters, batch, ttft, tps, base_tps) -> None:
         row = dict(method=method, rank=rank, adapters=adapters, batch=batch, tokens_per_s=round(tps, 1),
-                   ratio_vs_base=round(ratio, 3), ttft_s=round(ttft, 4), device=device)  # fmt: skip
+                   ratio_vs_base=round(tps / base_tps, 3), ttft_s=round(ttft, 4), device=device)  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
         merge_rows(out, [row], KEY)  # after every row: a run cut short keeps what it measured
 
-    for batch in batches:
-        engine = Engine(model, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
-        ttft, base[batch] = measured(lambda n, e=engine, b=batch: engine_run(e, ["base"] * b, vocab, n))
-        add("base", 0, 0, batch, ttft, base[batch])
-        del engine
-        ttft, tps = measured(lambda n, b=batch: hf_run(model, None, b, vocab, n))
-        add("hf-eager", 0, 0, batch, ttft, tps)
+    def beside(batch):
+        """A timed run of the base engine at this batch (for the ratio of what runs next to it)."""
+        return lambda n: engine_run(bases[batch], ["base"] * batch, vocab, n)
+
+    for batch in batches:  # the base engines stay, warm, for the runs beside every configuration
+        bases[batch] = Engine(model, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
+        ttft, tps, _ = measured(beside(batch))
+        add("base", 0, 0, batch, ttft, tps, tps)
+        ttft, tps, base_tps = measured(lambda n, b=batch: hf_run(model, None, b, vocab, n), beside(batch))
+        add("hf-eager", 0, 0, batch, ttft, tps, base_tps)
     cache_dir = tempfile.mkdtemp()
     facts = {"device": device}
-    for rank in [r if r == "full" else int(r) for r in args.ranks.split(",")]:
+    for rank in [r if r == "full" else int(r) for r in args.ranks.split(",") if r]:
         config = SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache_dir)
         start = time.perf_counter()
         bank = AdapterBank.over(copy.deepcopy(model), config)
@@ -165,43 +176,45 @@ def main() -> None:
                 names = random_adapters(bank, count, f"r{rank}b{batch}a{count}-")
                 engine = Engine(bank, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
                 mixed = [names[i % count] for i in range(batch)]
-                ttft, tps = measured(lambda n, e=engine, m=mixed: engine_run(e, m, vocab, n))
-                add("sigmatune", rank, count, batch, ttft, tps)
+                ttft, tps, base_tps = measured(
+                    lambda n, e=engine, m=mixed: engine_run(e, m, vocab, n), beside(batch)
+                )
+                add("sigmatune", rank, count, batch, ttft, tps, base_tps)
                 del engine
         if rank == 16:
             facts.update(hot_load_s=hot_load(bank, config))
-            previous_rows(bank, args.previous, vocab, add)
+            previous_rows(bank, args.previous, vocab, add, beside)
             random_adapters(bank, args.resident, "resident-")
             facts.update(
                 resident_adapters=len(bank.rows), bank_bytes=bank.memory_bytes(), layers=len(bank.layers)
             )
         del bank
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    static_compile_rows(model, args.static_compile, vocab, add)
-    peft_rows(model, args.peft, vocab, add)
+    static_compile_rows(model, args.static_compile, vocab, add, beside)
+    peft_rows(model, args.peft, vocab, add, beside)
     out.with_name(out.stem + "_facts.json").write_text(json.dumps(facts, indent=1) + "\n")
     print(markdown(rows, facts))
 
 
-def previous_rows(bank: AdapterBank, batches: str, vocab: int, add) -> None:
+def previous_rows(bank: AdapterBank, batches: str, vocab: int, add, beside) -> None:
     """The eager engine served before this one (previous_engine.py), every request its own adapter."""
     from previous_engine import Engine as PreviousEngine
 
     for batch in [int(b) for b in batches.split(",") if b]:
         names = random_adapters(bank, batch, f"previous{batch}-")
         engine = PreviousEngine(bank, max_batch=batch)
-        ttft, tps = measured(lambda n, e=engine, m=names: engine_run(e, m, vocab, n))
-        add("previous-engine", 16, batch, batch, ttft, tps)
+        ttft, tps, base_tps = measured(lambda n, e=engine, m=names: engine_run(e, m, vocab, n), beside(batch))
+        add("previous-engine", 16, batch, batch, ttft, tps, base_tps)
 
 
-def static_compile_rows(model, batches: str, vocab: int, add) -> None:
+def static_compile_rows(model, batches: str, vocab: int, add, beside) -> None:
     """transformers' generate() with a static cache and the forward compiled (mode "reduce-overhead"), on
     the untouched model; ttft from a 1-token generate, decode tokens/s from the rest of a full one."""
     batches = [int(b) for b in batches.split(",") if b]
     if not batches:
         return
-    forward = model.forward
-    model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    model = copy.deepcopy(model)  # compiled: the base engines keep the untouched one
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     settings = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
     for batch in batches:
         ids = torch.tensor(prompts(batch, vocab), device=next(model.parameters()).device)
@@ -219,24 +232,28 @@ def static_compile_rows(model, batches: str, vocab: int, add) -> None:
             return ttft, batch * (tokens - 1) / max(time.perf_counter() - start - ttft, 1e-9)
 
         run(DECODE)  # compiles (and captures) for this batch and length
-        ttft, tps = measured(run)
-        add("hf-static-compile", 0, 0, batch, ttft, tps)
-    model.forward = forward
+        ttft, tps, base_tps = measured(run, beside(batch))
+        add("hf-static-compile", 0, 0, batch, ttft, tps, base_tps)
 
 
-def peft_rows(model, batches: str, vocab: int, add) -> None:
+def peft_rows(model, batches: str, vocab: int, add, beside) -> None:
     """PEFT LoRA r16 over LORA_ADAPTERS adapters, mixed batches through `adapter_names`."""
+    batches = [int(b) for b in batches.split(",") if b]
+    if not batches:
+        return
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
-    peft = get_peft_model(model, lora, adapter_name="l0")
+    peft = get_peft_model(copy.deepcopy(model), lora, adapter_name="l0")  # the base engines keep theirs
     for i in range(1, LORA_ADAPTERS):
         peft.add_adapter(f"l{i}", lora)
     peft.eval()
-    for batch in [int(b) for b in batches.split(",") if b]:
+    for batch in batches:
         names = [f"l{i % LORA_ADAPTERS}" for i in range(batch)]
-        ttft, tps = measured(lambda n, b=batch, m=names: hf_run(peft, m, b, vocab, n))
-        add("peft-lora", 16, LORA_ADAPTERS, batch, ttft, tps)
+        ttft, tps, base_tps = measured(
+            lambda n, b=batch, m=names: hf_run(peft, m, b, vocab, n), beside(batch)
+        )
+        add("peft-lora", 16, LORA_ADAPTERS, batch, ttft, tps, base_tps)
 
 
 def hot_load(bank: AdapterBank, config: SigmaConfig) -> float:
