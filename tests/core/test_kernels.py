@@ -225,3 +225,40 @@ def test_mixed_batch_kernel_refuses_what_it_cannot_serve():
         kernels.transform_rows(a, [basis] * 4, [table] * 4, torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="3 adapter rows for a batch of 4"):
         kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs; the barrier runs only there)")
+def test_mixed_batch_kernel_sharing_its_projection_replays_in_a_cuda_graph():
+    """The shared projection's barrier (counters that only grow) gives the same result replay after replay
+    of a graph holding launches of two grids, with new inputs and table rows each time."""
+    g_ = torch.Generator(device="cuda").manual_seed(8)
+    d, r, n = 512, 16, 48
+    a = torch.randn(n, d, device="cuda", generator=g_, dtype=torch.bfloat16)
+    bases = [torch.linalg.qr(torch.randn(d, r, device="cuda", generator=g_)).Q.bfloat16() for _ in range(3)]
+    tables = [torch.randn(5, r, device="cuda", generator=g_) * 0.5 for _ in range(3)]
+    ids = torch.randint(0, 5, (n,), device="cuda", generator=g_)
+    shapes = [(16, 4, 128, 4, True), (16, 2, 128, 4, True)]  # one step a block; two steps a block
+
+    def launches():
+        return [
+            kernels.transform_rows(a, bases[: 1 + i], tables[: 1 + i], ids, shape=s)
+            for i, s in enumerate(shapes)
+        ]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        launches()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = launches()
+    for replay in range(5):
+        a.copy_(torch.randn(n, d, device="cuda", generator=g_))
+        tables[1][replay % 5].normal_(generator=g_)
+        graph.replay()
+        for outs in captured:
+            for m, out in enumerate(outs):
+                rows = tables[m].double()[ids]
+                expected = a.double() + ((a.double() @ bases[m].double()) * rows) @ bases[m].double().T
+                torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)

@@ -58,3 +58,20 @@ def test_a_hot_load_between_steps_takes_effect_without_recapture(saved, tmp_path
     reference = Engine(AdapterBank.over(tiny_llama().cuda(), BANK), max_batch=4, graphs=False)
     reference.bank.load("wide", tmp_path)
     assert after == run(reference, [("wide", prompt, 8)]) and after != before
+
+
+def test_graphed_decode_equals_eager_with_a_layer_of_bands(saved):  # noqa: F811
+    """A layer whose table holds bands (served by the torch ops inside the graph) decodes as eager does."""
+    bank = cuda_bank(saved)
+    banded = "model.layers.0.mlp.up_proj"
+    band = torch.zeros(3, bank.layers[banded].rank)
+    band[0, 1:], band[2, :-1] = 0.2, -0.1
+    bank.tables.write(bank.row("wide"), {banded: band})  # that layer's table becomes a table of bands
+    jobs = [
+        (name, token_batch(seed=40 + i, batch=1, length=4 + i)[0].tolist(), 7)
+        for i, name in enumerate(["wide", "attn"])
+    ]
+    graphed = Engine(bank, max_batch=4, graphs=True)
+    eager = Engine(bank, max_batch=4, graphs=False)
+    assert run(graphed, jobs) == run(eager, jobs)
+    assert graphed.decoder.captures > 0
