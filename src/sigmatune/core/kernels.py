@@ -37,7 +37,6 @@ try:
 except ImportError:  # no Triton: the plain torch path is used everywhere
     triton = None
 
-
 MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
 MAX_BAND = 16  # wider bands (one spread over far-apart stored columns) too: the kernel unrolls 2w+1 diagonals
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
@@ -322,7 +321,7 @@ def transform_rows(
     columns = triton.cdiv(steps, min(split, steps)) * block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, columns), members)
     sync = shared and grid[1] > 1 and not INTERPRET  # interpreted programs run one by one: none could wait
-    if sync and grid[0] * grid[1] * members > _processors():
+    if sync and (grid[0] * grid[1] * members > _processors() or grid[0] * members > BARRIERS):
         raise ValueError(f"a grid of {grid} programs does not fit on the GPU at once; use launch_shape's")
     partial, counts = _barriers(flat.device, grid, block_n, width) if sync else (flat, flat)
     member_args = []
