@@ -6,10 +6,10 @@ CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's
 Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
 v), the launch shape (rows per program, column blocks, columns per step, warps, shared) — the default
 one (kernels.launch_shape), one column block, and other steps, warps and either way of projecting (each
-column block alone, or shared: split between them, summed after a barrier) — and the torch ops the kernel replaces (a gather,
-two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the torch ops); and the floor:
-a one-element add, the least a launch in the graph costs. The time of a graph of LAUNCHES launches, replayed REPLAYS times after a
-warm-up, divided by LAUNCHES × REPLAYS.
+column block alone, or shared: split between them, summed after a barrier) — and the torch ops the
+kernel replaces (a gather, two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the
+torch ops); and the floor: a one-element add, the least a launch in the graph costs. The time of a graph
+of LAUNCHES launches, replayed REPLAYS times after a warm-up, divided by LAUNCHES × REPLAYS.
 """
 
 from __future__ import annotations

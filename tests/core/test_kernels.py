@@ -179,18 +179,10 @@ def test_band_layer_uses_the_kernel_on_cuda_and_matches_fp64(shape):
 )
 @pytest.mark.parametrize("with_shift", [False, True])
 @pytest.mark.parametrize(
-    "split, shared, early",
-    [
-        (None, None, False),
-        (1, False, False),
-        (3, False, True),
-        (2, True, False),
-        (3, True, True),
-        (99, True, False),
-    ],
+    "split, shared", [(None, None), (1, False), (3, False), (2, True), (3, True), (99, True)]
 )
 def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
-    dtype, shape, ranks, with_shift, split, shared, early
+    dtype, shape, ranks, with_shift, split, shared
 ):
     """out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ for every member, each leading row b on its table row,
     whatever the split of the columns (a split past the column blocks there are is clamped), each column
