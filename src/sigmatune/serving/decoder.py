@@ -96,7 +96,7 @@ class SlotDecoder:
     def _decode_step(self, size: int, reach: int) -> torch.Tensor:
         tokens, positions, rows, writes = self._inputs[:, :size]
         visible = (self._span[:reach] <= positions[:, None])[:, None, None, :]  # (size, 1, 1, reach)
-        step = SlotStep(writes[:, None], positions[:, None], visible)
+        step = SlotStep(writes[:, None], positions[:, None], visible, lengths=positions + 1)
         return self._forward(tokens[:, None], positions[:, None], step, rows)
 
     def _graph(self, size: int, reach: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -11,7 +11,8 @@ Invariant: a position is written (by a prefill or a decode step) before any quer
 padding writes at positions past a request's end never counts.
 
 Grouped-query attention without copies: the g = heads / kv_heads query heads that share a key head are
-folded into the query length, q (B, H, T, D) → (B, KVH, g·T, D), and the mask repeated g times.
+folded into the query length, q (B, H, T, D) → (B, KVH, g·T, D), and the mask repeated g times. A decode
+step on CUDA (lengths given) takes decode_attention.py's kernel instead, which reads each row's own length.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+
+from . import decode_attention
 
 ATTENTION = "sigmatune_slots"
 
@@ -30,6 +33,7 @@ class SlotStep:
     positions: torch.Tensor  # (B, T) long: their positions
     visible: torch.Tensor  # (B, 1, T, L) bool: key position j is visible to query token t
     read_rows: torch.Tensor | None = None  # (B,) long: the slot batch row b reads; None: slot b
+    lengths: torch.Tensor | None = None  # (B,) long, a decode step's: positions row b sees (its position + 1)
 
 
 class SlotCache:
@@ -61,6 +65,10 @@ class SlotCache:
         keys.index_put_((step.write_rows, step.positions), key.transpose(1, 2))
         values.index_put_((step.write_rows, step.positions), value.transpose(1, 2))
         batch, heads, tokens, dim = query.shape
+        if step.lengths is not None and step.read_rows is None and decode_attention.available(query):
+            scale = dim**-0.5 if scaling is None else scaling
+            out = decode_attention.decode_attention(query[:, :, 0], keys, values, step.lengths, scale)
+            return out.view(batch, 1, heads, dim)  # (B, T = 1, H, D)
         width = step.visible.shape[-1]
         if step.read_rows is None:
             keys, values = keys[:batch, :width], values[:batch, :width]
