@@ -90,3 +90,22 @@ def test_slot_decoder_through_the_kernel_equals_the_plain_model(monkeypatch):
                 plain = model(torch.tensor([text])).logits[0, -1].float()
             torch.testing.assert_close(logits[b], plain, rtol=1e-4, atol=1e-4)
     assert len(calls) == 2 * model.config.num_hidden_layers  # every layer of both steps, not the prefill
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_on_cuda_at_a_served_shape(dtype):
+    """The 1.1B Llama's heads (32 over 4 key heads, head dim 64), 256 positions, lengths across blocks."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, length = 64, 256
+    keys, values = (
+        torch.randn(batch + 1, length, 4, 64, generator=generator, device="cuda").to(dtype) for _ in range(2)
+    )
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator, device="cuda")
+    lengths[:3] = torch.tensor([1, 64, 256])
+    query = torch.randn(batch, 32, 64, generator=generator, device="cuda").to(dtype)
+    assert decode_attention.available(query)
+    out = decode_attention.decode_attention(query, keys, values, lengths, 0.125)
+    expected = reference(query.cpu(), keys.cpu(), values.cpu(), lengths.cpu(), 0.125)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tolerance, atol=tolerance)

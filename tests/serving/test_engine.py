@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from sigmatune.serving.engine import Engine, Request
@@ -40,8 +41,9 @@ def assert_greedy_for(folder, prompt, tokens, max_tokens, finish, eos=EOS):
         assert logits[len(tokens), EOS] >= logits[len(tokens)].max() - 1e-4
 
 
-def test_joining_and_leaving_requests_match_each_adapter_alone(bank, saved):  # noqa: F811
-    engine = Engine(bank, max_batch=4).start()
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_joining_and_leaving_requests_match_each_adapter_alone(bank, saved, look_ahead):  # noqa: F811
+    engine = Engine(bank, max_batch=4, look_ahead=look_ahead).start()
     try:
         plan = [  # (adapter, prompt length, max tokens, delay before submitting)
             ("wide", 5, 12, 0.0),
@@ -67,8 +69,9 @@ def test_joining_and_leaving_requests_match_each_adapter_alone(bank, saved):  # 
         engine.stop()
 
 
-def test_cancel_and_sampling(bank):  # noqa: F811
-    engine = Engine(bank, max_batch=8, seed=1).start()
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_cancel_and_sampling(bank, look_ahead):  # noqa: F811
+    engine = Engine(bank, max_batch=8, seed=1, look_ahead=look_ahead).start()
     try:
         long = Collector()
         request = engine.submit(Request([5, 6, 7], "wide", 10_000, long))
@@ -137,10 +140,11 @@ def test_a_failing_decode_step_fails_the_batch_and_the_engine_goes_on(bank, save
         engine.stop()
 
 
-def test_prompts_prefilled_in_chunks_between_decode_steps_match_each_adapter_alone(bank, saved):  # noqa: F811
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_prompts_prefilled_in_chunks_between_decode_steps_match_each_adapter_alone(bank, saved, look_ahead):  # noqa: F811
     """Prompts longer than a chunk (3 tokens) prefill over several turns while others decode, and join
     the decoding rows out of order (slots swap); requests wait for a slot when all 3 are taken."""
-    engine = Engine(bank, max_batch=3, prefill_tokens=3)
+    engine = Engine(bank, max_batch=3, prefill_tokens=3, look_ahead=look_ahead)
     jobs = []
     for i, (adapter, length, max_tokens) in enumerate(
         [("wide", 10, 5), ("attn", 2, 9), ("mlp", 7, 3), ("base", 5, 6), ("wide", 1, 4), ("mlp", 12, 2)]
@@ -174,3 +178,36 @@ def test_an_engine_over_a_plain_model_serves_the_base_and_refuses_adapters():
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)[0, 6:]
     assert base.tokens == expected.tolist()
+
+
+def test_look_ahead_steps_from_the_device_tokens_and_drops_what_ended(bank, saved, monkeypatch):  # noqa: F811
+    """With look-ahead, steady decoding launches each step from the last one's tokens before the host has
+    them; rows that stop (end of sequence), reach max_tokens or fill their slot meanwhile lose only a
+    dropped token, and every request still gets exactly its adapter's greedy answer."""
+    engine = Engine(bank, max_batch=4, max_len=24, look_ahead=True)
+    again = []
+    real = engine.decoder.decode_again
+    monkeypatch.setattr(engine.decoder, "decode_again", lambda *a: again.append(1) or real(*a))
+    plan = [  # (prompt seed, adapter, prompt length, max tokens, stop id): seed 60 meets EOS after 5 tokens
+        (60, "wide", 6, 30, None),
+        (60, "wide", 6, 30, EOS),
+        (62, "attn", 4, 9, EOS),
+        (63, "base", 3, 12, None),
+    ]
+    jobs = []
+    for seed, adapter, length, max_tokens, stop in plan:
+        prompt = token_batch(seed=seed, batch=1, length=length)[0].tolist()
+        collector = Collector()
+        stops = frozenset() if stop is None else frozenset({stop})
+        engine.submit(Request(prompt, adapter, max_tokens, collector, stop_ids=stops))
+        jobs.append((adapter, prompt, max_tokens, stop, collector))
+    while not engine.idle():
+        engine.step()
+    assert len(again) > 5  # most steps were launched ahead
+    finishes = [c.finish for *_, c in jobs]
+    assert finishes[0] == "length" and len(jobs[0][-1].tokens) == 24 - 6 + 1  # its slot filled first
+    assert "stop" in finishes and finishes[-1] == "length"
+    for adapter, prompt, max_tokens, stop, collector in jobs:
+        limit = len(collector.tokens) if collector is jobs[0][-1] else max_tokens
+        assert_greedy_for(saved.get(adapter), prompt, collector.tokens, limit, collector.finish, eos=stop)
+    assert not engine.active and engine._ahead is None and engine.error is None

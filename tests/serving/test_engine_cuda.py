@@ -1,5 +1,5 @@
-"""On a GPU: the graphed engine gives the tokens of the eager one, and a hot-load between steps takes
-effect at the next replay without a new capture."""
+"""On a GPU: the graphed engine (steps launched ahead) gives the tokens of the eager one, and a hot-load
+between steps takes effect at the next replay without a new capture."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def test_graphed_decode_equals_eager(saved):  # noqa: F811
         (name, token_batch(seed=20 + i, batch=1, length=3 + 2 * i)[0].tolist(), 6 + 3 * i)
         for i, name in enumerate(["wide", "base", "attn", "mlp", "wide"])
     ]
-    graphed = Engine(bank, max_batch=8, graphs=True)
-    eager = Engine(bank, max_batch=8, graphs=False)
+    graphed = Engine(bank, max_batch=8, graphs=True)  # and steps launched ahead (look-ahead, CUDA's default)
+    eager = Engine(bank, max_batch=8, graphs=False, look_ahead=False)
+    assert graphed.look_ahead
     assert run(graphed, jobs) == run(eager, jobs)
     assert graphed.decoder.captures > 0 and eager.decoder.captures == 0
 

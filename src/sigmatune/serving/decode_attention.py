@@ -88,7 +88,9 @@ def decode_attention(
     batch, heads, dim = query.shape
     kv_heads = keys.shape[2]
     if heads % kv_heads or keys.shape != values.shape or keys.stride() != values.stride():
-        raise ValueError(f"{heads} query heads over keys {tuple(keys.shape)} and values {tuple(values.shape)}")
+        raise ValueError(
+            f"{heads} query heads over keys {tuple(keys.shape)} and values {tuple(values.shape)}"
+        )
     query = query if query.stride(-1) == 1 else query.contiguous()
     if keys.stride(-1) != 1:
         raise ValueError("the cache's keys and values need a contiguous last dimension")

@@ -93,6 +93,21 @@ class SlotDecoder:
             graph.replay()
         return out[:n]
 
+    def decode_again(self, tokens: torch.Tensor, top: int) -> torch.Tensor:
+        """The next step of the rows decode() ran last, each one position on, fed tokens (n,) on the device
+        (that step's sampled tokens: no host data, so the host need not wait for them); top: the rows'
+        highest position now. Returns (n, V) fp32 logits."""
+        n = tokens.shape[0]
+        size = min(1 << (n - 1).bit_length(), self.cache.slots)
+        with self.bank.lock if self.bank else contextlib.nullcontext():
+            self._inputs[0, :n].copy_(tokens)
+            self._inputs[1, :n] += 1
+            if not self.graphs:
+                return self._decode_step(size, self._reach(top + 1))[:n]
+            graph, out = self._graph(size, self._reach(top + 1))
+            graph.replay()
+        return out[:n]
+
     def _decode_step(self, size: int, reach: int) -> torch.Tensor:
         tokens, positions, rows, writes = self._inputs[:, :size]
         visible = (self._span[:reach] <= positions[:, None])[:, None, None, :]  # (size, 1, 1, reach)

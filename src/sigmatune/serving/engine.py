@@ -67,6 +67,7 @@ class Engine:
         seed: int = 0,
         graphs: bool | None = None,
         prefill_tokens: int = 4096,
+        look_ahead: bool | None = None,
     ):
         self.bank = bank if isinstance(bank, AdapterBank) else None  # a plain model serves only "base"
         self.model = self.bank.model.base_model if self.bank else bank
@@ -76,6 +77,8 @@ class Engine:
         self.decoder = SlotDecoder(self.model, self.bank, self.max_batch, self.max_len, graphs)
         self.device = self.decoder.device  # where the model's weights (and the KV cache) are
         self.prefill_tokens = prefill_tokens
+        self.look_ahead = self.device.type == "cuda" if look_ahead is None else look_ahead
+        self._ahead: Step | None = None  # a decode step launched, its tokens not yet taken
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.prefilling: list[Request] = []
         self.active: list[Request] = []  # decoding; active[i] holds slot i
@@ -146,11 +149,11 @@ class Engine:
             self._refresh_rows()
             if self.prefilling:
                 self._prefill()
-            if self.active:
+            if self.active or self._ahead:
                 self._decode()
 
     def idle(self) -> bool:
-        return not (self.active or self.prefilling or self.waiting.qsize())
+        return not (self.active or self.prefilling or self.waiting.qsize() or self._ahead)
 
     def _admit(self, block: bool) -> None:
         """Waiting requests take free slots (their adapter's row is looked up now)."""
@@ -237,23 +240,58 @@ class Engine:
         self._leave()
 
     def _decode(self) -> None:
-        """One token for every decoding request; if the step raises, they all fail."""
+        """One token for every request of a decode step — launched now, or by the turn before (look-ahead);
+        if a step raises, the running batch fails. With look-ahead on, the next step over the same rows is
+        launched from this one's tokens on the device before they come back to the host, so the host's work
+        on them (and its issuing of the next step) overlaps the GPU's. That step is taken next turn: for
+        requests that ended meanwhile (a stop token, a cancel) its token is dropped, and if rows joined or
+        left, the turn after launches from the host again."""
+        if self._ahead is not None and all(r.finish for r in self._ahead.batch):
+            self._ahead = None  # every row of it ended: nothing to take
+        if self._ahead is None and not self.active:
+            return
         self.steps += 1
         try:
-            logits = self.decoder.decode(
-                [r.last for r in self.active], [r.position for r in self.active], [r.row for r in self.active]
-            )
-            tokens = self._sample(logits, self.active).tolist()
+            step, self._ahead = self._ahead or self._launch(list(self.active)), None
+            if self.look_ahead and self._goes_on(step):
+                self._ahead = self._launch_again(step)
+            tokens = step.tokens()
         except Exception as err:
+            self._ahead = None
             failed = self.active
             self._free.update(r.slot for r in failed)
             self.active = []
             self._fail(failed, err)
             return
-        for request, token in zip(self.active, tokens, strict=True):
-            request.position += 1
-            self._advance(request, token)
+        for request, token in zip(step.batch, tokens, strict=True):
+            if request.finish is None:
+                request.position += 1
+                self._advance(request, token)
         self._leave()
+
+    def _launch(self, batch: list[Request]) -> Step:
+        logits = self.decoder.decode(
+            [r.last for r in batch], [r.position for r in batch], [r.row for r in batch]
+        )
+        return Step(batch, self._sample(logits, batch), self._bank_version)
+
+    def _launch_again(self, step: Step) -> Step:
+        """The step after `step` over the same rows, fed its sampled tokens without waiting for them."""
+        step.copy_to_host()
+        top = max(r.position for r in step.batch) + 1
+        logits = self.decoder.decode_again(step.sampled, top)
+        return Step(step.batch, self._sample(logits, step.batch), step.version)
+
+    def _goes_on(self, step: Step) -> bool:
+        """Whether every row of this step will want the next one too (unless it samples a stop token or
+        is cancelled): they are the running rows, in order, none at its last token or the end of its
+        slot, and the bank has moved no adapter since the step's adapter rows were looked up."""
+        batch = step.batch
+        if len(batch) != len(self.active) or any(a is not b for a, b in zip(batch, self.active, strict=True)):
+            return False
+        if self.bank is not None and self.bank.version != step.version:
+            return False
+        return all(r.generated + 1 < r.max_tokens and r.position + 1 < self.max_len for r in batch)
 
     def _advance(self, request: Request, token: int) -> None:
         """Hand a request its new token; one that is done gets its finish reason (it leaves at _leave)."""
@@ -339,6 +377,30 @@ class Engine:
         choice = torch.multinomial(sorted_probs, 1, generator=self.generator).squeeze(1)
         sampled = order.gather(1, choice[:, None]).squeeze(1)
         return torch.where(temperature > 0, sampled, greedy)
+
+
+class Step:
+    """A launched decode step: its rows, their sampled tokens (on the device until taken) and the bank
+    version its adapter rows were looked up at."""
+
+    def __init__(self, batch: list[Request], sampled: torch.Tensor, version: int):
+        self.batch, self.sampled, self.version = batch, sampled, version
+        self._host, self._ready = None, None
+
+    def copy_to_host(self) -> None:
+        """Start the tokens' copy to the host now, so that taking them waits for this step only, not for
+        work queued after it."""
+        if self.sampled.is_cuda:
+            self._host = torch.empty(self.sampled.shape, dtype=self.sampled.dtype, pin_memory=True)
+            self._host.copy_(self.sampled, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def tokens(self) -> list[int]:
+        if self._ready is None:
+            return self.sampled.tolist()
+        self._ready.synchronize()
+        return self._host.tolist()
 
 
 def _default_slots(model: torch.nn.Module, length: int) -> int:
