@@ -13,6 +13,7 @@ from sigmatune.serving.decoder import SlotDecoder
 from tests.models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(decode_attention.triton is None, reason="needs Triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest)
 
 
 def reference(query, keys, values, lengths, scale):
@@ -47,7 +48,8 @@ def test_kernel_equals_plain_attention(dtype, heads, kv_heads, dim, tolerance):
     batch = len(lengths)
     query = torch.randn(batch, heads, dim, generator=generator).to(dtype)
     scale = dim**-0.5
-    out = decode_attention.decode_attention(query, keys, values, lengths, scale)
+    on = [t.to(DEVICE) for t in (query, keys, values, lengths)]
+    out = decode_attention.decode_attention(*on, scale).cpu()
     assert out.shape == (batch, heads, dim) and out.dtype == dtype
     torch.testing.assert_close(
         out.double(), reference(query, keys, values, lengths, scale), rtol=tolerance, atol=tolerance
@@ -56,13 +58,15 @@ def test_kernel_equals_plain_attention(dtype, heads, kv_heads, dim, tolerance):
 
 def test_a_strided_query_gives_the_same_out():
     generator = torch.Generator().manual_seed(3)
-    keys, values = (torch.randn(3, 20, 2, 16, generator=generator) for _ in range(2))
-    lengths = torch.tensor([20, 5])
+    keys, values = (torch.randn(3, 20, 2, 16, generator=generator).to(DEVICE) for _ in range(2))
+    lengths = torch.tensor([20, 5], device=DEVICE)
     wide = torch.randn(2, 1, 4, 16, generator=generator).transpose(1, 2)  # (B, H, 1, D) over (B, 1, H, D)
+    wide = wide.to(DEVICE)
     out = decode_attention.decode_attention(wide[:, :, 0], keys, values, lengths, 0.25)
     dense = decode_attention.decode_attention(wide[:, :, 0].contiguous(), keys, values, lengths, 0.25)
     torch.testing.assert_close(out, dense, rtol=0, atol=0)
-    torch.testing.assert_close(out.double(), reference(wide[:, :, 0], keys, values, lengths, 0.25))
+    expected = reference(wide[:, :, 0].cpu(), keys.cpu(), values.cpu(), lengths.cpu(), 0.25)
+    torch.testing.assert_close(out.cpu().double(), expected)
 
 
 def test_mismatched_heads_are_refused():
@@ -75,7 +79,7 @@ def test_slot_decoder_through_the_kernel_equals_the_plain_model(monkeypatch):
     monkeypatch.setattr(decode_attention, "available", lambda query: True)  # CPU: the interpreted kernel
     calls, kernel = [], decode_attention.decode_attention
     monkeypatch.setattr(decode_attention, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
-    model = tiny_llama()  # 4 query heads over 2 key heads
+    model = tiny_llama().to(DEVICE)  # 4 query heads over 2 key heads
     bank = AdapterBank.over(model, SigmaConfig(rank=4, svd="exact"))
     decoder = SlotDecoder(bank.model.base_model, bank, slots=2, length=64, graphs=False)
     prompts = [token_batch(seed=s, batch=1, length=n)[0].tolist() for s, n in ((1, 9), (2, 4))]
@@ -87,7 +91,7 @@ def test_slot_decoder_through_the_kernel_equals_the_plain_model(monkeypatch):
         for b, text in enumerate(texts):
             text.append(fed[b])
             with torch.no_grad():
-                plain = model(torch.tensor([text])).logits[0, -1].float()
+                plain = model(torch.tensor([text], device=DEVICE)).logits[0, -1].float()
             torch.testing.assert_close(logits[b], plain, rtol=1e-4, atol=1e-4)
     assert len(calls) == 2 * model.config.num_hidden_layers  # every layer of both steps, not the prefill
 
