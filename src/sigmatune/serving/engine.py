@@ -28,6 +28,7 @@ import torch
 from .bank import AdapterBank
 from .decoder import SlotDecoder
 from .slots import SlotCache, text_config
+from .steps import Step, sample
 
 CPU_SLOTS = 32  # max_batch on a CPU
 GPU_SLOTS = 1024  # the most max_batch chooses by itself on a GPU
@@ -364,43 +365,7 @@ class Engine:
     # ---- sampling -----------------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Greedy for temperature 0, else top-p sampling at each row's temperature; (B,) token ids."""
-        greedy = logits.argmax(dim=-1)
-        if all(r.temperature <= 0 for r in requests):
-            return greedy
-        temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
-        probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-        top_p = torch.tensor([r.top_p for r in requests], device=logits.device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]  # keeps at least the top token
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=self.generator).squeeze(1)
-        sampled = order.gather(1, choice[:, None]).squeeze(1)
-        return torch.where(temperature > 0, sampled, greedy)
-
-
-class Step:
-    """A launched decode step: its rows, their sampled tokens (on the device until taken) and the bank
-    version its adapter rows were looked up at."""
-
-    def __init__(self, batch: list[Request], sampled: torch.Tensor, version: int):
-        self.batch, self.sampled, self.version = batch, sampled, version
-        self._host, self._ready = None, None
-
-    def copy_to_host(self) -> None:
-        """Start the tokens' copy to the host now, so that taking them waits for this step only, not for
-        work queued after it."""
-        if self.sampled.is_cuda:
-            self._host = torch.empty(self.sampled.shape, dtype=self.sampled.dtype, pin_memory=True)
-            self._host.copy_(self.sampled, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def tokens(self) -> list[int]:
-        if self._ready is None:
-            return self.sampled.tolist()
-        self._ready.synchronize()
-        return self._host.tolist()
+        return sample(logits, requests, self.generator)
 
 
 def _default_slots(model: torch.nn.Module, length: int) -> int:
