@@ -19,6 +19,7 @@ import copy
 import tempfile
 
 import torch
+from rows_kernel import replay_ms
 from serve import DECODE, PROMPT, engine_run, random_adapters
 from train_step import SHAPES, TARGETS, build
 
@@ -27,18 +28,6 @@ from sigmatune.core import kernels
 from sigmatune.serving.engine import Engine
 
 REPLAYS = 20
-
-
-def replay_ms(engine: Engine, batch: int, reach: int) -> float:
-    graph, _ = engine.decoder._graph(batch, reach)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / REPLAYS
 
 
 def top_kernels(engine: Engine, batch: int, reach: int, top: int) -> str:
@@ -61,7 +50,7 @@ def report(label: str, engine: Engine, names: list[str], vocab: int, batch: int,
     _, tps = engine_run(engine, names, vocab, DECODE)
     step_ms = 1000 * batch / tps
     reach = engine.decoder._reach(PROMPT + DECODE)
-    gpu = replay_ms(engine, batch, reach)
+    gpu = replay_ms(engine.decoder._graph(batch, reach)[0], REPLAYS)
     print(
         f"{label} B={batch}: step {step_ms:.3f} ms wall, replay {gpu:.3f} ms GPU (reach {reach})", flush=True
     )

@@ -45,15 +45,20 @@ def graphed_us(launch) -> float:
     with torch.cuda.graph(graph):
         for _ in range(LAUNCHES):
             launch()
+    return replay_ms(graph, REPLAYS) * 1000 / LAUNCHES
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """GPU ms per replay of a captured graph: one untimed replay, then `replays` between CUDA events."""
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (LAUNCHES * REPLAYS)
+    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
