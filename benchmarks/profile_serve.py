@@ -24,7 +24,7 @@ from serve import DECODE, PROMPT, engine_run, random_adapters
 from train_step import SHAPES, TARGETS, build
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.core import kernels
+from sigmatune.core import rows_kernels
 from sigmatune.serving.engine import Engine
 
 REPLAYS = 20
@@ -84,11 +84,11 @@ def main() -> None:
         for batch in batches:
             names = random_adapters(bank, batch, f"r{rank}b{batch}-")
             for shape in shapes or [None]:
-                chosen = kernels.launch_shape
+                chosen = rows_kernels.launch_shape
                 if (
                     shape is not None
                 ):  # every decode launch takes this shape (prefill's, of B·PROMPT rows, not)
-                    kernels.launch_shape = lambda n, *rest, s=shape, b=batch, c=chosen: (
+                    rows_kernels.launch_shape = lambda n, *rest, s=shape, b=batch, c=chosen: (
                         (*s[:4], bool(s[4])) if n == b else c(n, *rest)
                     )
                 try:
@@ -97,7 +97,7 @@ def main() -> None:
                 except ValueError as err:  # a shared grid that does not fit on the GPU
                     print(f"r{rank} B={batch} launch {shape}: {err}", flush=True)
                 finally:
-                    kernels.launch_shape = chosen
+                    rows_kernels.launch_shape = chosen
                     engine = None
         del bank
 

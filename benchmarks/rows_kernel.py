@@ -1,11 +1,11 @@
-"""The mixed-batch kernel alone (core/kernels.transform_rows), as a decode step runs it: back to back in a
+"""The mixed-batch kernel alone (core/rows_kernels.transform_rows), as a decode step runs it: back to back in a
 CUDA graph, each row of the batch on its own adapter, for the 1.1B Llama shape's inputs (d = 2048).
 
     python benchmarks/rows_kernel.py [--out results/rows_kernel.json]
 
 Rows: N rows (64, 256, 1024), rank r (16, 128), layers per launch m (1: o or down; 2: gate, up; 3: q, k,
 v), the launch shape (rows per program, column blocks, columns per step, warps, shared) — the default
-one (kernels.launch_shape), one column block, and other steps, warps and either way of projecting (each
+one (rows_kernels.launch_shape), one column block, and other steps, warps and either way of projecting (each
 column block alone, or shared: split between them, summed after a barrier) — and the torch ops the
 kernel replaces (a gather, two GEMMs, the scaling: per layer), in µs per launch (per m layers, for the
 torch ops); and the floor: a one-element add, the least a launch in the graph costs. The time of a graph
@@ -22,7 +22,7 @@ import triton
 from results_file import merge_rows
 
 from sigmatune.core import functional as F
-from sigmatune.core import kernels
+from sigmatune.core import rows_kernels
 
 D, ADAPTERS, LAUNCHES, REPLAYS = 2048, 1024, 20, 10
 RESULTS = Path(__file__).parent / "results" / "rows_kernel.json"
@@ -77,7 +77,7 @@ def main() -> None:
             bases = [torch.linalg.qr(torch.randn(D, r, device="cuda")).Q.bfloat16() for _ in range(3)]
             tables = [torch.randn(ADAPTERS, r, device="cuda") * 0.05 for _ in range(3)]
             for members in (1, 2, 3):
-                chosen = kernels.launch_shape(n, D, members, r)
+                chosen = rows_kernels.launch_shape(n, D, members, r)
                 block_n, split = chosen[:2]
                 shapes = {chosen, (block_n, 1, 128, 4, False)} | {  # split 1: one program projects all d
                     (block_n, split, k, w, shared)
@@ -90,7 +90,7 @@ def main() -> None:
                     try:
                         us = graphed_us(
                             lambda x=x, bases=bases[:members], tables=tables[:members], ids=ids, shape=shape: (
-                                kernels.transform_rows(x, bases, tables, ids, shape=shape)
+                                rows_kernels.transform_rows(x, bases, tables, ids, shape=shape)
                             )
                         )
                     except triton.runtime.errors.OutOfResources:  # too large a tile for shared memory

@@ -7,12 +7,18 @@ r = 1, r not a power of two, d not a multiple of the block, and 3-D inputs.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from sigmatune import SigmaConfig
 from sigmatune.core import functional as F
-from sigmatune.core import kernels
+from sigmatune.core import kernels, rows_kernels
 from sigmatune.core.structures import band_to_dense, dense_to_band, valid_part
 from tests.core.test_layer import make_linear, wrap
 from tests.reference import reference_linear
@@ -199,7 +205,7 @@ def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
     ids = torch.randint(0, 7, (shape[0],), generator=g_).to(DEVICE)
     shifts = [torch.randn(r, generator=g_).to(DEVICE) for r in ranks] if with_shift else None
     launch = None if split is None else (16, split, 32, 4, shared)  # rows, column blocks, step, warps, shared
-    outs = kernels.transform_rows(a, bases, tables, ids, shifts, shape=launch)
+    outs = rows_kernels.transform_rows(a, bases, tables, ids, shifts, shape=launch)
     assert len(outs) == len(ranks)
     for m, out in enumerate(outs):
         projection = a.double() @ bases[m].double() - (0 if shifts is None else shifts[m].double())
@@ -214,9 +220,11 @@ def test_mixed_batch_kernel_refuses_what_it_cannot_serve():
     a, basis, _, _ = case(4, 16, 4, torch.float32)
     table = torch.zeros(3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 3 layers"):
-        kernels.transform_rows(a, [basis] * 4, [table] * 4, torch.zeros(4, dtype=torch.long, device=DEVICE))
+        rows_kernels.transform_rows(
+            a, [basis] * 4, [table] * 4, torch.zeros(4, dtype=torch.long, device=DEVICE)
+        )
     with pytest.raises(ValueError, match="3 adapter rows for a batch of 4"):
-        kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))
+        rows_kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs; the barrier runs only there)")
@@ -233,7 +241,7 @@ def test_mixed_batch_kernel_sharing_its_projection_replays_in_a_cuda_graph():
 
     def launches():
         return [
-            kernels.transform_rows(a, bases[: 1 + i], tables[: 1 + i], ids, shape=s)
+            rows_kernels.transform_rows(a, bases[: 1 + i], tables[: 1 + i], ids, shape=s)
             for i, s in enumerate(shapes)
         ]
 
@@ -254,3 +262,26 @@ def test_mixed_batch_kernel_sharing_its_projection_replays_in_a_cuda_graph():
                 rows = tables[m].double()[ids]
                 expected = a.double() + ((a.double() @ bases[m].double()) * rows) @ bases[m].double().T
                 torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (and its ptxas)")
+def test_a_decode_steps_launch_shapes_keep_their_tiles_in_registers():
+    """The mixed-batch kernel as launch_shape launches it for decode steps of the 1.1B Llama on an H200
+    (132 multiprocessors), compiled here by Triton for sm_90 (in a process without the interpreter):
+    ptxas spills no register (at 4 warps, 64-row blocks spilled 1.3–3.6 KB a thread)."""
+    cases = [
+        (64, 16, 3),
+        (64, 128, 3),
+        (256, 32, 2),
+        (1024, 16, 3),
+        (1024, 128, 3),
+        (1024, 128, 1),
+    ]  # rows, rank, layers
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "tests.core.ptxas_check", json.dumps(cases)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(reports) == len(cases)
+    for case, (shape, report) in zip(cases, reports, strict=True):
+        assert "registers" in report and re.search(r"\b0 bytes spill stores", report), (case, shape, report)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.core import kernels
+from sigmatune.core import kernels, rows_kernels
 from tests.models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
@@ -41,13 +41,13 @@ def kernel_serves(monkeypatch):
 def launches(monkeypatch):
     """The layer count of each launch of the mixed-batch kernel."""
     counts = []
-    real = kernels.transform_rows
+    real = rows_kernels.transform_rows
 
     def counted(a, bases, *args, **kwargs):
         counts.append(len(bases))
         return real(a, bases, *args, **kwargs)
 
-    monkeypatch.setattr(kernels, "transform_rows", counted)
+    monkeypatch.setattr(rows_kernels, "transform_rows", counted)
     return counts
 
 

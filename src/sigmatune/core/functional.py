@@ -51,7 +51,7 @@ def transform_rows(
 
     Costs what one adapter costs: the per-row scales multiply (or mix) the projection, (B, …, r),
     before the second GEMM, whose epilogue adds a (addmm). The scaling is in fp32 at least. Plain
-    differentiable torch ops, the reference of the mixed-batch kernel (kernels.transform_rows, which a
+    differentiable torch ops, the reference of the mixed-batch kernel (rows_kernels.transform_rows, which a
     served batch takes on CUDA: serving/mixed.py).
     """
     basis = basis.to(a.dtype)

@@ -6,7 +6,7 @@ no gradient, not compiling: a served prefill or decode step) it computes
 
     input side:  base(x + ((x V_S) ⊙ G[ids]) V_Sᵀ)      output side:  y + (((y − b) U_S) ⊙ G[ids]) U_Sᵀ
 
-with each row's g gathered from the bank's table G inside the kernel (kernels.transform_rows); anything
+with each row's g gathered from the bank's table G inside the kernel (rows_kernels.transform_rows); anything
 else (CPU, full-spectrum or banded tables, training through a bank) takes the torch ops with one gather
 per layer (SpectralLinear.forward_rows).
 
@@ -27,7 +27,7 @@ import functools
 import torch
 
 from ..core import functional as F
-from ..core import kernels
+from ..core import kernels, rows_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import bias_of
 
@@ -121,7 +121,7 @@ class MixedBatch:
         group = (name,) if groups is None else groups.get(name, (name,))
         if len(group) > 1 and group[0] == name and all(self._fused(x, self.tables[m]) for m in group):
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
-            outs = kernels.transform_rows(x, bases, [self.tables[m] for m in group], self.ids)
+            outs = rows_kernels.transform_rows(x, bases, [self.tables[m] for m in group], self.ids)
             self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
             return layer.base_layer(outs[0])
         return self._alone(name, layer, x, table)
@@ -129,11 +129,11 @@ class MixedBatch:
     def _alone(self, name, layer: SpectralLinear, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         basis = self.shared.stored_basis(name, layer, x.dtype)
         if layer.side == "input":
-            return layer.base_layer(kernels.transform_rows(x, [basis], [table], self.ids)[0])
+            return layer.base_layer(rows_kernels.transform_rows(x, [basis], [table], self.ids)[0])
         y = layer.base_layer(x)
         shift = F.output_shift(bias_of(layer.base_layer), layer.sigma_basis)
         shifts = None if shift is None else [shift.float()]
-        return kernels.transform_rows(y, [basis], [table], self.ids, shifts)[0]
+        return rows_kernels.transform_rows(y, [basis], [table], self.ids, shifts)[0]
 
     def _fused(self, x: torch.Tensor, table: torch.Tensor) -> bool:
         return (

@@ -1,0 +1,52 @@
+"""Compile the mixed-batch kernel as launch_shape launches it, for an H200 (sm_90, 132 multiprocessors),
+and print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU; run without
+TRITON_INTERPRET (test_kernels.py does, in a child process).
+
+    python -m tests.core.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from sigmatune.core import rows_kernels
+
+PROCESSORS, D = 132, 2048  # an H200; the 1.1B Llama's hidden size
+
+
+def report(n: int, width: int, members: int) -> tuple[tuple, str]:
+    shape = rows_kernels.launch_shape(n, D, members, width, processors=PROCESSORS)
+    _, _, meta = rows_kernels.rows_plan(n, D, members, width, shape, processors=PROCESSORS)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    constants = {**meta, "HAS_SHIFT": False, "PRECISION": "tf32", "UPCAST": False}
+    pointers = {"A": "*bf16", "IDS": "*i64", "PARTIAL": "*fp32", "COUNTS": "*i64"}
+    for m in range(3):
+        pointers.update({f"B{m}": "*bf16", f"T{m}": "*fp32", f"C{m}": "*fp32", f"O{m}": "*bf16"})
+    kernel = rows_kernels._rows_kernel
+    signature = {
+        name: "constexpr" if name in constants else pointers.get(name, "i32") for name in kernel.arg_names
+    }
+    source = ASTSource(kernel, signature, constants)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
+    )
+    folder = Path(tempfile.mkdtemp())
+    (folder / "kernel.ptx").write_text(compiled.asm["ptx"])
+    ptxas = get_ptxas(90)
+    ptx, cubin = str(folder / "kernel.ptx"), str(folder / "kernel.cubin")
+    command = [getattr(ptxas, "path", ptxas), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return shape, " ".join(done.stderr.split())
+
+
+if __name__ == "__main__":
+    print(json.dumps([report(*case) for case in json.loads(sys.argv[1])]))
