@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import merge_rows
+from results_file import merge_facts, merge_rows
 from train_step import SHAPES, TARGETS, build, sync
 
 from sigmatune import AdapterBank, SigmaConfig
@@ -192,7 +192,7 @@ def main() -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     static_compile_rows(model, args.static_compile, vocab, add, beside)
     peft_rows(model, args.peft, vocab, add, beside)
-    out.with_name(out.stem + "_facts.json").write_text(json.dumps(facts, indent=1) + "\n")
+    facts = merge_facts(out.with_name(out.stem + "_facts.json"), facts)  # a run without r16 keeps the rest
     print(markdown(rows, facts))
 
 
