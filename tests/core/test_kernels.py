@@ -227,6 +227,26 @@ def test_mixed_batch_kernel_refuses_what_it_cannot_serve():
         rows_kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (launch_shape's GPU shapes)")
+@pytest.mark.parametrize(("n", "rank"), [(256, 16), (256, 128), (1024, 16), (1024, 128), (64, 128)])
+def test_mixed_batch_kernel_in_its_default_shapes_on_cuda(n, rank):
+    """The shapes launch_shape picks for decode batches (8 warps and 64-column steps from 64 rows on,
+    shared projections at r16) give the fp64 result for the 1.1B Llama's width."""
+    g_ = torch.Generator(device="cuda").manual_seed(n + rank)
+    d = 2048
+    a = torch.randn(n, d, device="cuda", generator=g_, dtype=torch.bfloat16)
+    bases = [
+        torch.linalg.qr(torch.randn(d, rank, device="cuda", generator=g_)).Q.bfloat16() for _ in range(3)
+    ]
+    tables = [torch.randn(n, rank, device="cuda", generator=g_) * 0.5 for _ in range(3)]
+    ids = torch.randperm(n, device="cuda", generator=g_)
+    outs = rows_kernels.transform_rows(a, bases, tables, ids)
+    for m, out in enumerate(outs):
+        rows = tables[m].double()[ids]
+        expected = a.double() + ((a.double() @ bases[m].double()) * rows) @ bases[m].double().T
+        torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs; the barrier runs only there)")
 def test_mixed_batch_kernel_sharing_its_projection_replays_in_a_cuda_graph():
     """The shared projection's barrier (counters that only grow) gives the same result replay after replay
