@@ -161,7 +161,7 @@ def transform_rows(
     grid, columns, meta = rows_plan(
         n, d, members, width, shape or launch_shape(n, d, members, width), processors
     )
-    partial, counts = _barriers(flat.device, grid, meta["BLOCK_N"], width) if meta["SYNC"] else (flat, flat)
+    partial, counts = _barriers(flat.device, grid, meta) if meta["SYNC"] else (flat, flat)
     member_args = []
     for m in range(3):
         k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
@@ -210,15 +210,15 @@ BARRIERS = 512  # barriers (rows block, member) of one launch at most: grids wit
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
-def _barriers(device: torch.device, grid, block_n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _barriers(device: torch.device, grid, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial sums, arrival counts) for a launch whose column blocks meet at a barrier. The counts are
     the device's, int64 (made once, zeros), one per (blocks a barrier waits for, barrier): each only ever
     grows by its `blocks` a launch, so no launch resets them, but launches on one device must not overlap
-    (one engine thread on one stream, as the serving engine runs them)."""
+    (one engine thread on one stream, as the serving engine runs them). meta: rows_plan's constants."""
     if device not in _COUNTS:
         _COUNTS[device] = torch.zeros(17 * BARRIERS, dtype=torch.int64, device=device)
-    blocks = triton.next_power_of_2(grid[1])
-    partial = torch.empty((grid[0] * grid[2], blocks, block_n, width), device=device, dtype=torch.float32)
+    shape = (grid[0] * grid[2], meta["BLOCK_S"], meta["BLOCK_N"], meta["BLOCK_R"])  # a part per column block
+    partial = torch.empty(shape, device=device, dtype=torch.float32)
     return partial, _COUNTS[device]
 
 
