@@ -73,7 +73,7 @@ class SlotDecoder:
         """One token for each of n rows (row b in slot b): token b fed at positions[b] on adapter row
         rows[b]; returns (n, V) fp32 logits."""
         n = len(tokens)
-        size = min(1 << (n - 1).bit_length(), self.cache.slots)
+        size = self._bucket(n)
         pad = size - n
         host = torch.tensor(
             [
@@ -83,29 +83,34 @@ class SlotDecoder:
                 list(range(n)) + [self.cache.scratch] * pad,
             ]
         )
-        reach = self._reach(max(positions) + 1)
-        if not self.graphs:
-            self._inputs[:, :size].copy_(host)
-            return self._decode_step(size, reach)[:n]
-        with self.bank.lock if self.bank else contextlib.nullcontext():
-            self._inputs[:, :size].copy_(host, non_blocking=True)
-            graph, out = self._graph(size, reach)
-            graph.replay()
-        return out[:n]
+        with self._locked():
+            self._inputs[:, :size].copy_(host, non_blocking=self.graphs)
+            return self._run(n, size, self._reach(max(positions) + 1))
 
     def decode_again(self, tokens: torch.Tensor, top: int) -> torch.Tensor:
         """The next step of the rows decode() ran last, each one position on, fed tokens (n,) on the device
         (that step's sampled tokens: no host data, so the host need not wait for them); top: the rows'
         highest position now. Returns (n, V) fp32 logits."""
         n = tokens.shape[0]
-        size = min(1 << (n - 1).bit_length(), self.cache.slots)
-        with self.bank.lock if self.bank else contextlib.nullcontext():
+        with self._locked():
             self._inputs[0, :n].copy_(tokens)
             self._inputs[1, :n] += 1
-            if not self.graphs:
-                return self._decode_step(size, self._reach(top + 1))[:n]
-            graph, out = self._graph(size, self._reach(top + 1))
-            graph.replay()
+            return self._run(n, self._bucket(n), self._reach(top + 1))
+
+    def _bucket(self, n: int) -> int:
+        """The batch size a step of n rows runs at: the next power of two, at most the slots."""
+        return min(1 << (n - 1).bit_length(), self.cache.slots)
+
+    def _locked(self):
+        """The bank's lock (a replay reads its tables; a hot-load lands wholly before or after a step)."""
+        return self.bank.lock if self.bank else contextlib.nullcontext()
+
+    def _run(self, n: int, size: int, reach: int) -> torch.Tensor:
+        """The step over the inputs now in the static buffers: its graph replayed, or eager; (n, V)."""
+        if not self.graphs:
+            return self._decode_step(size, reach)[:n]
+        graph, out = self._graph(size, reach)
+        graph.replay()
         return out[:n]
 
     def _decode_step(self, size: int, reach: int) -> torch.Tensor:
