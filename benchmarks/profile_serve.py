@@ -2,19 +2,22 @@
 graph replay, for the base engine and mixed banks (every row its own adapter).
 
     python benchmarks/profile_serve.py [--shape 1.1b] [--batches 64,1024] [--ranks 16,128] [--top 12]
-        [--launch 16/11/128/4/0,64/16/128/4/0]
+        [--folded 1,0] [--expand 64/64/32/8,64/128/32/8] [--launch 16/11/128/4/0,64/16/128/4/0]
 
 Per configuration: the wall time of an engine step while decoding (serve.py's run, PROMPT + DECODE), the
 GPU time of replaying that step's graph alone (CUDA events over REPLAYS replays), and the kernels of
-one replay by total GPU time. --launch: instead of launch_shape's choice, each given shape of the
-mixed-batch kernel (rows per program / column blocks / columns per step / warps / shared 0 or 1) for every
-decode launch of the bank, one engine each — an A/B of shapes inside the model's step, where the kernel's inputs
-come warm from the layer before (rows_kernel.py times it alone).
+one replay by total GPU time. --folded 1,0: the bank with its projections folded into the base GEMMs
+(serving/folded.py) and without, one engine each. --expand: instead of expand_shape's choice, each given
+shape of the expansion after a folded GEMM (rows / columns per program / ranks per step / warps) for every
+decode launch; --launch likewise for the unfolded mixed-batch kernel (rows per program / column blocks /
+columns per step / warps / shared 0 or 1) — A/Bs of shapes inside the model's step, where the kernels'
+inputs come warm from the layer before (rows_kernel.py times the unfolded kernel alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 
@@ -24,7 +27,8 @@ from serve import DECODE, PROMPT, engine_run, random_adapters
 from train_step import SHAPES, TARGETS, build
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.core import rows_kernels
+from sigmatune.core import fold_kernels, rows_kernels
+from sigmatune.serving import folded
 from sigmatune.serving.engine import Engine
 
 REPLAYS = 20
@@ -65,11 +69,21 @@ def main() -> None:
     parser.add_argument("--batches", default="64,1024")
     parser.add_argument("--ranks", default="16,128")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--folded", default="1", help="1: projections folded into the GEMMs, 0: not")
+    parser.add_argument("--expand", default="", help="expansion shapes to compare, e.g. 64/64/32/8")
     parser.add_argument(
         "--launch", default="", help="kernel shapes to compare, e.g. 16/11/128/4/0,64/16/128/4/0"
     )
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in text.split("/")) for text in args.launch.split(",") if text]
+    expands, launches = (
+        [tuple(int(v) for v in text.split("/")) for text in given.split(",") if text]
+        for given in (args.expand, args.launch)
+    )
+    variants = [
+        (fold == "1", shape)
+        for fold in args.folded.split(",")
+        for shape in (expands if fold == "1" else launches) or [None]
+    ]
     batches = [int(b) for b in args.batches.split(",") if b]
     model = build(args.shape).eval()
     vocab, length = model.config.vocab_size, PROMPT + DECODE
@@ -83,23 +97,34 @@ def main() -> None:
         bank = AdapterBank.over(copy.deepcopy(model), config)
         for batch in batches:
             names = random_adapters(bank, batch, f"r{rank}b{batch}-")
-            for shape in shapes or [None]:
-                chosen = rows_kernels.launch_shape
-                if (
-                    shape is not None
-                ):  # every decode launch takes this shape (prefill's, of B·PROMPT rows, not)
-                    rows_kernels.launch_shape = lambda n, *rest, s=shape, b=batch, c=chosen: (
-                        (*s[:4], bool(s[4])) if n == b else c(n, *rest)
-                    )
+            for fold, shape in variants:
+                label = f"r{rank} A=B {'folded' if fold else 'unfolded'} {shape or 'default'}"
                 try:
-                    engine = Engine(bank, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
-                    report(f"r{rank} A=B launch {shape or 'default'}", engine, names, vocab, batch, args.top)
+                    with decode_shape(fold, shape, batch):
+                        engine = Engine(bank, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
+                        report(label, engine, names, vocab, batch, args.top)
                 except ValueError as err:  # a shared grid that does not fit on the GPU
-                    print(f"r{rank} B={batch} launch {shape}: {err}", flush=True)
+                    print(f"{label} B={batch}: {err}", flush=True)
                 finally:
-                    rows_kernels.launch_shape = chosen
                     engine = None
         del bank
+
+
+@contextlib.contextmanager
+def decode_shape(fold: bool, shape, batch: int):
+    """Within: folded (or not), and every decode launch (of `batch` rows; prefill's, of B·PROMPT, keep
+    the default) in this shape of the expansion (folded) or of the unfolded kernel."""
+    module, name = (fold_kernels, "expand_shape") if fold else (rows_kernels, "launch_shape")
+    chosen, enabled = getattr(module, name), folded.ENABLED
+    if shape is not None:
+        typed = (*shape[:4], bool(shape[4])) if not fold else shape
+        setattr(module, name, lambda n, *rest: typed if n == batch else chosen(n, *rest))
+    folded.ENABLED = fold
+    try:
+        yield
+    finally:
+        setattr(module, name, chosen)
+        folded.ENABLED = enabled
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Compile the mixed-batch kernel as launch_shape launches it, for an H200 (sm_90, 132 multiprocessors),
-and print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU; run without
+"""Compile the mixed-batch kernels as they are launched, for an H200 (sm_90, 132 multiprocessors), and
+print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU; run without
 TRITON_INTERPRET (test_kernels.py does, in a child process).
 
     python -m tests.core.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
+    python -m tests.core.ptxas_check '[["fold", 64, 16, 3]]'              # expand_rows, launched by expand_shape
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from sigmatune.core import rows_kernels
+from sigmatune.core import fold_kernels, rows_kernels
 
 PROCESSORS, D = 132, 2048  # an H200; the 1.1B Llama's hidden size
 
@@ -31,7 +32,24 @@ def report(n: int, width: int, members: int) -> tuple[tuple, str]:
     pointers = {"A": "*bf16", "IDS": "*i64", "PARTIAL": "*fp32", "COUNTS": "*i64"}
     for m in range(3):
         pointers.update({f"B{m}": "*bf16", f"T{m}": "*fp32", f"C{m}": "*fp32", f"O{m}": "*bf16"})
-    kernel = rows_kernels._rows_kernel
+    return shape, compiled(rows_kernels._rows_kernel, pointers, constants, warps, stages)
+
+
+def report_fold(n: int, width: int, members: int) -> tuple[tuple, str]:
+    """expand_rows over n rows of the 1.1B Llama's widest group output (gate: 5,632 columns)."""
+    shape = fold_kernels.expand_shape(n, 5632, width)
+    block_n, block_c, block_k, warps = shape
+    constants = dict(
+        MEMBERS=members, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k
+    )
+    pointers = {"H": "*bf16", "X": "*bf16", "IDS": "*i64"}
+    for m in range(3):
+        pointers.update({f"P{m}": "*bf16", f"T{m}": "*fp32", f"O{m}": "*bf16"})
+    return shape, compiled(fold_kernels._expand_kernel, pointers, constants, warps, 2)
+
+
+def compiled(kernel, pointers: dict, constants: dict, warps: int, stages: int) -> str:
+    """ptxas's -v report of the kernel compiled for sm_90 (arguments not named: i32)."""
     signature = {
         name: "constexpr" if name in constants else pointers.get(name, "i32") for name in kernel.arg_names
     }
@@ -45,8 +63,9 @@ def report(n: int, width: int, members: int) -> tuple[tuple, str]:
     ptx, cubin = str(folder / "kernel.ptx"), str(folder / "kernel.cubin")
     command = [getattr(ptxas, "path", ptxas), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return shape, " ".join(done.stderr.split())
+    return " ".join(done.stderr.split())
 
 
 if __name__ == "__main__":
-    print(json.dumps([report(*case) for case in json.loads(sys.argv[1])]))
+    cases = json.loads(sys.argv[1])
+    print(json.dumps([report_fold(*c[1:]) if c[0] == "fold" else report(*c) for c in cases]))

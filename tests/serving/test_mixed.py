@@ -1,5 +1,6 @@
 """MixedBatch: a served batch through the mixed-batch kernel (Triton's interpreter on CPU, made to serve as
-it does on CUDA) equals the torch path; layers reading one input share a launch once learned; a member
+it does on CUDA) equals the torch path; layers reading one input share a launch once learned, with their
+projections folded into the first one's GEMM (its weight a view of the folded storage, no copy); a member
 called with another tensor computes alone; what the kernel cannot serve takes the torch ops."""
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ import pytest
 import torch
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.core import kernels, rows_kernels
+from sigmatune.core import fold_kernels, kernels, rows_kernels
+from sigmatune.serving import folded
 from tests.models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_bank(config=None, adapters=3, seed=0) -> tuple[AdapterBank, list[str]]:
-    """A bank over tiny_llama() (k, v and down are output-side there) with random adapters."""
-    bank = AdapterBank.over(tiny_llama().to(DEVICE), config or SigmaConfig(rank=8, svd="exact"))
+def random_bank(config=None, adapters=3, seed=0, **model) -> tuple[AdapterBank, list[str]]:
+    """A bank over tiny_llama(**model) (k, v and down are output-side there) with random adapters."""
+    bank = AdapterBank.over(tiny_llama(**model).to(DEVICE), config or SigmaConfig(rank=8, svd="exact"))
     generator = torch.Generator().manual_seed(seed)
     names = [f"a{i}" for i in range(adapters)]
     scales = {
@@ -39,15 +41,21 @@ def kernel_serves(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The layer count of each launch of the mixed-batch kernel."""
+    """The layer count of each launch of the mixed-batch kernel: n for the unfolded kernel, ("folded", n)
+    for the expansion after a folded GEMM."""
     counts = []
-    real = rows_kernels.transform_rows
+    unfolded, expand = rows_kernels.transform_rows, fold_kernels.expand_rows
 
     def counted(a, bases, *args, **kwargs):
         counts.append(len(bases))
-        return real(a, bases, *args, **kwargs)
+        return unfolded(a, bases, *args, **kwargs)
+
+    def counted_expand(h, x, expansions, *args, **kwargs):
+        counts.append(("folded", len(expansions)))
+        return expand(h, x, expansions, *args, **kwargs)
 
     monkeypatch.setattr(rows_kernels, "transform_rows", counted)
+    monkeypatch.setattr(fold_kernels, "expand_rows", counted_expand)
     return counts
 
 
@@ -56,8 +64,12 @@ def served(bank, ids, rows):
         return bank(ids, adapter_ids=rows).logits
 
 
-def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_input(launches, monkeypatch):
-    bank, _ = random_bank()
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "biases"])
+def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_input(
+    launches, monkeypatch, bias
+):
+    """With biases, the folded GEMMs of o (input side) and down (output side) carry them."""
+    bank, _ = random_bank(attention_bias=bias, mlp_bias=bias)
     rows = ["a0", "base", "a2", "a1", "a0"]
     ids = token_batch(batch=len(rows), length=6).to(DEVICE)
     monkeypatch.setattr(kernels, "available", lambda *args: False)
@@ -72,9 +84,41 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     assert (f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj") in groups
     launches.clear()
     second = served(bank, ids, rows)
-    assert sorted(launches) == sorted([3, 1, 2, 1] * 2)  # q k v | o | gate up | down, per decoder layer
+    folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
+    assert sorted(launches) == sorted(folds)
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(folded, "ENABLED", False)
+    launches.clear()
+    unfolded = served(bank, ids, rows)
+    assert sorted(launches) == sorted([3, 1, 2, 1] * 2)  # the same groups, projected in the kernel
+    torch.testing.assert_close(unfolded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches, monkeypatch):
+    """The folded GEMM's first rows are the base layer's weight (and bias), not a copy; the plain forward
+    of the model is unchanged by folding; a write into the weight (as merge() does) refolds."""
+    kernel_serves(monkeypatch)
+    bank, _ = random_bank()
+    ids = token_batch(batch=2, length=4).to(DEVICE)
+    with torch.no_grad():
+        plain = bank.model(ids).logits
+    served(bank, ids, ["a0", "a1"])  # learn the groups and fold them
+    attention = bank.model.base_model.model.layers[0].self_attn
+    q = "model.layers.0.self_attn.q_proj"
+    fold = bank._folds._folds[q]
+    assert fold.members == (q, q.replace("q_", "k_"), q.replace("q_", "v_"))
+    weight = attention.q_proj.base_layer.weight
+    assert weight.data_ptr() == fold.weight.data_ptr() and weight.shape[0] < fold.weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(bank.model(ids).logits, plain, rtol=0, atol=0)
+        weight.mul_(1.5)  # the base changes: the served forward must follow it
+        monkeypatch.setattr(kernels, "available", lambda *args: False)
+        reference = served(bank, ids, ["a0", "a1"])  # the torch ops, from the new weight
+        kernel_serves(monkeypatch)
+        again = served(bank, ids, ["a0", "a1"])
+    assert bank._folds._folds[q] is not fold
+    torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_a_member_called_with_another_tensor_computes_alone(launches, monkeypatch):
@@ -90,7 +134,10 @@ def test_a_member_called_with_another_tensor_computes_alone(launches, monkeypatc
         with bank.serving(rows):
             launches.clear()
             q, k, v = attention.q_proj(x), attention.k_proj(other), attention.v_proj(x)
-        assert launches == [3, 1]  # q's launch computed all three inputs; k's was for another tensor
+        assert launches == [
+            ("folded", 3),
+            ("folded", 1),
+        ]  # q's launch computed all three; k's, for another tensor
         for layer, got, given in (
             (attention.q_proj, q, x),
             (attention.k_proj, k, other),

@@ -35,6 +35,7 @@ from ..formats.adapter_file import read_adapter
 from ..formats.base_check import check_spectra, check_structure
 from ..formats.files import atomic_save_tensors, load_tensors
 from ..model.sigma_model import SigmaModel
+from .folded import Folds
 from .mixed import MixedBatch, SharedInputs
 from .tables import ScaleTables
 
@@ -70,6 +71,7 @@ class AdapterBank:
         self._lock = threading.RLock()
         self.version = 0  # counts changes of which adapter holds which row (a decoder's ids go stale)
         self._shared = SharedInputs()  # which layers share a launch of the mixed-batch kernel (mixed.py)
+        self._folds = Folds()  # their projections folded into base GEMMs (folded.py)
 
     @classmethod
     def over(cls, base: torch.nn.Module, config: SigmaConfig, **kwargs) -> AdapterBank:
@@ -188,7 +190,7 @@ class AdapterBank:
         through SpectralLinear.serve_rows, and gives it back at the end. The bank's lock is held
         throughout, so a hot-load lands wholly before or after the forward."""
         with self._lock:
-            batch = MixedBatch(self.layers, self.tables.tables, ids, self._shared)
+            batch = MixedBatch(self.layers, self.tables.tables, ids, self._shared, self._folds)
             for name, layer in self.layers.items():
                 layer.serve_rows(batch.server(name))
             try:

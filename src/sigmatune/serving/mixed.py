@@ -18,6 +18,12 @@ the kernel serves (runs of consecutive calls with one tensor object, at most thr
 members of a group compute on their input side: an output-side member (k, v: in > out) uses
 V_S = Wᵀ U_S / σ_S, the same W' = (I + U_S diag(g) U_Sᵀ) W = W (I + V_S diag(g) V_Sᵀ) (exact singular
 vectors; to the SVD's precision otherwise).
+
+Once the groups are learned, a group whose first layer is a plain nn.Linear has its projections folded
+into that layer's GEMM (folded.py): its base GEMM returns the rows' projections with its output, and one
+launch with no reduction (core/fold_kernels.expand_rows) adds the first layer's update and computes the
+others' inputs. The learning forward, and a forward captured into a CUDA graph before a fold exists,
+take the launch above.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..core import functional as F
 from ..core import kernels, rows_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import bias_of
+from .folded import Folds
 
 MEMBERS = 3  # layers one launch serves at most
 
@@ -96,17 +103,25 @@ class MixedBatch:
         tables: dict[str, torch.Tensor],
         ids: torch.Tensor,
         shared: SharedInputs,
+        folds: Folds,
     ):
-        self.layers, self.tables, self.ids, self.shared = layers, tables, ids, shared
+        self.layers, self.tables, self.ids, self.shared, self.folds = layers, tables, ids, shared, folds
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member → (its input, x̃)
+        self._learning: tuple[set[str], torch.dtype] | None = None  # the kernel's layers while learning
 
     def server(self, name: str):
         return functools.partial(self.forward, name)
 
     def finish(self) -> None:
-        """After the forward: learn the shared inputs if this was the first one the kernel served."""
+        """After the forward: learn the shared inputs if this was the first one the kernel served, and
+        fold the groups it served (so that a CUDA graph captured next has its folds)."""
         self._pending.clear()
         self.shared.learn()
+        if self._learning is not None and self.shared.groups is not None:
+            served, dtype = self._learning
+            for group in dict.fromkeys(self.shared.groups.values()):
+                if served.issuperset(group):
+                    self.folds.get(group, self.layers, self.shared, dtype)
 
     def forward(self, name: str, layer: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
         table = self.tables[name]
@@ -118,10 +133,20 @@ class MixedBatch:
         groups = self.shared.groups
         if groups is None:
             self.shared.record(name, x)
+            self._learning = self._learning or (set(), x.dtype)
+            self._learning[0].add(name)
         group = (name,) if groups is None else groups.get(name, (name,))
-        if len(group) > 1 and group[0] == name and all(self._fused(x, self.tables[m]) for m in group):
+        if not (len(group) > 1 and group[0] == name and all(self._fused(x, self.tables[m]) for m in group)):
+            group = (name,)
+        tables = [self.tables[m] for m in group]
+        fold = None if groups is None else self.folds.get(group, self.layers, self.shared, x.dtype)
+        if fold is not None:
+            outs = fold(x, tables, self.ids)  # the first layer's output, the others' inputs
+            self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
+            return outs[0]
+        if len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
-            outs = rows_kernels.transform_rows(x, bases, [self.tables[m] for m in group], self.ids)
+            outs = rows_kernels.transform_rows(x, bases, tables, self.ids)
             self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
             return layer.base_layer(outs[0])
         return self._alone(name, layer, x, table)

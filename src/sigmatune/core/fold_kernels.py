@@ -1,0 +1,143 @@
+"""The mixed-batch expansion after a folded projection (expand_rows): a batch's rows, each on its own
+adapter, through up to three layers that read the same input, in one Triton launch with no reduction.
+
+A layer's transform needs every row's projection x Q before it can add the update. Serving folds that
+projection into the base GEMM of a group's first layer (serving/folded.py): its weight stored as
+[W_0; Q_0ᵀ; Q_1ᵀ; Q_2ᵀ], one cuBLAS GEMM returns h = [x W_0ᵀ + b_0, x Q_0, x Q_1, x Q_2], and this kernel
+only expands:
+
+    out_0 = h[:, :e] + ((x Q_0) ⊙ T_0[ids]) P_0ᵀ       the first layer's output (e columns)
+    out_m = x        + ((x Q_m) ⊙ T_m[ids]) P_mᵀ       m ≥ 1: the next layers' transformed inputs (d columns)
+
+Program (i, s, m) writes rows block i, columns block s of out_m: (BLOCK_N × R) · (R × BLOCK_C) over the
+rank, BLOCK_K ranks a step, each row's g gathered from its table row inside (so a CUDA graph that replays
+it reads whatever the tables hold then), fp32 accumulation, one store. The programs are independent: no
+barrier and no second pass over the columns, which is what makes a decode step's launch short.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import INTERPRET, padded_rank, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    # fmt: off
+    @triton.jit
+    def _expand_member(BASE, stride_base, H, stride_h, offset, P, T, OUT, IDS, N, WIDTH, R, TOKENS,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = base + ((h[:, offset:offset + R]) ⊙ T[IDS[n // TOKENS]]) Pᵀ for this program's tile of
+        rows and columns (WIDTH columns in all)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = rows < N
+        col_ok = cols < WIDTH
+        tile = row_ok[:, None] & col_ok[None, :]
+        adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row
+        update = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for start in range(0, R, BLOCK_K):
+            ranks = start + tl.arange(0, BLOCK_K)
+            rank_ok = ranks < R
+            pick = row_ok[:, None] & rank_ok[None, :]
+            g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=pick, other=0.0)
+            p = tl.load(H + rows[:, None] * stride_h + offset + ranks[None, :], mask=pick, other=0.0)
+            b = tl.load(P + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            scaled = (p.to(tl.float32) * g.to(tl.float32)).to(b.dtype)  # (BN, BK)
+            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
+                scaled, b = scaled.to(tl.float32), b.to(tl.float32)
+            update = tl.dot(scaled, tl.trans(b), update, input_precision=PRECISION)  # (BN, BC) fp32
+        base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
+        tl.store(OUT + rows[:, None] * WIDTH + cols[None, :], (base.to(tl.float32) + update).to(base.dtype),
+                 mask=tile)
+
+    @triton.jit
+    def _expand_kernel(
+        H, X, IDS, P0, T0, O0, P1, T1, O1, P2, T2, O2,  # pointers
+        N, E, D, R0, R1, R2, TOKENS,  # sizes: h is (N, E + R0 + R1 + R2), x (N, D); TOKENS rows per id
+        stride_h, stride_x,
+        MEMBERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Program (i, s, m): rows block i, columns block s of out_m (a block past its width writes nothing)."""
+        first = tl.program_id(1) * BLOCK_C  # the block's first column
+        member = tl.program_id(2)
+        if member == 0:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
+            if first < E:
+                _expand_member(H, stride_h, H, stride_h, E, P0, T0, O0, IDS, N, E, R0, TOKENS,
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+        if MEMBERS > 1:  # noqa: SIM102
+            if member == 1:  # noqa: SIM102
+                if first < D:
+                    _expand_member(X, stride_x, H, stride_h, E + R0, P1, T1, O1, IDS, N, D, R1, TOKENS,
+                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+        if MEMBERS > 2:  # noqa: SIM102
+            if member == 2:  # noqa: SIM102
+                if first < D:
+                    _expand_member(X, stride_x, H, stride_h, E + R0 + R1, P2, T2, O2, IDS, N, D, R2, TOKENS,
+                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+    # fmt: on
+
+
+def expand_rows(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    expansions: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    ids: torch.Tensor,
+    shape: tuple[int, int, int, int] | None = None,
+) -> list[torch.Tensor]:
+    """[out_m] for up to three layers m reading x (B, …, d), from h (B, …, e + Σ r_m), the first layer's
+    folded GEMM [x W_0ᵀ + b_0, x Q_0, x Q_1, …], each batch row b on its own adapter ids[b]:
+
+        out_0 = h[…, :e] + ((x Q_0) ⊙ T_0[ids[b]]) P_0ᵀ      (B, …, e)
+        out_m = x        + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, d), m ≥ 1
+
+    expansions P_0 (e, r_0), then P_m (d, r_m), in x's dtype; tables T_m (capacity, r_m) fp32; ids (B,).
+    One launch, forward only. shape: (rows per program, columns per program, ranks per step, warps), by
+    default expand_shape's."""
+    members = len(expansions)
+    if not 1 <= members <= 3 or len(tables) != members:
+        raise ValueError(f"expand_rows takes 1 to 3 layers with one table each, got {members} expansions")
+    if ids.numel() != x.shape[0] or h.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{ids.numel()} adapter rows for h {tuple(h.shape)} and x {tuple(x.shape)}")
+    ranks = [p.shape[1] for p in expansions]
+    d, e = x.shape[-1], h.shape[-1] - sum(ranks)
+    if expansions[0].shape[0] != e or any(p.shape[0] != d for p in expansions[1:]):
+        raise ValueError(f"expansions {[tuple(p.shape) for p in expansions]} for {e} + {d} columns")
+    flat_h, flat_x = (t.reshape(-1, t.shape[-1]) for t in (h, x))
+    flat_h, flat_x = (t if t.stride(-1) == 1 else t.contiguous() for t in (flat_h, flat_x))
+    n = flat_x.shape[0]
+    expansions = [p if p.is_contiguous() else p.contiguous() for p in expansions]
+    outs = [flat_x.new_empty(n, e if m == 0 else d) for m in range(members)]
+    widest = max(e, d if members > 1 else 0)
+    block_n, block_c, block_k, warps = shape or expand_shape(n, widest, padded_rank(max(ranks)))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(widest, block_c), members)
+    member_args = []
+    for m in range(3):
+        k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
+        member_args += [expansions[k], tables[k], outs[k]]
+    _expand_kernel[grid](
+        flat_h, flat_x, ids.contiguous(), *member_args,
+        n, e, d, *(ranks + [0] * (3 - members)), n // ids.numel(),
+        flat_h.stride(0), flat_x.stride(0),
+        MEMBERS=members, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps, num_stages=2,
+    )  # fmt: skip
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
+
+
+def expand_shape(n: int, width: int, rank: int) -> tuple[int, int, int, int]:
+    """(rows per program, columns per program, ranks per step, warps) for n rows of at most `width`
+    columns at padded rank `rank`: row blocks of up to 64 rows, column blocks of 64 (a decode step is
+    latency-bound: many small programs), 32 ranks a step, 8 warps for a 64 × 64 tile (ptxas for sm_90:
+    ~170 registers a thread and no spill, where 4 warps take 255 from r32 on and 64 ranks a step spill;
+    tests/core/test_kernels.py checks these shapes spill nothing)."""
+    if INTERPRET:
+        return 16, 32, min(rank, 32), 4
+    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    block_c = min(64, max(16, triton.next_power_of_2(width)))
+    warps = 8 if block_n * block_c >= 4096 else 4
+    return block_n, block_c, min(rank, 32), warps
