@@ -9,9 +9,10 @@ only expands:
     out_0 = h[:, :e] + ((x Q_0) ⊙ T_0[ids]) P_0ᵀ       the first layer's output (e columns)
     out_m = x        + ((x Q_m) ⊙ T_m[ids]) P_mᵀ       m ≥ 1: the next layers' transformed inputs (d columns)
 
-Program (i, s, m) writes rows block i, columns block s of out_m: (BLOCK_N × R) · (R × BLOCK_C) over the
-rank, BLOCK_K ranks a step, each row's g gathered from its table row inside (so a CUDA graph that replays
-it reads whatever the tables hold then), fp32 accumulation, one store. The programs are independent: no
+Program (i, s, m) writes rows block i, column blocks s·LOOP … s·LOOP + LOOP − 1 of out_m: the rows' scaled
+projection (BLOCK_N × R), each row's g gathered from its table row inside (so a CUDA graph that replays it
+reads whatever the tables hold then), once; then per column block (BLOCK_N × R) · (R × BLOCK_C), fp32
+accumulation, one store. The programs are independent: no
 barrier and no second pass over the columns, which is what makes a decode step's launch short.
 """
 
@@ -28,30 +29,31 @@ if triton is not None:
     @triton.jit
     def _expand_member(BASE, stride_base, H, stride_h, offset, P, T, OUT, IDS, N, WIDTH, R, TOKENS,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out = base + ((h[:, offset:offset + R]) ⊙ T[IDS[n // TOKENS]]) Pᵀ for this program's tile of
-        rows and columns (WIDTH columns in all)."""
+                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr):
+        """out = base + ((h[:, offset:offset + R]) ⊙ T[IDS[n // TOKENS]]) Pᵀ for this program's rows and
+        its LOOP column blocks (WIDTH columns in all): the rows' scaled projection is gathered once."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         row_ok = rows < N
-        col_ok = cols < WIDTH
-        tile = row_ok[:, None] & col_ok[None, :]
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        pick = row_ok[:, None] & rank_ok[None, :]
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row
-        update = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        for start in range(0, R, BLOCK_K):
-            ranks = start + tl.arange(0, BLOCK_K)
-            rank_ok = ranks < R
-            pick = row_ok[:, None] & rank_ok[None, :]
-            g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=pick, other=0.0)
-            p = tl.load(H + rows[:, None] * stride_h + offset + ranks[None, :], mask=pick, other=0.0)
+        g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=pick, other=0.0)
+        p = tl.load(H + rows[:, None] * stride_h + offset + ranks[None, :], mask=pick, other=0.0)
+        scaled = (p.to(tl.float32) * g.to(tl.float32)).to(P.dtype.element_ty)  # (BN, BR)
+        if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
+            scaled = scaled.to(tl.float32)
+        for block in range(LOOP):
+            cols = (tl.program_id(1) * LOOP + block) * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < WIDTH
+            tile = row_ok[:, None] & col_ok[None, :]
             b = tl.load(P + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            scaled = (p.to(tl.float32) * g.to(tl.float32)).to(b.dtype)  # (BN, BK)
-            if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
-                scaled, b = scaled.to(tl.float32), b.to(tl.float32)
-            update = tl.dot(scaled, tl.trans(b), update, input_precision=PRECISION)  # (BN, BC) fp32
-        base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
-        tl.store(OUT + rows[:, None] * WIDTH + cols[None, :], (base.to(tl.float32) + update).to(base.dtype),
-                 mask=tile)
+            if UPCAST:
+                b = b.to(tl.float32)
+            update = tl.dot(scaled, tl.trans(b), input_precision=PRECISION)  # (BN, BC) fp32
+            base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
+            tl.store(OUT + rows[:, None] * WIDTH + cols[None, :], (base.to(tl.float32) + update).to(base.dtype),
+                     mask=tile)
 
     @triton.jit
     def _expand_kernel(
@@ -59,25 +61,25 @@ if triton is not None:
         N, E, D, R0, R1, R2, TOKENS,  # sizes: h is (N, E + R0 + R1 + R2), x (N, D); TOKENS rows per id
         stride_h, stride_x,
         MEMBERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
     ):
         """Program (i, s, m): rows block i, columns block s of out_m (a block past its width writes nothing)."""
-        first = tl.program_id(1) * BLOCK_C  # the block's first column
+        first = tl.program_id(1) * BLOCK_C * LOOP  # the program's first column
         member = tl.program_id(2)
         if member == 0:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
             if first < E:
                 _expand_member(H, stride_h, H, stride_h, E, P0, T0, O0, IDS, N, E, R0, TOKENS,
-                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
         if MEMBERS > 1:  # noqa: SIM102
             if member == 1:  # noqa: SIM102
                 if first < D:
                     _expand_member(X, stride_x, H, stride_h, E + R0, P1, T1, O1, IDS, N, D, R1, TOKENS,
-                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
         if MEMBERS > 2:  # noqa: SIM102
             if member == 2:  # noqa: SIM102
                 if first < D:
                     _expand_member(X, stride_x, H, stride_h, E + R0 + R1, P2, T2, O2, IDS, N, D, R2, TOKENS,
-                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_K)
+                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
     # fmt: on
 
 
@@ -96,8 +98,8 @@ def expand_rows(
         out_m = x        + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, d), m ≥ 1
 
     expansions P_0 (e, r_0), then P_m (d, r_m), in x's dtype; tables T_m (capacity, r_m) fp32; ids (B,).
-    One launch, forward only. shape: (rows per program, columns per program, ranks per step, warps), by
-    default expand_shape's."""
+    One launch, forward only. shape: (rows per program, columns per block, column blocks per program, warps),
+    by default expand_shape's."""
     members = len(expansions)
     if not 1 <= members <= 3 or len(tables) != members:
         raise ValueError(f"expand_rows takes 1 to 3 layers with one table each, got {members} expansions")
@@ -113,8 +115,9 @@ def expand_rows(
     expansions = [p if p.is_contiguous() else p.contiguous() for p in expansions]
     outs = [flat_x.new_empty(n, e if m == 0 else d) for m in range(members)]
     widest = max(e, d if members > 1 else 0)
-    block_n, block_c, block_k, warps = shape or expand_shape(n, widest, padded_rank(max(ranks)))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(widest, block_c), members)
+    width = padded_rank(max(ranks))
+    block_n, block_c, loop, warps = shape or expand_shape(n, widest, width)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(widest, block_c * loop), members)
     member_args = []
     for m in range(3):
         k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
@@ -124,20 +127,22 @@ def expand_rows(
         n, e, d, *(ranks + [0] * (3 - members)), n // ids.numel(),
         flat_h.stride(0), flat_x.stride(0),
         MEMBERS=members, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps, num_stages=2,
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=width, LOOP=loop, num_warps=warps, num_stages=2,
     )  # fmt: skip
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
 def expand_shape(n: int, width: int, rank: int) -> tuple[int, int, int, int]:
-    """(rows per program, columns per program, ranks per step, warps) for n rows of at most `width`
-    columns at padded rank `rank`: row blocks of up to 64 rows, column blocks of 64 (a decode step is
-    latency-bound: many small programs), 32 ranks a step, 8 warps for a 64 × 64 tile (ptxas for sm_90:
-    ~170 registers a thread and no spill, where 4 warps take 255 from r32 on and 64 ranks a step spill;
-    tests/core/test_kernels.py checks these shapes spill nothing)."""
+    """(rows per program, columns per block, column blocks per program, warps) for n rows of at most
+    `width` columns at padded rank `rank`. A decode step is latency-bound: row blocks of 32 rows up to 64
+    and one block of 64 columns a program (many small programs); beyond, 64 rows and four column blocks a
+    program, so that the rows' gathered g and projection (BLOCK_N × r, as much as the output tile at r128)
+    are read once for 256 columns. 8 warps from a 32 × 128 tile (ptxas for sm_90: no spill, where 4 warps
+    spill at 32 rows and r128; tests/core/test_fold_kernels.py checks these shapes spill nothing)."""
     if INTERPRET:
-        return 16, 32, min(rank, 32), 4
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
+        return 16, 16, 2, 4
+    block_n = 16 if n <= 16 else 32 if n <= 64 else 64
     block_c = min(64, max(16, triton.next_power_of_2(width)))
-    warps = 8 if block_n * block_c >= 4096 else 4
-    return block_n, block_c, min(rank, 32), warps
+    loop = 1 if n <= 64 else 4
+    warps = 8 if block_n * max(block_c, rank) >= 4096 else 4
+    return block_n, block_c, loop, warps
