@@ -70,13 +70,17 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,128")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--folded", default="1", help="1: projections folded into the GEMMs, 0: not")
-    parser.add_argument("--expand", default="", help="expansion shapes to compare, e.g. 64/64/32/8")
+    parser.add_argument("--expand", default="", help="expansion shapes to compare, e.g. default,64/64/4/8")
     parser.add_argument(
         "--launch", default="", help="kernel shapes to compare, e.g. 16/11/128/4/0,64/16/128/4/0"
     )
     args = parser.parse_args()
     expands, launches = (
-        [tuple(int(v) for v in text.split("/")) for text in given.split(",") if text]
+        [
+            None if text == "default" else tuple(int(v) for v in text.split("/"))
+            for text in given.split(",")
+            if text
+        ]
         for given in (args.expand, args.launch)
     )
     variants = [
