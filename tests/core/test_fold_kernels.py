@@ -1,6 +1,6 @@
 """expand_rows (the expansion after a folded GEMM) against its fp64 definition: Triton's interpreter on CPU,
-the GPU in expand_shape's own decode shapes on CUDA; bad calls are refused; ptxas spills nothing in those
-shapes for sm_90."""
+the GPU in expand_shape's own decode shapes on CUDA; bad calls are refused; ptxas spills (almost) nothing in
+those shapes for sm_90."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def test_bad_calls_are_refused():
 
 def test_expand_shapes_keep_their_tiles_in_registers():
     """expand_rows as expand_shape launches it for decode steps and prefill of the 1.1B Llama, compiled for
-    sm_90 in a process without the interpreter: ptxas spills no register."""
+    sm_90 in a process without the interpreter: ptxas spills at most 64 bytes a thread (the 64 × 128 tile at
+    r128 spills 16–36, and measured fastest on the H200; 4 warps there spilled over 1 KB)."""
     cases = [
         ["fold", n, rank, members] for n in (16, 64, 1024, 8192) for rank in (16, 128) for members in (1, 3)
     ]
@@ -106,4 +107,5 @@ def test_expand_shapes_keep_their_tiles_in_registers():
     reports = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(reports) == len(cases)
     for given, (shape, report) in zip(cases, reports, strict=True):
-        assert "registers" in report and re.search(r"\b0 bytes spill stores", report), (given, shape, report)
+        spilled = re.search(r"\b(\d+) bytes spill stores", report)
+        assert "registers" in report and spilled and int(spilled[1]) <= 64, (given, shape, report)
