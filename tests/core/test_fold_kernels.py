@@ -4,16 +4,11 @@ those shapes for sm_90."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from sigmatune.core import fold_kernels, kernels
+from tests.core.spills import spills
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 
@@ -100,12 +95,5 @@ def test_expand_shapes_keep_their_tiles_in_registers():
     cases = [
         ["fold", n, rank, members] for n in (16, 64, 1024, 8192) for rank in (16, 128) for members in (1, 3)
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "tests.core.ptxas_check", json.dumps(cases)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(reports) == len(cases)
-    for given, (shape, report) in zip(cases, reports, strict=True):
-        spilled = re.search(r"\b(\d+) bytes spill stores", report)
-        assert "registers" in report and spilled and int(spilled[1]) <= 64, (given, shape, report)
+    for given, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
+        assert spilled <= 64, (given, shape, report)
