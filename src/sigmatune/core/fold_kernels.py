@@ -12,8 +12,8 @@ only expands:
 Program (i, s, m) writes rows block i, column blocks s·LOOP … s·LOOP + LOOP − 1 of out_m: the rows' scaled
 projection (BLOCK_N × R), each row's g gathered from its table row inside (so a CUDA graph that replays it
 reads whatever the tables hold then), once; then per column block (BLOCK_N × R) · (R × BLOCK_C), fp32
-accumulation, one store. The programs are independent: no
-barrier and no second pass over the columns, which is what makes a decode step's launch short.
+accumulation, one store. The programs are independent: no barrier and no second pass over the columns,
+which is what makes a decode step's launch short.
 """
 
 from __future__ import annotations
@@ -144,6 +144,5 @@ def expand_shape(n: int, width: int, rank: int) -> tuple[int, int, int, int]:
     thread from that tile at r128 and nothing elsewhere (tests/core/test_fold_kernels.py checks ≤ 64)."""
     if INTERPRET:
         return 16, 16, 2, 4
-    if n <= 64:
-        return 16, min(64, max(16, triton.next_power_of_2(width))), 1, 4
-    return 64, min(128, max(16, triton.next_power_of_2(width))), 2, 8
+    block_n, block_c, loop, warps = (16, 64, 1, 4) if n <= 64 else (64, 128, 2, 8)
+    return block_n, min(block_c, max(16, triton.next_power_of_2(width))), loop, warps

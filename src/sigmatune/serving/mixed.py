@@ -107,21 +107,21 @@ class MixedBatch:
     ):
         self.layers, self.tables, self.ids, self.shared, self.folds = layers, tables, ids, shared, folds
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member → (its input, x̃)
-        self._learning: tuple[set[str], torch.dtype] | None = None  # the kernel's layers while learning
+        # the input dtype, if the kernel served this forward while the groups were being learned
+        self._learning: torch.dtype | None = None
 
     def server(self, name: str):
         return functools.partial(self.forward, name)
 
     def finish(self) -> None:
         """After the forward: learn the shared inputs if this was the first one the kernel served, and
-        fold the groups it served (so that a CUDA graph captured next has its folds)."""
+        fold its groups (so that a CUDA graph captured next has its folds). The groups hold only layers the
+        kernel served in this forward: those it recorded."""
         self._pending.clear()
         self.shared.learn()
         if self._learning is not None and self.shared.groups is not None:
-            served, dtype = self._learning
             for group in dict.fromkeys(self.shared.groups.values()):
-                if served.issuperset(group):
-                    self.folds.get(group, self.layers, self.shared, dtype)
+                self.folds.get(group, self.layers, self.shared, self._learning)
 
     def forward(self, name: str, layer: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
         table = self.tables[name]
@@ -133,8 +133,7 @@ class MixedBatch:
         groups = self.shared.groups
         if groups is None:
             self.shared.record(name, x)
-            self._learning = self._learning or (set(), x.dtype)
-            self._learning[0].add(name)
+            self._learning = x.dtype
         group = (name,) if groups is None else groups.get(name, (name,))
         if not (len(group) > 1 and group[0] == name and all(self._fused(x, self.tables[m]) for m in group)):
             group = (name,)
@@ -142,14 +141,15 @@ class MixedBatch:
         fold = None if groups is None else self.folds.get(group, self.layers, self.shared, x.dtype)
         if fold is not None:
             outs = fold(x, tables, self.ids)  # the first layer's output, the others' inputs
-            self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
-            return outs[0]
-        if len(group) > 1:
+            first = outs[0]
+        elif len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
-            outs = rows_kernels.transform_rows(x, bases, tables, self.ids)
-            self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
-            return layer.base_layer(outs[0])
-        return self._alone(name, layer, x, table)
+            outs = rows_kernels.transform_rows(x, bases, tables, self.ids)  # every member's input
+            first = layer.base_layer(outs[0])
+        else:
+            return self._alone(name, layer, x, table)
+        self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
+        return first
 
     def _alone(self, name, layer: SpectralLinear, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         basis = self.shared.stored_basis(name, layer, x.dtype)
