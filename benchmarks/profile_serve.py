@@ -2,12 +2,13 @@
 graph replay, for the base engine and mixed banks (every row its own adapter).
 
     python benchmarks/profile_serve.py [--shape 1.1b] [--batches 64,1024] [--ranks 16,128] [--top 12]
-        [--folded 1,0] [--expand 64/64/32/8,64/128/32/8] [--launch 16/11/128/4/0,64/16/128/4/0]
+        [--folded 1,inputs,0] [--expand 64/64/32/8,64/128/32/8] [--launch 16/11/128/4/0,64/16/128/4/0]
 
 Per configuration: the wall time of an engine step while decoding (serve.py's run, PROMPT + DECODE), the
 GPU time of replaying that step's graph alone (CUDA events over REPLAYS replays), and the kernels of
-one replay by total GPU time. --folded 1,0: the bank with its projections folded into the base GEMMs
-(serving/folded.py) and without, one engine each. --expand: instead of expand_shape's choice, each given
+one replay by total GPU time. --folded 1,inputs,0: the bank with its projections folded into the base
+GEMMs (serving/folded.py; k's and v's weights folded into q's), folded into the first layers' GEMMs only
+(SIGMATUNE_FOLDED=inputs) and not folded, one engine each. --expand: instead of expand_shape's choice, each given
 shape of the expansion after a folded GEMM (rows / columns per program / ranks per step / warps) for every
 decode launch; --launch likewise for the unfolded mixed-batch kernel (rows per program / column blocks /
 columns per step / warps / shared 0 or 1) — A/Bs of shapes inside the model's step, where the kernels'
@@ -69,7 +70,11 @@ def main() -> None:
     parser.add_argument("--batches", default="64,1024")
     parser.add_argument("--ranks", default="16,128")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--folded", default="1", help="1: projections folded into the GEMMs, 0: not")
+    parser.add_argument(
+        "--folded",
+        default="1",
+        help="1: projections (and k, v) folded into the GEMMs, inputs: projections only, 0: not",
+    )
     parser.add_argument("--expand", default="", help="expansion shapes to compare, e.g. default,64/64/4/8")
     parser.add_argument(
         "--launch", default="", help="kernel shapes to compare, e.g. 16/11/128/4/0,64/16/128/4/0"
@@ -84,9 +89,9 @@ def main() -> None:
         for given in (args.expand, args.launch)
     )
     variants = [
-        (fold == "1", shape)
+        (fold, shape)
         for fold in args.folded.split(",")
-        for shape in (expands if fold == "1" else launches) or [None]
+        for shape in (expands if fold != "0" else launches) or [None]
     ]
     batches = [int(b) for b in args.batches.split(",") if b]
     model = build(args.shape).eval()
@@ -102,7 +107,7 @@ def main() -> None:
         for batch in batches:
             names = random_adapters(bank, batch, f"r{rank}b{batch}-")
             for fold, shape in variants:
-                label = f"r{rank} A=B {'folded' if fold else 'unfolded'} {shape or 'default'}"
+                label = f"r{rank} A=B folded={fold} {'/'.join(map(str, shape or ())) or 'default'}"
                 try:
                     with decode_shape(fold, shape, batch):
                         engine = Engine(bank, max_batch=batch, max_len=length, prefill_tokens=batch * PROMPT)
@@ -115,20 +120,20 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def decode_shape(fold: bool, shape, batch: int):
-    """Within: folded (or not), and every decode launch (of `batch` rows; prefill's, of B·PROMPT, keep
-    the default) in this shape of the expansion (folded) or of the unfolded kernel."""
-    module, name = (fold_kernels, "expand_shape") if fold else (rows_kernels, "launch_shape")
-    chosen, enabled = getattr(module, name), folded.ENABLED
+def decode_shape(fold: str, shape, batch: int):
+    """Within: folded as SIGMATUNE_FOLDED=fold would, and every decode launch (of `batch` rows; prefill's,
+    of B·PROMPT, keep the default) in this shape of the expansion (folded) or of the unfolded kernel."""
+    module, name = (fold_kernels, "expand_shape") if fold != "0" else (rows_kernels, "launch_shape")
+    chosen, modes = getattr(module, name), (folded.ENABLED, folded.OUTPUTS)
     if shape is not None:
-        typed = (*shape[:4], bool(shape[4])) if not fold else shape
+        typed = (*shape[:4], bool(shape[4])) if fold == "0" else shape
         setattr(module, name, lambda n, *rest: typed if n == batch else chosen(n, *rest))
-    folded.ENABLED = fold
+    folded.ENABLED, folded.OUTPUTS = fold != "0", fold not in ("0", "inputs")
     try:
         yield
     finally:
         setattr(module, name, chosen)
-        folded.ENABLED = enabled
+        folded.ENABLED, folded.OUTPUTS = modes
 
 
 if __name__ == "__main__":

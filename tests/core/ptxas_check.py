@@ -38,13 +38,13 @@ def report(n: int, width: int, members: int) -> tuple[tuple, str]:
 def report_fold(n: int, width: int, members: int) -> tuple[tuple, str]:
     """expand_rows over n rows of the 1.1B Llama's widest group output (gate: 5,632 columns)."""
     shape = fold_kernels.expand_shape(n, 5632, width)
-    block_n, block_c, loop, warps = shape
-    constants = dict(MEMBERS=members, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c)
-    constants.update(BLOCK_R=width, LOOP=loop)
+    block_n, block_c, loop, warps, stages, early = shape + (2, 0)[len(shape) - 4 :]
+    constants = dict(MEMBERS=members, OUTPUTS=1, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c)
+    constants.update(BLOCK_R=width, LOOP=loop, EARLY=bool(early))
     pointers = {"H": "*bf16", "X": "*bf16", "IDS": "*i64"}
     for m in range(3):
         pointers.update({f"P{m}": "*bf16", f"T{m}": "*fp32", f"O{m}": "*bf16"})
-    return shape, compiled(fold_kernels._expand_kernel, pointers, constants, warps, 2)
+    return shape, compiled(fold_kernels._expand_kernel, pointers, constants, warps, stages)
 
 
 def compiled(kernel, pointers: dict, constants: dict, warps: int, stages: int) -> str:

@@ -83,11 +83,20 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     assert (f"{layer}.self_attn.q_proj", f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj") in groups
     assert (f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj") in groups
     launches.clear()
+    gemms = counted_gemms(monkeypatch)
     second = served(bank, ids, rows)
     folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
     assert sorted(launches) == sorted(folds)
+    assert len(gemms) == 2 * 5 + 1  # k's and v's outputs come from q's GEMM; up runs its own; lm_head
+    outputs = {fold.members[0].split(".")[-1]: fold.outputs for fold in bank._folds._folds.values()}
+    assert outputs == {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}  # up: wider out than in
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(folded, "OUTPUTS", False)  # only the first layer's weight folded: refolds
+    launches.clear(), gemms.clear()
+    inputs_only = served(bank, ids, rows)
+    assert sorted(launches) == sorted(folds) and len(gemms) == 2 * 7 + 1
+    torch.testing.assert_close(inputs_only, expected, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(folded, "ENABLED", False)
     launches.clear()
     unfolded = served(bank, ids, rows)
@@ -95,9 +104,22 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     torch.testing.assert_close(unfolded, expected, rtol=1e-4, atol=1e-4)
 
 
+def counted_gemms(monkeypatch) -> list[tuple[int, int]]:
+    """From now on: the weight shape of every F.linear (nn.Linear's forward and the folded GEMMs)."""
+    shapes, linear = [], torch.nn.functional.linear
+
+    def counted(x, weight, *args, **kwargs):
+        shapes.append(tuple(weight.shape))
+        return linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    return shapes
+
+
 def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches, monkeypatch):
-    """The folded GEMM's first rows are the base layer's weight (and bias), not a copy; the plain forward
-    of the model is unchanged by folding; a write into the weight (as merge() does) refolds."""
+    """The folded GEMM's first rows are the base layers' weights (q's, and k's and v's after them), not a
+    copy; the plain forward of the model is unchanged by folding; a write into a weight (as merge() does)
+    or a new weight for k refolds."""
     kernel_serves(monkeypatch)
     bank, _ = random_bank()
     ids = token_batch(batch=2, length=4).to(DEVICE)
@@ -115,6 +137,17 @@ def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches,
         weight.mul_(1.5)  # the base changes: the served forward must follow it
         monkeypatch.setattr(kernels, "available", lambda *args: False)
         reference = served(bank, ids, ["a0", "a1"])  # the torch ops, from the new weight
+        kernel_serves(monkeypatch)
+        again = served(bank, ids, ["a0", "a1"])
+    assert bank._folds._folds[q] is not fold
+    torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
+    k = attention.k_proj.base_layer
+    fold = bank._folds._folds[q]
+    assert k.weight.untyped_storage().data_ptr() == fold.weight.untyped_storage().data_ptr()  # a view, too
+    with torch.no_grad():
+        k.weight.data = k.weight.data * 0.5  # a new tensor for k alone (as load_state_dict(assign=True) does)
+        monkeypatch.setattr(kernels, "available", lambda *args: False)
+        reference = served(bank, ids, ["a0", "a1"])
         kernel_serves(monkeypatch)
         again = served(bank, ids, ["a0", "a1"])
     assert bank._folds._folds[q] is not fold

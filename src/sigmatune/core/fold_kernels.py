@@ -29,14 +29,19 @@ if triton is not None:
     @triton.jit
     def _expand_member(BASE, stride_base, H, stride_h, offset, P, T, OUT, IDS, N, WIDTH, R, TOKENS,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr, EARLY: tl.constexpr):
         """out = base + ((h[:, offset:offset + R]) ⊙ T[IDS[n // TOKENS]]) Pᵀ for this program's rows and
-        its LOOP column blocks (WIDTH columns in all): the rows' scaled projection is gathered once."""
+        its LOOP column blocks (WIDTH columns in all): the rows' scaled projection is gathered once.
+        EARLY: each column block's base tile is loaded before the gather (the first) or the block before's
+        store (the next ones), so that its latency overlaps the gather and the dot; else after the dot."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         pick = row_ok[:, None] & rank_ok[None, :]
+        first = tl.program_id(1) * LOOP * BLOCK_C
+        if EARLY:
+            base = _base_tile(BASE, stride_base, rows, row_ok, first + tl.arange(0, BLOCK_C), WIDTH)
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row
         g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=pick, other=0.0)
         p = tl.load(H + rows[:, None] * stride_h + offset + ranks[None, :], mask=pick, other=0.0)
@@ -44,42 +49,65 @@ if triton is not None:
         if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: use fp32 there
             scaled = scaled.to(tl.float32)
         for block in range(LOOP):
-            cols = (tl.program_id(1) * LOOP + block) * BLOCK_C + tl.arange(0, BLOCK_C)
+            cols = first + block * BLOCK_C + tl.arange(0, BLOCK_C)
             col_ok = cols < WIDTH
             tile = row_ok[:, None] & col_ok[None, :]
             b = tl.load(P + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
             if UPCAST:
                 b = b.to(tl.float32)
+            if EARLY:  # the next block's (none after the last: its columns masked off)
+                ahead = tl.where(block + 1 < LOOP, cols + BLOCK_C, WIDTH)
+                upcoming = _base_tile(BASE, stride_base, rows, row_ok, ahead, WIDTH)
             update = tl.dot(scaled, tl.trans(b), input_precision=PRECISION)  # (BN, BC) fp32
-            base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
+            if not EARLY:
+                base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
             tl.store(OUT + rows[:, None] * WIDTH + cols[None, :], (base.to(tl.float32) + update).to(base.dtype),
                      mask=tile)
+            if EARLY:
+                base = upcoming
+
+    @triton.jit
+    def _base_tile(BASE, stride_base, rows, row_ok, cols, WIDTH):
+        return tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=row_ok[:, None] & (cols < WIDTH)[None, :],
+                       other=0.0)
 
     @triton.jit
     def _expand_kernel(
         H, X, IDS, P0, T0, O0, P1, T1, O1, P2, T2, O2,  # pointers
-        N, E, D, R0, R1, R2, TOKENS,  # sizes: h is (N, E + R0 + R1 + R2), x (N, D); TOKENS rows per id
-        stride_h, stride_x,
-        MEMBERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        N, TOKENS, stride_h, stride_x,  # h (N, E_0 + … (the OUTPUTS) + R0 + R1 + R2), x (N, d); TOKENS rows per id
+        E0, E1, E2, R0, R1, R2,  # each member's columns (out_m's width) and rank
+        MEMBERS: tl.constexpr, OUTPUTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
+        EARLY: tl.constexpr,
     ):
-        """Program (i, s, m): rows block i, columns block s of out_m (a block past its width writes nothing)."""
+        """Program (i, s, m): rows block i, columns block s of out_m (a block past its width writes nothing).
+        Members m < OUTPUTS add to their base output in h (its columns one after the other), the others to x."""
         first = tl.program_id(1) * BLOCK_C * LOOP  # the program's first column
         member = tl.program_id(2)
+        projections = E0 + (E1 if OUTPUTS > 1 else 0) + (E2 if OUTPUTS > 2 else 0)  # x Q_0's column in h
         if member == 0:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
-            if first < E:
-                _expand_member(H, stride_h, H, stride_h, E, P0, T0, O0, IDS, N, E, R0, TOKENS,
-                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
+            if first < E0:
+                _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS,
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
         if MEMBERS > 1:  # noqa: SIM102
             if member == 1:  # noqa: SIM102
-                if first < D:
-                    _expand_member(X, stride_x, H, stride_h, E + R0, P1, T1, O1, IDS, N, D, R1, TOKENS,
-                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
+                if first < E1:
+                    if OUTPUTS > 1:
+                        _expand_member(H + E0, stride_h, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1,
+                                       R1, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+                    else:
+                        _expand_member(X, stride_x, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1,
+                                       R1, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
         if MEMBERS > 2:  # noqa: SIM102
             if member == 2:  # noqa: SIM102
-                if first < D:
-                    _expand_member(X, stride_x, H, stride_h, E + R0 + R1, P2, T2, O2, IDS, N, D, R2, TOKENS,
-                                   PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP)
+                if first < E2:
+                    if OUTPUTS > 2:
+                        _expand_member(H + E0 + E1, stride_h, H, stride_h, projections + R0 + R1, P2, T2, O2,
+                                       IDS, N, E2, R2, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R,
+                                       LOOP, EARLY)
+                    else:
+                        _expand_member(X, stride_x, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2,
+                                       R2, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
     # fmt: on
 
 
@@ -89,45 +117,54 @@ def expand_rows(
     expansions: list[torch.Tensor],
     tables: list[torch.Tensor],
     ids: torch.Tensor,
-    shape: tuple[int, int, int, int] | None = None,
+    outputs: int = 1,
+    shape: tuple[int, ...] | None = None,
 ) -> list[torch.Tensor]:
-    """[out_m] for up to three layers m reading x (B, …, d), from h (B, …, e + Σ r_m), the first layer's
-    folded GEMM [x W_0ᵀ + b_0, x Q_0, x Q_1, …], each batch row b on its own adapter ids[b]:
+    """[out_m] for up to three layers m reading x (B, …, d), from h (B, …, e_0 + … + e_{o−1} + Σ r_m), the
+    folded GEMM of the first o = `outputs` layers [x W_0ᵀ + b_0, …, x W_{o−1}ᵀ + b_{o−1}, x Q_0, x Q_1, …],
+    each batch row b on its own adapter ids[b]:
 
-        out_0 = h[…, :e] + ((x Q_0) ⊙ T_0[ids[b]]) P_0ᵀ      (B, …, e)
-        out_m = x        + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, d), m ≥ 1
+        out_m = y_m + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, e_m), m < o: y_m = h's columns of layer m
+        out_m = x   + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, d),   m ≥ o: the layer's transformed input
 
-    expansions P_0 (e, r_0), then P_m (d, r_m), in x's dtype; tables T_m (capacity, r_m) fp32; ids (B,).
-    One launch, forward only. shape: (rows per program, columns per block, column blocks per program, warps),
-    by default expand_shape's."""
+    expansions P_m (e_m, r_m) for m < o, then (d, r_m), in x's dtype; tables T_m (capacity, r_m) fp32;
+    ids (B,). One launch, forward only. shape: (rows per program, columns per block, column blocks per
+    program, warps[, stages[, early: 1 to load the base tiles ahead]]), by default expand_shape's."""
     members = len(expansions)
-    if not 1 <= members <= 3 or len(tables) != members:
-        raise ValueError(f"expand_rows takes 1 to 3 layers with one table each, got {members} expansions")
+    if not 1 <= members <= 3 or len(tables) != members or not 1 <= outputs <= members:
+        raise ValueError(
+            f"expand_rows takes 1 to 3 layers with one table each and 1 to all of them outputs, got {members} "
+            f"expansions, {len(tables)} tables, {outputs} outputs"
+        )
     if ids.numel() != x.shape[0] or h.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"{ids.numel()} adapter rows for h {tuple(h.shape)} and x {tuple(x.shape)}")
+    d, widths = x.shape[-1], [p.shape[0] for p in expansions]
     ranks = [p.shape[1] for p in expansions]
-    d, e = x.shape[-1], h.shape[-1] - sum(ranks)
-    if expansions[0].shape[0] != e or any(p.shape[0] != d for p in expansions[1:]):
-        raise ValueError(f"expansions {[tuple(p.shape) for p in expansions]} for {e} + {d} columns")
+    if h.shape[-1] != sum(widths[:outputs]) + sum(ranks) or any(w != d for w in widths[outputs:]):
+        raise ValueError(
+            f"expansions {[tuple(p.shape) for p in expansions]} ({outputs} outputs) for h {tuple(h.shape)} "
+            f"and x {tuple(x.shape)}"
+        )
     flat_h, flat_x = (t.reshape(-1, t.shape[-1]) for t in (h, x))
     flat_h, flat_x = (t if t.stride(-1) == 1 else t.contiguous() for t in (flat_h, flat_x))
     n = flat_x.shape[0]
     expansions = [p if p.is_contiguous() else p.contiguous() for p in expansions]
-    outs = [flat_x.new_empty(n, e if m == 0 else d) for m in range(members)]
-    widest = max(e, d if members > 1 else 0)
+    outs = [flat_x.new_empty(n, w) for w in widths]
     width = padded_rank(max(ranks))
-    block_n, block_c, loop, warps = shape or expand_shape(n, widest, width)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(widest, block_c * loop), members)
+    shape = tuple(shape or expand_shape(n, max(widths), width))
+    block_n, block_c, loop, warps, stages, early = shape + (2, 0)[len(shape) - 4 :]  # stages 2, not early
+    grid = (triton.cdiv(n, block_n), triton.cdiv(max(widths), block_c * loop), members)
     member_args = []
     for m in range(3):
         k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
         member_args += [expansions[k], tables[k], outs[k]]
+    padding = [0] * (3 - members)
     _expand_kernel[grid](
         flat_h, flat_x, ids.contiguous(), *member_args,
-        n, e, d, *(ranks + [0] * (3 - members)), n // ids.numel(),
-        flat_h.stride(0), flat_x.stride(0),
-        MEMBERS=members, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=width, LOOP=loop, num_warps=warps, num_stages=2,
+        n, n // ids.numel(), flat_h.stride(0), flat_x.stride(0), *(widths + padding), *(ranks + padding),
+        MEMBERS=members, OUTPUTS=outputs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=width, LOOP=loop, EARLY=bool(early),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 

@@ -7,12 +7,18 @@ stored as [W_0; Q_0ᵀ; Q_1ᵀ; Q_2ᵀ] (the base layer's weight a view of its f
 W) it returns h = [x W_0ᵀ + b_0, x Q_0, x Q_1, x Q_2] for a few more output columns, and what is left is
 one expansion launch (core/fold_kernels.expand_rows).
 
-The first layer's own output, input side W' = W (I + V diag(g) Vᵀ), output side W' = (I + U diag(g) Uᵀ) W:
+A layer's own output, input side W' = W (I + V diag(g) Vᵀ), output side W' = (I + U diag(g) Uᵀ) W:
 
     y' = x Wᵀ + b + ((x Q) ⊙ g) Pᵀ,    (Q, P) = (V, W V) on the input side, (Wᵀ U, U) on the output side
 
-exact for any stored basis. The group's other layers take their transformed inputs
-x + ((x V_m) ⊙ g_m) V_mᵀ, with SharedInputs.input_basis's V_m, as the unfolded launch gives them.
+exact for any stored basis. The next members of the group that are plain nn.Linear layers no wider out
+than in (k and v after q: 256 columns from 2,048 in the 1.1B Llama) have their weights folded in too,
+[W_0; W_1; W_2; Q_0ᵀ; …], and the launch adds their updates to their own outputs: one GEMM for the group, and
+an expansion as wide as their outputs instead of their inputs. The members after those (up after gate: its
+output is wider than its input) take their transformed inputs x + ((x V_m) ⊙ g_m) V_mᵀ, with
+SharedInputs.input_basis's V_m, as the unfolded launch gives them, and run their own GEMM. A folded
+member's weight (and bias) is a view of the group's: they share storage (save the base model, if at all,
+with transformers' save_pretrained, which handles shared tensors).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from ..core import fold_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import is_quantized
 
-ENABLED = os.environ.get("SIGMATUNE_FOLDED", "1") != "0"  # =0: the projection in the mixed-batch kernel
+# SIGMATUNE_FOLDED=0: the projection in the mixed-batch kernel; =inputs: only the first layer's GEMM folded
+MODE = os.environ.get("SIGMATUNE_FOLDED", "1")
+ENABLED, OUTPUTS = MODE != "0", MODE not in ("0", "inputs")
 
 
 @dataclass
@@ -34,16 +42,17 @@ class Fold:
     """One group's folded GEMM and its expansion: call it with the group's input."""
 
     members: tuple[str, ...]
-    weight: torch.Tensor  # (e + Σ r_m, d): [W_0; Q_0ᵀ; Q_1ᵀ; …]; its first e rows are the base layer's weight
-    bias: torch.Tensor | None  # (e + Σ r_m,): [b_0; 0], its first e the base layer's bias
-    expansions: list[torch.Tensor]  # P_0 (e, r_0), then V_m (d, r_m)
+    outputs: int  # the first `outputs` members have their weights folded: the fold returns their outputs
+    weight: torch.Tensor  # (Σ e_m + Σ r_m, d): [W_0; …; Q_0ᵀ; Q_1ᵀ; …]; the layers' weights are views of it
+    bias: torch.Tensor | None  # (Σ e_m + Σ r_m,): [b_0; …; 0] (zeros for a layer without one)
+    expansions: list[torch.Tensor]  # P_m (e_m, r_m) for the folded members, then V_m (d, r_m)
     bases: tuple[torch.Tensor, ...]  # each member's stored basis it was made from
-    stamp: tuple[int, int]  # the first weight's storage and version just after
+    stamps: tuple[tuple[int, int], ...]  # the folded weights' storage and version just after
 
     def __call__(self, x: torch.Tensor, tables: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
-        """[the first layer's output, the other members' transformed inputs] for x (B, …, d)."""
-        h = torch.nn.functional.linear(x, self.weight, self.bias)  # (B, …, e + Σ r_m)
-        return fold_kernels.expand_rows(h, x, self.expansions, tables, ids)
+        """[the folded members' outputs, the other members' transformed inputs] for x (B, …, d)."""
+        h = torch.nn.functional.linear(x, self.weight, self.bias)  # (B, …, Σ e_m + Σ r_m)
+        return fold_kernels.expand_rows(h, x, self.expansions, tables, ids, outputs=self.outputs)
 
 
 class Folds:
@@ -80,7 +89,9 @@ def current(fold: Fold, layers: dict[str, SpectralLinear]) -> bool:
     """Whether the fold still holds what its layers do: a new basis, or a write to the first layer's
     weight (a merge, a new state dict), remakes it."""
     same = all(layers[m].sigma_basis is basis for m, basis in zip(fold.members, fold.bases, strict=True))
-    return same and stamp(layers[fold.members[0]].base_layer.weight) == fold.stamp
+    stamps = tuple(stamp(layers[m].base_layer.weight) for m in fold.members[: fold.outputs])
+    outputs = 1 + fused_members(fold.members, layers, fold.weight.dtype)  # (changes with OUTPUTS)
+    return same and stamps == fold.stamps and outputs == fold.outputs
 
 
 def stamp(weight: torch.Tensor) -> tuple[int, int]:
@@ -89,22 +100,49 @@ def stamp(weight: torch.Tensor) -> tuple[int, int]:
 
 @torch.no_grad()
 def make_fold(group: tuple[str, ...], layers: dict[str, SpectralLinear], shared, dtype) -> Fold:
-    """Fold the group's projections into its first layer's weight, which becomes a view of the result."""
-    first = layers[group[0]]
-    module = first.base_layer
-    weight = module.weight.detach()  # (e, d)
-    basis, wide = first.sigma_basis.double(), weight.double()
-    if first.side == "input":
-        projection, expansion = basis, wide @ basis  # Q = V (d, r), P = W V (e, r)
-    else:
-        projection, expansion = wide.T @ basis, basis  # Q = Wᵀ U (d, r), P = U (e, r)
-    inputs = [shared.input_basis(m, layers[m], dtype) for m in group[1:]]  # V_m (d, r_m)
-    folded = torch.cat([weight, projection.T.to(dtype), *(v.T for v in inputs)])
+    """Fold the group's projections, and the weights of its first layer and of the members after it that
+    can be (fused_members), into one weight, which those layers' weights become views of."""
+    outputs = 1 + fused_members(group, layers, dtype)
+    modules = [layers[m].base_layer for m in group[:outputs]]
+    weights = [module.weight.detach() for module in modules]  # (e_m, d)
+    pairs = [projection_pair(layers[m]) for m in group[:outputs]]  # (Q_m (d, r), P_m (e_m, r)), fp64
+    inputs = [shared.input_basis(m, layers[m], dtype) for m in group[outputs:]]  # V_m (d, r_m)
+    folded = torch.cat([*weights, *(q.T.to(dtype) for q, _ in pairs), *(v.T for v in inputs)])
     bias = None
-    if module.bias is not None:
-        bias = torch.cat([module.bias.detach(), module.bias.new_zeros(folded.shape[0] - weight.shape[0])])
-        module.bias.data = bias[: weight.shape[0]]
-    module.weight.data = folded[: weight.shape[0]]  # the base layer now reads the folded storage
-    expansions = [expansion.to(dtype).contiguous(), *inputs]
+    if any(module.bias is not None for module in modules):
+        parts = [
+            w.new_zeros(w.shape[0]) if m.bias is None else m.bias.detach()
+            for m, w in zip(modules, weights, strict=True)
+        ]
+        bias = torch.cat([*parts, folded.new_zeros(folded.shape[0] - sum(w.shape[0] for w in weights))])
+    start = 0
+    for module, weight in zip(modules, weights, strict=True):  # the layers now read the folded storage
+        module.weight.data = folded[start : start + weight.shape[0]]
+        if module.bias is not None:
+            module.bias.data = bias[start : start + weight.shape[0]]
+        start += weight.shape[0]
+    expansions = [p.to(dtype).contiguous() for _, p in pairs] + inputs
     bases = tuple(layers[m].sigma_basis for m in group)
-    return Fold(group, folded, bias, expansions, bases, stamp(module.weight))
+    stamps = tuple(stamp(module.weight) for module in modules)
+    return Fold(group, outputs, folded, bias, expansions, bases, stamps)
+
+
+def fused_members(group: tuple[str, ...], layers: dict[str, SpectralLinear], dtype) -> int:
+    """How many members after the first have their weights folded with it: those in a row that are
+    foldable and whose outputs are no wider than their inputs (the expansion then writes fewer columns
+    than their transformed inputs would have)."""
+    count = 0
+    for name in group[1:] if OUTPUTS else ():
+        module = layers[name].base_layer
+        if not (foldable(module, dtype) and module.out_features <= module.in_features):
+            break
+        count += 1
+    return count
+
+
+def projection_pair(layer: SpectralLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q (d, r), P (e, r)) in fp64 with the layer's output x Wᵀ + b + ((x Q) ⊙ g) Pᵀ."""
+    basis, wide = layer.sigma_basis.double(), layer.base_layer.weight.detach().double()
+    if layer.side == "input":
+        return basis, wide @ basis  # Q = V, P = W V
+    return wide.T @ basis, basis  # Q = Wᵀ U, P = U

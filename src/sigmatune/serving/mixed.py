@@ -20,9 +20,9 @@ V_S = Wᵀ U_S / σ_S, the same W' = (I + U_S diag(g) U_Sᵀ) W = W (I + V_S dia
 vectors; to the SVD's precision otherwise).
 
 Once the groups are learned, a group whose first layer is a plain nn.Linear has its projections folded
-into that layer's GEMM (folded.py): its base GEMM returns the rows' projections with its output, and one
-launch with no reduction (core/fold_kernels.expand_rows) adds the first layer's update and computes the
-others' inputs. The learning forward, and a forward captured into a CUDA graph before a fold exists,
+into that layer's GEMM (folded.py): its base GEMM returns the rows' projections with its output (and with
+k's and v's outputs after q's: their weights folded in too), and one launch with no reduction
+(core/fold_kernels.expand_rows) adds those layers' updates and computes the others' inputs (up's). The learning forward, and a forward captured into a CUDA graph before a fold exists,
 take the launch above.
 """
 
@@ -106,7 +106,8 @@ class MixedBatch:
         folds: Folds,
     ):
         self.layers, self.tables, self.ids, self.shared, self.folds = layers, tables, ids, shared, folds
-        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member → (its input, x̃)
+        # member → (its input, its transformed input x̃ or, if `done`, its output)
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # the input dtype, if the kernel served this forward while the groups were being learned
         self._learning: torch.dtype | None = None
 
@@ -128,8 +129,8 @@ class MixedBatch:
         if not self._fused(x, table):
             return layer.forward_rows(x, table.index_select(0, self.ids))
         done = self._pending.pop(name, None)
-        if done is not None and done[0] is x:  # a group's first member computed this one's input
-            return layer.base_layer(done[1])
+        if done is not None and done[0] is x:  # a group's first member computed this one's input (or output)
+            return done[1] if done[2] else layer.base_layer(done[1])
         groups = self.shared.groups
         if groups is None:
             self.shared.record(name, x)
@@ -140,15 +141,16 @@ class MixedBatch:
         tables = [self.tables[m] for m in group]
         fold = None if groups is None else self.folds.get(group, self.layers, self.shared, x.dtype)
         if fold is not None:
-            outs = fold(x, tables, self.ids)  # the first layer's output, the others' inputs
+            outs, outputs = fold(x, tables, self.ids), fold.outputs  # the folded layers' outputs, then inputs
             first = outs[0]
         elif len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
-            outs = rows_kernels.transform_rows(x, bases, tables, self.ids)  # every member's input
+            outs, outputs = rows_kernels.transform_rows(x, bases, tables, self.ids), 0  # every member's input
             first = layer.base_layer(outs[0])
         else:
             return self._alone(name, layer, x, table)
-        self._pending.update((m, (x, out)) for m, out in zip(group[1:], outs[1:], strict=True))
+        for m, out in enumerate(outs[1:], start=1):
+            self._pending[group[m]] = (x, out, m < outputs)
         return first
 
     def _alone(self, name, layer: SpectralLinear, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
