@@ -6,9 +6,9 @@ graph replay, for the base engine and mixed banks (every row its own adapter).
 
 Per configuration: the wall time of an engine step while decoding (serve.py's run, PROMPT + DECODE), the
 GPU time of replaying that step's graph alone (CUDA events over REPLAYS replays), and the kernels of
-one replay by total GPU time. --folded 1,inputs,0: the bank with its projections folded into the base
+one replay by total GPU time. --folded 1,inputs,all,0: the bank with its projections folded into the base
 GEMMs (serving/folded.py; k's and v's weights folded into q's), folded into the first layers' GEMMs only
-(SIGMATUNE_FOLDED=inputs) and not folded, one engine each. --expand: instead of expand_shape's choice, each given
+(SIGMATUNE_FOLDED=inputs), with up's weight folded into gate's too (=all) and not folded, one engine each. --expand: instead of expand_shape's choice, each given
 shape of the expansion after a folded GEMM (rows / columns per program / ranks per step / warps) for every
 decode launch; --launch likewise for the unfolded mixed-batch kernel (rows per program / column blocks /
 columns per step / warps / shared 0 or 1) — A/Bs of shapes inside the model's step, where the kernels'
@@ -124,16 +124,16 @@ def decode_shape(fold: str, shape, batch: int):
     """Within: folded as SIGMATUNE_FOLDED=fold would, and every decode launch (of `batch` rows; prefill's,
     of B·PROMPT, keep the default) in this shape of the expansion (folded) or of the unfolded kernel."""
     module, name = (fold_kernels, "expand_shape") if fold != "0" else (rows_kernels, "launch_shape")
-    chosen, modes = getattr(module, name), (folded.ENABLED, folded.OUTPUTS)
+    chosen, modes = getattr(module, name), (folded.ENABLED, folded.OUTPUTS, folded.WIDER)
     if shape is not None:
         typed = (*shape[:4], bool(shape[4])) if fold == "0" else shape
         setattr(module, name, lambda n, *rest: typed if n == batch else chosen(n, *rest))
-    folded.ENABLED, folded.OUTPUTS = fold != "0", fold not in ("0", "inputs")
+    folded.ENABLED, folded.OUTPUTS, folded.WIDER = fold != "0", fold not in ("0", "inputs"), fold == "all"
     try:
         yield
     finally:
         setattr(module, name, chosen)
-        folded.ENABLED, folded.OUTPUTS = modes
+        folded.ENABLED, folded.OUTPUTS, folded.WIDER = modes
 
 
 if __name__ == "__main__":

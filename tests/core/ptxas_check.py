@@ -3,7 +3,7 @@ print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU;
 TRITON_INTERPRET (test_kernels.py does, in a child process).
 
     python -m tests.core.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
-    python -m tests.core.ptxas_check '[["fold", 64, 16, 3]]'              # expand_rows, launched by expand_shape
+    python -m tests.core.ptxas_check '[["fold", 64, 16, 3, 1]]'          # expand_rows, launched by expand_shape
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ def report(n: int, width: int, members: int) -> tuple[tuple, str]:
     return shape, compiled(rows_kernels._rows_kernel, pointers, constants, warps, stages)
 
 
-def report_fold(n: int, width: int, members: int) -> tuple[tuple, str]:
-    """expand_rows over n rows of the 1.1B Llama's widest group output (gate: 5,632 columns)."""
+def report_fold(n: int, width: int, members: int, outputs: int = 1) -> tuple[tuple, str]:
+    """expand_rows over n rows of the 1.1B Llama's widest group output (gate: 5,632 columns), its first
+    `outputs` members adding to their outputs in h."""
     shape = fold_kernels.expand_shape(n, 5632, width)
     block_n, block_c, loop, warps, stages, early = shape + (2, 0)[len(shape) - 4 :]
-    constants = dict(MEMBERS=members, OUTPUTS=1, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c)
+    constants = dict(
+        MEMBERS=members, OUTPUTS=outputs, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c
+    )
     constants.update(BLOCK_R=width, LOOP=loop, EARLY=bool(early))
     pointers = {"H": "*bf16", "X": "*bf16", "IDS": "*i64"}
     for m in range(3):

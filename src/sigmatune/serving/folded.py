@@ -32,9 +32,10 @@ from ..core import fold_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import is_quantized
 
-# SIGMATUNE_FOLDED=0: the projection in the mixed-batch kernel; =inputs: only the first layer's GEMM folded
+# SIGMATUNE_FOLDED=0: the projection in the mixed-batch kernel; =inputs: only the first layer's GEMM folded;
+# =all: every member's weight folded, also those wider out than in (up after gate)
 MODE = os.environ.get("SIGMATUNE_FOLDED", "1")
-ENABLED, OUTPUTS = MODE != "0", MODE not in ("0", "inputs")
+ENABLED, OUTPUTS, WIDER = MODE != "0", MODE not in ("0", "inputs"), MODE == "all"
 
 
 @dataclass
@@ -134,7 +135,7 @@ def fused_members(group: tuple[str, ...], layers: dict[str, SpectralLinear], dty
     count = 0
     for name in group[1:] if OUTPUTS else ():
         module = layers[name].base_layer
-        if not (foldable(module, dtype) and module.out_features <= module.in_features):
+        if not (foldable(module, dtype) and (WIDER or module.out_features <= module.in_features)):
             break
         count += 1
     return count
