@@ -27,7 +27,7 @@ if triton is not None:
 
     # fmt: off
     @triton.jit
-    def _expand_member(BASE, stride_base, H, stride_h, offset, P, T, OUT, IDS, N, WIDTH, R, TOKENS,
+    def _expand_member(BASE, stride_base, H, stride_h, offset, P, T, OUT, IDS, N, WIDTH, R, TOKENS, column,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr, EARLY: tl.constexpr):
         """out = base + ((h[:, offset:offset + R]) ⊙ T[IDS[n // TOKENS]]) Pᵀ for this program's rows and
@@ -39,7 +39,7 @@ if triton is not None:
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         pick = row_ok[:, None] & rank_ok[None, :]
-        first = tl.program_id(1) * LOOP * BLOCK_C
+        first = column * LOOP * BLOCK_C
         if EARLY:
             base = _base_tile(BASE, stride_base, rows, row_ok, first + tl.arange(0, BLOCK_C), WIDTH)
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row
@@ -80,34 +80,37 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
         EARLY: tl.constexpr,
     ):
-        """Program (i, s, m): rows block i, columns block s of out_m (a block past its width writes nothing).
-        Members m < OUTPUTS add to their base output in h (its columns one after the other), the others to x."""
-        first = tl.program_id(1) * BLOCK_C * LOOP  # the program's first column
-        member = tl.program_id(2)
+        """Program (i, s): rows block i, column program s of the members' column programs one after the
+        other (cdiv(E_m, BLOCK_C·LOOP) each: none runs past its member's width). Members m < OUTPUTS add to
+        their base output in h (its columns one after the other), the others to x."""
+        span = BLOCK_C * LOOP
+        column = tl.program_id(1)
+        before1 = tl.cdiv(E0, span)  # member 1's first column program
+        before2 = before1 + tl.cdiv(E1, span)
         projections = E0 + (E1 if OUTPUTS > 1 else 0) + (E2 if OUTPUTS > 2 else 0)  # x Q_0's column in h
-        if member == 0:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
-            if first < E0:
-                _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS,
-                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
-        if MEMBERS > 1:  # noqa: SIM102
-            if member == 1:  # noqa: SIM102
-                if first < E1:
-                    if OUTPUTS > 1:
-                        _expand_member(H + E0, stride_h, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1,
-                                       R1, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
-                    else:
-                        _expand_member(X, stride_x, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1,
-                                       R1, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+        if column < before1:
+            _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
+                           PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+        if MEMBERS > 1:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
+            if column >= before1 and column < before2:
+                if OUTPUTS > 1:
+                    _expand_member(H + E0, stride_h, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1, R1,
+                                   TOKENS, column - before1, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
+                                   EARLY)
+                else:
+                    _expand_member(X, stride_x, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1, R1,
+                                   TOKENS, column - before1, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
+                                   EARLY)
         if MEMBERS > 2:  # noqa: SIM102
-            if member == 2:  # noqa: SIM102
-                if first < E2:
-                    if OUTPUTS > 2:
-                        _expand_member(H + E0 + E1, stride_h, H, stride_h, projections + R0 + R1, P2, T2, O2,
-                                       IDS, N, E2, R2, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R,
-                                       LOOP, EARLY)
-                    else:
-                        _expand_member(X, stride_x, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2,
-                                       R2, TOKENS, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+            if column >= before2:
+                if OUTPUTS > 2:
+                    _expand_member(H + E0 + E1, stride_h, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS,
+                                   N, E2, R2, TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C,
+                                   BLOCK_R, LOOP, EARLY)
+                else:
+                    _expand_member(X, stride_x, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2, R2,
+                                   TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
+                                   EARLY)
     # fmt: on
 
 
@@ -153,7 +156,7 @@ def expand_rows(
     width = padded_rank(max(ranks))
     shape = tuple(shape or expand_shape(n, max(widths), width))
     block_n, block_c, loop, warps, stages, early = shape + (2, 0)[len(shape) - 4 :]  # stages 2, not early
-    grid = (triton.cdiv(n, block_n), triton.cdiv(max(widths), block_c * loop), members)
+    grid = (triton.cdiv(n, block_n), sum(triton.cdiv(w, block_c * loop) for w in widths))  # no idle programs
     member_args = []
     for m in range(3):
         k = min(m, members - 1)  # missing members repeat the last one (never run: MEMBERS masks them)
@@ -169,17 +172,19 @@ def expand_rows(
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
-def expand_shape(n: int, width: int, rank: int) -> tuple[int, int, int, int]:
-    """(rows per program, columns per block, column blocks per program, warps) for n rows of at most
-    `width` columns at padded rank `rank`. A decode step of up to 64 rows is latency-bound: blocks of 16
-    rows × 64 columns, one a program (many small programs). Beyond, 64 rows × 128 columns and two blocks a
-    program, so that the rows' gathered g and projection (BLOCK_N × r: at r128 as much as the output
-    tile) are read once for 256 columns. In the 1.1B Llama's decode step on an H200, every row its own
-    adapter (benchmarks/profile_serve.py): at 64 rows and r128 the 88 launches took 0.389 ms against
-    0.454 ms in 32-row blocks; at 1,024 rows 1.04 ms against 1.25 ms with four 64-column blocks a
-    program and 1.79 ms with one (r16 within 1% in every shape). ptxas for sm_90 spills 16–36 bytes a
-    thread from that tile at r128 and nothing elsewhere (tests/core/test_fold_kernels.py checks ≤ 64)."""
+def expand_shape(n: int, width: int, rank: int) -> tuple[int, ...]:
+    """(rows per program, columns per block, column blocks per program, warps, stages, early) for n rows
+    of at most `width` columns at padded rank `rank`. A decode step of up to 64 rows is latency-bound:
+    blocks of 16 rows × 64 columns, one a program (many small programs), each base tile loaded before the
+    gather (early). Beyond, 64 rows × 128 columns and two blocks a program, so that the rows' gathered g
+    and projection (BLOCK_N × r: at r128 as much as the output tile) are read once for 256 columns, the
+    base tiles loaded after the dot (ahead, they spill: 1.9 ms against 0.9). In the 1.1B Llama's decode
+    step on an H200, every row its own adapter, k and v folded into q (benchmarks/profile_serve.py): at 64
+    rows and r128 the 88 launches took 0.345 ms (0.383 with the base tiles loaded after the dot, 0.390 in
+    32-row blocks, 0.420 in 32-column blocks); at 1,024 rows 0.897 ms (three blocks a program 1.12, four
+    1.12, one 1.36; 3 stages 1.06; 32-row blocks 1.10). ptxas for sm_90 spills 16–68 bytes a thread from
+    the 64 × 128 tile at r128 and nothing elsewhere (tests/core/test_fold_kernels.py checks ≤ 80)."""
     if INTERPRET:
-        return 16, 16, 2, 4
-    block_n, block_c, loop, warps = (16, 64, 1, 4) if n <= 64 else (64, 128, 2, 8)
-    return block_n, min(block_c, max(16, triton.next_power_of_2(width))), loop, warps
+        return 16, 16, 2, 4, 2, 0
+    block_n, block_c, loop, warps, early = (16, 64, 1, 4, 1) if n <= 64 else (64, 128, 2, 8, 0)
+    return block_n, min(block_c, max(16, triton.next_power_of_2(width))), loop, warps, 2, early
