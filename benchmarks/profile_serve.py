@@ -2,17 +2,18 @@
 graph replay, for the base engine and mixed banks (every row its own adapter).
 
     python benchmarks/profile_serve.py [--shape 1.1b] [--batches 64,1024] [--ranks 16,128] [--top 12]
-        [--folded 1,inputs,0] [--expand 64/64/32/8,64/128/32/8] [--launch 16/11/128/4/0,64/16/128/4/0]
+        [--folded 1,outputs,inputs,all,0] [--expand 64/64/32/8,64/128/32/8] [--launch 16/11/128/4/0,64/16/128/4/0]
 
 Per configuration: the wall time of an engine step while decoding (serve.py's run, PROMPT + DECODE), the
 GPU time of replaying that step's graph alone (CUDA events over REPLAYS replays), and the kernels of
-one replay by total GPU time. --folded 1,inputs,all,0: the bank with its projections folded into the base
-GEMMs (serving/folded.py; k's and v's weights folded into q's), folded into the first layers' GEMMs only
-(SIGMATUNE_FOLDED=inputs), with up's weight folded into gate's too (=all) and not folded, one engine each. --expand: instead of expand_shape's choice, each given
-shape of the expansion after a folded GEMM (rows / columns per program / ranks per step / warps) for every
-decode launch; --launch likewise for the unfolded mixed-batch kernel (rows per program / column blocks /
-columns per step / warps / shared 0 or 1) — A/Bs of shapes inside the model's step, where the kernels'
-inputs come warm from the layer before (rows_kernel.py times the unfolded kernel alone).
+one replay by total GPU time. --folded: one engine each for SIGMATUNE_FOLDED's modes (serving/folded.py):
+1 (q k v, o and down with their weights folded, gate's group its projections alone), outputs (gate's
+weight folded too), inputs (only each group's first weight), all (up's too), 0 (no fold). --expand:
+instead of expand_shape's choice, each given shape of the expansion after a folded GEMM (rows / columns
+per block / blocks per program / warps [/ stages / early]) for every decode launch; --launch likewise for
+the unfolded mixed-batch kernel (rows per program / column blocks / columns per step / warps / shared 0
+or 1) — A/Bs of shapes inside the model's step, where the kernels' inputs come warm from the layer before
+(rows_kernel.py times the unfolded kernel alone).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument(
         "--folded",
         default="1",
-        help="1: projections (and k, v) folded into the GEMMs, inputs: projections only, 0: not",
+        help="SIGMATUNE_FOLDED modes to compare: 1, outputs, inputs, all, 0",
     )
     parser.add_argument("--expand", default="", help="expansion shapes to compare, e.g. default,64/64/4/8")
     parser.add_argument(
@@ -124,16 +125,16 @@ def decode_shape(fold: str, shape, batch: int):
     """Within: folded as SIGMATUNE_FOLDED=fold would, and every decode launch (of `batch` rows; prefill's,
     of B·PROMPT, keep the default) in this shape of the expansion (folded) or of the unfolded kernel."""
     module, name = (fold_kernels, "expand_shape") if fold != "0" else (rows_kernels, "launch_shape")
-    chosen, modes = getattr(module, name), (folded.ENABLED, folded.OUTPUTS, folded.WIDER)
+    chosen, mode = getattr(module, name), folded.MODE
     if shape is not None:
         typed = (*shape[:4], bool(shape[4])) if fold == "0" else shape
         setattr(module, name, lambda n, *rest: typed if n == batch else chosen(n, *rest))
-    folded.ENABLED, folded.OUTPUTS, folded.WIDER = fold != "0", fold not in ("0", "inputs"), fold == "all"
+    folded.MODE = fold
     try:
         yield
     finally:
         setattr(module, name, chosen)
-        folded.ENABLED, folded.OUTPUTS, folded.WIDER = modes
+        folded.MODE = mode
 
 
 if __name__ == "__main__":

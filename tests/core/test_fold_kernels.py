@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 
 def case(rows, tokens, e, d, ranks, dtype, device, capacity=5, seed=0, outputs=1):
     """Random (h, x, expansions, tables, ids) for a group whose first `outputs` layers have their outputs
-    in h: e columns each for the first, e // 2 for the next (as k and v after q)."""
+    in h: e columns for the first, e // 2 for the next (as k and v after q); the others expand x."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    widths = [e] + [e // 2] * (outputs - 1) + [d] * (len(ranks) - outputs)
+    widths = ([e] + [e // 2] * (outputs - 1))[:outputs] + [d] * (len(ranks) - outputs)
     x = rand(rows, tokens, d)
     h = torch.cat(
         [rand(rows, tokens, w) for w in widths[:outputs]] + [rand(rows, tokens, r) for r in ranks], -1
@@ -58,6 +58,8 @@ def expected(h, x, expansions, tables, ids, outputs=1) -> list[torch.Tensor]:
         ([8, 20, 5], torch.float32, 3),
         ([16, 24, 8], torch.float32, 2),
         ([32, 16], torch.bfloat16, 2),
+        ([8, 20], torch.float32, 0),
+        ([16, 16, 16], torch.bfloat16, 0),
     ],
     ids=[
         "three-uneven",
@@ -67,6 +69,8 @@ def expected(h, x, expansions, tables, ids, outputs=1) -> list[torch.Tensor]:
         "three-outputs",
         "two-outputs",
         "bf16-outputs",
+        "inputs",
+        "bf16-inputs",
     ],
 )
 @pytest.mark.parametrize(
@@ -91,11 +95,11 @@ def test_expand_rows_equals_its_definition_in_the_interpreter(ranks, dtype, outp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 64, 1024])
 @pytest.mark.parametrize("rank", [16, 128])
-@pytest.mark.parametrize("group", ["gate-up", "qkv"])
+@pytest.mark.parametrize("group", ["gate-up", "qkv", "inputs"])
 def test_expand_rows_in_its_decode_shapes_on_cuda(rows, rank, group):
-    """The 1.1B Llama's widest group (gate, up: 5,632 columns after a 2,048-wide input) and q k v as
-    three outputs (2,048, 1,024, 1,024 columns), bf16."""
-    e, members, outputs = (5632, 2, 1) if group == "gate-up" else (2048, 3, 3)
+    """The 1.1B Llama's widest group (gate, up: 5,632 columns after a 2,048-wide input), q k v as three
+    outputs (2,048, 1,024, 1,024 columns) and two transformed inputs (gate's and up's, 2,048), bf16."""
+    e, members, outputs = {"gate-up": (5632, 2, 1), "qkv": (2048, 3, 3), "inputs": (2048, 2, 0)}[group]
     inputs = case(rows, 1, e, 2048, [rank] * members, torch.bfloat16, "cuda", outputs=outputs)
     outs = fold_kernels.expand_rows(*inputs, outputs=outputs)
     h, x, expansions, tables, ids = inputs
@@ -129,7 +133,7 @@ def test_expand_shapes_keep_their_tiles_in_registers():
         ["fold", n, rank, members, outputs]
         for n in (16, 64, 1024, 8192)
         for rank in (16, 128)
-        for members, outputs in ((1, 1), (3, 1), (3, 3))
+        for members, outputs in ((1, 1), (3, 1), (3, 3), (2, 0))
     ]
     for given, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
         assert spilled <= 80, (given, shape, report)

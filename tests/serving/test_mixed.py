@@ -87,21 +87,33 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     second = served(bank, ids, rows)
     folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
     assert sorted(launches) == sorted(folds)
-    assert len(gemms) == 2 * 5 + 1  # k's and v's outputs come from q's GEMM; up runs its own; lm_head
-    outputs = {fold.members[0].split(".")[-1]: fold.outputs for fold in bank._folds._folds.values()}
-    assert outputs == {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}  # up: wider out than in
+    assert len(gemms) == 2 * 5 + 1  # per decoder layer: q's GEMM (k's and v's outputs too), o, gate, up, down
+    assert fold_outputs(bank) == {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}  # up: 48 of 32
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(folded, "OUTPUTS", False)  # only the first layer's weight folded: refolds
-    launches.clear(), gemms.clear()
-    inputs_only = served(bank, ids, rows)
-    assert sorted(launches) == sorted(folds) and len(gemms) == 2 * 7 + 1
-    torch.testing.assert_close(inputs_only, expected, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(folded, "ENABLED", False)
+    for mode, outputs, count in (
+        ("narrow", {"q_proj": 3, "o_proj": 1, "gate_proj": 0, "down_proj": 1}, 2 * 6 + 1),
+        ("inputs", {"q_proj": 1, "o_proj": 1, "gate_proj": 1, "down_proj": 1}, 2 * 7 + 1),
+        ("all", {"q_proj": 3, "o_proj": 1, "gate_proj": 2, "down_proj": 1}, 2 * 4 + 1),
+    ):
+        monkeypatch.setattr(
+            folded, "MODE", mode
+        )  # the folds are made again (narrow: gate's, projections alone)
+        launches.clear(), gemms.clear()
+        again = served(bank, ids, rows)
+        assert sorted(launches) == sorted(folds) and len(gemms) == count, mode
+        assert fold_outputs(bank) == outputs, mode
+        torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(folded, "MODE", "0")
     launches.clear()
     unfolded = served(bank, ids, rows)
     assert sorted(launches) == sorted([3, 1, 2, 1] * 2)  # the same groups, projected in the kernel
     torch.testing.assert_close(unfolded, expected, rtol=1e-4, atol=1e-4)
+
+
+def fold_outputs(bank) -> dict[str, int]:
+    """Per group's first layer type, how many of its layers have their weights in its fold."""
+    return {fold.members[0].split(".")[-1]: fold.outputs for fold in bank._folds._folds.values()}
 
 
 def counted_gemms(monkeypatch) -> list[tuple[int, int]]:

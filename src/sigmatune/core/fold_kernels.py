@@ -87,10 +87,14 @@ if triton is not None:
         column = tl.program_id(1)
         before1 = tl.cdiv(E0, span)  # member 1's first column program
         before2 = before1 + tl.cdiv(E1, span)
-        projections = E0 + (E1 if OUTPUTS > 1 else 0) + (E2 if OUTPUTS > 2 else 0)  # x Q_0's column in h
+        projections = (E0 if OUTPUTS > 0 else 0) + (E1 if OUTPUTS > 1 else 0) + (E2 if OUTPUTS > 2 else 0)
         if column < before1:
-            _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
-                           PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+            if OUTPUTS > 0:
+                _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+            else:
+                _expand_member(X, stride_x, H, stride_h, 0, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
+                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
         if MEMBERS > 1:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
             if column >= before1 and column < before2:
                 if OUTPUTS > 1:
@@ -124,8 +128,8 @@ def expand_rows(
     shape: tuple[int, ...] | None = None,
 ) -> list[torch.Tensor]:
     """[out_m] for up to three layers m reading x (B, …, d), from h (B, …, e_0 + … + e_{o−1} + Σ r_m), the
-    folded GEMM of the first o = `outputs` layers [x W_0ᵀ + b_0, …, x W_{o−1}ᵀ + b_{o−1}, x Q_0, x Q_1, …],
-    each batch row b on its own adapter ids[b]:
+    folded GEMM of the first o = `outputs` layers [x W_0ᵀ + b_0, …, x W_{o−1}ᵀ + b_{o−1}, x Q_0, x Q_1, …]
+    (o = 0: the projections alone), each batch row b on its own adapter ids[b]:
 
         out_m = y_m + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, e_m), m < o: y_m = h's columns of layer m
         out_m = x   + ((x Q_m) ⊙ T_m[ids[b]]) P_mᵀ      (B, …, d),   m ≥ o: the layer's transformed input
@@ -134,9 +138,9 @@ def expand_rows(
     ids (B,). One launch, forward only. shape: (rows per program, columns per block, column blocks per
     program, warps[, stages[, early: 1 to load the base tiles ahead]]), by default expand_shape's."""
     members = len(expansions)
-    if not 1 <= members <= 3 or len(tables) != members or not 1 <= outputs <= members:
+    if not 1 <= members <= 3 or len(tables) != members or not 0 <= outputs <= members:
         raise ValueError(
-            f"expand_rows takes 1 to 3 layers with one table each and 1 to all of them outputs, got {members} "
+            f"expand_rows takes 1 to 3 layers with one table each and 0 to all of them outputs, got {members} "
             f"expansions, {len(tables)} tables, {outputs} outputs"
         )
     if ids.numel() != x.shape[0] or h.shape[:-1] != x.shape[:-1]:

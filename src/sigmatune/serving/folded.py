@@ -18,7 +18,9 @@ an expansion as wide as their outputs instead of their inputs. The members after
 output is wider than its input) take their transformed inputs x + ((x V_m) ⊙ g_m) V_mᵀ, with
 SharedInputs.input_basis's V_m, as the unfolded launch gives them, and run their own GEMM. A folded
 member's weight (and bias) is a view of the group's: they share storage (save the base model, if at all,
-with transformers' save_pretrained, which handles shared tensors).
+with transformers' save_pretrained, which handles shared tensors). A group can also fold its projections
+alone (SIGMATUNE_FOLDED=narrow does for gate's, wider out than in): h = x [Q_0 Q_1 …], and every member
+takes its transformed input.
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ from ..core import fold_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import is_quantized
 
-# SIGMATUNE_FOLDED=0: the projection in the mixed-batch kernel; =inputs: only the first layer's GEMM folded;
-# =all: every member's weight folded, also those wider out than in (up after gate)
-MODE = os.environ.get("SIGMATUNE_FOLDED", "1")
-ENABLED, OUTPUTS, WIDER = MODE != "0", MODE not in ("0", "inputs"), MODE == "all"
+# SIGMATUNE_FOLDED: outputs (the default, also "1"), narrow, inputs, all (see folded_outputs) or 0 (no fold:
+# the projection in the mixed-batch kernel)
+MODES = ("outputs", "narrow", "inputs", "all", "0")
+MODE = os.environ.get("SIGMATUNE_FOLDED", "outputs")
+MODE = "outputs" if MODE == "1" else MODE
+if MODE not in MODES:
+    raise ValueError(
+        f"SIGMATUNE_FOLDED={MODE!r}: set it to one of {', '.join(MODES)} (or 1, or leave it unset)"
+    )
 
 
 @dataclass
@@ -66,7 +73,7 @@ class Folds:
     def get(self, group: tuple[str, ...], layers: dict[str, SpectralLinear], shared, dtype) -> Fold | None:
         """The fold of this group for inputs of `dtype`, or None where its first layer's GEMM cannot hold
         it (not a plain nn.Linear of that dtype, or no fold may be made now)."""
-        if not ENABLED or not foldable(layers[group[0]].base_layer, dtype):
+        if MODE == "0" or not foldable(layers[group[0]].base_layer, dtype):
             return None
         fold = self._folds.get(group[0])
         if fold is None or fold.members != group or not current(fold, layers):
@@ -91,7 +98,7 @@ def current(fold: Fold, layers: dict[str, SpectralLinear]) -> bool:
     weight (a merge, a new state dict), remakes it."""
     same = all(layers[m].sigma_basis is basis for m, basis in zip(fold.members, fold.bases, strict=True))
     stamps = tuple(stamp(layers[m].base_layer.weight) for m in fold.members[: fold.outputs])
-    outputs = 1 + fused_members(fold.members, layers, fold.weight.dtype)  # (changes with OUTPUTS)
+    outputs = folded_outputs(fold.members, layers, fold.weight.dtype)  # (changes with MODE)
     return same and stamps == fold.stamps and outputs == fold.outputs
 
 
@@ -101,9 +108,9 @@ def stamp(weight: torch.Tensor) -> tuple[int, int]:
 
 @torch.no_grad()
 def make_fold(group: tuple[str, ...], layers: dict[str, SpectralLinear], shared, dtype) -> Fold:
-    """Fold the group's projections, and the weights of its first layer and of the members after it that
-    can be (fused_members), into one weight, which those layers' weights become views of."""
-    outputs = 1 + fused_members(group, layers, dtype)
+    """Fold the group's projections, and the weights of its first layers that can be (folded_outputs),
+    into one weight, which those layers' weights become views of."""
+    outputs = folded_outputs(group, layers, dtype)
     modules = [layers[m].base_layer for m in group[:outputs]]
     weights = [module.weight.detach() for module in modules]  # (e_m, d)
     pairs = [projection_pair(layers[m]) for m in group[:outputs]]  # (Q_m (d, r), P_m (e_m, r)), fp64
@@ -128,14 +135,24 @@ def make_fold(group: tuple[str, ...], layers: dict[str, SpectralLinear], shared,
     return Fold(group, outputs, folded, bias, expansions, bases, stamps)
 
 
-def fused_members(group: tuple[str, ...], layers: dict[str, SpectralLinear], dtype) -> int:
-    """How many members after the first have their weights folded with it: those in a row that are
-    foldable and whose outputs are no wider than their inputs (the expansion then writes fewer columns
-    than their transformed inputs would have)."""
+def folded_outputs(group: tuple[str, ...], layers: dict[str, SpectralLinear], dtype) -> int:
+    """How many of the group's layers, from its first, have their weights folded (the fold returns their
+    outputs, and the others' transformed inputs). By MODE:
+
+    outputs  the first layer's, then those after it in a row that are foldable and no wider out than in,
+             whose expansion then writes fewer columns than their transformed inputs would: q k v; o; gate;
+             down (not up: 5,632 columns out of 2,048 in the 1.1B Llama)
+    narrow   the same rule for the first layer too: gate's group folds its projections alone and expands
+             gate's input and up's (2 × 2,048 columns instead of 5,632 + 2,048), for one GEMM more
+    inputs   the first layer's alone (k's and v's inputs expanded, as up's)
+    all      every foldable layer's, whatever its width
+    """
     count = 0
-    for name in group[1:] if OUTPUTS else ():
+    for position, name in enumerate(group):
         module = layers[name].base_layer
-        if not (foldable(module, dtype) and (WIDER or module.out_features <= module.in_features)):
+        narrow = module.out_features <= module.in_features
+        wanted = {"outputs": narrow or position == 0, "narrow": narrow, "inputs": position == 0, "all": True}
+        if not (wanted.get(MODE, False) and foldable(module, dtype)):
             break
         count += 1
     return count

@@ -142,7 +142,7 @@ class MixedBatch:
         fold = None if groups is None else self.folds.get(group, self.layers, self.shared, x.dtype)
         if fold is not None:
             outs, outputs = fold(x, tables, self.ids), fold.outputs  # the folded layers' outputs, then inputs
-            first = outs[0]
+            first = outs[0] if outputs else layer.base_layer(outs[0])
         elif len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
             outs, outputs = rows_kernels.transform_rows(x, bases, tables, self.ids), 0  # every member's input
