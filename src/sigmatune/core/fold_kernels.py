@@ -89,32 +89,28 @@ if triton is not None:
         before2 = before1 + tl.cdiv(E1, span)
         projections = (E0 if OUTPUTS > 0 else 0) + (E1 if OUTPUTS > 1 else 0) + (E2 if OUTPUTS > 2 else 0)
         if column < before1:
-            if OUTPUTS > 0:
-                _expand_member(H, stride_h, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
-                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+            if OUTPUTS > 0:  # (compile-time: one of the two)
+                base, stride = H, stride_h
             else:
-                _expand_member(X, stride_x, H, stride_h, 0, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
-                               PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
+                base, stride = X, stride_x
+            _expand_member(base, stride, H, stride_h, projections, P0, T0, O0, IDS, N, E0, R0, TOKENS, column,
+                           PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
         if MEMBERS > 1:  # noqa: SIM102  (runtime tests: Triton keeps them apart)
             if column >= before1 and column < before2:
                 if OUTPUTS > 1:
-                    _expand_member(H + E0, stride_h, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1, R1,
-                                   TOKENS, column - before1, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
-                                   EARLY)
+                    base, stride = H + E0, stride_h
                 else:
-                    _expand_member(X, stride_x, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1, R1,
-                                   TOKENS, column - before1, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
-                                   EARLY)
+                    base, stride = X, stride_x
+                _expand_member(base, stride, H, stride_h, projections + R0, P1, T1, O1, IDS, N, E1, R1, TOKENS,
+                               column - before1, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
         if MEMBERS > 2:  # noqa: SIM102
             if column >= before2:
                 if OUTPUTS > 2:
-                    _expand_member(H + E0 + E1, stride_h, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS,
-                                   N, E2, R2, TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C,
-                                   BLOCK_R, LOOP, EARLY)
+                    base, stride = H + E0 + E1, stride_h
                 else:
-                    _expand_member(X, stride_x, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2, R2,
-                                   TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP,
-                                   EARLY)
+                    base, stride = X, stride_x
+                _expand_member(base, stride, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2, R2,
+                               TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
     # fmt: on
 
 
