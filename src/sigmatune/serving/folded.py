@@ -56,6 +56,7 @@ class Fold:
     expansions: list[torch.Tensor]  # P_m (e_m, r_m) for the folded members, then V_m (d, r_m)
     bases: tuple[torch.Tensor, ...]  # each member's stored basis it was made from
     stamps: tuple[tuple[int, int], ...]  # the folded weights' storage and version just after
+    mode: str  # the MODE it was made in
 
     def __call__(self, x: torch.Tensor, tables: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
         """[the folded members' outputs, the other members' transformed inputs] for x (B, …, d)."""
@@ -94,12 +95,11 @@ def foldable(module: torch.nn.Module, dtype: torch.dtype) -> bool:
 
 
 def current(fold: Fold, layers: dict[str, SpectralLinear]) -> bool:
-    """Whether the fold still holds what its layers do: a new basis, or a write to the first layer's
-    weight (a merge, a new state dict), remakes it."""
+    """Whether the fold still holds what its layers do: a new basis, a write to a folded layer's weight
+    (a merge, a new state dict) or another MODE remakes it."""
     same = all(layers[m].sigma_basis is basis for m, basis in zip(fold.members, fold.bases, strict=True))
     stamps = tuple(stamp(layers[m].base_layer.weight) for m in fold.members[: fold.outputs])
-    outputs = folded_outputs(fold.members, layers, fold.weight.dtype)  # (changes with MODE)
-    return same and stamps == fold.stamps and outputs == fold.outputs
+    return same and stamps == fold.stamps and fold.mode == MODE
 
 
 def stamp(weight: torch.Tensor) -> tuple[int, int]:
@@ -132,7 +132,7 @@ def make_fold(group: tuple[str, ...], layers: dict[str, SpectralLinear], shared,
     expansions = [p.to(dtype).contiguous() for _, p in pairs] + inputs
     bases = tuple(layers[m].sigma_basis for m in group)
     stamps = tuple(stamp(module.weight) for module in modules)
-    return Fold(group, outputs, folded, bias, expansions, bases, stamps)
+    return Fold(group, outputs, folded, bias, expansions, bases, stamps, MODE)
 
 
 def folded_outputs(group: tuple[str, ...], layers: dict[str, SpectralLinear], dtype) -> int:
