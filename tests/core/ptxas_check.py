@@ -39,7 +39,7 @@ def report_fold(n: int, width: int, members: int, outputs: int = 1) -> tuple[tup
     """expand_rows over n rows of the 1.1B Llama's widest group output (gate: 5,632 columns), its first
     `outputs` members adding to their outputs in h."""
     shape = fold_kernels.expand_shape(n, 5632, width)
-    block_n, block_c, loop, warps, stages, early = fold_kernels.complete(shape)
+    block_n, block_c, loop, warps, stages, early = fold_kernels.complete_shape(shape)
     constants = dict(
         MEMBERS=members, OUTPUTS=outputs, PRECISION="tf32", UPCAST=False, BLOCK_N=block_n, BLOCK_C=block_c
     )

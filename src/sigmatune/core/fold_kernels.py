@@ -154,7 +154,7 @@ def expand_rows(
     expansions = [p if p.is_contiguous() else p.contiguous() for p in expansions]
     outs = [flat_x.new_empty(n, w) for w in widths]
     width = padded_rank(max(ranks))
-    block_n, block_c, loop, warps, stages, early = complete(shape or expand_shape(n, max(widths), width))
+    block_n, block_c, loop, warps, stages, early = complete_shape(shape or expand_shape(n, max(widths), width))
     grid = (triton.cdiv(n, block_n), sum(triton.cdiv(w, block_c * loop) for w in widths))  # no idle programs
     member_args = []
     for m in range(3):
@@ -171,7 +171,7 @@ def expand_rows(
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
-def complete(shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+def complete_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
     """A shape of 4 to 6 values with the ones left out: 2 stages, base tiles not loaded early."""
     shape = tuple(shape)
     return shape + (2, 0)[len(shape) - 4 :]
