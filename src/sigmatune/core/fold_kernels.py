@@ -154,7 +154,9 @@ def expand_rows(
     expansions = [p if p.is_contiguous() else p.contiguous() for p in expansions]
     outs = [flat_x.new_empty(n, w) for w in widths]
     width = padded_rank(max(ranks))
-    block_n, block_c, loop, warps, stages, early = complete_shape(shape or expand_shape(n, max(widths), width))
+    block_n, block_c, loop, warps, stages, early = complete_shape(
+        shape or expand_shape(n, max(widths), width)
+    )
     grid = (triton.cdiv(n, block_n), sum(triton.cdiv(w, block_c * loop) for w in widths))  # no idle programs
     member_args = []
     for m in range(3):
