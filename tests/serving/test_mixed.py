@@ -87,12 +87,13 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     second = served(bank, ids, rows)
     folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
     assert sorted(launches) == sorted(folds)
-    assert len(gemms) == 2 * 5 + 1  # per decoder layer: q's GEMM (k's and v's outputs too), o, gate, up, down
-    assert fold_outputs(bank) == {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}  # up: 48 of 32
+    # per decoder layer: q's GEMM (k's and v's outputs too), o, gate's projections, gate, up, down; lm_head
+    assert len(gemms) == 2 * 6 + 1
+    assert fold_outputs(bank) == {"q_proj": 3, "o_proj": 1, "gate_proj": 0, "down_proj": 1}  # gate: 48 of 32
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
     for mode, outputs, count in (
-        ("narrow", {"q_proj": 3, "o_proj": 1, "gate_proj": 0, "down_proj": 1}, 2 * 6 + 1),
+        ("outputs", {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}, 2 * 5 + 1),
         ("inputs", {"q_proj": 1, "o_proj": 1, "gate_proj": 1, "down_proj": 1}, 2 * 7 + 1),
         ("all", {"q_proj": 3, "o_proj": 1, "gate_proj": 2, "down_proj": 1}, 2 * 4 + 1),
     ):

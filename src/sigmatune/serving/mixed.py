@@ -21,9 +21,10 @@ vectors; to the SVD's precision otherwise).
 
 Once the groups are learned, a group whose first layer is a plain nn.Linear has its projections folded
 into that layer's GEMM (folded.py): its base GEMM returns the rows' projections with its output (and with
-k's and v's outputs after q's: their weights folded in too), and one launch with no reduction
-(core/fold_kernels.expand_rows) adds those layers' updates and computes the others' inputs (up's). The learning forward, and a forward captured into a CUDA graph before a fold exists,
-take the launch above.
+k's and v's outputs after q's: their weights folded in too; gate's group, wider out than in, gets its
+projections alone), and one launch with no reduction (core/fold_kernels.expand_rows) adds those layers'
+updates and computes the others' inputs (gate's and up's). The learning forward, and a forward captured
+into a CUDA graph before a fold exists, take the launch above.
 """
 
 from __future__ import annotations
