@@ -41,7 +41,8 @@ if triton is not None:
         pick = row_ok[:, None] & rank_ok[None, :]
         first = column * LOOP * BLOCK_C
         if EARLY:
-            base = _base_tile(BASE, stride_base, rows, row_ok, first + tl.arange(0, BLOCK_C), WIDTH)
+            starts = first + tl.arange(0, BLOCK_C)
+            base = _base_tile(BASE, stride_base, rows, starts, row_ok[:, None] & (starts < WIDTH)[None, :])
         adapter = tl.load(IDS + rows // TOKENS, mask=row_ok, other=0)  # the table row of each row
         g = tl.load(T + adapter[:, None] * R + ranks[None, :], mask=pick, other=0.0)
         p = tl.load(H + rows[:, None] * stride_h + offset + ranks[None, :], mask=pick, other=0.0)
@@ -57,19 +58,19 @@ if triton is not None:
                 b = b.to(tl.float32)
             if EARLY:  # the next block's (none after the last: its columns masked off)
                 ahead = tl.where(block + 1 < LOOP, cols + BLOCK_C, WIDTH)
-                upcoming = _base_tile(BASE, stride_base, rows, row_ok, ahead, WIDTH)
+                upcoming = _base_tile(BASE, stride_base, rows, ahead, row_ok[:, None] & (ahead < WIDTH)[None, :])
             update = tl.dot(scaled, tl.trans(b), input_precision=PRECISION)  # (BN, BC) fp32
             if not EARLY:
-                base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=tile, other=0.0)
+                base = _base_tile(BASE, stride_base, rows, cols, tile)
             tl.store(OUT + rows[:, None] * WIDTH + cols[None, :], (base.to(tl.float32) + update).to(base.dtype),
                      mask=tile)
             if EARLY:
                 base = upcoming
 
     @triton.jit
-    def _base_tile(BASE, stride_base, rows, row_ok, cols, WIDTH):
-        return tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=row_ok[:, None] & (cols < WIDTH)[None, :],
-                       other=0.0)
+    def _base_tile(BASE, stride_base, rows, cols, mask):
+        """The (rows × cols) tile of the base the update is added to (masked: 0)."""
+        return tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
 
     @triton.jit
     def _expand_kernel(
