@@ -1,34 +1,71 @@
-"""CPU and GPU cost of one adapted layer's forward + backward, per path, against the base layer alone.
+"""Host (CPU) and GPU cost of one adapted layer's forward + backward, per path, against the base layer alone,
+and the pieces an eager call is made of.
 
-    python benchmarks/layer_overhead.py [--n 4096] [--d 2048] [--rank 64]
+    python benchmarks/layer_overhead.py [--n 4096] [--d 2048] [--rank 64] [--out results/layer_overhead.json]
 
 Eager training of a model with hundreds of adapted layers is bound by whichever is slower: the CPU
-issuing kernels or the GPU running them. "cpu us" is the time to issue one forward + backward
-(no synchronisation); "gpu us" is the time per call once the queue is drained, over many calls.
+issuing kernels or the GPU running them. "cpu us" is the time to issue one call (no synchronisation,
+the queue far from full); "gpu us" the time per call once the queue is drained, over the same calls.
+Rows: the bare nn.Linear, a SpectralLinear (what a SigmaModel trains) on the fused kernel and on the GEMM
+path, the transform alone (functional.transform: an autograd.Function) and as the custom op that
+torch.compile sees (transform_op.py) before the base layer, and the pieces: a launch of the forward kernel,
+an empty autograd.Function, an allocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from sigmatune.core import functional as F
-from sigmatune.core import kernels
+from sigmatune.core import kernels, transform_op
+from sigmatune.core.layer import SpectralLinear
+from sigmatune.core.svd import Spectrum
+
+CALLS = 300
 
 
-def run(name, fn, x, calls=200):
-    for _ in range(10):
-        fn(x)
+def timed(fn, calls=CALLS) -> tuple[float, float]:
+    """(cpu µs, gpu µs) per call, after 20 untimed calls."""
+    for _ in range(20):
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        fn(x)
+        fn()
     issued = time.perf_counter() - start
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    print(f"{name:<28} cpu {1e6 * issued / calls:8.1f} us   gpu {1e6 * total / calls:8.1f} us")
+    return 1e6 * issued / calls, 1e6 * total / calls
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def adapted_layer(linear, rank: int) -> SpectralLinear:
+    d = linear.in_features
+    basis = torch.linalg.qr(torch.randn(d, rank, device="cuda")).Q
+    spectrum = Spectrum(
+        basis=basis,
+        sigma=torch.linspace(2, 1, rank, device="cuda"),
+        indices=torch.arange(rank, device="cuda"),
+        sigma_max=torch.tensor(2.0, device="cuda"),
+    )
+    layer = SpectralLinear(linear, spectrum)
+    layer.add_adapter("default", list(range(rank)), "multiplicative", init="normal", init_std=0.01)
+    layer.set_adapter("default")
+    return layer
 
 
 def main():
@@ -36,29 +73,49 @@ def main():
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    linear = torch.nn.Linear(args.d, args.d, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(
-        False
-    )
-    basis = torch.linalg.qr(torch.randn(args.d, args.rank, device="cuda")).Q.to(torch.bfloat16)
-    g = torch.zeros(args.rank, device="cuda", requires_grad=True)
+    linear = torch.nn.Linear(args.d, args.d, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear.requires_grad_(False)
+    layer = adapted_layer(linear, args.rank)
     x = torch.randn(args.n, args.d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(args.n, args.d, device="cuda", dtype=torch.bfloat16)
+    basis = layer.sigma_basis
+    vector = layer.sigma_adapters["default"].vector
+    g = vector.detach()
 
-    def base(x):
-        linear(x).backward(grad)
+    def gemm_path():
+        enabled, kernels.ENABLED = kernels.ENABLED, False
+        try:
+            layer(x).backward(grad)
+        finally:
+            kernels.ENABLED = enabled
 
-    def adapted(x):
-        linear(F.transform(x, basis, g)).backward(grad)
-
-    run("base layer", base, x)
-    available = kernels.available
-    kernels.available = lambda *_: False
-    run("adapted, GEMM path", adapted, x)
-    kernels.available = available
-    run("adapted, fused kernel", adapted, x)
-    run("kernel forward only", lambda x: kernels.transform(x, basis, g), x.detach())
+    rows = {
+        "base layer forward + backward": lambda: linear(x).backward(grad),
+        "adapted, fused kernel": lambda: layer(x).backward(grad),
+        "adapted, GEMM path": gemm_path,
+        "transform() + base layer": lambda: linear(F.transform(x, basis, vector)).backward(grad),
+        "custom op + base layer": lambda: linear(
+            transform_op.transform(x, basis, vector, None, True)[0]
+        ).backward(grad),
+        "base layer forward": lambda: linear(x.detach()),
+        "kernel forward (one launch)": lambda: kernels.transform(x.detach(), basis, g),
+        "empty autograd.Function fwd + bwd": lambda: _Identity.apply(x).backward(grad),
+        "torch.empty (N, d)": lambda: torch.empty_like(grad),
+    }
+    results = []
+    for name, fn in rows.items():
+        cpu, gpu = timed(fn)
+        results.append({"row": name, "cpu_us": round(cpu, 1), "gpu_us": round(gpu, 1)})
+        print(f"{name:<40} cpu {cpu:8.1f} us   gpu {gpu:8.1f} us", flush=True)
+    base = results[0]["cpu_us"]
+    print(f"adapted fused / base (cpu): {results[1]['cpu_us'] / base:.2f}x")
+    if args.out:
+        device = torch.cuda.get_device_name()
+        facts = dict(vars(args), out=None, device=device, torch=torch.__version__)
+        args.out.write_text(json.dumps({"facts": facts, "rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import band_kernels, kernels
+from . import band_kernels, kernels, transform_op
 from .structures import half_width
 
 
@@ -37,10 +37,21 @@ def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torc
     accumulating onto a (addmm).
     """
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
-    fused = kernels.available(flat, basis.shape[1], half_width(g)) and (
-        kernels.IN_COMPILE or not torch.compiler.is_compiling()
-    )
+    fused = kernels.available(flat, basis.shape[1], half_width(g))
+    if fused and torch.compiler.is_compiling():
+        if kernels.IN_COMPILE:
+            return _compiled_transform(flat, basis, g, shift).view(a.shape)
+        fused = False  # SIGMATUNE_FUSED_COMPILE=0: inductor traces the GEMMs
     return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
+
+
+def _compiled_transform(a, basis, coefficients, shift):
+    """transform() under torch.compile: the custom op (transform_op.py, one node for inductor), computed and
+    returned in autocast's dtype when it is on, as _Transform does."""
+    device = a.device.type
+    wanted = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+    out, _ = transform_op.transform(a.to(wanted), basis.to(wanted), coefficients, shift, True)
+    return out
 
 
 def transform_rows(

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .launcher import CachedLaunch
 from .structures import half_width
 
 try:
@@ -131,6 +132,16 @@ if triton is not None:
                       PRECISION, UPCAST, BLOCK_D)
     # fmt: on
 
+    _launch_transform = CachedLaunch(_transform_kernel, INTERPRET)
+
+
+def launch_shape(width: int) -> tuple[int, int]:
+    """(rows per program, warps) of the transform for a padded rank: ~N/32 or N/64 programs, enough warps
+    that ptxas keeps the tiles in registers."""
+    if INTERPRET:
+        return 16, 4
+    return (64 if width <= 32 else 32), 8
+
 
 def padded_rank(r: int) -> int:
     """The rank the kernel computes with: a power of two, at least 16 (tl.dot's smallest side)."""
@@ -158,7 +169,7 @@ def transform(
     r = basis.shape[1]
     width = padded_rank(r)
     band = half_width(coefficients)
-    block_n = 16 if INTERPRET else (64 if width <= 32 else 32)  # rows per program: ~N/32 programs
+    block_n, warps = launch_shape(width)
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
     coefficients = coefficients.contiguous()  # the kernel reads C's rows at stride r
@@ -170,16 +181,18 @@ def transform(
     if saved is not None:  # zeros: a band's columns j < o (whose row j − o is outside M) are never written
         empty = torch.empty if band == 0 else torch.zeros
         partial = empty((programs, diagonals, width), device=a.device, dtype=torch.float32)
-    _transform_kernel[(programs,)](
-        a, basis, coefficients, coefficients if shift is None else shift, out, projection,
-        projection if saved is None else saved, partial,
-        n, d, r,
-        a.stride(0), out.stride(0), basis.stride(0),
-        HAS_SHIFT=shift is not None, REDUCE=saved is not None, BLOCK_R=width,
+    constants = dict(
+        HAS_SHIFT=shift is not None, REDUCE=saved is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
         WIDTH=band, MIX=0 if coefficients.dim() == 1 else (1 if transposed else 2),
-        BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128, num_warps=4, num_stages=3,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128,
     )  # fmt: skip
+    arguments = (
+        a, basis, coefficients, coefficients if shift is None else shift, out, projection,
+        projection if saved is None else saved, partial,
+        n, d, r, a.stride(0), out.stride(0), basis.stride(0),
+    )  # fmt: skip
+    _launch_transform((programs,), arguments, constants, warps, 3)
     if saved is None:
         return out, projection, None
     grad = partial.sum(dim=0)[:, :r]  # (2w+1, r)
