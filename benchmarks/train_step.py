@@ -213,7 +213,8 @@ def main() -> None:
             frozen[compiled] = (step_ms, peak)
         ref_ms, ref_peak = frozen.get(compiled, (float("nan"), float("nan")))
         row = dict(
-            shape=args.shape, method=method, rank=rank, compiled=compiled, tokens=batch * length,
+            shape=args.shape, method=method, rank=rank, compiled=compiled,
+            mode="compiled" if compiled else "eager", tokens=batch * length,
             init_s=round(init_s, 3), init_warm_s=None if init_warm_s is None else round(init_warm_s, 3),
             trainable=trainable, step_ms=round(step_ms, 2), ratio_vs_frozen=round(step_ms / ref_ms, 3),
             peak_gib=round(peak, 2), peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,

@@ -294,3 +294,22 @@ def test_a_decode_steps_launch_shapes_keep_their_tiles_in_registers():
     ]  # rows, rank, layers
     for case, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
         assert spilled == 0, (case, shape, report)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cached_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
+    """After the first call per key the JIT is not asked again; an input at an address the JIT would
+    specialise differently (not 16-byte aligned) is a new key, and every result matches the reference."""
+    launch = kernels._launch_transform
+    asked = []
+    run = kernels._transform_kernel.run
+    monkeypatch.setattr(kernels._transform_kernel, "run", lambda *a, **k: asked.append(1) or run(*a, **k))
+    launch.compiled.clear()
+    a, basis, g, _ = case(70, 96, 24, torch.bfloat16, seed=6)
+    storage = torch.randn(70 * 96 + 1, device="cuda").to(torch.bfloat16)
+    unaligned = storage[1:].view(70, 96).copy_(a)  # 2 bytes past an aligned address
+    for x in (a, a.clone(), unaligned, unaligned):
+        out, _, _ = kernels.transform(x, basis, g)
+        expected, _ = reference(x, basis, g)
+        torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)
+    assert len(asked) == len(launch.compiled) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sigmatune.core import svd
 from sigmatune.core.svd import SpectrumRequest, canonical_signs, compute_spectra, randomized_svd
 from sigmatune.core.weights import fingerprint
 
@@ -89,3 +90,58 @@ def test_fingerprint_tracks_content_not_layout():
     swapped[[0, 1]] = swapped[[1, 0]]
     assert fingerprint(swapped) != fingerprint(weight)
     assert fingerprint(weight.double()) != fingerprint(weight)
+
+
+def spectra_of_steep_matrices(shape, dtype):
+    """Two layers, singular values from 1 down to 1e-6 (one exactly 0), against torch's fp64 SVD."""
+    weights = []
+    for seed in (3, 4):
+        weight = decaying(*shape, seed=seed).double()
+        u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+        sigma = torch.logspace(0, -6, len(sigma), dtype=torch.float64)
+        sigma[-1] = 0
+        weights.append((u * sigma) @ vh)
+    return torch.stack(weights).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])  # input side, output side
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_side_matches_the_svd_down_to_tiny_singular_values(shape, dtype):
+    weights = spectra_of_steep_matrices(shape, dtype)
+    input_side = shape[1] <= shape[0]
+    bases, sigma = svd.exact_side(weights, input_side)
+    assert bases.dtype == sigma.dtype == dtype and bases.shape == (2, min(shape), min(shape))
+    for b in range(2):
+        u, expected, vh = torch.linalg.svd(weights[b].double(), full_matrices=False)
+        reference = vh.T if input_side else u
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(sigma[b].double(), expected, rtol=tol, atol=tol)
+        eye = torch.eye(min(shape), dtype=torch.float64)
+        torch.testing.assert_close(bases[b].double().T @ bases[b].double(), eye, rtol=0, atol=10 * tol)
+        # distinct σ: each direction is the SVD's up to its sign (the last, σ = 0, is fixed by the others)
+        overlap = (bases[b].double().T @ reference).diagonal().abs()
+        torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-4)
+        # the identities the one-sided form rests on
+        side = (
+            weights[b].double() @ bases[b].double()
+            if input_side
+            else weights[b].double().T @ bases[b].double()
+        )
+        torch.testing.assert_close(side.norm(dim=0), sigma[b].double(), rtol=1e-4, atol=10 * tol)
+
+
+def test_a_layer_whose_eigenvectors_fail_the_check_takes_the_svd(monkeypatch, caplog):
+    weights = spectra_of_steep_matrices((96, 64), torch.float32)
+    eigh = torch.linalg.eigh
+
+    def broken(gram):  # the second layer's eigenvectors no longer orthonormal
+        values, vectors = eigh(gram)
+        vectors[1, :, 0] *= 1.5
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    bases, sigma = svd.exact_side(weights, True)
+    assert "failed its check" in caplog.text
+    _, expected, vh = torch.linalg.svd(weights[1].double(), full_matrices=False)
+    torch.testing.assert_close(sigma[1].double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bases[1].abs().double(), vh.T.abs(), rtol=1e-4, atol=1e-4)

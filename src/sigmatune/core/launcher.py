@@ -31,6 +31,12 @@ def _specialisation(value) -> object:
     return type(value)
 
 
+def _hooked() -> bool:
+    """Whether a launch hook is set (Triton 3.6 keeps a chain of them, empty when none is)."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class CachedLaunch:
     """One @triton.jit kernel, launched through its compiled launcher after the first call per key."""
 
@@ -42,7 +48,7 @@ class CachedLaunch:
     def __call__(self, grid: tuple[int, ...], args: tuple, constants: dict, warps: int, stages: int) -> None:
         """kernel[grid](*args, **constants, num_warps=warps, num_stages=stages), with args the runtime
         arguments in the kernel's order and constants its constexpr ones (given after them)."""
-        if self.interpret or knobs.runtime.launch_enter_hook is not None:
+        if self.interpret or _hooked():
             self.kernel[grid](*args, **constants, num_warps=warps, num_stages=stages)
             return
         device = args[0].device.index
