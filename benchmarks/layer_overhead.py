@@ -4,8 +4,8 @@ and the pieces an eager call is made of.
     python benchmarks/layer_overhead.py [--n 4096] [--d 2048] [--rank 64] [--out results/layer_overhead.json]
 
 Eager training of a model with hundreds of adapted layers is bound by whichever is slower: the CPU
-issuing kernels or the GPU running them. "cpu us" is the time to issue one call (no synchronisation,
-the queue far from full); "gpu us" the time per call once the queue is drained, over the same calls.
+issuing kernels or the GPU running them. "cpu us" is the time to issue one call (the GPU held busy by a
+sleep meanwhile, so nothing waits on it); "gpu us" the GPU's time per call, the calls back to back.
 Rows: the bare nn.Linear, a SpectralLinear (what a SigmaModel trains) on the fused kernel and on the GEMM
 path, the transform alone (functional.transform: an autograd.Function) and as the custom op that
 torch.compile sees (transform_op.py) before the base layer, and the pieces: a launch of the forward kernel,
@@ -22,25 +22,39 @@ from pathlib import Path
 import torch
 
 from sigmatune.core import functional as F
-from sigmatune.core import kernels, transform_op
+from sigmatune.core import kernels, launcher, transform_op
 from sigmatune.core.layer import SpectralLinear
 from sigmatune.core.svd import Spectrum
 
-CALLS = 300
+CALLS = 40  # few enough that every launch fits in the GPU's queue while it sleeps
+SLEEP_MS = 150
+CYCLES_PER_S = 1.98e9  # the H200's boost clock: torch.cuda._sleep counts cycles
 
 
-def timed(fn, calls=CALLS) -> tuple[float, float]:
-    """(cpu µs, gpu µs) per call, after 20 untimed calls."""
-    for _ in range(20):
+def timed(fn, calls=CALLS, repeats=5) -> tuple[float, float]:
+    """(cpu µs, gpu µs) per call, the least of `repeats` rounds of `calls` calls after 10 untimed calls. In
+    each round the GPU first sleeps for SLEEP_MS, so that the calls only queue while the CPU issues them:
+    cpu µs is the host's cost alone, gpu µs the time from the end of the sleep to the end of the last call
+    (the calls back to back) over the calls."""
+    for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    return 1e6 * issued / calls, 1e6 * total / calls
+    cpu, gpu = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(SLEEP_MS * 1e-3 * CYCLES_PER_S))
+        begin.record()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter() - start
+        end.record()
+        torch.cuda.synchronize()
+        if 1e3 * issued > 0.8 * SLEEP_MS:
+            print(f"  (issuing took {1e3 * issued:.0f} ms, as long as the sleep: gpu µs includes idle time)")
+        cpu.append(1e6 * issued / calls)
+        gpu.append(1e3 * begin.elapsed_time(end) / calls)
+    return min(cpu), min(gpu)
 
 
 class _Identity(torch.autograd.Function):
@@ -51,6 +65,21 @@ class _Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def through_jit(x, basis, g):
+    """kernels.transform with its launch taken by kernel[grid](...) every time (as under launch hooks)."""
+    launch = kernels._launch_transform
+    launch.interpret = True
+    try:
+        kernels.transform(x, basis, g)
+    finally:
+        launch.interpret = False
+
+
+@torch.no_grad()
+def no_grad(layer, x):
+    return layer(x)
 
 
 def adapted_layer(linear, rank: int) -> SpectralLinear:
@@ -75,6 +104,8 @@ def main():
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    hook = launcher.knobs.runtime.launch_enter_hook
+    print(f"triton {launcher.triton.__version__}: launch_enter_hook {hook!r}, hooked: {launcher._hooked()}")
     torch.manual_seed(0)
     linear = torch.nn.Linear(args.d, args.d, bias=False, device="cuda", dtype=torch.bfloat16)
     linear.requires_grad_(False)
@@ -84,6 +115,7 @@ def main():
     basis = layer.sigma_basis
     vector = layer.sigma_adapters["default"].vector
     g = vector.detach()
+    saved = kernels.transform(x.detach(), basis, g)[1]
 
     def gemm_path():
         enabled, kernels.ENABLED = kernels.ENABLED, False
@@ -102,6 +134,9 @@ def main():
         ).backward(grad),
         "base layer forward": lambda: linear(x.detach()),
         "kernel forward (one launch)": lambda: kernels.transform(x.detach(), basis, g),
+        "kernel forward through the JIT": lambda: through_jit(x.detach(), basis, g),
+        "kernel backward (launch + reduction)": lambda: kernels.transform(grad, basis, g, saved=saved),
+        "adapted layer forward, no grad": lambda: no_grad(layer, x),
         "empty autograd.Function fwd + bwd": lambda: _Identity.apply(x).backward(grad),
         "torch.empty (N, d)": lambda: torch.empty_like(grad),
     }

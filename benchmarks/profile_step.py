@@ -1,6 +1,7 @@
 """Where a training step's time goes: the top GPU kernels of one row of train_step.py, by total time.
 
-python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--compiled]
+python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--mode eager|compiled|graphed]
+    [--compile regions|model]
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import time
 
 import torch
-from train_step import WARMUP, build, timed_init
+from train_step import MODES, WARMUP, build, runner_for, timed_init
 
 
 def main() -> None:
@@ -18,20 +19,23 @@ def main() -> None:
     parser.add_argument("--method", default="sigmatune")
     parser.add_argument("--rank", default="64")
     parser.add_argument("--tokens", default="4x1024")
-    parser.add_argument("--compiled", action="store_true")
+    parser.add_argument("--mode", choices=MODES.values(), default="eager")
+    parser.add_argument("--compile", choices=["model", "regions"], default="regions")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     rank = args.rank if args.rank == "full" else int(args.rank)
     batch, length = (int(x) for x in args.tokens.split("x"))
     base = build(args.shape)
     model, _, _, _ = timed_init(base, args.method, rank)
-    runner = torch.compile(model, fullgraph=True) if args.compiled else model
+    runner = runner_for(model, base, args.mode, args.compile == "regions")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     ids = torch.randint(0, 32000, (batch, length), device="cuda")
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
     def step():
+        if args.mode == "graphed":
+            torch.compiler.cudagraph_mark_step_begin()
         runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -55,7 +59,7 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(f"{args.method} r={args.rank} compiled={args.compiled}: 3 steps")
+    print(f"{args.method} r={args.rank} {args.mode}: 3 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
 
 

@@ -1,15 +1,21 @@
 """Training-step benchmark (../shared/BENCH.md): one process per model shape, every row in one run.
 
-    python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled]
+    python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled|graphed|...]
 
 A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
 (no trainable weights, input gradients on), sigmatune r=16, 64, full (and its band structure as method
 sigmatune-band<b>, e.g. --rows sigmatune-band1:full,sigmatune-band4:64), PEFT LoRA r=16 (alpha 32),
-eigentune 0.2.0 r=16/64 (backends torch and auto) — eager, and compiled (each decoder layer with
-torch.compile(fullgraph=True) on the whole model, or with --compile regions on each decoder layer). Per row: init seconds (cold, and warm from
-the basis cache), trainable parameters, median step ms over TIMED steps after WARMUP (synchronised
-around each), ratio to the frozen step, peak allocated GiB and its ratio. Rows go into
-benchmarks/results/train_step.json (merged by key) and a markdown table into benchmarks/README.md.
+eigentune 0.2.0 r=16/64 (backends torch and auto), each in a mode (`mode` in the results):
+  eager      the model as it is (the HF Trainer's default)
+  compiled   torch.compile(fullgraph=True): each decoder layer its own region (--compile regions, the
+             default: one compile serves all 22), or the whole model (--compile model)
+  graphed    the whole model compiled with mode="reduce-overhead": forward and backward replayed as CUDA
+             graphs
+A row spec is method:rank[:e|c|g] (e by default). Per row: init seconds (cold, and warm from the basis
+cache), trainable parameters, seconds to the end of the first step (compile included), median step ms over
+TIMED steps after WARMUP (synchronised around each), ratio to the frozen step of the same mode, peak
+allocated GiB and its ratio. Rows go into benchmarks/results/train_step.json (merged by key) and a
+markdown table into benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ WARMUP, TIMED = 3, 7
 torch._dynamo.config.recompile_limit = 64  # one compiled region per decoder layer may specialise per layer
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 TABLE = Path(__file__).parent / "README.md"
-KEY = ("shape", "method", "rank", "compiled", "tokens", "device")  # rows of other GPUs are kept
+MODES = {"e": "eager", "c": "compiled", "g": "graphed"}
+
+
+def row_key(row: dict) -> tuple:
+    """What one row measures (rows of other GPUs are kept); rows from before `mode` read it from `compiled`."""
+    mode = row.get("mode") or ("compiled" if row["compiled"] else "eager")
+    return row["shape"], row["method"], str(row["rank"]), mode, row["tokens"], row["device"]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,14 +125,29 @@ def decoder_layers(base) -> list:
     return list(base.model.layers)
 
 
-def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float, float]:
-    """(median step ms, peak allocated GiB) of forward + backward + optimizer step (fused AdamW)."""
-    runner = model
-    if compiled == "regions":  # each decoder layer its own compiled region
+def runner_for(model, base, mode: str, regions: bool):
+    """What a step calls: the model itself (eager), or compiled — each decoder layer its own region, or the
+    whole model; graphed rows always compile the whole model (one CUDA graph replayed per region would
+    overwrite the outputs the next region reads)."""
+    if mode == "eager":
+        return model
+    if mode == "compiled" and regions:
         for layer in decoder_layers(base):
             layer.compile(fullgraph=True)
-    elif compiled:
-        runner = torch.compile(model, fullgraph=True)
+        return model
+    return torch.compile(model, fullgraph=True, mode="reduce-overhead" if mode == "graphed" else None)
+
+
+def uncompile(base) -> None:
+    for layer in decoder_layers(base):
+        layer._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def measure(model, base, mode: str, regions: bool, batch: int, length: int) -> tuple[float, float, float]:
+    """(median step ms, peak allocated GiB, seconds to the end of the first step) of forward + backward +
+    optimizer step (fused AdamW)."""
+    runner = runner_for(model, base, mode, regions)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda") if params else None
     ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -129,12 +156,15 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, first = [], float("nan")
     for step in range(WARMUP + TIMED):
         sync()
         start = time.perf_counter()
+        if mode == "graphed":  # a new iteration: the graphs' outputs of the last one are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         loss = runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss
         loss.backward()
+        embeds.grad = None  # each step its own input gradient (a graph's output is not accumulated into)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -142,24 +172,35 @@ def measure(model, base, compiled: bool, batch: int, length: int) -> tuple[float
         if step >= WARMUP:
             times.append(1000 * (time.perf_counter() - start))
         elif step == 0:
-            print(f"  first step (compile included): {time.perf_counter() - start:.1f} s", flush=True)
+            first = time.perf_counter() - start
+            print(f"  first step (compile included): {first:.1f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
-    for layer in decoder_layers(base):
-        layer._compiled_call_impl = None
-    torch._dynamo.reset()
-    return statistics.median(times), peak
+    uncompile(base)
+    return statistics.median(times), peak, first
 
 
-def rows_for(which: str) -> list[tuple[str, object, bool]]:
-    eager = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
-    eager += [(f"eigentune-{b}", r) for b in ("torch", "auto") for r in (16, 64)]
-    compiled = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
+def rows_for(which: str) -> list[tuple[str, object, str]]:
+    """(method, rank, mode) for `all`, one mode's name, or a list of method:rank[:e|c|g]."""
+    common = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
+    common += [("sigmatune-band1", "full"), ("sigmatune-band4", 64)]
+    peers = [(f"eigentune-{b}", r) for b in ("torch", "auto") for r in (16, 64)]
+    if which in ("all", *MODES.values()):
+        modes = list(MODES.values()) if which == "all" else [which]
+        return [(m, r, mode) for mode in modes for m, r in common + (peers if mode == "eager" else [])]
     rows = []
-    if which in ("all", "eager"):
-        rows += [(m, r, False) for m, r in eager]
-    if which in ("all", "compiled"):
-        rows += [(m, r, True) for m, r in compiled]
+    for spec in which.split(","):
+        method, rank, *mode = spec.split(":")
+        rows.append((method, rank if rank == "full" else int(rank), MODES[mode[0] if mode else "e"]))
     return rows
+
+
+def structure_of(method: str) -> dict:
+    """The structure keys of a sigmatune row (none for the other methods)."""
+    if method == "sigmatune":
+        return dict(structure="diagonal", band=0)
+    if method.startswith("sigmatune-band"):
+        return dict(structure="band", band=int(method.removeprefix("sigmatune-band")))
+    return {}
 
 
 def main() -> None:
@@ -169,11 +210,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="1.1b")
     parser.add_argument("--tokens", default="4x1024", help="batch x sequence length")
     parser.add_argument(
-        "--rows", default="all", help="all, eager, compiled, or method:rank[:c],... (c = compiled)"
+        "--rows",
+        default="all",
+        help="all, eager, compiled, graphed, or method:rank[:e|c|g],... (eager, compiled, graphed)",
     )
     parser.add_argument("--out", default=str(RESULTS), help="results JSON to merge the rows into")
     parser.add_argument(
-        "--compile", choices=["model", "regions"], default="model", help="what compiled rows compile"
+        "--compile", choices=["model", "regions"], default="regions", help="what compiled rows compile"
     )
     parser.add_argument(
         "--table-from", metavar="JSON", help="only rewrite the README table from this results file"
@@ -183,41 +226,34 @@ def main() -> None:
         write_table(markdown(json.loads(Path(args.table_from).read_text())))
         return
     batch, length = (int(x) for x in args.tokens.split("x"))
-    if args.rows in ("all", "eager", "compiled"):
-        rows = rows_for(args.rows)
-    else:
-        rows = [
-            (p[0], p[1] if p[1] == "full" else int(p[1]), p[2:] == ["c"])
-            for p in (r.split(":") for r in args.rows.split(","))
-        ]
+    rows = rows_for(args.rows)
     base = build(args.shape)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     results, frozen = [], {}
-    for method, rank, compiled in sorted(rows, key=lambda r: (r[2], r[0] != "frozen")):
+    order = list(MODES.values())
+    for method, rank, mode in sorted(rows, key=lambda r: (order.index(r[2]), r[0] != "frozen")):
         unwrap = None
         try:
             model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            mode = compiled and ("regions" if args.compile == "regions" else True)
-            step_ms, peak = measure(model, base, mode, batch, length)
+            step_ms, peak, first_s = measure(model, base, mode, args.compile == "regions", batch, length)
         except Exception as err:  # a failing peer must not lose the other rows
-            print(
-                f"{method} r={rank} compiled={compiled}: FAILED {type(err).__name__}: {err}"[:2000],
-                flush=True,
-            )
+            print(f"{method} r={rank} {mode}: FAILED {type(err).__name__}: {err}"[:2000], flush=True)
             continue
         finally:
             if unwrap is not None:
                 unwrap()
         if method == "frozen":
-            frozen[compiled] = (step_ms, peak)
-        ref_ms, ref_peak = frozen.get(compiled, (float("nan"), float("nan")))
+            frozen[mode] = (step_ms, peak)
+        ref_ms, ref_peak = frozen.get(mode, (float("nan"), float("nan")))
         row = dict(
-            shape=args.shape, method=method, rank=rank, compiled=compiled,
-            mode="compiled" if compiled else "eager", tokens=batch * length,
+            shape=args.shape, method=method, rank=rank, compiled=mode != "eager", mode=mode,
+            **structure_of(method), tokens=batch * length,
             init_s=round(init_s, 3), init_warm_s=None if init_warm_s is None else round(init_warm_s, 3),
-            trainable=trainable, step_ms=round(step_ms, 2), ratio_vs_frozen=round(step_ms / ref_ms, 3),
-            peak_gib=round(peak, 2), peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
+            trainable=trainable, first_step_s=round(first_s, 1), step_ms=round(step_ms, 2),
+            ratio_vs_frozen=round(step_ms / ref_ms, 3), peak_gib=round(peak, 2),
+            peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
+            compile=(args.compile if mode != "eager" else None),
         )  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -226,29 +262,19 @@ def main() -> None:
 
 def save(rows: list[dict], path: Path) -> None:
     """Merge rows into the results file (same key: replaced), then print the table."""
-    print(markdown(merge_rows(path, rows, KEY)))
+    print(markdown(merge_rows(path, rows, row_key)))
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| device | shape | tokens | method | rank | compiled | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
+    head = "| device | shape | tokens | method | rank | mode | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
     lines = [head, "|" + "---|" * 12]
-    for r in sorted(
-        rows,
-        key=lambda r: (
-            r["device"],
-            r["shape"],
-            r["tokens"],
-            r["compiled"],
-            r["method"] != "frozen",
-            r["method"],
-            str(r["rank"]),
-        ),
-    ):
+    order = list(MODES.values())
+    for r in sorted(rows, key=lambda r: (*row_key(r)[4:], r["shape"], order.index(row_key(r)[3]), r["method"] != "frozen", r["method"], str(r["rank"]))):  # fmt: skip
         warm = "" if r["init_warm_s"] is None else f" ({r['init_warm_s']:.2f})"
         lines.append(
-            f"| {r['device'].removeprefix('NVIDIA ')} | {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | "
-            f"{r['init_s']:.2f}{warm} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['ratio_vs_frozen']:.2f} | "
-            f"{r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
+            f"| {r['device'].removeprefix('NVIDIA ')} | {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | "
+            f"{row_key(r)[3]} | {r['init_s']:.2f}{warm} | {r['trainable']:,} | {r['step_ms']:.1f} | "
+            f"{r['ratio_vs_frozen']:.2f} | {r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
         )
     return (
         "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The basis cache: the second initialisation reads the bases computed by the first; a damaged file is
-recomputed with a warning."""
+"""The basis cache: the second initialisation reads the bases computed by the first, all layers from one
+file; a damaged file is recomputed with a warning."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ def test_second_init_comes_from_the_cache(tmp_path, caplog):
         second = compute_spectra(requests, cache=BasisCache(tmp_path), progress=False)
     assert "bases: 0 from cache, 4 to compute" in caplog.text
     assert "bases: 4 from cache, 0 to compute" in caplog.text
-    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # one file for the four layers
     for name in first:
         assert torch.equal(first[name].basis, second[name].basis)
         assert torch.equal(first[name].indices, second[name].indices)
     other = compute_spectra([request(weights[0], [0, 2])], cache=BasisCache(tmp_path), progress=False)["w"]
     assert other.basis.shape == (64, 2)  # another selection is another cache entry
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # written by rename, nothing left behind
 
 
 def test_damaged_cache_file_is_recomputed_with_a_warning(tmp_path):

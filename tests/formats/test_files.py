@@ -11,6 +11,7 @@ import torch
 from sigmatune.formats.files import (
     AdapterFileError,
     atomic_save_tensors,
+    atomic_stream_tensors,
     atomic_write_bytes,
     load_tensors,
     read_json,
@@ -34,6 +35,38 @@ def test_tensors_round_trip_with_metadata(tmp_path):
     loaded, metadata = load_tensors(tmp_path / "t.safetensors")
     assert metadata == {"note": "hello"}
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_streamed_tensors_are_the_files_safetensors_writes(tmp_path, durable):
+    """The header built from shapes alone and the bytes written one tensor at a time make the same tensors
+    and metadata as safetensors' own writer, for every dtype a cache or adapter holds (odd sizes too)."""
+    tensors = {
+        "basis": torch.randn(7, 3),
+        "wide": torch.randn(5, dtype=torch.float64),
+        "half": torch.randn(3, 3).bfloat16(),
+        "f16": torch.randn(1).half(),
+        "indices": torch.arange(5),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    atomic_stream_tensors(tmp_path / "s.safetensors", tensors, {"keys": "[1, 2]"}, durable=durable)
+    atomic_save_tensors(tmp_path / "t.safetensors", tensors, {"keys": "[1, 2]"})
+    streamed, metadata = load_tensors(tmp_path / "s.safetensors")
+    written, _ = load_tensors(tmp_path / "t.safetensors")
+    assert metadata == {"keys": "[1, 2]"} and list(streamed) == list(written)
+    for name, tensor in tensors.items():
+        assert streamed[name].dtype == tensor.dtype and torch.equal(streamed[name], tensor), name
+
+
+def test_a_stream_that_fails_midway_leaves_the_old_file_and_no_debris(tmp_path):
+    target = tmp_path / "cache.safetensors"
+    atomic_stream_tensors(target, {"a": torch.ones(3)}, {})
+    with pytest.raises(RuntimeError):  # the second tensor cannot be copied to the host
+        atomic_stream_tensors(target, {"a": torch.zeros(3), "b": torch.zeros(2, device="meta")}, {})
+    assert torch.equal(load_tensors(target)[0]["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
 
 
 def test_bad_json_names_the_file(tmp_path):

@@ -103,14 +103,17 @@ class _Transform(torch.autograd.Function):
     def forward(ctx, a, basis, coefficients, shift, fused):
         ctx.fused, ctx.input_dtype = fused, a.dtype
         device = a.device.type
-        if torch.is_autocast_enabled(device):  # compute in autocast's dtype, as the base linear layer does
+        autocast = torch.is_autocast_enabled(device)
+        if autocast:  # compute in autocast's dtype, as the base linear layer does
             a = a.to(torch.get_autocast_dtype(device))
-        with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
-            basis = basis.to(a.dtype)
-            if fused:
-                out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
-            else:
+        basis = basis.to(a.dtype)
+        if fused:  # no autocast inside a Triton kernel
+            out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
+        elif autocast:
+            with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
                 out, projection = _gemm_forward(a, basis, coefficients, shift)
+        else:
+            out, projection = _gemm_forward(a, basis, coefficients, shift)
         ctx.save_for_backward(projection, basis, coefficients)
         return out
 
@@ -126,13 +129,13 @@ class _Transform(torch.autograd.Function):
 
 
 def _gemm_forward(a, basis, coefficients, shift):
-    """(out, P) by GEMMs: P = aB − c (N, r); out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ, or a + (P Mᵀ) Bᵀ
-    with the banded mix in fp32."""
+    """(out, P) by GEMMs in a's dtype: P = aB − c (N, r); out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ, or
+    a + (P Mᵀ) Bᵀ with the banded mix summed in fp32."""
     projection = a @ basis  # (N, r)
     if shift is not None:
         projection = projection - shift.to(a.dtype)
     if coefficients.dim() == 1:
-        return torch.addmm(a, projection, (basis * coefficients).to(a.dtype).T), projection
+        return torch.addmm(a, projection, scaled_basis(basis, coefficients).T), projection
     if band_kernels.available(projection, half_width(coefficients)):
         mixed = band_kernels.mix(projection, coefficients, transposed=True)  # P Mᵀ, summed in fp32
     else:
@@ -147,7 +150,7 @@ def _gemm_backward(grad_out, basis, coefficients, projection):
     basis = basis.to(grad_out.dtype)
     along = grad_out @ basis  # Q (N, r)
     if coefficients.dim() == 1:
-        grad_a = torch.addmm(grad_out, along, (basis * coefficients).to(grad_out.dtype).T)
+        grad_a = torch.addmm(grad_out, along, scaled_basis(basis, coefficients).T)
         return grad_a, column_dots(along, projection)
     w = half_width(coefficients)
     if band_kernels.available(along, w):  # summed in fp32, one pass each
@@ -159,10 +162,19 @@ def _gemm_backward(grad_out, basis, coefficients, projection):
     return torch.addmm(grad_out, back, basis.T), grad_c
 
 
+def scaled_basis(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """B diag(g) (d, r) in the basis' dtype: g is rounded to it first, so no (d, r) fp32 copy is made (a
+    bf16 basis times a bf16 g differs from the fp32 product by one more rounding, ~2⁻⁹ relative)."""
+    return basis * g.to(basis.dtype)
+
+
 def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Σ_rows q ⊙ p for (N, r) matrices: diag(qᵀ p) by one small GEMM when r is small, else in fp32."""
+    """Σ_rows q ⊙ p for (N, r) matrices: diag(qᵀ p) by one small GEMM when r is small; else summed in fp32
+    in one pass over q and p (band_kernels' gradient of a band of half-width 0) on CUDA, or by torch ops."""
     if q.shape[1] <= 256:
         return torch.mm(q.T, p).diagonal()
+    if band_kernels.available(q, 0):
+        return band_kernels.grad(q, p, 0)[0]
     wide = torch.promote_types(q.dtype, torch.float32)
     return (q.to(wide) * p.to(wide)).sum(dim=0)
 

@@ -21,6 +21,7 @@ built from this file's two tiles (_project, _add_expanded).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -155,6 +156,7 @@ def transform(
     shift: torch.Tensor | None = None,
     saved: torch.Tensor | None = None,
     transposed: bool = False,
+    launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
     or a band C (2w+1, r):
@@ -163,37 +165,52 @@ def transform(
     pass); projection = aB − c as (N, padded_rank(r)) fp32 with zero columns past r; grad, the
     coefficients' gradient in their shape, fp32, when saved (a projection of the forward pass, same layout)
     is given: the backward pass (dg = Σ_rows projection ⊙ saved; for a band dC[w+o, j] = Σ_rows
-    projection[:, j−o] saved[:, j]).
+    projection[:, j−o] saved[:, j]). `launch` (grid, arguments, constants, warps, stages) launches the kernel:
+    by default the cached launcher (eager calls); transform_op.py passes one that torch.compile can trace.
     """
     n, d = a.shape
     r = basis.shape[1]
-    width = padded_rank(r)
-    band = half_width(coefficients)
-    block_n, warps = launch_shape(width)
+    diagonal = coefficients.dim() == 1
+    band = 0 if diagonal else half_width(coefficients)
+    width, block_n, warps, constants = _setup(
+        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed
+    )
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
-    coefficients = coefficients.contiguous()  # the kernel reads C's rows at stride r
+    coefficients = (
+        coefficients if coefficients.is_contiguous() else coefficients.contiguous()
+    )  # rows at stride r
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
-    programs = triton.cdiv(n, block_n)
-    diagonals = 2 * band + 1
+    programs = -(-n // block_n)
     partial = coefficients
     if saved is not None:  # zeros: a band's columns j < o (whose row j − o is outside M) are never written
-        empty = torch.empty if band == 0 else torch.zeros
-        partial = empty((programs, diagonals, width), device=a.device, dtype=torch.float32)
-    constants = dict(
-        HAS_SHIFT=shift is not None, REDUCE=saved is not None,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=INTERPRET,
-        WIDTH=band, MIX=0 if coefficients.dim() == 1 else (1 if transposed else 2),
-        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128,
-    )  # fmt: skip
+        empty = torch.empty if diagonal else torch.zeros
+        partial = empty((programs, 2 * band + 1, width), device=a.device, dtype=torch.float32)
     arguments = (
         a, basis, coefficients, coefficients if shift is None else shift, out, projection,
         projection if saved is None else saved, partial,
         n, d, r, a.stride(0), out.stride(0), basis.stride(0),
     )  # fmt: skip
-    _launch_transform((programs,), arguments, constants, warps, 3)
+    (launch or _launch_transform)((programs,), arguments, constants, warps, 3)
     if saved is None:
         return out, projection, None
-    grad = partial.sum(dim=0)[:, :r]  # (2w+1, r)
-    return out, projection, grad[0] if coefficients.dim() == 1 else grad
+    grad = partial.sum(dim=0)  # (2w+1, width)
+    if diagonal:
+        return out, projection, grad[0] if r == width else grad[0, :r]
+    return out, projection, grad[:, :r]
+
+
+@functools.lru_cache(maxsize=256)
+def _setup(
+    r: int, band: int, diagonal: bool, dtype: torch.dtype, shifted: bool, backward: bool, transposed: bool
+):
+    """(padded rank, rows per program, warps, the kernel's constants) of one kind of call, worked out once."""
+    width = padded_rank(r)
+    block_n, warps = launch_shape(width)
+    constants = dict(
+        HAS_SHIFT=shifted, REDUCE=backward, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128,
+    )  # fmt: skip
+    return width, block_n, warps, constants

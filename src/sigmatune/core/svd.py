@@ -47,13 +47,14 @@ class SpectrumRequest:
 
 
 class SpectrumCache(Protocol):
-    """Where computed spectra are kept between runs (formats.basis_cache.BasisCache on disk)."""
+    """Where computed spectra are kept between runs (formats.basis_cache.BasisCache on disk): the spectra of
+    one call of compute_spectra are kept together, under the list of their keys."""
 
-    def read(self, key: str, request: SpectrumRequest) -> Spectrum | None:
-        """The spectrum stored under key, checked against the request, on the request's device; or None."""
+    def read(self, keys: list[str], requests: list[SpectrumRequest]) -> list[Spectrum] | None:
+        """The spectra stored under these keys, checked against the requests, on their devices; or None."""
 
-    def write(self, key: str, spectrum: Spectrum) -> None:
-        """Keep the spectrum under key (a failure to keep it must not fail the computation)."""
+    def write(self, keys: list[str], spectra: list[Spectrum]) -> None:
+        """Keep the spectra under these keys (a failure to keep them must not fail the computation)."""
 
 
 def side_for(out_features: int, in_features: int) -> str:
@@ -73,32 +74,30 @@ def compute_spectra(
     cache: SpectrumCache | None = None,
     progress: bool | None = None,
 ) -> dict[str, Spectrum]:
-    """Spectra for every request, from the cache where possible, else by batched SVD (then cached)."""
-    found, missing = {}, []
-    for request in requests:
-        key = spectrum_key(request, oversample, niter)
-        spectrum = None if cache is None else cache.read(key, request)
-        if spectrum is None:
-            missing.append((request, key))
-        else:
-            found[request.name] = spectrum
-    if requests:
-        logger.info("bases: %d from cache, %d to compute", len(found), len(missing))
+    """Spectra for every request: from the cache when these requests were computed before (one entry for
+    all of them), else by batched SVD, then cached together."""
+    if not requests:
+        return {}
+    keys = [spectrum_key(request, oversample, niter) for request in requests]
+    cached = None if cache is None else cache.read(keys, requests)
+    if cached is not None:
+        logger.info("bases: %d from cache, 0 to compute", len(requests))
+        return {request.name: spectrum for request, spectrum in zip(requests, cached, strict=True)}
+    logger.info("bases: 0 from cache, %d to compute", len(requests))
     groups = defaultdict(list)
-    for request, key in missing:
-        groups[_group_key(request, oversample)].append((request, key))
-    bar = tqdm(total=len(missing), desc="SVD", unit="layer", disable=_bar_disabled(progress, bool(missing)))
+    for request in requests:
+        groups[_group_key(request, oversample)].append(request)
+    found = {}
+    bar = tqdm(total=len(requests), desc="SVD", unit="layer", disable=_bar_disabled(progress, True))
     for (shape, _, _, method, q), members in groups.items():
         per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(members), per_batch):
             batch = members[start : start + per_batch]
-            spectra = _batched_spectra([r for r, _ in batch], method, q, niter)
-            for (request, key), spectrum in zip(batch, spectra, strict=True):
-                found[request.name] = spectrum
-                if cache is not None:
-                    cache.write(key, spectrum)
+            found.update(zip((r.name for r in batch), _batched_spectra(batch, method, q, niter), strict=True))
             bar.update(len(batch))
     bar.close()
+    if cache is not None:
+        cache.write(keys, [found[request.name] for request in requests])
     return found
 
 

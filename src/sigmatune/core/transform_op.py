@@ -1,14 +1,17 @@
-"""The fused transform as torch.library custom ops, so that torch.compile sees each direction as one node.
+"""The fused transform as torch.library Triton ops, so that torch.compile sees each direction as one node.
 
     sigmatune::transform(a, B, T, c, transposed)     → (out, P)     out = a + (aB − c) T Bᵀ,  P = aB − c
     sigmatune::transform_backward(dy, B, T, P)       → (dx, dT)     kernels.transform's backward pass
 
 with the autograd formula registered (dx from the backward op, dT its coefficient gradient; B, c and the
-flag get none). Inductor calls the ops as they are (an extern kernel each) instead of tracing the Triton
-kernel into every one of a model's hundreds of layers, which is what made a compile of the 1.1B shape take
-minutes; their fake implementations give the shapes. Eager calls take functional._Transform instead: the
-autograd formula registered here runs through a generated autograd.Function behind the dispatcher, which
-costs more host time per layer than calling one directly (benchmarks/layer_overhead.py).
+flag get none). Dynamo records each op as one node (its graph is what a backend sees first); inductor then
+lowers the op's body, so the compiled code allocates the outputs and launches the Triton kernel from its own
+generated launcher — no Python of ours runs per layer and step (an opaque custom op ran kernels.transform's
+Python on every call, which left a compiled step bound by the host). Compile regions (each decoder layer
+compiled once for all of them: benchmarks/train_step.py) keep the compile short. Eager calls take
+functional._Transform instead: the autograd formula registered here runs through a generated
+autograd.Function behind the dispatcher, which costs more host time per layer than calling one directly
+(benchmarks/layer_overhead.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,21 @@ import torch
 from . import kernels
 
 
-@torch.library.custom_op("sigmatune::transform", mutates_args=())
+def _traced_launch(grid, arguments, constants, warps, stages) -> None:
+    """Launch the transform kernel through torch.library.wrap_triton: eager calls go through the JIT, traced
+    ones (make_fx, inductor) become a launch in the graph."""
+    torch.library.wrap_triton(kernels._transform_kernel)[grid](
+        *arguments, **constants, num_warps=warps, num_stages=stages
+    )
+
+
+# Triton's interpreter (CPU tests) gives wrap_triton no kernel to trace: there the ops stay opaque custom ops,
+# their shapes from register_fake, as they are on a torch without triton_op (before 2.6).
+TRACEABLE = not kernels.INTERPRET and hasattr(torch.library, "triton_op")
+_define = torch.library.triton_op if TRACEABLE else torch.library.custom_op
+
+
+@_define("sigmatune::transform", mutates_args=())
 def transform(
     a: torch.Tensor,
     basis: torch.Tensor,
@@ -27,28 +44,32 @@ def transform(
     transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, projection) of kernels.transform's forward pass: a (N, d), basis (d, r) in a's dtype."""
-    out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=transposed)
+    out, projection, _ = kernels.transform(
+        a, basis, coefficients, shift, transposed=transposed, launch=_traced_launch
+    )
     return out, projection
 
 
-@transform.register_fake
-def _(a, basis, coefficients, shift, transposed):
-    width = kernels.padded_rank(basis.shape[1])
-    return torch.empty_like(a), a.new_empty((a.shape[0], width), dtype=torch.float32)
-
-
-@torch.library.custom_op("sigmatune::transform_backward", mutates_args=())
+@_define("sigmatune::transform_backward", mutates_args=())
 def transform_backward(
     grad: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor, saved: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad of a, grad of the coefficients in fp32) for the forward pass that saved `saved` (its P)."""
-    grad_a, _, grad_c = kernels.transform(grad, basis, coefficients, saved=saved)
+    launch = _traced_launch if TRACEABLE else None
+    grad_a, _, grad_c = kernels.transform(grad, basis, coefficients, saved=saved, launch=launch)
     return grad_a, grad_c.contiguous()  # a band's is a slice of the padded partial sums
 
 
-@transform_backward.register_fake
-def _(grad, basis, coefficients, saved):
-    return torch.empty_like(grad), coefficients.new_empty(coefficients.shape, dtype=torch.float32)
+if not TRACEABLE:
+
+    @transform.register_fake
+    def _(a, basis, coefficients, shift, transposed):
+        width = kernels.padded_rank(basis.shape[1])
+        return torch.empty_like(a), a.new_empty((a.shape[0], width), dtype=torch.float32)
+
+    @transform_backward.register_fake
+    def _(grad, basis, coefficients, saved):
+        return torch.empty_like(grad), coefficients.new_empty(coefficients.shape, dtype=torch.float32)
 
 
 def _save(ctx, inputs, output) -> None:

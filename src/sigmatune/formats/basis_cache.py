@@ -1,25 +1,29 @@
 """The basis cache: computed spectra on disk, so the second initialisation of a model reads its bases.
 
-    <cache_dir>/<sha256(key)[:40]>.safetensors   basis (d, r), sigma (r,), indices (r,), sigma_max ()
-                                                  metadata "key": CACHE_VERSION | svd.spectrum_key(...)
+    <cache_dir>/<sha256(keys)[:40]>.safetensors   for layer i of the request: i.basis (d, r), i.sigma (r,),
+                                                   i.indices (r,), i.sigma_max (); metadata "keys": the JSON
+                                                   list of CACHE_VERSION | svd.spectrum_key(...) per layer
 
-The key (core/svd.py) names the weight by its fingerprint, the side, the method, the dtype and the
-selected indices, so a changed weight or selection is another file. A file that is damaged or does not
-fit its request is ignored with a warning and recomputed; a cache that cannot be written is skipped.
+One file holds every layer that one initialisation computed (a model's bases are read back in one file,
+not one per layer). Each key (core/svd.py) names a weight by its fingerprint, the side, the method, the
+dtype and the selected indices, so a changed weight or selection is another file. A file that is damaged
+or does not fit its request is ignored with a warning and recomputed; a cache that cannot be written is
+skipped. Writes are atomic but not fsynced: a crash may lose the cache, never tear it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..core.svd import Spectrum, SpectrumRequest, basis_rows
-from .files import AdapterFileError, atomic_save_tensors, load_tensors
+from .files import AdapterFileError, atomic_stream_tensors, load_tensors
 
-CACHE_VERSION = "sigmatune-basis-v1"
+CACHE_VERSION = "sigmatune-basis-v2"
 FIELDS = ("basis", "sigma", "indices", "sigma_max")
 
 
@@ -29,41 +33,46 @@ class BasisCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
-    def read(self, key: str, request: SpectrumRequest) -> Spectrum | None:
-        path = self._file(key)
+    def read(self, keys: list[str], requests: list[SpectrumRequest]) -> list[Spectrum] | None:
+        path = self._file(keys)
         if not path.exists():
             return None
         try:
             tensors, metadata = load_tensors(path)
-            spectrum = Spectrum(**{name: tensors[name] for name in FIELDS})
-            _check(spectrum, metadata, self._full_key(key), request)
+            if json.loads(metadata.get("keys", "null")) != self._full_keys(keys):
+                raise ValueError("its keys do not match")
+            spectra = []
+            for i, request in enumerate(requests):
+                spectrum = Spectrum(**{name: tensors[f"{i}.{name}"] for name in FIELDS})
+                _check(spectrum, request)
+                device = request.weight.device
+                spectra.append(Spectrum(**{name: getattr(spectrum, name).to(device) for name in FIELDS}))
         except (AdapterFileError, KeyError, ValueError) as err:
             warnings.warn(f"ignoring a damaged basis cache file ({err}); recomputing it", stacklevel=3)
             return None
-        device = request.weight.device
-        return Spectrum(**{name: getattr(spectrum, name).to(device) for name in FIELDS})
+        return spectra
 
-    def write(self, key: str, spectrum: Spectrum) -> None:
-        tensors = {name: getattr(spectrum, name) for name in FIELDS}
+    def write(self, keys: list[str], spectra: list[Spectrum]) -> None:
+        tensors = {f"{i}.{name}": getattr(s, name) for i, s in enumerate(spectra) for name in FIELDS}
         try:
-            atomic_save_tensors(self._file(key), tensors, metadata={"key": self._full_key(key)})
+            metadata = {"keys": json.dumps(self._full_keys(keys))}
+            atomic_stream_tensors(self._file(keys), tensors, metadata, durable=False)
         except OSError as err:
             warnings.warn(
                 f"could not write the basis cache in {self.folder} ({err}); continuing without it",
                 stacklevel=3,
             )
 
-    def _full_key(self, key: str) -> str:
-        return f"{CACHE_VERSION}|{key}"
+    def _full_keys(self, keys: list[str]) -> list[str]:
+        return [f"{CACHE_VERSION}|{key}" for key in keys]
 
-    def _file(self, key: str) -> Path:
-        return self.folder / f"{hashlib.sha256(self._full_key(key).encode()).hexdigest()[:40]}.safetensors"
+    def _file(self, keys: list[str]) -> Path:
+        digest = hashlib.sha256("\n".join(self._full_keys(keys)).encode()).hexdigest()[:40]
+        return self.folder / f"{digest}.safetensors"
 
 
-def _check(spectrum: Spectrum, metadata: dict, key: str, request: SpectrumRequest) -> None:
+def _check(spectrum: Spectrum, request: SpectrumRequest) -> None:
     d, r = basis_rows(*request.weight.shape), len(request.indices)
-    if metadata.get("key") != key:
-        raise ValueError("its key does not match")
     if (
         spectrum.basis.shape != (d, r)
         or spectrum.sigma.shape != (r,)

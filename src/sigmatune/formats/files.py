@@ -1,7 +1,8 @@
 """Files on disk: atomic writes, and reads of safetensors and JSON only, with errors that name the file.
 
-Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
-the target, so a crash at any point leaves either the old file or the new one, never half of one.
+Every write goes to a temporary file in the same folder, is flushed and fsynced (caches skip the fsync:
+they may be lost, never torn), then renamed over the target, so a crash at any point leaves either the old
+file or the new one, never half of one.
 Nothing here unpickles: adapters and caches are safetensors (tensors) and JSON (settings).
 """
 
@@ -39,6 +40,15 @@ class AdapterFileError(ValueError):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path so that readers see the old file or the whole new one, never a part."""
+    with _atomic_file(path) as temp:
+        temp.write(data)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path, durable: bool = True):
+    """A temporary file beside path to write in the block; when the block ends without error it is flushed,
+    fsynced (unless not durable: a cache, which a crash may lose but never leaves half-written under its
+    name) and renamed over path. On an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,15 +56,44 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if hasattr(os, "fchmod"):
             os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
+            yield temp
             temp.flush()
-            os.fsync(temp.fileno())
+            if durable:
+                os.fsync(temp.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
     _remove_stale_temporaries(path)
+
+
+def atomic_stream_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], durable: bool = True
+) -> None:
+    """atomic_save_tensors, one tensor at a time: the safetensors header (from the shapes alone), then each
+    tensor's bytes copied to the host and written in turn, so at most one tensor is on the host at once
+    (a whole model's bases can be many GB)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with _atomic_file(path, durable) as temp:
+        temp.write(len(text).to_bytes(8, "little") + text)
+        for tensor in tensors.values():
+            temp.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
 
 
 @contextlib.contextmanager
