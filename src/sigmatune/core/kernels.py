@@ -41,6 +41,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interprete
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
 IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPE_OVERRIDE = os.environ.get("SIGMATUNE_TRANSFORM_SHAPE")  # "rows,warps": launch_shape's answer instead
 
 
 def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
@@ -138,9 +139,13 @@ if triton is not None:
 
 def launch_shape(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the transform for a padded rank: ~N/32 or N/64 programs, enough warps
-    that ptxas keeps the tiles in registers."""
+    that ptxas keeps the tiles in registers. SIGMATUNE_TRANSFORM_SHAPE="rows,warps" overrides it (A/B runs:
+    benchmarks/layer_overhead.py)."""
     if INTERPRET:
         return 16, 4
+    if SHAPE_OVERRIDE:
+        rows, warps = SHAPE_OVERRIDE.split(",")
+        return int(rows), int(warps)
     return (64 if width <= 32 else 32), 8
 
 
@@ -183,7 +188,7 @@ def transform(
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
     programs = -(-n // block_n)
-    partial = coefficients
+    partial = projection  # not written in the forward pass (an output, so no input looks mutated)
     if saved is not None:  # zeros: a band's columns j < o (whose row j − o is outside M) are never written
         empty = torch.empty if diagonal else torch.zeros
         partial = empty((programs, 2 * band + 1, width), device=a.device, dtype=torch.float32)
