@@ -253,7 +253,7 @@ def main() -> None:
             trainable=trainable, first_step_s=round(first_s, 1), step_ms=round(step_ms, 2),
             ratio_vs_frozen=round(step_ms / ref_ms, 3), peak_gib=round(peak, 2),
             peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
-            compile=(args.compile if mode != "eager" else None),
+            compile={"eager": None, "compiled": args.compile, "graphed": "model"}[mode],
         )  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)

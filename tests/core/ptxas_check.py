@@ -4,6 +4,7 @@ TRITON_INTERPRET (test_kernels.py does, in a child process).
 
     python -m tests.core.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
     python -m tests.core.ptxas_check '[["fold", 64, 16, 3, 1]]'          # expand_rows, launched by expand_shape
+    python -m tests.core.ptxas_check '[["transform", 64, 1, 0]]'        # the training transform: width, reduce, band
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from sigmatune.core import fold_kernels, rows_kernels
+from sigmatune.core import fold_kernels, kernels, rows_kernels
 
 PROCESSORS, D = 132, 2048  # an H200; the 1.1B Llama's hidden size
 
@@ -50,6 +51,19 @@ def report_fold(n: int, width: int, members: int, outputs: int = 1) -> tuple[tup
     return shape, compiled(fold_kernels._expand_kernel, pointers, constants, warps, stages)
 
 
+def report_transform(width: int, reduce: int, band: int) -> tuple[tuple, str]:
+    """kernels.transform's kernel as launch_shape launches it for a padded rank (bf16 activations), its
+    forward pass (reduce 0) or backward pass (reduce 1), a diagonal (band 0) or a band of that half-width."""
+    block_n, warps = kernels.launch_shape(width)
+    constants = dict(
+        HAS_SHIFT=False, REDUCE=bool(reduce), PRECISION="tf32", UPCAST=False, WIDTH=band,
+        MIX=0 if band == 0 else 1 + reduce, BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=128,
+    )  # fmt: skip
+    pointers = {"A": "*bf16", "B": "*bf16", "G": "*fp32", "C": "*fp32", "OUT": "*bf16"}
+    pointers.update(PROJ="*fp32", SAVED="*fp32", PARTIAL="*fp32")
+    return (block_n, warps), compiled(kernels._transform_kernel, pointers, constants, warps, 3)
+
+
 def compiled(kernel, pointers: dict, constants: dict, warps: int, stages: int) -> str:
     """ptxas's -v report of the kernel compiled for sm_90 (arguments not named: i32)."""
     signature = {
@@ -70,4 +84,5 @@ def compiled(kernel, pointers: dict, constants: dict, warps: int, stages: int) -
 
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
-    print(json.dumps([report_fold(*c[1:]) if c[0] == "fold" else report(*c) for c in cases]))
+    reports = {"fold": report_fold, "transform": report_transform}
+    print(json.dumps([reports[c[0]](*c[1:]) if isinstance(c[0], str) else report(*c) for c in cases]))

@@ -313,3 +313,14 @@ def test_the_cached_launch_reuses_the_compiled_kernel_only_for_the_same_speciali
         expected, _ = reference(x, basis, g)
         torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)
     assert len(asked) == len(launch.compiled) == 2
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (and its ptxas)")
+def test_the_training_transforms_launch_shapes_keep_their_tiles_in_registers():
+    """The transform kernel as launch_shape launches it for every padded rank, forward and backward, a
+    diagonal and a band, compiled for sm_90 in a process without the interpreter: no spills."""
+    cases = [
+        ["transform", w, reduce, band] for w in (16, 32, 64, 128) for reduce in (0, 1) for band in (0, 2)
+    ]
+    for case, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
+        assert spilled == 0, (case, shape, report)

@@ -138,15 +138,21 @@ if triton is not None:
 
 
 def launch_shape(width: int) -> tuple[int, int]:
-    """(rows per program, warps) of the transform for a padded rank: ~N/32 or N/64 programs, enough warps
-    that ptxas keeps the tiles in registers. SIGMATUNE_TRANSFORM_SHAPE="rows,warps" overrides it (A/B runs:
+    """(rows per program, warps) of the transform for a padded rank: many small programs (the kernel streams
+    its rows twice; 64-row blocks left most of the 132 multiprocessors idle at N = 4,096), no spills
+    (tests/core/test_kernels.py); times at N = 4,096, d = 2,048 (benchmarks/layer_overhead.py, the GPU
+    column; widths 32 and 128 not yet compared). SIGMATUNE_TRANSFORM_SHAPE="rows,warps" overrides it (A/B runs:
     benchmarks/layer_overhead.py)."""
     if INTERPRET:
         return 16, 4
     if SHAPE_OVERRIDE:
         rows, warps = SHAPE_OVERRIDE.split(",")
         return int(rows), int(warps)
-    return (64 if width <= 32 else 32), 8
+    if width <= 32:
+        return 16, 4  # H200, r16: 20.4 µs forward / 25.0 backward against 28.3 / 34.8 at 64 rows and 8 warps
+    if width <= 64:
+        return 32, 4  # r64: 27.3 / 33.9 against 28.3 / 35.2 at 8 warps
+    return 32, 8
 
 
 def padded_rank(r: int) -> int:
@@ -174,7 +180,9 @@ def transform(
     by default the cached launcher (eager calls); transform_op.py passes one that torch.compile can trace.
     """
     n, d = a.shape
-    r = basis.shape[1]
+    r = int(
+        basis.shape[1]
+    )  # the kernel is specialised on the rank: traced with dynamic shapes, this guards it
     diagonal = coefficients.dim() == 1
     band = 0 if diagonal else half_width(coefficients)
     width, block_n, warps, constants = _setup(
