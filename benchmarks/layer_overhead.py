@@ -77,6 +77,23 @@ def through_jit(x, basis, g):
         launch.interpret = False
 
 
+def python_profile(fn, calls=CALLS, top=30) -> None:
+    """Where an adapted layer's host time goes: cProfile over `calls` calls, the backward pass on this thread
+    (autograd's device threads are invisible to cProfile), the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
+    torch.autograd.set_multithreading_enabled(False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.autograd.set_multithreading_enabled(True)
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 @torch.no_grad()
 def no_grad(layer, x):
     return layer(x)
@@ -103,6 +120,7 @@ def main():
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile the adapted layer's calls")
     args = parser.parse_args()
     hook = launcher.knobs.runtime.launch_enter_hook
     print(f"triton {launcher.triton.__version__}: launch_enter_hook {hook!r}, hooked: {launcher._hooked()}")
@@ -145,6 +163,8 @@ def main():
         cpu, gpu = timed(fn)
         results.append({"row": name, "cpu_us": round(cpu, 1), "gpu_us": round(gpu, 1)})
         print(f"{name:<40} cpu {cpu:8.1f} us   gpu {gpu:8.1f} us", flush=True)
+    if args.profile:
+        python_profile(rows["adapted, fused kernel"])
     base = results[0]["cpu_us"]
     print(f"adapted fused / base (cpu): {results[1]['cpu_us'] / base:.2f}x")
     if args.out:

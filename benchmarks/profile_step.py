@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 
 import torch
 from train_step import MODES, WARMUP, build, runner_for, timed_init
@@ -22,6 +23,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES.values(), default="eager")
     parser.add_argument("--compile", choices=["model", "regions"], default="regions")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--saved", action="store_true", help="also list what one step saves for backward, by shape"
+    )
     args = parser.parse_args()
     rank = args.rank if args.rank == "full" else int(args.rank)
     batch, length = (int(x) for x in args.tokens.split("x"))
@@ -61,6 +65,31 @@ def main() -> None:
         torch.cuda.synchronize()
     print(f"{args.method} r={args.rank} {args.mode}: 3 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    if args.saved:
+        saved_for_backward(lambda: runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss, args.top)
+
+
+def saved_for_backward(forward, top: int) -> None:
+    """The tensors one forward pass keeps for backward (through saved_tensors_hooks, which compiled
+    regions' saved activations pass too), each storage counted once, grouped by shape and dtype."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), (tuple(tensor.shape), tensor.dtype, storage.nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward()
+    groups = defaultdict(lambda: [0, 0])
+    for shape, dtype, size in storages.values():
+        groups[shape, dtype][0] += 1
+        groups[shape, dtype][1] += size
+    total = sum(size for _, size in groups.values())
+    print(f"saved for backward: {total / 2**30:.2f} GiB in {len(storages)} storages; largest groups:")
+    for (shape, dtype), (count, size) in sorted(groups.items(), key=lambda g: -g[1][1])[:top]:
+        print(f"  {count:4d} × {shape} {dtype}: {size / 2**30:.3f} GiB")
+    loss.backward()
 
 
 if __name__ == "__main__":

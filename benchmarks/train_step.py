@@ -21,6 +21,7 @@ markdown table into benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -106,6 +107,7 @@ def wrap(base, method: str, rank, cache: str):
 def timed_init(base, method, rank) -> tuple[object, object, float, float | None]:
     """Wrap cold (empty basis cache), unwrap, wrap again warm; returns the warm model and both times."""
     cache = tempfile.mkdtemp(prefix="bases-")
+    gc.collect()  # an earlier row's compile leaves garbage whose collection would land in this timing
     sync()
     start = time.perf_counter()
     model, unwrap = wrap(base, method, rank, cache)
@@ -114,6 +116,7 @@ def timed_init(base, method, rank) -> tuple[object, object, float, float | None]
     if method in ("frozen", "lora"):
         return model, unwrap, cold, None
     unwrap()
+    gc.collect()
     sync()
     start = time.perf_counter()
     model, unwrap = wrap(base, method, rank, cache)

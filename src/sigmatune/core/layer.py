@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import fused_linear
 from .structures import Diagonal, Structure, band_to_dense, half_width, spread, spread_plan, valid_part
 from .svd import Spectrum, side_for
 from .updates import update_rule
@@ -160,11 +161,14 @@ class SpectralLinear(nn.Module):
     def scales(self, name: str) -> torch.Tensor:
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
-        return self.sigma_adapters[name].spread(self.own_scales(name), self.rank)
+        adapter = self.sigma_adapters[name]
+        return adapter.spread(self._own_scales(adapter), self.sigma_basis.shape[1])
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
-        adapter = self.sigma_adapters[name]
+        return self._own_scales(self.sigma_adapters[name])
+
+    def _own_scales(self, adapter: SigmaVector) -> torch.Tensor:
         return adapter.rule.scales(adapter.vector, self.sigma_at(adapter.positions))
 
     def sigma_at(self, positions: torch.Tensor | None) -> torch.Tensor:
@@ -193,10 +197,13 @@ class SpectralLinear(nn.Module):
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
+        base, basis = self.base_layer, self.sigma_basis
         g = self.scales(name)  # g (R,), or a band (2w+1, R)
+        if fused_linear.serves(base, x, basis, g):  # eager on CUDA: one autograd node for the whole layer
+            return fused_linear.adapted_linear(x, base, basis, g, self.side == "input")
         if self.side == "input":
-            return self.base_layer(F.adapt_input(x, self.sigma_basis, g))
-        return F.adapt_output(self.base_layer(x), bias_of(self.base_layer), self.sigma_basis, g)
+            return base(F.adapt_input(x, basis, g))
+        return F.adapt_output(base(x), bias_of(base), basis, g)
 
     def forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
         """The layer on a mixed batch by torch ops: leading row b of x with g = g_rows[b] (or its band)."""
@@ -282,7 +289,8 @@ class SpectralLinear(nn.Module):
 
     def _set_spectrum(self, spectrum: Spectrum, dtype: torch.dtype) -> None:
         device = weight_device(self.base_layer)
-        self.register_buffer("sigma_basis", spectrum.basis.to(device, dtype), persistent=False)  # (d, R)
+        basis = spectrum.basis.to(device, dtype).contiguous()  # (d, R), row-major: the kernels read it so
+        self.register_buffer("sigma_basis", basis, persistent=False)
         wide = torch.promote_types(spectrum.sigma.dtype, torch.float32)
         self.register_buffer("sigma_values", spectrum.sigma.to(device, wide), persistent=False)  # (R,)
         self.register_buffer("sigma_indices", spectrum.indices.to(device), persistent=False)  # (R,)

@@ -1,0 +1,132 @@
+"""The eager fused path of an adapted nn.Linear (core/fused_linear.py): the same values and gradients as the
+two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), and the
+generic path wherever the fused one could not be exact (hooks, a trainable weight, autocast, a subclass).
+
+On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which `available` never
+chooses by itself: the tests let it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sigmatune import SigmaConfig
+from sigmatune.core import fused_linear, kernels
+from sigmatune.core.structures import Band, band_to_dense
+from tests.core.test_layer import SHAPES, make_linear, wrap
+from tests.reference import reference_band_weight, reference_weight
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_cpu(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "available", lambda *_: True)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times the fused path ran."""
+    seen = []
+    apply = fused_linear._AdaptedLinear.apply
+    monkeypatch.setattr(fused_linear._AdaptedLinear, "apply", lambda *a: seen.append(1) or apply(*a))
+    return seen
+
+
+def adapted(side, bias, band=0, seed=0):
+    """An fp32 SpectralLinear on DEVICE, rank 5 (a band of half-width `band` when > 0), random coefficients,
+    and its fp64 reference weight W'."""
+    linear = make_linear(SHAPES[side], bias=bias, dtype=torch.float64, seed=seed)
+    layer = wrap(linear, SigmaConfig(rank=5, svd="exact"), seed=seed)
+    indices = list(layer.stored_indices)
+    if band:
+        layer.delete_adapter("default")
+        layer.add_adapter("default", indices, "multiplicative", structure=Band(band))
+        layer.set_adapter("default")
+        with torch.no_grad():
+            vector = layer.sigma_adapters["default"].vector
+            vector.copy_(torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        matrix = band_to_dense(layer.own_scales("default").detach().double())  # (r, r)
+        expected = reference_band_weight(linear.weight.detach(), indices, matrix, side)
+    else:
+        vector = layer.sigma_adapters["default"].vector.detach()
+        expected = reference_weight(linear.weight.detach(), indices, vector, "multiplicative")
+    return layer.float().to(DEVICE), expected
+
+
+@pytest.mark.parametrize("side", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("band", [0, 2])
+def test_values_and_gradients_match_the_reference_and_the_generic_path(side, bias, band, calls, monkeypatch):
+    layer, weight = adapted(side, bias, band)
+    x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    upstream = torch.randn(3, 7, layer.out_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(fused_linear, "serves", lambda *_: False)
+        inputs = x.clone().requires_grad_(True)
+        out = layer(inputs)
+        (out * upstream).sum().backward()
+        vector = layer.sigma_adapters["default"].vector
+        results.append((out.detach(), inputs.grad, vector.grad.clone()))
+        vector.grad = None
+    assert len(calls) == 1  # the first run took the fused path, the second the generic one
+    (out, grad_x, grad_v), (generic_out, generic_x, generic_v) = results
+    base = layer.base_layer
+    expected = x.double() @ weight.T + (0 if base.bias is None else base.bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_x.double(), upstream.double() @ weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, generic_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, generic_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_v, generic_v, rtol=1e-4, atol=1e-5)
+
+
+def test_the_vectors_gradient_matches_the_fp64_reference(calls):
+    """dg against autograd through the fp64 reference weight, for both sides."""
+    for side in SHAPES:
+        layer, _ = adapted(side, bias=True, seed=3)
+        x = torch.randn(9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        layer(x).square().sum().backward()
+        linear = make_linear(SHAPES[side], bias=True, dtype=torch.float64, seed=3)
+        vector = layer.sigma_adapters["default"].vector.detach().cpu().double().requires_grad_(True)
+        weight = reference_weight(
+            linear.weight.detach(), list(layer.stored_indices), vector, "multiplicative"
+        )
+        (x.cpu().double() @ weight.T + linear.bias.detach()).square().sum().backward()
+        got = layer.sigma_adapters["default"].vector.grad.cpu().double()
+        torch.testing.assert_close(got, vector.grad, rtol=1e-3, atol=1e-4)
+    assert len(calls) == 2
+
+
+def test_hooks_a_trainable_weight_autocast_and_subclasses_take_the_generic_path(calls):
+    layer, _ = adapted("input", bias=True)
+    x = torch.randn(4, layer.in_features, device=DEVICE)
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda *_: seen.append(1))
+    layer(x)
+    handle.remove()
+    assert seen == [1] and calls == []  # the hook ran: the base layer was called
+    global_handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
+    layer(x)
+    global_handle.remove()
+    assert calls == []
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and calls == []
+    layer.base_layer.weight.requires_grad_(False)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16 and calls == []
+
+    class Subclass(nn.Linear):
+        pass
+
+    layer.base_layer.__class__ = Subclass
+    layer(x)
+    assert calls == []
+    layer.base_layer.__class__ = nn.Linear
+    layer(x)
+    assert calls == [1]
