@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from . import kernels
+from . import functional, kernels
 from .structures import half_width
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard or a quantized subclass
 
 
 def serves(base: nn.Module, x: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor) -> bool:
@@ -35,7 +37,7 @@ def serves(base: nn.Module, x: torch.Tensor, basis: torch.Tensor, coefficients: 
         return False
     weight, bias = base.weight, base.bias
     return (
-        type(weight) in _PLAIN  # not a DTensor shard or a quantized tensor subclass
+        type(weight) in _PLAIN
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
         and x.dtype == weight.dtype == basis.dtype
@@ -62,7 +64,7 @@ class _AdaptedLinear(torch.autograd.Function):
             adapted, projection, _ = kernels.transform(x, basis, coefficients, transposed=True)  # x̃, P
             out = torch.nn.functional.linear(adapted, weight, bias)
         else:
-            shift = None if bias is None else bias @ basis  # c = b U (r,)
+            shift = functional.output_shift(bias, basis)  # c = b U (r,)
             linear = torch.nn.functional.linear(x, weight, bias)
             out, projection, _ = kernels.transform(linear, basis, coefficients, shift, transposed=True)
         ctx.save_for_backward(projection, weight, basis, coefficients)
@@ -79,9 +81,6 @@ class _AdaptedLinear(torch.autograd.Function):
             grad_x = grad_z.mm(weight) if ctx.needs_input_grad[0] else None
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, None, grad_c, None
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def _hooked(base: nn.Module) -> bool:

@@ -180,9 +180,8 @@ def transform(
     by default the cached launcher (eager calls); transform_op.py passes one that torch.compile can trace.
     """
     n, d = a.shape
-    r = int(
-        basis.shape[1]
-    )  # the kernel is specialised on the rank: traced with dynamic shapes, this guards it
+    # the kernel is specialised on the rank: traced with dynamic shapes, int() guards it
+    r = int(basis.shape[1])
     diagonal = coefficients.dim() == 1
     band = 0 if diagonal else half_width(coefficients)
     width, block_n, warps, constants = _setup(
@@ -190,9 +189,8 @@ def transform(
     )
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
-    coefficients = (
-        coefficients if coefficients.is_contiguous() else coefficients.contiguous()
-    )  # rows at stride r
+    # the kernel reads C's rows at stride r
+    coefficients = coefficients if coefficients.is_contiguous() else coefficients.contiguous()
     out = torch.empty_like(a)
     projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
     programs = -(-n // block_n)

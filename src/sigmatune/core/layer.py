@@ -162,7 +162,7 @@ class SpectralLinear(nn.Module):
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
         adapter = self.sigma_adapters[name]
-        return adapter.spread(self._own_scales(adapter), self.sigma_basis.shape[1])
+        return adapter.spread(self._own_scales(adapter), self.rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""

@@ -88,7 +88,7 @@ def compute_spectra(
     for request in requests:
         groups[_group_key(request, oversample)].append(request)
     found = {}
-    bar = tqdm(total=len(requests), desc="SVD", unit="layer", disable=_bar_disabled(progress, True))
+    bar = tqdm(total=len(requests), desc="SVD", unit="layer", disable=_bar_disabled(progress))
     for (shape, _, _, method, q), members in groups.items():
         per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(members), per_batch):
@@ -129,11 +129,9 @@ def _empty_spectrum(request: SpectrumRequest) -> Spectrum:
     )
 
 
-def _bar_disabled(progress: bool | None, work: bool) -> bool | None:
+def _bar_disabled(progress: bool | None) -> bool | None:
     """tqdm's `disable`: None (the default) shows a bar on an interactive terminal only."""
-    if not work or progress is False:
-        return True
-    return None if progress is None else False
+    return None if progress is None else not progress
 
 
 def exact_side(weight: torch.Tensor, input_side: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ def _traced_launch(grid, arguments, constants, warps, stages) -> None:
 # their shapes from register_fake, as they are on a torch without triton_op (before 2.6).
 TRACEABLE = not kernels.INTERPRET and hasattr(torch.library, "triton_op")
 _define = torch.library.triton_op if TRACEABLE else torch.library.custom_op
+_LAUNCH = _traced_launch if TRACEABLE else None  # None: kernels.transform's cached launcher
 
 
 @_define("sigmatune::transform", mutates_args=())
@@ -45,7 +46,7 @@ def transform(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, projection) of kernels.transform's forward pass: a (N, d), basis (d, r) in a's dtype."""
     out, projection, _ = kernels.transform(
-        a, basis, coefficients, shift, transposed=transposed, launch=_traced_launch
+        a, basis, coefficients, shift, transposed=transposed, launch=_LAUNCH
     )
     return out, projection
 
@@ -55,8 +56,7 @@ def transform_backward(
     grad: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor, saved: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad of a, grad of the coefficients in fp32) for the forward pass that saved `saved` (its P)."""
-    launch = _traced_launch if TRACEABLE else None
-    grad_a, _, grad_c = kernels.transform(grad, basis, coefficients, saved=saved, launch=launch)
+    grad_a, _, grad_c = kernels.transform(grad, basis, coefficients, saved=saved, launch=_LAUNCH)
     return grad_a, grad_c.contiguous()  # a band's is a slice of the padded partial sums
 
 
