@@ -77,6 +77,7 @@ def test_values_and_gradients_match_the_reference_and_the_generic_path(side, bia
     assert len(calls) == 1  # the first run took the fused path, the second the generic one
     (out, grad_x, grad_v), (generic_out, generic_x, generic_v) = results
     base = layer.base_layer
+    weight = weight.to(DEVICE)
     expected = x.double() @ weight.T + (0 if base.bias is None else base.bias.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad_x.double(), upstream.double() @ weight, rtol=1e-4, atol=1e-4)

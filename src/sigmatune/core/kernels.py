@@ -113,7 +113,8 @@ if triton is not None:
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
-        tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
+        if not REDUCE:  # the forward pass's P, saved for backward (backward's Q is not kept)
+            tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
         if REDUCE:  # partial gradient for these rows, diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
             for t in tl.static_range(0, 2 * WIDTH + 1):  # by k = j − o: Σ_rows Q[:, k] P_saved[:, k + o] at j = k + o
                 column = ranks + (t - WIDTH)  # j = k + o
@@ -168,22 +169,23 @@ def transform(
     saved: torch.Tensor | None = None,
     transposed: bool = False,
     launch=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
     or a band C (2w+1, r):
 
     out = a + (aB − c) T Bᵀ in a's dtype, T = diag(g), or for a band M (Mᵀ when transposed, the forward
-    pass); projection = aB − c as (N, padded_rank(r)) fp32 with zero columns past r; grad, the
+    pass); projection = aB − c as (N, padded_rank(r)) fp32 with zero columns past r (the forward pass
+    only: None in the backward pass, whose Q = aB is not kept); grad, the
     coefficients' gradient in their shape, fp32, when saved (a projection of the forward pass, same layout)
     is given: the backward pass (dg = Σ_rows projection ⊙ saved; for a band dC[w+o, j] = Σ_rows
     projection[:, j−o] saved[:, j]). `launch` (grid, arguments, constants, warps, stages) launches the kernel:
     by default the cached launcher (eager calls); transform_op.py passes one that torch.compile can trace.
     """
     n, d = a.shape
-    # the kernel is specialised on the rank: traced with dynamic shapes, int() guards it
+    # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them
     r = int(basis.shape[1])
     diagonal = coefficients.dim() == 1
-    band = 0 if diagonal else half_width(coefficients)
+    band = 0 if diagonal else int(half_width(coefficients))
     width, block_n, warps, constants = _setup(
         r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed
     )
@@ -192,12 +194,13 @@ def transform(
     # the kernel reads C's rows at stride r
     coefficients = coefficients if coefficients.is_contiguous() else coefficients.contiguous()
     out = torch.empty_like(a)
-    projection = torch.empty((n, width), device=a.device, dtype=torch.float32)
     programs = -(-n // block_n)
-    partial = projection  # not written in the forward pass (an output, so no input looks mutated)
-    if saved is not None:  # zeros: a band's columns j < o (whose row j − o is outside M) are never written
+    if saved is None:  # forward: P is written; the partial sums are not (P stands in: an output, not an input)
+        projection = partial = torch.empty((n, width), device=a.device, dtype=torch.float32)
+    else:  # backward: the partial sums are written, Q is not (the partial sums stand in for it)
+        # zeros: a band's columns j < o (whose row j − o is outside M) are never written
         empty = torch.empty if diagonal else torch.zeros
-        partial = empty((programs, 2 * band + 1, width), device=a.device, dtype=torch.float32)
+        projection = partial = empty((programs, 2 * band + 1, width), device=a.device, dtype=torch.float32)
     arguments = (
         a, basis, coefficients, coefficients if shift is None else shift, out, projection,
         projection if saved is None else saved, partial,
@@ -208,8 +211,8 @@ def transform(
         return out, projection, None
     grad = partial.sum(dim=0)  # (2w+1, width)
     if diagonal:
-        return out, projection, grad[0] if r == width else grad[0, :r]
-    return out, projection, grad[:, :r]
+        return out, None, grad[0] if r == width else grad[0, :r]
+    return out, None, grad[:, :r]
 
 
 @functools.lru_cache(maxsize=256)

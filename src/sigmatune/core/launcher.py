@@ -5,10 +5,13 @@ checks the globals the kernel read and builds launch metadata on every call: ten
 paid twice per adapted layer and training step (forward and backward), hundreds of times a step. A
 CachedLaunch does that once per specialisation and then calls the compiled kernel's launcher directly.
 
-Its key is finer than the JIT's: every property the JIT specialises a kernel on (each tensor's dtype and
-whether its address is 16-byte aligned, whether each integer is 1 or a multiple of 16 or needs 64 bits),
-plus the constants and launch options. Two calls with one key therefore run one binary. Under Triton's
-interpreter, or with Triton's launch hooks set (a profiler), every call goes through the JIT.
+Its key is finer than the JIT's: each tensor's dtype and whether its address is 16-byte aligned (what the
+JIT specialises a tensor on), every other argument by its value (the JIT specialises an integer on whether it
+is 1, a multiple of 16 or needs 64 bits: properties of the value), plus the constants and launch options.
+Two calls with one key therefore run one binary. Keying integers by value costs one JIT call per new size
+(the JIT finds the binary it compiled) and keeps the key cheap to build: one pass, no function call per
+argument. At most MAX_KEYS keys are kept. Under Triton's interpreter, or with Triton's launch hooks set (a
+profiler), every call goes through the JIT.
 """
 
 from __future__ import annotations
@@ -22,19 +25,13 @@ except ImportError:  # no Triton: nothing is launched
     triton = None
 
 
-def _specialisation(value) -> object:
-    """What the JIT tells apart in one runtime argument."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, int):
-        return value == 1, value % 16 == 0, not -(2**31) <= value < 2**31
-    return type(value)
-
-
 def _hooked() -> bool:
     """Whether a launch hook is set (Triton 3.6 keeps a chain of them, empty when none is)."""
     hook = knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+MAX_KEYS = 4096  # sizes seen (N varies with the batch); past this the cache starts over
 
 
 class CachedLaunch:
@@ -52,9 +49,14 @@ class CachedLaunch:
             self.kernel[grid](*args, **constants, num_warps=warps, num_stages=stages)
             return
         device = args[0].device.index
-        key = (device, warps, stages, *constants.values(), *map(_specialisation, args))
+        key = (
+            device, warps, stages, *constants.values(),
+            *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args],
+        )  # fmt: skip
         compiled = self.compiled.get(key)
         if compiled is None:  # the JIT compiles (or finds) the binary, and launches it this once
+            if len(self.compiled) >= MAX_KEYS:
+                self.compiled.clear()
             names = self.kernel.arg_names
             if names != names[: len(args)] + list(constants):
                 raise TypeError(
