@@ -195,7 +195,8 @@ def transform(
     coefficients = coefficients if coefficients.is_contiguous() else coefficients.contiguous()
     out = torch.empty_like(a)
     programs = -(-n // block_n)
-    if saved is None:  # forward: P is written; the partial sums are not (P stands in: an output, not an input)
+    # forward: P is written, the partial sums are not (P stands in for them: an output, not an input)
+    if saved is None:
         projection = partial = torch.empty((n, width), device=a.device, dtype=torch.float32)
     else:  # backward: the partial sums are written, Q is not (the partial sums stand in for it)
         # zeros: a band's columns j < o (whose row j − o is outside M) are never written
