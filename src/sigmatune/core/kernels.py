@@ -41,7 +41,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interprete
 ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
 IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SHAPE_OVERRIDE = os.environ.get("SIGMATUNE_TRANSFORM_SHAPE")  # "rows,warps": launch_shape's answer instead
+SHAPE_OVERRIDE = os.environ.get("SIGMATUNE_TRANSFORM_SHAPE")  # "rows,warps[,columns,stages]": launch_shape's
 
 
 def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
@@ -138,22 +138,27 @@ if triton is not None:
     _launch_transform = CachedLaunch(_transform_kernel, INTERPRET)
 
 
-def launch_shape(width: int) -> tuple[int, int]:
-    """(rows per program, warps) of the transform for a padded rank: many small programs (the kernel streams
-    its rows twice; 64-row blocks left most of the 132 multiprocessors idle at N = 4,096), no spills
-    (tests/core/test_kernels.py); times at N = 4,096, d = 2,048 (benchmarks/layer_overhead.py, the GPU
-    column; widths 32 and 128 not yet compared). SIGMATUNE_TRANSFORM_SHAPE="rows,warps" overrides it (A/B runs:
-    benchmarks/layer_overhead.py)."""
+def launch_shape(width: int) -> tuple[int, int, int, int]:
+    """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank: many
+    small programs (the kernel streams its rows twice; 64-row blocks left most of the 132 multiprocessors
+    idle at N = 4,096), no spills (tests/core/test_kernels.py); times at N = 4,096, d = 2,048
+    (benchmarks/layer_overhead.py, the GPU column; benchmarks/transform_shapes.py sweeps them all).
+    SIGMATUNE_TRANSFORM_SHAPE="rows,warps[,columns,stages]" overrides it (A/B runs)."""
     if INTERPRET:
-        return 16, 4
+        return 16, 4, 32, 3
     if SHAPE_OVERRIDE:
-        rows, warps = SHAPE_OVERRIDE.split(",")
-        return int(rows), int(warps)
+        rows, warps, columns, stages = [*SHAPE_OVERRIDE.split(","), "128", "3"][:4]
+        return int(rows), int(warps), int(columns), int(stages)
     if width <= 32:
-        return 16, 4  # H200, r16: 20.4 µs forward / 25.0 backward against 28.3 / 34.8 at 64 rows and 8 warps
+        return (
+            16,
+            4,
+            128,
+            3,
+        )  # H200, r16: 20.4 µs forward / 25.0 backward against 28.3 / 34.8 at 64 rows, 8 warps
     if width <= 64:
-        return 32, 4  # r64: 27.3 / 33.9 against 28.3 / 35.2 at 8 warps
-    return 32, 8
+        return 32, 4, 128, 3  # r64: 27.3 / 33.9 against 28.3 / 35.2 at 8 warps
+    return 32, 8, 128, 3
 
 
 def padded_rank(r: int) -> int:
@@ -186,7 +191,7 @@ def transform(
     r = int(basis.shape[1])
     diagonal = coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
-    width, block_n, warps, constants = _setup(
+    width, block_n, warps, stages, constants = _setup(
         r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed
     )
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -207,7 +212,7 @@ def transform(
         projection if saved is None else saved, partial,
         n, d, r, a.stride(0), out.stride(0), basis.stride(0),
     )  # fmt: skip
-    (launch or _launch_transform)((programs,), arguments, constants, warps, 3)
+    (launch or _launch_transform)((programs,), arguments, constants, warps, stages)
     if saved is None:
         return out, projection, None
     grad = partial.sum(dim=0)  # (2w+1, width)
@@ -220,12 +225,13 @@ def transform(
 def _setup(
     r: int, band: int, diagonal: bool, dtype: torch.dtype, shifted: bool, backward: bool, transposed: bool
 ):
-    """(padded rank, rows per program, warps, the kernel's constants) of one kind of call, worked out once."""
+    """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
+    once."""
     width = padded_rank(r)
-    block_n, warps = launch_shape(width)
+    block_n, warps, columns, stages = launch_shape(width)
     constants = dict(
         HAS_SHIFT=shifted, REDUCE=backward, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),
-        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=32 if INTERPRET else 128,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns,
     )  # fmt: skip
-    return width, block_n, warps, constants
+    return width, block_n, warps, stages, constants
