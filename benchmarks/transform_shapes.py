@@ -5,8 +5,9 @@
 A compiled or graphed training step is bound by the GPU: the transform's share of it is one forward and one
 backward launch per adapted layer (at the 1.1B Llama shape, d = 2,048 for 5 of the 7 layer types). For each
 padded rank this times every shape in the grid below — rows per program, warps, columns per step, pipeline
-stages — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls back to back between
-two CUDA events, bf16 activations, a diagonal g. The row `chosen` marks launch_shape's own answer; the table
+stages — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls queued behind a GPU
+sleep and run back to back (layer_overhead.timed), bf16 activations, a diagonal g. The row `chosen` marks
+launch_shape's own answer; the table
 lists the fastest shapes by forward + backward µs.
 """
 
@@ -19,31 +20,26 @@ import time
 from pathlib import Path
 
 import torch
+from layer_overhead import timed
 
 from sigmatune.core import kernels
 
 ROWS, WARPS, COLUMNS, STAGES = (16, 32, 64), (4, 8), (64, 128, 256), (3,)
-CALLS = 50
+CALLS = 40  # all queued behind the GPU's sleep (layer_overhead.timed)
 RESULTS = Path(__file__).parent / "results" / "transform_shapes.json"
 
 
 def per_call_us(fn, calls: int) -> float:
-    """µs per call, `calls` calls back to back after 5 untimed ones (CUDA events on a GPU)."""
+    """GPU µs per call: on a GPU, layer_overhead.timed (the GPU held by a sleep while the calls are issued, so
+    that they run back to back: a launch issues slower than this kernel runs); on CPU, wall time."""
+    if torch.cuda.is_available():
+        return timed(fn, calls, repeats=3)[1]
     for _ in range(5):
         fn()
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return 1e6 * (time.perf_counter() - start) / calls
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    begin.record()
+    start = time.perf_counter()
     for _ in range(calls):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * begin.elapsed_time(end) / calls
+    return 1e6 * (time.perf_counter() - start) / calls
 
 
 def time_shape(shape: tuple[int, int, int, int] | None, a, basis, g, calls: int) -> tuple[float, float]:
