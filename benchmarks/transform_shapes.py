@@ -7,8 +7,7 @@ backward launch per adapted layer (at the 1.1B Llama shape, d = 2,048 for 5 of t
 padded rank this times every shape in the grid below — rows per program, warps, columns per step, pipeline
 stages — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls queued behind a GPU
 sleep and run back to back (layer_overhead.timed), bf16 activations, a diagonal g. The row `chosen` marks
-launch_shape's own answer; the table
-lists the fastest shapes by forward + backward µs.
+launch_shape's own answer; the summary lists the fastest shapes by forward + backward µs.
 """
 
 from __future__ import annotations

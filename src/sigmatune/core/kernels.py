@@ -149,15 +149,11 @@ def launch_shape(width: int) -> tuple[int, int, int, int]:
     if SHAPE_OVERRIDE:
         rows, warps, columns, stages = [*SHAPE_OVERRIDE.split(","), "128", "3"][:4]
         return int(rows), int(warps), int(columns), int(stages)
+    # H200 (transform_shapes.py): fastest of rows {16, 32, 64} × warps {4, 8} × columns {64, 128}
     if width <= 32:
-        return (
-            16,
-            4,
-            128,
-            3,
-        )  # H200, r16: 20.4 µs forward / 25.0 backward against 28.3 / 34.8 at 64 rows, 8 warps
+        return 16, 4, 128, 3  # r16: 20.6 µs forward / 23.8 backward (64 rows, 8 warps: 27.9 / 34.3)
     if width <= 64:
-        return 32, 4, 128, 3  # r64: 27.3 / 33.9 against 28.3 / 35.2 at 8 warps
+        return 32, 4, 128, 3  # r64: 27.4 / 32.2 (8 warps: 28.5 / 34.1)
     return 32, 8, 128, 3
 
 
