@@ -1,6 +1,7 @@
 """The eager fused path of an adapted nn.Linear (core/fused_linear.py): the same values and gradients as the
-two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), and the
-generic path wherever the fused one could not be exact (hooks, a trainable weight, autocast, a subclass).
+two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), through the
+kernel and through the GEMMs (the full spectrum, the CPU), and the generic path wherever the fused one could
+not be exact (hooks, a trainable weight, autocast, a subclass).
 
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which `available` never
 chooses by itself: the tests let it."""
@@ -60,7 +61,12 @@ def adapted(side, bias, band=0, seed=0):
 @pytest.mark.parametrize("side", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("band", [0, 2])
-def test_values_and_gradients_match_the_reference_and_the_generic_path(side, bias, band, calls, monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_values_and_gradients_match_the_reference_and_the_generic_path(
+    side, bias, band, kernel, calls, monkeypatch
+):
+    if not kernel:  # the GEMM passes inside the one node
+        monkeypatch.setattr(kernels, "available", lambda *_: False)
     layer, weight = adapted(side, bias, band)
     x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     upstream = torch.randn(3, 7, layer.out_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)

@@ -96,8 +96,8 @@ def output_shift(bias: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor
 
 
 class _Transform(torch.autograd.Function):
-    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs (_gemm_forward,
-    _gemm_backward). Computed in a's dtype (autocast's, when on); g, a band and their gradients in fp32."""
+    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs (forward_pass,
+    backward_pass). Computed in a's dtype (autocast's, when on); g, a band and their gradients in fp32."""
 
     @staticmethod
     def forward(ctx, a, basis, coefficients, shift, fused):
@@ -107,25 +107,38 @@ class _Transform(torch.autograd.Function):
         if autocast:  # compute in autocast's dtype, as the base linear layer does
             a = a.to(torch.get_autocast_dtype(device))
         basis = basis.to(a.dtype)
-        if fused:  # no autocast inside a Triton kernel
-            out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
-        elif autocast:
+        if autocast and not fused:  # (no autocast inside a Triton kernel)
             with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
-                out, projection = _gemm_forward(a, basis, coefficients, shift)
+                out, projection = forward_pass(a, basis, coefficients, shift, fused)
         else:
-            out, projection = _gemm_forward(a, basis, coefficients, shift)
+            out, projection = forward_pass(a, basis, coefficients, shift, fused)
         ctx.save_for_backward(projection, basis, coefficients)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         projection, basis, coefficients = ctx.saved_tensors
-        if ctx.fused:
-            grad_a, _, grad_c = kernels.transform(grad_out, basis, coefficients, saved=projection)
-        else:
-            grad_a, grad_c = _gemm_backward(grad_out, basis, coefficients, projection)
+        grad_a, grad_c = backward_pass(grad_out, basis, coefficients, projection, ctx.fused)
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[2] else None
         return grad_a.to(ctx.input_dtype), None, grad_c, None, None
+
+
+def forward_pass(a, basis, coefficients, shift, fused: bool):
+    """(out, P) of transform() for a 2-D a and a basis in a's dtype: one launch of the fused kernel (P fp32,
+    padded to its width) or the GEMMs (P in a's dtype)."""
+    if fused:
+        out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
+        return out, projection
+    return _gemm_forward(a, basis, coefficients, shift)
+
+
+def backward_pass(grad_out, basis, coefficients, projection, fused: bool):
+    """(da, dg or dC) of transform() for the incoming gradient and the forward pass's projection, by the
+    path that made it."""
+    if fused:
+        grad_a, _, grad_c = kernels.transform(grad_out, basis, coefficients, saved=projection)
+        return grad_a, grad_c
+    return _gemm_backward(grad_out, basis, coefficients, projection)
 
 
 def _gemm_forward(a, basis, coefficients, shift):

@@ -1,22 +1,23 @@
-"""An adapted plain nn.Linear as ONE autograd node in eager mode: the fused transform and the base GEMM
+"""An adapted plain nn.Linear as ONE autograd node in eager mode: the transform and the base GEMM
 together, forward and backward.
 
     input side:   y = (x + ((x B) ⊙ g) Bᵀ) Wᵀ + b                         P = x B
     output side:  z = x Wᵀ;  y = z + b + ((z U) ⊙ g) Uᵀ                     P = (z + b) U − c,  c = b U
     (a band: ⊙ g becomes the mix by Mᵀ, as in functional.transform)
 
-Backward, with Q the kernel's projection of the incoming gradient:
-    input side:   dx̃ = dy W;   (dx, dg) = kernels.transform(dx̃, B, g, saved=P)
-    output side:  (dz, dg) = kernels.transform(dy, U, g, saved=P);   dx = dz W
+Backward, through the transform's backward pass (functional.backward_pass):
+    input side:   dx̃ = dy W;   (dx, dg) = backward_pass(dx̃, P)
+    output side:  (dz, dg) = backward_pass(dy, P);   dx = dz W
 
-This is functional.transform followed (or preceded) by the base layer, computed by the same kernel and the
-same GEMM; what it saves is host time. Eager training of a model with hundreds of adapted layers is bound by
-the host issuing kernels (benchmarks/README.md): one autograd.Function per layer instead of the transform's
-Function plus the Linear's own node, no module call, no reshapes around it. It serves only what it can
-serve exactly: a plain nn.Linear (not a subclass: quantized layers dequantize inside their forward) whose
-weight is a plain tensor that needs no gradient, with no hooks on the layer or on every module (they would
-not run), on CUDA with the fused kernel, not under autocast or torch.compile (whose path is transform_op's
-Triton op, which inductor launches itself); everything else takes the generic path.
+This is functional.transform followed (or preceded) by the base layer, computed by the same passes (the fused
+kernel on CUDA at r ≤ 128, else the GEMMs: the full spectrum, the CPU) and the same GEMM; what it saves is
+host time. Eager training of a model with hundreds of adapted layers is bound by the host issuing kernels
+(benchmarks/README.md): one autograd.Function per layer instead of the transform's Function plus the
+Linear's own node, no module call, no reshapes around it. It serves only what it can serve exactly: a plain
+nn.Linear (not a subclass: quantized layers dequantize inside their forward) whose weight is a plain tensor
+that needs no gradient, in the dtype of the input and the basis, with no hooks on the layer or on every
+module (they would not run), not under autocast or torch.compile (whose path is transform_op's Triton op,
+which inductor launches itself); everything else takes the generic path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard o
 
 
 def serves(base: nn.Module, x: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor) -> bool:
-    """Whether adapted_linear computes this call of the adapted layer (else the generic path does)."""
+    """Whether adapted_linear computes this call of the adapted layer (else the generic path does); on any
+    device, by the fused kernel where kernels.available says so, else by GEMMs."""
     if type(base) is not nn.Linear or torch.compiler.is_compiling():
         return False
     weight, bias = base.weight, base.bias
@@ -43,7 +45,6 @@ def serves(base: nn.Module, x: torch.Tensor, basis: torch.Tensor, coefficients: 
         and x.dtype == weight.dtype == basis.dtype
         and not torch.is_autocast_enabled(x.device.type)
         and not _hooked(base)
-        and kernels.available(x, basis.shape[1], half_width(coefficients))
     )
 
 
@@ -52,21 +53,24 @@ def adapted_linear(
 ) -> torch.Tensor:
     """The adapted layer's output for x (…, in): see the module docstring; differentiable in x and g (or C)."""
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    out = _AdaptedLinear.apply(flat, base.weight, base.bias, basis, coefficients, input_side)  # (N, out)
+    fused = kernels.available(flat, basis.shape[1], half_width(coefficients))
+    out = _AdaptedLinear.apply(
+        flat, base.weight, base.bias, basis, coefficients, input_side, fused
+    )  # (N, out)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class _AdaptedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, basis, coefficients, input_side):
-        ctx.input_side = input_side
+    def forward(ctx, x, weight, bias, basis, coefficients, input_side, fused):
+        ctx.input_side, ctx.fused = input_side, fused
         if input_side:
-            adapted, projection, _ = kernels.transform(x, basis, coefficients, transposed=True)  # x̃, P
+            adapted, projection = functional.forward_pass(x, basis, coefficients, None, fused)  # x̃, P
             out = torch.nn.functional.linear(adapted, weight, bias)
         else:
             shift = functional.output_shift(bias, basis)  # c = b U (r,)
             linear = torch.nn.functional.linear(x, weight, bias)
-            out, projection, _ = kernels.transform(linear, basis, coefficients, shift, transposed=True)
+            out, projection = functional.forward_pass(linear, basis, coefficients, shift, fused)
         ctx.save_for_backward(projection, weight, basis, coefficients)
         return out
 
@@ -75,12 +79,14 @@ class _AdaptedLinear(torch.autograd.Function):
         projection, weight, basis, coefficients = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if ctx.input_side:
-            grad_x, _, grad_c = kernels.transform(grad_out.mm(weight), basis, coefficients, saved=projection)
+            grad_x, grad_c = functional.backward_pass(
+                grad_out.mm(weight), basis, coefficients, projection, ctx.fused
+            )
         else:
-            grad_z, _, grad_c = kernels.transform(grad_out, basis, coefficients, saved=projection)
+            grad_z, grad_c = functional.backward_pass(grad_out, basis, coefficients, projection, ctx.fused)
             grad_x = grad_z.mm(weight) if ctx.needs_input_grad[0] else None
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, None, grad_c, None
+        return grad_x, None, None, None, grad_c, None, None
 
 
 def _hooked(base: nn.Module) -> bool:

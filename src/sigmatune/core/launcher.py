@@ -9,9 +9,11 @@ Its key is finer than the JIT's: each tensor's dtype and whether its address is 
 JIT specialises a tensor on), every other argument by its value (the JIT specialises an integer on whether it
 is 1, a multiple of 16 or needs 64 bits: properties of the value), plus the constants and launch options.
 Two calls with one key therefore run one binary. Keying integers by value costs one JIT call per new size
-(the JIT finds the binary it compiled) and keeps the key cheap to build: one pass, no function call per
-argument. At most MAX_KEYS keys are kept. Under Triton's interpreter, or with Triton's launch hooks set (a
-profiler), every call goes through the JIT.
+(the JIT finds the binary it compiled) and keeps the key cheap to build: no function call per argument. At
+most MAX_KEYS keys are kept. Tensors reach the launcher as their addresses (integers), so it neither calls
+data_ptr() nor asks the driver about each pointer (cuPointerGetAttribute); the caller holds the tensors
+until the launch is queued. Under Triton's interpreter, or with Triton's launch hooks set (a profiler),
+every call goes through the JIT.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class CachedLaunch:
             self.kernel[grid](*args, **constants, num_warps=warps, num_stages=stages)
             return
         device = args[0].device.index
+        values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]  # tensors by address
         key = (
             device, warps, stages, *constants.values(),
-            *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args],
+            *[(a.dtype, v % 16 == 0) if isinstance(a, torch.Tensor) else v for a, v in zip(args, values, strict=True)],
         )  # fmt: skip
         compiled = self.compiled.get(key)
         if compiled is None:  # the JIT compiles (or finds) the binary, and launches it this once
@@ -68,5 +71,5 @@ class CachedLaunch:
         grid = (*grid, 1, 1)
         compiled.run(
             grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None,
-            None, None, *args, *constants.values(),
+            None, None, *values, *constants.values(),
         )  # fmt: skip

@@ -199,7 +199,7 @@ class SpectralLinear(nn.Module):
             return self.base_layer(x)
         base, basis = self.base_layer, self.sigma_basis
         g = self.scales(name)  # g (R,), or a band (2w+1, R)
-        if fused_linear.serves(base, x, basis, g):  # eager on CUDA: one autograd node for the whole layer
+        if fused_linear.serves(base, x, basis, g):  # eager: one autograd node for the whole layer
             return fused_linear.adapted_linear(x, base, basis, g, self.side == "input")
         if self.side == "input":
             return base(F.adapt_input(x, basis, g))
