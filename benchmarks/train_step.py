@@ -1,6 +1,6 @@
 """Training-step benchmark (../shared/BENCH.md): one process per model shape, every row in one run.
 
-    python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled|graphed|...]
+    python benchmarks/train_step.py --shape 1.1b [--tokens 4x1024] [--rows all|eager|compiled|graphed|...] [--rounds N]
 
 A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
 (no trainable weights, input gradients on), sigmatune r=16, 64, full (and its band structure as method
@@ -13,8 +13,10 @@ eigentune 0.2.0 r=16/64 (backends torch and auto), each in a mode (`mode` in the
              graphs
 A row spec is method:rank[:e|c|g] (e by default). Per row: init seconds (cold, and warm from the basis
 cache), trainable parameters, seconds to the end of the first step (compile included), median step ms over
-TIMED steps after WARMUP (synchronised around each), ratio to the frozen step of the same mode, peak
-allocated GiB and its ratio. Rows go into benchmarks/results/train_step.json (merged by key) and a
+TIMED steps after WARMUP (synchronised around each; with --rounds N the rows are measured round-robin N
+times and the median is over every round's steps, `rounds` listing each round's median: an eager step is
+bound by the host, whose speed drifts), ratio to the frozen step of the same mode, peak allocated GiB and
+its ratio. Rows go into benchmarks/results/train_step.json (merged by key) and a
 markdown table into benchmarks/README.md.
 """
 
@@ -147,8 +149,8 @@ def uncompile(base) -> None:
     torch._dynamo.reset()
 
 
-def measure(model, base, mode: str, regions: bool, batch: int, length: int) -> tuple[float, float, float]:
-    """(median step ms, peak allocated GiB, seconds to the end of the first step) of forward + backward +
+def measure(model, base, mode: str, regions: bool, batch: int, length: int) -> tuple[list, float, float]:
+    """(timed step ms, peak allocated GiB, seconds to the end of the first step) of forward + backward +
     optimizer step (fused AdamW)."""
     runner = runner_for(model, base, mode, regions)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +181,7 @@ def measure(model, base, mode: str, regions: bool, batch: int, length: int) -> t
             print(f"  first step (compile included): {first:.1f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
     uncompile(base)
-    return statistics.median(times), peak, first
+    return times, peak, first
 
 
 def rows_for(which: str) -> list[tuple[str, object, str]]:
@@ -222,6 +224,13 @@ def main() -> None:
         "--compile", choices=["model", "regions"], default="regions", help="what compiled rows compile"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the rows round-robin this many times (step ms: the "
+        "median of every round's timed steps; `rounds` lists each round's median)",
+    )
+    parser.add_argument(
         "--table-from", metavar="JSON", help="only rewrite the README table from this results file"
     )
     args = parser.parse_args()
@@ -232,31 +241,45 @@ def main() -> None:
     rows = rows_for(args.rows)
     base = build(args.shape)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    results, frozen = [], {}
+    measured = {}  # (method, rank, mode) → what its rounds gave
     order = list(MODES.values())
-    for method, rank, mode in sorted(rows, key=lambda r: (order.index(r[2]), r[0] != "frozen")):
-        unwrap = None
-        try:
-            model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            step_ms, peak, first_s = measure(model, base, mode, args.compile == "regions", batch, length)
-        except Exception as err:  # a failing peer must not lose the other rows
-            print(f"{method} r={rank} {mode}: FAILED {type(err).__name__}: {err}"[:2000], flush=True)
-            continue
-        finally:
-            if unwrap is not None:
-                unwrap()
-        if method == "frozen":
-            frozen[mode] = (step_ms, peak)
-        ref_ms, ref_peak = frozen.get(mode, (float("nan"), float("nan")))
+    ordered = sorted(rows, key=lambda r: (order.index(r[2]), r[0] != "frozen"))
+    for turn in range(args.rounds):  # round-robin: a slow spell of the host falls on every row alike
+        for method, rank, mode in ordered:
+            unwrap = None
+            try:
+                model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                times, peak, first_s = measure(model, base, mode, args.compile == "regions", batch, length)
+            except Exception as err:  # a failing peer must not lose the other rows
+                print(f"{method} r={rank} {mode}: FAILED {type(err).__name__}: {err}"[:2000], flush=True)
+                continue
+            finally:
+                if unwrap is not None:
+                    unwrap()
+            entry = measured.setdefault(
+                (method, rank, mode), dict(init=(init_s, init_warm_s), trainable=trainable, first=first_s)
+            )
+            entry.setdefault("times", []).extend(times)
+            entry.setdefault("rounds", []).append(statistics.median(times))
+            entry["peak"] = max(entry.get("peak", peak), peak)
+            print(f"{method} r={rank} {mode} round {turn + 1}: {statistics.median(times):.2f} ms", flush=True)
+    results = []
+    for (method, rank, mode), entry in measured.items():
+        step_ms, peak = statistics.median(entry["times"]), entry["peak"]
+        frozen = measured.get(("frozen", 0, mode))
+        ref_ms = statistics.median(frozen["times"]) if frozen else float("nan")
+        ref_peak = frozen["peak"] if frozen else float("nan")
+        init_s, init_warm_s = entry["init"]
         row = dict(
             shape=args.shape, method=method, rank=rank, compiled=mode != "eager", mode=mode,
             **structure_of(method), tokens=batch * length,
             init_s=round(init_s, 3), init_warm_s=None if init_warm_s is None else round(init_warm_s, 3),
-            trainable=trainable, first_step_s=round(first_s, 1), step_ms=round(step_ms, 2),
+            trainable=entry["trainable"], first_step_s=round(entry["first"], 1), step_ms=round(step_ms, 2),
             ratio_vs_frozen=round(step_ms / ref_ms, 3), peak_gib=round(peak, 2),
             peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
             compile={"eager": None, "compiled": args.compile, "graphed": "model"}[mode],
+            rounds=[round(ms, 2) for ms in entry["rounds"]],
         )  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)
