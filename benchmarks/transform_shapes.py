@@ -7,7 +7,8 @@ backward launch per adapted layer (at the 1.1B Llama shape, d = 2,048 for 5 of t
 padded rank this times every shape in the grid below — rows per program, warps, columns per step, pipeline
 stages, programs per block of rows — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls queued behind a GPU
 sleep and run back to back (layer_overhead.timed), bf16 activations, a diagonal g. The row `chosen` marks
-launch_shape's own answer; the summary lists the fastest shapes by forward + backward µs.
+launch_shape's own answer, whose results every other shape must reproduce (else the shape is reported as
+failed); the summary lists the fastest shapes by forward + backward µs.
 """
 
 from __future__ import annotations
@@ -46,13 +47,28 @@ def time_shape(shape: tuple[int, ...] | None, a, basis, g, calls: int) -> tuple[
     kernels.SHAPE_OVERRIDE = None if shape is None else ",".join(map(str, shape))
     kernels._setup.cache_clear()
     try:
-        _, saved, _ = kernels.transform(a, basis, g, transposed=True)
+        out, saved, _ = kernels.transform(a, basis, g, transposed=True)
+        grad_a, _, grad_g = kernels.transform(a, basis, g, saved=saved)
+        check(shape, (out, saved, grad_a, grad_g))
         forward = per_call_us(lambda: kernels.transform(a, basis, g, transposed=True), calls)
         backward = per_call_us(lambda: kernels.transform(a, basis, g, saved=saved), calls)
     finally:
         kernels.SHAPE_OVERRIDE = None
         kernels._setup.cache_clear()
     return forward, backward
+
+
+_EXPECTED = {}  # rank → the results of launch_shape's own shape, which every other shape must reproduce
+
+
+def check(shape, results) -> None:
+    """Every shape computes what launch_shape's own does (up to the order of fp32 sums)."""
+    rank = results[1].shape[1]
+    if shape is None:
+        _EXPECTED[rank] = results
+        return
+    for got, expected in zip(results, _EXPECTED[rank], strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def main() -> None:
