@@ -264,6 +264,16 @@ def main() -> None:
             entry.setdefault("rounds", []).append(statistics.median(times))
             entry["peak"] = max(entry.get("peak", peak), peak)
             print(f"{method} r={rank} {mode} round {turn + 1}: {statistics.median(times):.2f} ms", flush=True)
+            # nothing measured is lost if the run is cut short (a time limit): the rows so far, merged in
+            merge_rows(Path(args.out), rows_of(measured, args, batch, length, device), row_key)
+    results = rows_of(measured, args, batch, length, device)
+    for row in results:
+        print(json.dumps(row), flush=True)
+    save(results, Path(args.out))
+
+
+def rows_of(measured: dict, args, batch: int, length: int, device: str) -> list[dict]:
+    """The results rows of what has been measured so far (ratios to the frozen row of the same mode)."""
     results = []
     for (method, rank, mode), entry in measured.items():
         step_ms, peak = statistics.median(entry["times"]), entry["peak"]
@@ -282,8 +292,7 @@ def main() -> None:
             rounds=[round(ms, 2) for ms in entry["rounds"]],
         )  # fmt: skip
         results.append(row)
-        print(json.dumps(row), flush=True)
-    save(results, Path(args.out))
+    return results
 
 
 def save(rows: list[dict], path: Path) -> None:
