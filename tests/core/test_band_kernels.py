@@ -67,3 +67,18 @@ def test_the_gemm_path_uses_them_and_matches_the_torch_mixes(monkeypatch):
         results[use] = (out.detach(), x.grad, c.grad)
     for plain, kernel in zip(results[False], results[True], strict=True):
         torch.testing.assert_close(kernel, plain, rtol=2e-4, atol=2e-4)
+
+
+def test_the_gradients_row_groups_fill_the_gpu_and_cover_every_row(monkeypatch):
+    """rows_per_group on a GPU: a multiple of the row block, every row in some group, and about PROGRAMS
+    programs for a wide projection (the 1.1B Llama's full spectrum: 32 groups of 128 rows at N = 4,096)."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    block_n, block_j = 32, 128
+    monkeypatch.setattr(band_kernels, "BLOCK_N", block_n)
+    monkeypatch.setattr(band_kernels, "BLOCK_J", block_j)
+    assert band_kernels.rows_per_group(4096, 2048) == 128
+    for n, r in [(1, 3), (1100, 7), (4096, 2048), (16384, 5632), (50, 150)]:
+        rows = band_kernels.rows_per_group(n, r)
+        groups = -(-n // rows)
+        assert rows % block_n == 0 and groups * rows >= n
+        assert groups * -(-r // block_j) <= band_kernels.PROGRAMS + -(-r // block_j)
