@@ -5,7 +5,7 @@
 A compiled or graphed training step is bound by the GPU: the transform's share of it is one forward and one
 backward launch per adapted layer (at the 1.1B Llama shape, d = 2,048 for 5 of the 7 layer types). For each
 padded rank this times every shape in the grid below — rows per program, warps, columns per step, pipeline
-stages, programs per block of rows — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls queued behind a GPU
+stages — as kernels.launch_shape would pass it (SIGMATUNE_TRANSFORM_SHAPE), the calls queued behind a GPU
 sleep and run back to back (layer_overhead.timed), bf16 activations, a diagonal g. The row `chosen` marks
 launch_shape's own answer, whose results every other shape must reproduce (else the shape is reported as
 failed); the summary lists the fastest shapes by forward + backward µs.
@@ -24,7 +24,7 @@ from layer_overhead import timed
 
 from sigmatune.core import kernels
 
-ROWS, WARPS, COLUMNS, STAGES, SPLITS = (16, 32, 64), (4, 8), (64, 128, 256), (2, 3, 4), (1, 2, 4)
+ROWS, WARPS, COLUMNS, STAGES = (16, 32, 64), (4, 8), (64, 128, 256), (2, 3, 4)
 CALLS = 40  # all queued behind the GPU's sleep (layer_overhead.timed)
 RESULTS = Path(__file__).parent / "results" / "transform_shapes.json"
 
@@ -80,12 +80,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--calls", type=int, default=CALLS)
     parser.add_argument(
-        "--grid", default=None, help="a smaller grid, e.g. 16,32/4/64/3/1,2 (rows/warps/columns/stages/split)"
+        "--grid", default=None, help="a smaller grid, e.g. 16,32/4/64/3 (rows/warps/columns/stages)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    grid = (ROWS, WARPS, COLUMNS, STAGES, SPLITS)
+    grid = (ROWS, WARPS, COLUMNS, STAGES)
     if args.grid:
         grid = tuple(tuple(int(v) for v in part.split(",")) for part in args.grid.split("/"))
     rows = []

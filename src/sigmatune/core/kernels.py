@@ -10,13 +10,10 @@ backward: a = dy (c none), returns dx = out and Q = dy B; also the coefficients'
           dg = Σ_rows Q ⊙ P_saved, or for a band dC[w+o, j] = Σ_rows Q[:, j−o] P_saved[:, j], reduced per
           block of rows (one partial row per program and diagonal, summed afterwards: no atomics)
 
-SPLIT programs own BLOCK_N rows. Each streams the rows' d columns once to build P (BLOCK_N × r, fp32
-accumulation; pass 1); the mix is P ⊙ g, or P T with the r × r tile of T gathered from C (entries outside
-the band masked: nothing dense is built on the host); pass 2 streams its share (1/SPLIT) of the rows'
-columns again (mostly from L2) and writes out = a + (P T) Bᵀ there. The first of them writes P (forward)
-or the partial sums (backward). SPLIT > 1 reads a's rows SPLIT times in pass 1 (all but once from L2) for
-SPLIT times the programs, each shorter: the kernel is bound by each program's chain of loads, not by
-bandwidth. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
+One program owns BLOCK_N rows. Pass 1 streams the rows' d columns once to build P (BLOCK_N × r, fp32
+accumulation); the mix is P ⊙ g, or P T with the r × r tile of T gathered from C (entries outside the band
+masked: nothing dense is built on the host); pass 2 streams the rows again (mostly from L2) and writes
+out = a + (P T) Bᵀ. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
 
 Its forward for a mixed-adapter batch (each row on its own adapter, for serving) is rows_kernels.py's,
 built from this file's two tiles (_project, _add_expanded).
@@ -105,19 +102,10 @@ if triton is not None:
         HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDTH: tl.constexpr, MIX: tl.constexpr,  # band half-width w; MIX 0: ⊙ g, 1: P Mᵀ, 2: P M
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLIT: tl.constexpr,  # programs per block of rows, each writing its share of the output's columns
     ):
-        if SPLIT == 1:  # the whole rows: no arithmetic on the share (it cost registers)
-            block, part, first, last = tl.program_id(0), 0, 0, D
-        else:
-            block = tl.program_id(0) // SPLIT  # the block of rows
-            part = tl.program_id(0) % SPLIT  # this program's share of the columns: [first, last)
-            share = tl.cdiv(tl.cdiv(D, SPLIT), BLOCK_D) * BLOCK_D
-            first = part * share
-            last = tl.minimum(first + share, D)
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
         row_ok = rows < N
-        owned = N - N * tl.minimum(part, 1)  # the first part writes P (rows < owned) or the partial sums
         ranks = tl.arange(0, BLOCK_R)  # (BR,)
         rank_ok = ranks < R
         projection = _project(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_b,
@@ -126,14 +114,13 @@ if triton is not None:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
         if not REDUCE:  # the forward pass's P, saved for backward (backward's Q is not kept)
-            tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=(rows < owned)[:, None])
-        if REDUCE:  # partial gradient for these rows (written by the first part), diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
+            tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
+        if REDUCE:  # partial gradient for these rows, diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
             for t in tl.static_range(0, 2 * WIDTH + 1):  # by k = j − o: Σ_rows Q[:, k] P_saved[:, k + o] at j = k + o
                 column = ranks + (t - WIDTH)  # j = k + o
                 inside = (column >= 0) & (column < R) & rank_ok
                 saved = tl.load(SAVED + rows[:, None] * BLOCK_R + column[None, :], mask=keep & inside[None, :], other=0.0)
-                tl.store(PARTIAL + (block * (2 * WIDTH + 1) + t) * BLOCK_R + column, tl.sum(projection * saved, axis=0),
-                         mask=inside & (column < R - R * tl.minimum(part, 1)))
+                tl.store(PARTIAL + (pid * (2 * WIDTH + 1) + t) * BLOCK_R + column, tl.sum(projection * saved, axis=0), mask=inside)
         if MIX == 0:
             g = tl.load(G + ranks, mask=rank_ok, other=0.0).to(tl.float32)
             scaled = projection * g[None, :]  # (BN, BR) fp32
@@ -144,30 +131,31 @@ if triton is not None:
             inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
             mix = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
             scaled = tl.dot(projection, mix, input_precision=PRECISION)  # (BN, BR) fp32
-        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, last, stride_a, stride_out, stride_b,
+        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_out, stride_b,
                       PRECISION, UPCAST, BLOCK_D)
     # fmt: on
 
     _launch_transform = CachedLaunch(_transform_kernel, INTERPRET)
 
 
-def launch_shape(width: int) -> tuple[int, int, int, int, int]:
-    """(rows per program, warps, columns per step, pipeline stages, programs per block of rows) of the
-    transform for a padded rank: many small programs (the kernel streams its rows twice; 64-row blocks left
-    most of the 132 multiprocessors idle at N = 4,096), no spills (tests/core/test_kernels.py); times at
-    N = 4,096, d = 2,048 (benchmarks/transform_shapes.py sweeps them on the GPU).
-    SIGMATUNE_TRANSFORM_SHAPE="rows,warps[,columns,stages,split]" overrides it (A/B runs)."""
+def launch_shape(width: int) -> tuple[int, int, int, int]:
+    """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank: many
+    small programs (the kernel streams its rows twice; 64-row blocks left most of the 132 multiprocessors
+    idle at N = 4,096), no spills (tests/core/test_kernels.py); times at N = 4,096, d = 2,048
+    (benchmarks/layer_overhead.py, the GPU column; benchmarks/transform_shapes.py sweeps them all).
+    SIGMATUNE_TRANSFORM_SHAPE="rows,warps[,columns,stages]" overrides it (A/B runs)."""
     if INTERPRET:
-        return 16, 4, 32, 3, 2  # two programs per block of rows: the tests cover the split
+        return 16, 4, 32, 3
     if SHAPE_OVERRIDE:
-        rows, warps, columns, stages, split = [*SHAPE_OVERRIDE.split(","), "128", "3", "1"][:5]
-        return int(rows), int(warps), int(columns), int(stages), int(split)
-    # H200 (transform_shapes.py): fastest of rows {16, 32} × warps {4, 8} × columns {64, 128, 256} × stages
+        rows, warps, columns, stages = [*SHAPE_OVERRIDE.split(","), "128", "3"][:4]
+        return int(rows), int(warps), int(columns), int(stages)
+    # H200 (transform_shapes.py): fastest of rows {16, 32, 64} × warps {4, 8} × columns {64, 128, 256} × stages
+    # {2, 3, 4, 5}; splitting a block's columns over several programs was never faster
     if width <= 32:
-        return 16, 4, 256, 3, 1  # r16: 17.9 µs forward / 22.3 backward (128 columns: 20.7 / 23.5)
+        return 16, 4, 256, 3  # r16: 18.1 µs forward / 22.4 backward (128 columns: 20.7 / 23.5)
     if width <= 64:
-        return 32, 4, 128, 3, 1  # r64: 27.4 / 31.5 (256 columns: 27.0 / 30.7)
-    return 32, 8, 128, 3, 1
+        return 32, 4, 128, 3  # r64: 27.5 / 31.9 (256 columns: 26.9 / 31.0, within the noise)
+    return 32, 8, 128, 3
 
 
 def padded_rank(r: int) -> int:
@@ -200,7 +188,7 @@ def transform(
     r = int(basis.shape[1])
     diagonal = coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
-    width, block_n, split, warps, stages, constants = _setup(
+    width, block_n, warps, stages, constants = _setup(
         r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed
     )
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -221,7 +209,7 @@ def transform(
         projection if saved is None else saved, partial,
         n, d, r, a.stride(0), out.stride(0), basis.stride(0),
     )  # fmt: skip
-    (launch or _launch_transform)((programs * split,), arguments, constants, warps, stages)
+    (launch or _launch_transform)((programs,), arguments, constants, warps, stages)
     if saved is None:
         return out, projection, None
     grad = partial.sum(dim=0)  # (2w+1, width)
@@ -234,13 +222,13 @@ def transform(
 def _setup(
     r: int, band: int, diagonal: bool, dtype: torch.dtype, shifted: bool, backward: bool, transposed: bool
 ):
-    """(padded rank, rows per program, programs per block of rows, warps, stages, the kernel's constants) of one
-    kind of call, worked out once."""
+    """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
+    once."""
     width = padded_rank(r)
-    block_n, warps, columns, stages, split = launch_shape(width)
+    block_n, warps, columns, stages = launch_shape(width)
     constants = dict(
         HAS_SHIFT=shifted, REDUCE=backward, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),
-        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns, SPLIT=split,
+        BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns,
     )  # fmt: skip
-    return width, block_n, split, warps, stages, constants
+    return width, block_n, warps, stages, constants
