@@ -73,7 +73,7 @@ def test_values_and_gradients_match_the_reference_and_the_generic_path(
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(fused_linear, "serves", lambda *_: False)
+            monkeypatch.setattr(fused_linear, "adapted_linear", lambda *_: None)
         inputs = x.clone().requires_grad_(True)
         out = layer(inputs)
         (out * upstream).sum().backward()
@@ -137,3 +137,18 @@ def test_hooks_a_trainable_weight_autocast_and_subclasses_take_the_generic_path(
     layer.base_layer.__class__ = nn.Linear
     layer(x)
     assert calls == [1]
+
+
+def test_a_bias_kept_as_a_buffer_takes_the_generic_path(calls):
+    """A layer whose bias is not among its parameters (re-registered as a buffer) is left to its own forward,
+    which adds that bias; the fused path reads weight and bias from the parameters only."""
+    layer, weight = adapted("input", bias=True)
+    base = layer.base_layer
+    bias = base.bias.detach().clone()
+    del base.bias
+    base.register_buffer("bias", bias)
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    out = layer(x)
+    assert calls == []
+    expected = x.double() @ weight.to(DEVICE).T + bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)

@@ -32,31 +32,31 @@ from .structures import half_width
 _PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard or a quantized subclass
 
 
-def serves(base: nn.Module, x: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor) -> bool:
-    """Whether adapted_linear computes this call of the adapted layer (else the generic path does); on any
-    device, by the fused kernel where kernels.available says so, else by GEMMs."""
-    if type(base) is not nn.Linear or torch.compiler.is_compiling():
-        return False
-    weight, bias = base.weight, base.bias
-    return (
-        type(weight) in _PLAIN
-        and not weight.requires_grad
-        and (bias is None or not bias.requires_grad)
-        and x.dtype == weight.dtype == basis.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-        and not _hooked(base)
-    )
-
-
 def adapted_linear(
-    x: torch.Tensor, base: nn.Linear, basis: torch.Tensor, coefficients: torch.Tensor, input_side: bool
-) -> torch.Tensor:
-    """The adapted layer's output for x (…, in): see the module docstring; differentiable in x and g (or C)."""
+    x: torch.Tensor, base: nn.Module, basis: torch.Tensor, coefficients: torch.Tensor, input_side: bool
+) -> torch.Tensor | None:
+    """The adapted layer's output for x (…, in) as one autograd node (see the module docstring;
+    differentiable in x and g, or C), or None where this path would not be exact: then the caller takes the
+    generic path. Checked on every call, cheapest first (this is the per-layer host cost of eager training)."""
+    if type(base) is not nn.Linear or torch.compiler.is_compiling():
+        return None
+    parameters = base._parameters  # weight, bias: read once, without nn.Module.__getattr__
+    if "weight" not in parameters or "bias" not in parameters:  # kept elsewhere: the module's forward knows
+        return None
+    weight, bias = parameters["weight"], parameters["bias"]
+    if (
+        weight.requires_grad
+        or x.dtype != weight.dtype
+        or basis.dtype != weight.dtype
+        or type(weight) not in _PLAIN
+        or (bias is not None and bias.requires_grad)
+        or _hooked(base)
+        or torch.is_autocast_enabled(x.device.type)
+    ):
+        return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     fused = kernels.available(flat, basis.shape[1], half_width(coefficients))
-    out = _AdaptedLinear.apply(
-        flat, base.weight, base.bias, basis, coefficients, input_side, fused
-    )  # (N, out)
+    out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, fused)  # (N, out)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

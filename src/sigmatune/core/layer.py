@@ -162,7 +162,8 @@ class SpectralLinear(nn.Module):
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
         adapter = self.sigma_adapters[name]
-        return adapter.spread(self._own_scales(adapter), self.rank)
+        own = self._own_scales(adapter)
+        return own if adapter.positions is None else adapter.spread(own, self.rank)  # all columns: as it is
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
@@ -199,8 +200,9 @@ class SpectralLinear(nn.Module):
             return self.base_layer(x)
         base, basis = self.base_layer, self.sigma_basis
         g = self.scales(name)  # g (R,), or a band (2w+1, R)
-        if fused_linear.serves(base, x, basis, g):  # eager: one autograd node for the whole layer
-            return fused_linear.adapted_linear(x, base, basis, g, self.side == "input")
+        out = fused_linear.adapted_linear(x, base, basis, g, self.side == "input")  # eager: one autograd node
+        if out is not None:
+            return out
         if self.side == "input":
             return base(F.adapt_input(x, basis, g))
         return F.adapt_output(base(x), bias_of(base), basis, g)
