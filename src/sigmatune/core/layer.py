@@ -162,8 +162,7 @@ class SpectralLinear(nn.Module):
         """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
         band, M's diagonals over the stored columns (2w+1, R)."""
         adapter = self.sigma_adapters[name]
-        own = self._own_scales(adapter)
-        return own if adapter.positions is None else adapter.spread(own, self.rank)  # all columns: as it is
+        return adapter.spread(self._own_scales(adapter), self.rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
