@@ -6,8 +6,9 @@ and the pieces an eager call is made of.
 Eager training of a model with hundreds of adapted layers is bound by whichever is slower: the CPU
 issuing kernels or the GPU running them. "cpu us" is the time to issue one call (the GPU held busy by a
 sleep meanwhile, so nothing waits on it); "gpu us" the GPU's time per call, the calls back to back.
-Rows: the bare nn.Linear, a SpectralLinear (what a SigmaModel trains) on the fused kernel and on the GEMM
-path, the transform alone (functional.transform: an autograd.Function) and as the custom op that
+Rows: the bare nn.Linear, a SpectralLinear (what a SigmaModel trains) through fused_linear's one-node Function on
+the fused kernel, by torch ops (its path where the kernel does not serve), through the Function on GEMMs, the
+transform alone (functional.transform: an autograd.Function) and as the custom op that
 torch.compile sees (transform_op.py) before the base layer, and the pieces: a launch of the forward kernel,
 an empty autograd.Function, an allocation.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sigmatune.core import functional as F
-from sigmatune.core import kernels, launcher, transform_op
+from sigmatune.core import fused_linear, kernels, launcher, transform_op
 from sigmatune.core.layer import SpectralLinear
 from sigmatune.core.svd import Spectrum
 
@@ -135,17 +136,20 @@ def main():
     g = vector.detach()
     saved = kernels.transform(x.detach(), basis, g)[1]
 
-    def gemm_path():
-        enabled, kernels.ENABLED = kernels.ENABLED, False
+    def without_kernel(ops: bool):
+        """The layer where the kernel does not serve: by torch ops, or through fused_linear's Function on GEMMs."""
+        eager_ops, enabled = fused_linear.EAGER_OPS, kernels.ENABLED
+        fused_linear.EAGER_OPS, kernels.ENABLED = ops, False
         try:
             layer(x).backward(grad)
         finally:
-            kernels.ENABLED = enabled
+            fused_linear.EAGER_OPS, kernels.ENABLED = eager_ops, enabled
 
     rows = {
         "base layer forward + backward": lambda: linear(x).backward(grad),
         "adapted, fused kernel": lambda: layer(x).backward(grad),
-        "adapted, GEMM path": gemm_path,
+        "adapted, torch ops": lambda: without_kernel(ops=True),
+        "adapted, GEMM path": lambda: without_kernel(ops=False),
         "transform() + base layer": lambda: linear(F.transform(x, basis, vector)).backward(grad),
         "custom op + base layer": lambda: linear(
             transform_op.transform(x, basis, vector, None, True)[0]

@@ -4,7 +4,9 @@
 
 A Llama-shaped model with random bf16 weights; targets: all 7 linear types. Rows: the frozen model
 (no trainable weights, input gradients on), sigmatune r=16, 64, full (and its band structure as method
-sigmatune-band<b>, e.g. --rows sigmatune-band1:full,sigmatune-band4:64), PEFT LoRA r=16 (alpha 32),
+sigmatune-band<b>, e.g. --rows sigmatune-band1:full,sigmatune-band4:64; sigmatune-fn: the full spectrum
+through fused_linear's one-node Function in eager mode instead of torch ops, fused_linear.EAGER_OPS off),
+PEFT LoRA r=16 (alpha 32),
 eigentune 0.2.0 r=16/64 (backends torch and auto), each in a mode (`mode` in the results):
   eager      the model as it is (the HF Trainer's default)
   compiled   torch.compile(fullgraph=True): each decoder layer its own region (--compile regions, the
@@ -79,14 +81,21 @@ def wrap(base, method: str, rank, cache: str):
     """(model to train, unwrap function) for one row."""
     if method == "frozen":
         return base, lambda: base
-    if method == "sigmatune" or method.startswith("sigmatune-band"):
+    if method == "sigmatune" or method.startswith("sigmatune-band") or method == "sigmatune-fn":
         from sigmatune import SigmaConfig, get_sigma_model
+        from sigmatune.core import fused_linear
 
-        band = int(method.removeprefix("sigmatune-band") or 0) if method != "sigmatune" else 0
+        band = int(method.removeprefix("sigmatune-band")) if method.startswith("sigmatune-band") else 0
         structure = dict(structure="band", band=band) if band else {}
         config = SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache, **structure)
         model = get_sigma_model(base, config, progress=False)
-        return model, model.unload
+        previous, fused_linear.EAGER_OPS = fused_linear.EAGER_OPS, method != "sigmatune-fn"
+
+        def unwrap():
+            fused_linear.EAGER_OPS = previous
+            return model.unload()
+
+        return model, unwrap
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -201,7 +210,7 @@ def rows_for(which: str) -> list[tuple[str, object, str]]:
 
 def structure_of(method: str) -> dict:
     """The structure keys of a sigmatune row (none for the other methods)."""
-    if method == "sigmatune":
+    if method in ("sigmatune", "sigmatune-fn"):
         return dict(structure="diagonal", band=0)
     if method.startswith("sigmatune-band"):
         return dict(structure="band", band=int(method.removeprefix("sigmatune-band")))

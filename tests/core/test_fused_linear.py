@@ -1,7 +1,7 @@
 """The eager fused path of an adapted nn.Linear (core/fused_linear.py): the same values and gradients as the
-two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), through the
-kernel and through the GEMMs (the full spectrum, the CPU), and the generic path wherever the fused one could
-not be exact (hooks, a trainable weight, autocast, a subclass).
+two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), by torch ops
+(a diagonal g), through the kernel and through the GEMMs (the full spectrum, the CPU), and the generic path
+wherever the fused one could not be exact (hooks, a trainable weight, autocast, a subclass).
 
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which `available` never
 chooses by itself: the tests let it."""
@@ -30,10 +30,11 @@ def kernel_on_cpu(monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many times the fused path ran."""
+    """Which way the fused path ran, each time it ran: "function" or "ops"."""
     seen = []
-    apply = fused_linear._AdaptedLinear.apply
-    monkeypatch.setattr(fused_linear._AdaptedLinear, "apply", lambda *a: seen.append(1) or apply(*a))
+    apply, by_ops = fused_linear._AdaptedLinear.apply, fused_linear._diagonal_by_ops
+    monkeypatch.setattr(fused_linear._AdaptedLinear, "apply", lambda *a: seen.append("function") or apply(*a))
+    monkeypatch.setattr(fused_linear, "_diagonal_by_ops", lambda *a: seen.append("ops") or by_ops(*a))
     return seen
 
 
@@ -61,12 +62,15 @@ def adapted(side, bias, band=0, seed=0):
 @pytest.mark.parametrize("side", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("band", [0, 2])
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("path", ["ops", "kernel", "gemms"])
 def test_values_and_gradients_match_the_reference_and_the_generic_path(
-    side, bias, band, kernel, calls, monkeypatch
+    side, bias, band, path, calls, monkeypatch
 ):
-    if not kernel:  # the GEMM passes inside the one node
+    if band and path == "ops":
+        pytest.skip("a band always takes the Function")
+    if path != "kernel":  # where the kernel does not serve: the ops, or the GEMM passes inside the one node
         monkeypatch.setattr(kernels, "available", lambda *_: False)
+        monkeypatch.setattr(fused_linear, "EAGER_OPS", path == "ops")
     layer, weight = adapted(side, bias, band)
     x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     upstream = torch.randn(3, 7, layer.out_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -80,7 +84,7 @@ def test_values_and_gradients_match_the_reference_and_the_generic_path(
         vector = layer.sigma_adapters["default"].vector
         results.append((out.detach(), inputs.grad, vector.grad.clone()))
         vector.grad = None
-    assert len(calls) == 1  # the first run took the fused path, the second the generic one
+    assert calls == ["ops" if path == "ops" else "function"]  # the first run fused, the second generic
     (out, grad_x, grad_v), (generic_out, generic_x, generic_v) = results
     base = layer.base_layer
     weight = weight.to(DEVICE)
@@ -92,8 +96,11 @@ def test_values_and_gradients_match_the_reference_and_the_generic_path(
     torch.testing.assert_close(grad_v, generic_v, rtol=1e-4, atol=1e-5)
 
 
-def test_the_vectors_gradient_matches_the_fp64_reference(calls):
-    """dg against autograd through the fp64 reference weight, for both sides."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_vectors_gradient_matches_the_fp64_reference(kernel, calls, monkeypatch):
+    """dg against autograd through the fp64 reference weight, for both sides: through the kernel, by the ops."""
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda *_: False)
     for side in SHAPES:
         layer, _ = adapted(side, bias=True, seed=3)
         x = torch.randn(9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -106,7 +113,7 @@ def test_the_vectors_gradient_matches_the_fp64_reference(calls):
         (x.cpu().double() @ weight.T + linear.bias.detach()).square().sum().backward()
         got = layer.sigma_adapters["default"].vector.grad.cpu().double()
         torch.testing.assert_close(got, vector.grad, rtol=1e-3, atol=1e-4)
-    assert len(calls) == 2
+    assert calls == ["function" if kernel else "ops"] * 2
 
 
 def test_hooks_a_trainable_weight_autocast_and_subclasses_take_the_generic_path(calls):
@@ -136,7 +143,7 @@ def test_hooks_a_trainable_weight_autocast_and_subclasses_take_the_generic_path(
     assert calls == []
     layer.base_layer.__class__ = nn.Linear
     layer(x)
-    assert calls == [1]
+    assert calls == ["function"]
 
 
 def test_a_bias_kept_as_a_buffer_takes_the_generic_path(calls):
@@ -152,3 +159,31 @@ def test_a_bias_kept_as_a_buffer_takes_the_generic_path(calls):
     assert calls == []
     expected = x.double() @ weight.to(DEVICE).T + bias.double()
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", SHAPES)
+def test_a_bf16_layer_by_ops_matches_the_reference_to_bf16_rounding(side, calls, monkeypatch):
+    """In bf16 the ops round g to bf16 and compute dg in bf16: output, dx and dg within bf16's rounding of the
+    fp64 reference (a relative error of a few 2⁻⁸, not more)."""
+    monkeypatch.setattr(kernels, "available", lambda *_: False)
+    layer, _ = adapted(side, bias=True, seed=5)
+    layer.base_layer.to(torch.bfloat16)  # a bf16 model; the adapter's vector stays fp32
+    layer.sigma_basis = layer.sigma_basis.to(torch.bfloat16)
+    x = torch.randn(64, layer.in_features, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    inputs = x.to(torch.bfloat16).requires_grad_(True)
+    upstream = torch.randn(64, layer.out_features, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    (layer(inputs).float() * upstream).sum().backward()
+    assert calls == ["ops"]
+    linear = make_linear(SHAPES[side], bias=True, dtype=torch.float64, seed=5)
+    vector = layer.sigma_adapters["default"].vector.detach().cpu().double().requires_grad_(True)
+    reference = reference_weight(linear.weight.detach(), list(layer.stored_indices), vector, "multiplicative")
+    x64 = inputs.detach().cpu().double().requires_grad_(True)
+    ((x64 @ reference.T + linear.bias.detach()) * upstream.cpu().double()).sum().backward()
+
+    def relative(got, expected):
+        return float((got.cpu().double() - expected).norm() / expected.norm())
+
+    got = layer.sigma_adapters["default"].vector.grad
+    assert got.dtype == torch.float32
+    assert relative(inputs.grad, x64.grad) < 2e-2
+    assert relative(got, vector.grad) < 2e-2

@@ -1,23 +1,32 @@
-"""An adapted plain nn.Linear as ONE autograd node in eager mode: the transform and the base GEMM
-together, forward and backward.
+"""An adapted plain nn.Linear in eager mode at the least host cost: eager training of a model with hundreds of
+adapted layers is bound by the host issuing kernels (benchmarks/README.md), so each call here is as few host
+steps as the math allows.
 
     input side:   y = (x + ((x B) ⊙ g) Bᵀ) Wᵀ + b                         P = x B
     output side:  z = x Wᵀ;  y = z + b + ((z U) ⊙ g) Uᵀ                     P = (z + b) U − c,  c = b U
     (a band: ⊙ g becomes the mix by Mᵀ, as in functional.transform)
 
-Backward, through the transform's backward pass (functional.backward_pass):
+Two ways, the same math as functional.transform followed (or preceded) by the base layer:
+- ONE autograd.Function for the transform and the base GEMM together, computed by functional.forward_pass /
+  backward_pass: the fused kernel (CUDA, r ≤ 128), or the GEMMs where it does not serve a band.
     input side:   dx̃ = dy W;   (dx, dg) = backward_pass(dx̃, P)
     output side:  (dz, dg) = backward_pass(dy, P);   dx = dz W
+- a diagonal g the kernel does not serve (the full spectrum, the CPU): four torch ops (P = x B, P ⊙ g, an
+  addmm, the linear), whose backward autograd runs in C++ with no Python: dx̃ = dy W, Q = dx̃ B,
+  dg = Σ_rows Q ⊙ P, dx = dx̃ + (Q ⊙ g) Bᵀ. g is rounded to the compute dtype first (bf16: ~2⁻⁹ relative,
+  as a bf16 base layer's own weight is), so P ⊙ g and dg are in that dtype. Autograd keeps P (N × r), g,
+  the basis and W, as the Function does.
+Which costs the host less (benchmarks/layer_overhead.py, H200 host, r = 64: a layer's forward + backward
+627 µs through the kernel's Function, 794 µs by the ops, 867 µs through the Function on GEMMs; a 2-core CPU,
+a 22-layer model: 1.74× the frozen step by the ops, 2.01× through the Function): a cuBLAS call costs the
+host about what a Triton launch does, and the kernel needs two launches where the ops need six GEMMs.
+EAGER_OPS = False sends every diagonal through the Function, on the GEMMs where needed (benchmarks compare).
 
-This is functional.transform followed (or preceded) by the base layer, computed by the same passes (the fused
-kernel on CUDA at r ≤ 128, else the GEMMs: the full spectrum, the CPU) and the same GEMM; what it saves is
-host time. Eager training of a model with hundreds of adapted layers is bound by the host issuing kernels
-(benchmarks/README.md): one autograd.Function per layer instead of the transform's Function plus the
-Linear's own node, no module call, no reshapes around it. It serves only what it can serve exactly: a plain
-nn.Linear (not a subclass: quantized layers dequantize inside their forward) whose weight is a plain tensor
-that needs no gradient, in the dtype of the input and the basis, with no hooks on the layer or on every
-module (they would not run), not under autocast or torch.compile (whose path is transform_op's Triton op,
-which inductor launches itself); everything else takes the generic path.
+Either serves only what it can serve exactly: a plain nn.Linear (not a subclass: quantized layers dequantize
+inside their forward) whose weight is a plain tensor that needs no gradient, in the dtype of the input and
+the basis, with no hooks on the layer or on every module (they would not run), not under autocast or
+torch.compile (whose path is transform_op's Triton op, which inductor launches itself); everything else
+takes the generic path.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from . import functional, kernels
 from .structures import half_width
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard or a quantized subclass
+EAGER_OPS = True  # False: a diagonal g the kernel does not serve goes through the Function too
 
 
 def adapted_linear(
@@ -56,8 +66,26 @@ def adapted_linear(
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     fused = kernels.available(flat, basis.shape[1], half_width(coefficients))
-    out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, fused)  # (N, out)
+    if not fused and EAGER_OPS and coefficients.dim() == 1:
+        out = _diagonal_by_ops(flat, weight, bias, basis, coefficients, input_side)  # (N, out)
+    else:
+        out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, fused)  # (N, out)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _diagonal_by_ops(x, weight, bias, basis, g, input_side: bool) -> torch.Tensor:
+    """The adapted layer for a diagonal g by four torch ops (see the module docstring): x (N, in), basis
+    (d, r) in x's dtype, g (r,) rounded to it; autograd saves P (N, r), g, the basis and W."""
+    g = g.to(x.dtype)
+    if input_side:
+        projection = x @ basis  # P (N, r)
+        adapted = torch.addmm(x, projection * g, basis.T)  # x̃ (N, in)
+        return torch.nn.functional.linear(adapted, weight, bias)
+    out = torch.nn.functional.linear(x, weight, bias)  # z + b (N, out)
+    projection = out @ basis  # (z + b) U (N, r)
+    if bias is not None:
+        projection = projection - functional.output_shift(bias, basis)  # − c: P = z U
+    return torch.addmm(out, projection * g, basis.T)
 
 
 class _AdaptedLinear(torch.autograd.Function):
