@@ -61,13 +61,12 @@ def adapted(side, bias, band=0, seed=0):
 
 @pytest.mark.parametrize("side", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("band", [0, 2])
-@pytest.mark.parametrize("path", ["ops", "kernel", "gemms"])
+@pytest.mark.parametrize(
+    ("band", "path"), [(0, "ops"), (0, "kernel"), (0, "gemms"), (2, "kernel"), (2, "gemms")]
+)  # a band always takes the Function
 def test_values_and_gradients_match_the_reference_and_the_generic_path(
     side, bias, band, path, calls, monkeypatch
 ):
-    if band and path == "ops":
-        pytest.skip("a band always takes the Function")
     if path != "kernel":  # where the kernel does not serve: the ops, or the GEMM passes inside the one node
         monkeypatch.setattr(kernels, "available", lambda *_: False)
         monkeypatch.setattr(fused_linear, "EAGER_OPS", path == "ops")
@@ -187,3 +186,56 @@ def test_a_bf16_layer_by_ops_matches_the_reference_to_bf16_rounding(side, calls,
     assert got.dtype == torch.float32
     assert relative(inputs.grad, x64.grad) < 2e-2
     assert relative(got, vector.grad) < 2e-2
+
+
+@pytest.mark.parametrize("keeps_input", [True, False])
+def test_the_full_spectrum_by_ops_keeps_x_in_place_of_the_projection(keeps_input, calls, monkeypatch):
+    """A full-spectrum input-side layer by the ops on CUDA keeps x, not P = x B (the same size, and shared
+    with the layers that read the same x), and recomputes P in backward: the same values and gradients."""
+    monkeypatch.setattr(kernels, "available", lambda *_: False)
+    monkeypatch.setattr(fused_linear, "keeps_input", lambda *_: keeps_input)  # CUDA only by itself
+    linear = make_linear(SHAPES["input"], bias=True, dtype=torch.float64, seed=9)
+    layer = wrap(linear, SigmaConfig(rank="full", svd="exact"), seed=9).to(DEVICE)
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    x = x.to(DEVICE).requires_grad_(True)
+    with torch.no_grad():
+        layer.sigma_adapters["default"].vector.normal_(0, 0.3)
+    vector = layer.sigma_adapters["default"].vector
+    recomputed, unpack = [], fused_linear._Recomputed.unpack
+    monkeypatch.setattr(
+        fused_linear._Recomputed,
+        "unpack",
+        lambda self, saved: (
+            recomputed.append(isinstance(saved, fused_linear._Recomputed)) or unpack(self, saved)
+        ),
+    )
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.square().sum().backward()
+    assert calls == ["ops"]
+    reference = reference_weight(
+        linear.weight.detach().to(DEVICE), list(layer.stored_indices), vector.detach(), "multiplicative"
+    )
+    torch.testing.assert_close(out, x.detach() @ reference.T + linear.bias.to(DEVICE))
+    x64 = x.detach().clone().requires_grad_(True)
+    vector64 = vector.detach().clone().requires_grad_(True)
+    weight = reference_weight(
+        linear.weight.detach().to(DEVICE), list(layer.stored_indices), vector64, "multiplicative"
+    )
+    (x64 @ weight.T + linear.bias.to(DEVICE)).square().sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad)
+    torch.testing.assert_close(vector.grad, vector64.grad)
+    assert any(recomputed) is keeps_input  # backward recomputed P from x
+    projection_kept = any(t.shape == (6, layer.rank) and t.data_ptr() != x.data_ptr() for t in kept)
+    assert projection_kept is not keeps_input  # else autograd kept P (seen by these outer hooks)
+
+
+def test_the_ops_keep_x_only_on_cuda_for_a_basis_as_wide_as_x():
+    x = torch.zeros(4, 8)
+    assert not fused_linear.keeps_input(x, torch.zeros(8, 8))  # the CPU: compute is the limit
+    if torch.cuda.is_available():
+        assert fused_linear.keeps_input(x.cuda(), torch.zeros(8, 8, device="cuda"))
+        assert not fused_linear.keeps_input(x.cuda(), torch.zeros(8, 4, device="cuda"))
+        with torch.no_grad():
+            assert not fused_linear.keeps_input(x.cuda(), torch.zeros(8, 8, device="cuda"))

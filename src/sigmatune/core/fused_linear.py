@@ -15,7 +15,9 @@ Two ways, the same math as functional.transform followed (or preceded) by the ba
   addmm, the linear), whose backward autograd runs in C++ with no Python: dx̃ = dy W, Q = dx̃ B,
   dg = Σ_rows Q ⊙ P, dx = dx̃ + (Q ⊙ g) Bᵀ. g is rounded to the compute dtype first (bf16: ~2⁻⁹ relative,
   as a bf16 base layer's own weight is), so P ⊙ g and dg are in that dtype. Autograd keeps P (N × r), g,
-  the basis and W, as the Function does.
+  the basis and W, as the Function does — but x in place of P for the full spectrum of an input-side
+  layer on CUDA (keeps_input: the same size, often kept by a neighbour already; the 1.1B shape's peak
+  went from 1.31× to 1.23× the frozen model's), recomputing P in backward.
 Which costs the host less (benchmarks/layer_overhead.py, H200 host, r = 64: a layer's forward + backward
 627 µs through the kernel's Function, 794 µs by the ops, 867 µs through the Function on GEMMs; a 2-core CPU,
 a 22-layer model: 1.74× the frozen step by the ops, 2.01× through the Function): a cuBLAS call costs the
@@ -75,17 +77,51 @@ def adapted_linear(
 
 def _diagonal_by_ops(x, weight, bias, basis, g, input_side: bool) -> torch.Tensor:
     """The adapted layer for a diagonal g by four torch ops (see the module docstring): x (N, in), basis
-    (d, r) in x's dtype, g (r,) rounded to it; autograd saves P (N, r), g, the basis and W."""
+    (d, r) in x's dtype, g (r,) rounded to it; autograd saves P (N, r) — or x in its place, see
+    keeps_input — g, the basis and W."""
     g = g.to(x.dtype)
     if input_side:
         projection = x @ basis  # P (N, r)
-        adapted = torch.addmm(x, projection * g, basis.T)  # x̃ (N, in)
+        if keeps_input(x, basis):
+            with torch.autograd.graph.saved_tensors_hooks(*_Recomputed(projection, x, basis).hooks()):
+                scaled = projection * g
+        else:
+            scaled = projection * g
+        adapted = torch.addmm(x, scaled, basis.T)  # x̃ (N, in)
         return torch.nn.functional.linear(adapted, weight, bias)
     out = torch.nn.functional.linear(x, weight, bias)  # z + b (N, out)
     projection = out @ basis  # (z + b) U (N, r)
     if bias is not None:
         projection = projection - functional.output_shift(bias, basis)  # − c: P = z U
     return torch.addmm(out, projection * g, basis.T)
+
+
+def keeps_input(x: torch.Tensor, basis: torch.Tensor) -> bool:
+    """Whether the ops keep x for backward in place of P = x B, recomputing P there (one more N × in × r
+    GEMM): on CUDA, where memory is the limit (on the CPU compute is), when the basis is as wide as x (the
+    full spectrum of an input-side layer, r = in), so x costs no more than P — and nothing at all where
+    another layer keeps the same x already (gate_proj and up_proj read one x; so do q, k and v)."""
+    return x.is_cuda and basis.shape[1] == x.shape[1] and torch.is_grad_enabled()
+
+
+class _Recomputed:
+    """saved_tensors_hooks under which autograd keeps (x, B) where it would keep `projection` = x B, and
+    recomputes it when backward asks; every other saved tensor is kept as it is."""
+
+    def __init__(self, projection: torch.Tensor, x: torch.Tensor, basis: torch.Tensor):
+        self.projection, self.x, self.basis = projection, x, basis
+
+    def hooks(self):
+        return self.pack, self.unpack
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor is self.projection:
+            self.projection = None  # this object keeps x and B from here on, not P
+            return self
+        return tensor
+
+    def unpack(self, saved):
+        return saved.x @ saved.basis if isinstance(saved, _Recomputed) else saved
 
 
 class _AdaptedLinear(torch.autograd.Function):
