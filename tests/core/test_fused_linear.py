@@ -231,11 +231,13 @@ def test_the_full_spectrum_by_ops_keeps_x_in_place_of_the_projection(keeps_input
     assert projection_kept is not keeps_input  # else autograd kept P (seen by these outer hooks)
 
 
-def test_the_ops_keep_x_only_on_cuda_for_a_basis_as_wide_as_x():
+def test_the_ops_keep_x_only_on_cuda_for_a_basis_as_wide_as_x_under_no_other_hooks():
     x = torch.zeros(4, 8)
     assert not fused_linear.keeps_input(x, torch.zeros(8, 8))  # the CPU: compute is the limit
     if torch.cuda.is_available():
         assert fused_linear.keeps_input(x.cuda(), torch.zeros(8, 8, device="cuda"))
         assert not fused_linear.keeps_input(x.cuda(), torch.zeros(8, 4, device="cuda"))
         with torch.no_grad():
+            assert not fused_linear.keeps_input(x.cuda(), torch.zeros(8, 8, device="cuda"))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # e.g. checkpointing
             assert not fused_linear.keeps_input(x.cuda(), torch.zeros(8, 8, device="cuda"))

@@ -21,7 +21,8 @@ Two ways, the same math as functional.transform followed (or preceded) by the ba
 Which costs the host less (benchmarks/layer_overhead.py, H200 host, r = 64: a layer's forward + backward
 627 µs through the kernel's Function, 794 µs by the ops, 867 µs through the Function on GEMMs; a 2-core CPU,
 a 22-layer model: 1.74× the frozen step by the ops, 2.01× through the Function): a cuBLAS call costs the
-host about what a Triton launch does, and the kernel needs two launches where the ops need six GEMMs.
+host about what a Triton launch does, and the ops issue four more GEMMs and a few small kernels where the
+kernel issues two launches and a reduction.
 EAGER_OPS = False sends every diagonal through the Function, on the GEMMs where needed (benchmarks compare).
 
 Either serves only what it can serve exactly: a plain nn.Linear (not a subclass: quantized layers dequantize
@@ -32,6 +33,8 @@ takes the generic path.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -82,11 +85,8 @@ def _diagonal_by_ops(x, weight, bias, basis, g, input_side: bool) -> torch.Tenso
     g = g.to(x.dtype)
     if input_side:
         projection = x @ basis  # P (N, r)
-        if keeps_input(x, basis):
-            with torch.autograd.graph.saved_tensors_hooks(*_Recomputed(projection, x, basis).hooks()):
-                scaled = projection * g
-        else:
-            scaled = projection * g
+        with _kept_as_input(projection, x, basis):
+            scaled = projection * g  # autograd keeps P for dg, or x in its place
         adapted = torch.addmm(x, scaled, basis.T)  # x̃ (N, in)
         return torch.nn.functional.linear(adapted, weight, bias)
     out = torch.nn.functional.linear(x, weight, bias)  # z + b (N, out)
@@ -100,23 +100,36 @@ def keeps_input(x: torch.Tensor, basis: torch.Tensor) -> bool:
     """Whether the ops keep x for backward in place of P = x B, recomputing P there (one more N × in × r
     GEMM): on CUDA, where memory is the limit (on the CPU compute is), when the basis is as wide as x (the
     full spectrum of an input-side layer, r = in), so x costs no more than P — and nothing at all where
-    another layer keeps the same x already (gate_proj and up_proj read one x; so do q, k and v)."""
-    return x.is_cuda and basis.shape[1] == x.shape[1] and torch.is_grad_enabled()
+    something else keeps the same x already (gate_proj and up_proj read one x, as square q, k and v do;
+    o_proj reads the attention's output, which attention keeps). Not under saved-tensor hooks of someone
+    else (activation checkpointing, offloading): those decide what is kept."""
+    return (
+        x.is_cuda
+        and basis.shape[1] == x.shape[1]
+        and torch.is_grad_enabled()
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    )
+
+
+def _kept_as_input(projection: torch.Tensor, x: torch.Tensor, basis: torch.Tensor):
+    """Where keeps_input: saved_tensors_hooks under which autograd keeps (x, B) where it would keep
+    `projection` = x B, recomputing it when backward asks (every other saved tensor kept as it is);
+    elsewhere a context that changes nothing."""
+    if not keeps_input(x, basis):
+        return contextlib.nullcontext()
+    recomputed = _Recomputed(projection, x, basis)
+    return torch.autograd.graph.saved_tensors_hooks(recomputed.pack, recomputed.unpack)
 
 
 class _Recomputed:
-    """saved_tensors_hooks under which autograd keeps (x, B) where it would keep `projection` = x B, and
-    recomputes it when backward asks; every other saved tensor is kept as it is."""
+    """What autograd keeps in place of P = x B: x and B."""
 
     def __init__(self, projection: torch.Tensor, x: torch.Tensor, basis: torch.Tensor):
         self.projection, self.x, self.basis = projection, x, basis
 
-    def hooks(self):
-        return self.pack, self.unpack
-
     def pack(self, tensor: torch.Tensor):
         if tensor is self.projection:
-            self.projection = None  # this object keeps x and B from here on, not P
+            self.projection = None  # from here on this object holds x and B, not P
             return self
         return tensor
 
