@@ -85,7 +85,7 @@ def wrap(base, method: str, rank, cache: str):
         from sigmatune import SigmaConfig, get_sigma_model
         from sigmatune.core import fused_linear
 
-        band = int(method.removeprefix("sigmatune-band")) if method.startswith("sigmatune-band") else 0
+        band = structure_of(method)["band"]
         structure = dict(structure="band", band=band) if band else {}
         config = SigmaConfig(rank=rank, target_modules=TARGETS, cache_dir=cache, **structure)
         model = get_sigma_model(base, config, progress=False)

@@ -85,6 +85,8 @@ def _diagonal_by_ops(x, weight, bias, basis, g, input_side: bool) -> torch.Tenso
     g = g.to(x.dtype)
     if input_side:
         projection = x @ basis  # P (N, r)
+        # P ⊙ g, not B diag(g) as functional's GEMM path scales: autograd's dg is then Σ_rows Q ⊙ P, not
+        # the d × r gradient of B diag(g) (one more N × d × r GEMM)
         with _kept_as_input(projection, x, basis):
             scaled = projection * g  # autograd keeps P for dg, or x in its place
         adapted = torch.addmm(x, scaled, basis.T)  # x̃ (N, in)
