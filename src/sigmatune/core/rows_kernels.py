@@ -19,10 +19,12 @@ import os
 
 import torch
 
-from .kernels import INTERPRET, _add_expanded, _project, padded_rank, triton
+from .kernels import INTERPRET, padded_rank, triton
 
-if triton is not None:
+if triton is not None:  # without Triton (a CPU install) this module only offers the torch path's fallbacks
     import triton.language as tl
+
+    from .kernels import _add_expanded, _project  # the tiles exist only where Triton does
 
     # fmt: off
     @triton.jit

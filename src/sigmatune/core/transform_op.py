@@ -30,8 +30,9 @@ def _traced_launch(grid, arguments, constants, warps, stages) -> None:
 
 
 # Triton's interpreter (CPU tests) gives wrap_triton no kernel to trace: there the ops stay opaque custom ops,
-# their shapes from register_fake, as they are on a torch without triton_op (before 2.6).
-TRACEABLE = not kernels.INTERPRET and hasattr(torch.library, "triton_op")
+# their shapes from register_fake, as they are on a torch without triton_op (before 2.6) or without Triton
+# (a CPU install: triton_op would warn on import that Triton is missing; the ops are never called there).
+TRACEABLE = kernels.triton is not None and not kernels.INTERPRET and hasattr(torch.library, "triton_op")
 _define = torch.library.triton_op if TRACEABLE else torch.library.custom_op
 _LAUNCH = _traced_launch if TRACEABLE else None  # None: kernels.transform's cached launcher
 
