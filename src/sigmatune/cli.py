@@ -1,7 +1,7 @@
 """`sigmatune <command>`: a table from command name to one public function (commands.py, and
 training/job.py for train); no logic of its own.
 
-sigmatune train [--rank full --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
+sigmatune train [--rank auto --steps 150 ...]        fine-tune (defaults: SmolLM2-135M on BIG-bench qa_wikidata)
 sigmatune eval ADAPTER                             held-out loss and exact match, base vs adapted
 sigmatune inspect ADAPTER [--plot out.png]         what the adapter learned, per layer
 sigmatune merge ADAPTER OUTPUT                     a plain HF model folder with the adapter merged
@@ -25,7 +25,11 @@ from .version import __version__
 
 
 def _rank(text: str) -> int | str:
-    return text if text == "full" else int(text)
+    return text if text in ("full", "auto") else int(text)
+
+
+def _lr(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +41,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
     for field in dataclasses.fields(settings.TrainSettings):
         flag, help = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, action="store_true", help=help)
+        if isinstance(field.default, bool):  # --packing / --no-packing
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
             continue
-        kind = _rank if field.name == "rank" else type(field.default)
+        kind = {"rank": _rank, "lr": _lr}.get(field.name, type(field.default))
         parser.add_argument(flag, type=kind, default=field.default, help=f"{help} (default: %(default)s)")
 
 

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import sigmatune.training.job
 import sigmatune.training.loop
 from sigmatune import SigmaModel, read_adapter
 from sigmatune.cli import main
@@ -87,6 +88,27 @@ def test_schedule_andbatch_order():
     assert order == batch_order(10, 4, 5, seed=1) != batch_order(10, 4, 5, seed=2)
 
 
+def test_auto_settings_take_the_devices_recipe():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+
+    def chosen(s: TrainSettings) -> tuple:
+        return s.rank, s.structure, s.band, s.lr
+
+    assert chosen(TrainSettings().on_device(cpu, 576)) == (128, "band", 1, 3e-3)
+    assert chosen(TrainSettings().on_device(gpu, 576)) == ("full", "diagonal", 0, 1e-2)
+    assert chosen(TrainSettings().on_device(cpu, 64)) == ("full", "band", 1, 3e-3)  # a layer has < 128
+    assert chosen(TrainSettings(rank=64).on_device(cpu, 576)) == (64, "diagonal", 0, 1e-2)  # the user's rank
+    assert chosen(TrainSettings(lr=0.02, structure="band", band=2).on_device(cpu, 576)) == (
+        128,
+        "band",
+        2,
+        0.02,
+    )
+    assert TrainSettings().on_device(cpu, 576).is_resolved() and not TrainSettings().is_resolved()
+    with pytest.raises(ValueError, match="lr must be"):
+        TrainSettings(lr="fast")
+
+
 def test_normalize_for_exact_match():
     assert normalize('  "Paris." ') == normalize("paris") == "paris"
     assert normalize("New   York!") == "new york"
@@ -117,6 +139,35 @@ def test_same_seed_same_result(workspace, tmp_path):
         assert torch.equal(layer.vector, read_adapter(tmp_path / "b").layers[name].vector)
 
 
+def test_packed_training_follows_the_padded_run(workspace, tmp_path, capsys):
+    padded = train(settings(workspace, tmp_path / "a", steps=8, packing=False))
+    assert "packing: off" not in capsys.readouterr().err  # not asked for: nothing to say
+    packed = train(settings(workspace, tmp_path / "b", steps=8))
+    assert "packing: on" in capsys.readouterr().err
+    assert packed["settings"]["packing"] and not padded["settings"]["packing"]
+    torch.testing.assert_close(packed["loss_history"], padded["loss_history"], rtol=1e-3, atol=1e-3)
+    for when in ("before", "after"):
+        assert packed[when]["loss"] == pytest.approx(padded[when]["loss"], abs=2e-4)
+        assert packed[when]["accuracy"] == padded[when]["accuracy"]
+
+
+def test_the_base_models_score_is_kept_for_the_next_run(workspace, tmp_path, capsys, monkeypatch):
+    first = train(settings(workspace, tmp_path / "a", steps=2))
+    assert "an earlier run" not in capsys.readouterr().err
+    scored = []
+    monkeypatch.setattr(sigmatune.training.job, "heldout_loss", lambda *a: scored.append(a) or 0.0)
+    second = train(settings(workspace, tmp_path / "b", steps=2))
+    assert "an earlier run" in capsys.readouterr().err
+    assert second["before"] == first["before"] and len(scored) == 1  # only the adapted model was scored
+    third = train(settings(workspace, tmp_path / "c", steps=2, heldout=20))  # another split: scored anew
+    assert third["before"]["examples"] == 20 and len(scored) == 3
+    assert (
+        {"setup", "model and data", "bases", "score before", "training", "score after", "saving"}
+        >= set(first["seconds"])
+        >= {"model and data", "training"}
+    )
+
+
 def test_cli_commands_in_process(workspace, tmp_path, capsys):
     out = tmp_path / "cli"
     args = cli_train(workspace, "--rank", "4")
@@ -129,11 +180,19 @@ def test_cli_commands_in_process(workspace, tmp_path, capsys):
         "5",
         "--lr",
         "0.05",
+        "--no-packing",
         "--output-dir",
         str(out),
     ]
     assert main(args) == 0
     assert "held-out loss" in capsys.readouterr().out and (out / WEIGHTS_NAME).exists()
+    recorded = json.loads((out / SUMMARY_NAME).read_text())["settings"]
+    assert (recorded["rank"], recorded["structure"], recorded["lr"], recorded["packing"]) == (
+        4,
+        "diagonal",
+        0.05,
+        False,
+    )
     assert main(["eval", str(out), "--heldout", "10", "--eval-accuracy", "4"]) == 0
     assert "adapted:    held-out loss" in capsys.readouterr().out
     assert main(["inspect", str(out), "--plot", str(tmp_path / "scales.png")]) == 0
@@ -254,19 +313,24 @@ class NaNGradient(torch.autograd.Function):
 
 
 def failing_loss(monkeypatch, at_call: int, how: str) -> None:
-    """Make the training loss fail at one call: a NaN loss, NaN gradients, or a crash (KeyboardInterrupt)."""
-    real, calls = sigmatune.training.loop.token_loss, [0]
+    """Make the training loss (packed or padded, whichever the loop computes) fail at one call: a NaN loss,
+    NaN gradients, or a crash (KeyboardInterrupt)."""
+    calls = [0]
 
-    def token_loss(model, batch):
-        calls[0] += 1
-        loss, count = real(model, batch)
-        if calls[0] != at_call:
-            return loss, count
-        if how == "crash":
-            raise KeyboardInterrupt
-        return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
+    def failing(real):
+        def loss_of(model, batch):
+            calls[0] += 1
+            loss, count = real(model, batch)
+            if calls[0] != at_call:
+                return loss, count
+            if how == "crash":
+                raise KeyboardInterrupt
+            return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
 
-    monkeypatch.setattr(sigmatune.training.loop, "token_loss", token_loss)
+        return loss_of
+
+    for name in ("token_loss", "packed_loss"):
+        monkeypatch.setattr(sigmatune.training.loop, name, failing(getattr(sigmatune.training.loop, name)))
 
 
 @pytest.mark.parametrize("how", ["crash", "loss", "gradient"])

@@ -201,7 +201,8 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
         instruction = INSTRUCTIONS.get(name) or (
             data.get("description", "").strip() + " Reply with the answer only."
         )
-        source = f"BIG-bench task {name} ({BIGBENCH_SDIST[1]} on PyPI; Apache-2.0)"
+        where = "shipped with sigmatune" if name in BUNDLED_TASKS else "on PyPI"
+        source = f"BIG-bench task {name} ({BIGBENCH_SDIST[1]}, {where}; Apache-2.0)"
     else:
         path = Path(spec).expanduser()
         examples, instruction, source = _read_user_file(path), None, f"{path} (your file)"

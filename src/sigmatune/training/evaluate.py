@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Example
+from .packing import can_pack, pack, packed_loss
 from .tokens import IGNORE, Encoded, collate, prompt_batch
 
 
@@ -46,12 +47,18 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
+def heldout_loss(
+    model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device, packed: bool = False
+) -> float:
+    """Mean cross-entropy per labelled token over the examples, in batches (packed ones: packing.py)."""
     total, count = 0.0, 0
     model.eval()
     for start in tqdm(range(0, len(encoded), batch_size), desc="held-out loss", leave=False, disable=None):
-        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
-        loss, n = token_loss(model, batch)
+        chunk = encoded[start : start + batch_size]
+        if packed:
+            loss, n = packed_loss(model, pack(chunk).to(device))
+        else:
+            loss, n = token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 
@@ -90,6 +97,23 @@ def normalize(text: str) -> str:
     """Lower case, single spaces, no surrounding quotes or final punctuation."""
     text = re.sub(r"\s+", " ", text.strip().lower())
     return text.strip("\"'`").rstrip(".!?;:,").strip()
+
+
+@torch.no_grad()
+def packs_exactly(model: nn.Module, batch: list[Encoded], pad_id: int, device) -> bool:
+    """Whether the packed loss of `batch` equals the padded batch's (relative 1e-4 in fp32, 2e-2 in half
+    precision): once per model, before packing is used for it."""
+    if not can_pack(model):
+        return False
+    padded = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+    try:
+        packed, _ = packed_loss(model, pack(batch).to(device))
+    except (TypeError, ValueError, RuntimeError):  # a forward without position_ids or 4-D masks
+        return False
+    reference, _ = token_loss(model, padded)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(torch.isclose(packed, reference, rtol=tolerance, atol=tolerance))
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:

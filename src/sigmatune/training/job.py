@@ -11,20 +11,24 @@ in the output folder and the last checkpoint stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from ..core.device import free_memory, resolve_device
+from ..core.targets import find_targets, linear_shapes
 from ..formats import checkpoint
 from ..formats.checkpoint import CHECKPOINT_NAME
 from ..formats.files import atomic_write_json
 from ..model.sigma_model import get_sigma_model
 from .data import Task, load_model, load_task
 from .evaluate import Score, exact_match, heldout_loss
-from .loop import fit, log
+from .loop import fit, log, use_packing
+from .score_cache import cached_score, keep_score, score_key
 from .settings import TRAJECTORY, TrainSettings
 from .tokens import encode
 
@@ -33,12 +37,15 @@ SUMMARY_NAME = "training_summary.json"
 
 def train(settings: TrainSettings) -> dict:
     """Run the job end to end; returns (and saves) the summary with scores before and after."""
-    started = time.perf_counter()
+    clock = Phases()
     config = settings.sigma_config()  # bad settings fail here, before any download
     resumed = _checkpoint_to_resume(settings)
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
     model, tokenizer = load_model(settings.model, dtype, device)
+    if not settings.is_resolved():
+        settings = _resolve_auto(model, settings, config, device)
+        config = settings.sigma_config()
     settings = fit_to_model(model, settings, device)
     if resumed is not None:
         _check_same_run(resumed, settings)
@@ -46,22 +53,30 @@ def train(settings: TrainSettings) -> dict:
     log(
         f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
     )
+    clock.lap("model and data")
     sigma_model = get_sigma_model(model, config)
     sigma_model.print_trainable_parameters()
+    sample = [
+        encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train[: settings.batch_size]
+    ]
+    packed = use_packing(sigma_model, sample, tokenizer, settings, device)
+    clock.lap("bases")
     if resumed is None:
-        before = score(sigma_model, tokenizer, task, settings, device)
+        before = base_score(sigma_model, tokenizer, task, settings, device, dtype, packed)
     else:
         before = Score(**resumed.before)
         log(
             f"resuming at step {resumed.step} of {settings.steps} from {settings.output_dir}/{CHECKPOINT_NAME}"
         )
     log(f"before: {format_score(before)}")
-    train_start = time.perf_counter()
+    clock.lap("score before")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
-    history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed)
-    train_seconds = time.perf_counter() - train_start
-    after = score(sigma_model, tokenizer, task, settings, device)
+    history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed, packed)
+    train_seconds = clock.lap("training")
+    after = score(sigma_model, tokenizer, task, settings, device, packed)
+    clock.lap("score after")
     sigma_model.save_pretrained(settings.output_dir)
+    clock.lap("saving")
     summary = {
         "settings": dataclasses.asdict(settings),
         "task": {
@@ -76,7 +91,8 @@ def train(settings: TrainSettings) -> dict:
         "before": dataclasses.asdict(before),
         "after": dataclasses.asdict(after),
         "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "total_seconds": round(clock.total(), 1),
+        "seconds": clock.seconds,
         "resumed_from_step": resumed.step if resumed else None,
         "loss_history": history,
     }
@@ -84,6 +100,29 @@ def train(settings: TrainSettings) -> dict:
     checkpoints.unlink(missing_ok=True)  # the adapter is saved: done
     _print_summary(summary)
     return summary
+
+
+class Phases:
+    """Wall seconds per phase of the job; with $SIGMATUNE_STARTED (a Unix time, set by scripts/train.sh
+    before it installs anything) the time before the job started counts as its first phase, "setup"."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+        started = os.environ.get("SIGMATUNE_STARTED")
+        with contextlib.suppress(ValueError):
+            if started and 0 <= time.time() - float(started) < 86400:
+                self.seconds["setup"] = round(time.time() - float(started), 1)
+
+    def lap(self, phase: str) -> float:
+        """The seconds since the last lap, kept as this phase's."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.seconds[phase] = round(seconds, 1)
+        return seconds
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def _checkpoint_to_resume(settings: TrainSettings) -> checkpoint.Checkpoint | None:
@@ -118,6 +157,19 @@ def _check_same_run(resumed: checkpoint.Checkpoint, settings: TrainSettings) -> 
         )
 
 
+def _resolve_auto(model, settings: TrainSettings, config, device: torch.device) -> TrainSettings:
+    """Settings with every "auto" resolved (TrainSettings.on_device), saying what was chosen."""
+    shapes = linear_shapes(model)
+    smallest = min(min(shapes[name]) for name in find_targets(model, config.target_modules))
+    chosen = settings.on_device(device, smallest)
+    structure = f"band b={chosen.band}" if chosen.structure == "band" else chosen.structure
+    log(
+        f"rank {chosen.rank}, {structure}, lr {chosen.lr:g} (the {'auto' if settings.rank == 'auto' else 'default'} "
+        f"choice on {device.type}; a GPU takes the full spectrum, diagonal, lr 1e-2)"
+    )
+    return chosen
+
+
 def fit_to_model(model, settings: TrainSettings, device: torch.device) -> TrainSettings:
     """Settings that fit: max_length capped at the model's context; activations (a rough upper
     estimate: per token, 48 bytes per hidden unit per layer plus the logits) beyond free memory refused."""
@@ -137,15 +189,31 @@ def fit_to_model(model, settings: TrainSettings, device: torch.device) -> TrainS
     return settings
 
 
-def score(model, tokenizer, task: Task, settings: TrainSettings, device) -> Score:
-    """Held-out loss (all held-out examples) and exact-match accuracy (the first eval_accuracy of them)."""
+def score(model, tokenizer, task: Task, settings: TrainSettings, device, packed: bool = False) -> Score:
+    """Held-out loss (all held-out examples) and exact-match accuracy (the first eval_accuracy of them,
+    decoded in one batch of up to 128)."""
     encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.heldout]
-    loss = heldout_loss(model, encoded, tokenizer.pad_token_id, settings.batch_size * 2, device)
+    loss = heldout_loss(model, encoded, tokenizer.pad_token_id, settings.batch_size * 2, device, packed)
     graded = [e for e in task.heldout if e.prompt is not None][: settings.eval_accuracy]
     accuracy = None
     if graded:
-        accuracy, _ = exact_match(model, tokenizer, task.instruction, graded, settings.batch_size * 4, device)
+        accuracy, _ = exact_match(model, tokenizer, task.instruction, graded, min(len(graded), 128), device)
     return Score(loss=round(loss, 4), accuracy=accuracy, examples=len(task.heldout))
+
+
+def base_score(model, tokenizer, task: Task, settings: TrainSettings, device, dtype, packed: bool) -> Score:
+    """The score before training: the base model's (an adapter starts as the identity), from the cache
+    folder when this model, task and split were scored before (score_cache.py), else scored with the
+    adapters off (the base model alone: no transform to compute) and kept there."""
+    key = score_key(settings, dtype, device)
+    kept = cached_score(key)
+    if kept is not None:
+        log("before: the base model's score of an earlier run (the cache folder's scores/)")
+        return kept
+    with model.disable_adapter():
+        result = score(model, tokenizer, task, settings, device, packed)
+    keep_score(key, result)
+    return result
 
 
 def format_score(s: Score) -> str:
@@ -165,3 +233,4 @@ def _print_summary(summary: dict) -> None:
         f"trained {summary['trainable_parameters']:,} numbers in {summary['train_seconds']:.0f} s on "
         f"{summary['device']} ({summary['total_seconds']:.0f} s in all); adapter in {summary['settings']['output_dir']}"
     )
+    print("where the time went: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()))

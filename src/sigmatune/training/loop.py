@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from ..formats import checkpoint
 from ..model.sigma_model import SigmaModel
 from .data import Task
-from .evaluate import Score, token_loss
+from .evaluate import Score, packs_exactly, token_loss
+from .packing import Packed, pack, packed_loss
 from .settings import TrainSettings
-from .tokens import collate, encode
+from .tokens import Encoded, collate, encode
 
 
 def fit(
@@ -36,27 +37,36 @@ def fit(
     path: Path | None = None,
     before: Score | None = None,
     resumed: checkpoint.Checkpoint | None = None,
+    packed: bool | None = None,
 ) -> list[float]:
     """The optimisation loop; returns the training loss of every step (those before a resume included).
     With a checkpoint path, a checkpoint goes there every settings.save_every steps (with `before`, the
-    score before training, to report on resume); `resumed` continues one."""
-    encoded = [encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train]
+    score before training, to report on resume); `resumed` continues one. Batches are packed (packing.py)
+    when `packed`, or when it is None and use_packing says so."""
+    order = batch_order(len(task.train), settings.batch_size, settings.steps, settings.seed)
+    encoded = {  # only the examples the steps use
+        i: encode(tokenizer, task.instruction, task.train[i], settings.max_length)
+        for i in sorted({i for batch in order for i in batch})
+    }
+    if packed is None:
+        packed = use_packing(model, [encoded[i] for i in order[0]], tokenizer, settings, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     done, history = 0, []
     if resumed is not None:
         checkpoint.restore(path, resumed, model, optimizer)
         done, history = resumed.step, list(resumed.history)
-    order = batch_order(len(encoded), settings.batch_size, settings.steps, settings.seed)
     smoothed, tokens, start = None, 0, time.perf_counter()
     model.train()
     bar = tqdm(order[done:], desc="train", unit="step", disable=None, dynamic_ncols=True, initial=done)
     bar.total = settings.steps
     every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
     for step, indices in enumerate(bar, done + 1):
-        batch = {
-            k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()
-        }
+        examples = [encoded[i] for i in indices]
+        if packed:
+            batch = pack(examples).to(device)
+        else:
+            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
         loss = _backward(model, batch, step, path)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         _check_finite(norm, "gradient norm", step, path)
@@ -72,7 +82,7 @@ def fit(
             state = checkpoint.Checkpoint(step, history, dataclasses.asdict(settings), _asdict(before), {})
             checkpoint.save(path, model, optimizer, state)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(e.input_ids) for e in examples)  # the examples' tokens, packed or padded
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         if bar.disable and (step % every == 0 or step == settings.steps):
@@ -103,10 +113,23 @@ def _kept(path: Path | None) -> str:
     return "Nothing was saved; the adapter in the output folder, if any, is untouched."
 
 
-def _backward(model, batch: dict, step: int, path: Path | None) -> torch.Tensor:
+def use_packing(model, batch: list[Encoded], tokenizer, settings: TrainSettings, device) -> bool:
+    """Whether to pack batches: settings.packing, and the model computes a packed batch exactly (checked on
+    `batch`); says which."""
+    if not settings.packing:
+        return False
+    if not packs_exactly(model, batch, tokenizer.pad_token_id, device):
+        log("packing: off (this model does not compute a packed batch as it computes a padded one)")
+        return False
+    padded = len(batch) * max(len(e.input_ids) for e in batch)
+    log(f"packing: on (the first batch: {pack(batch).tokens} tokens in one row, {padded} padded)")
+    return True
+
+
+def _backward(model, batch: dict | Packed, step: int, path: Path | None) -> torch.Tensor:
     """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
     try:
-        loss, _ = token_loss(model, batch)
+        loss, _ = packed_loss(model, batch) if isinstance(batch, Packed) else token_loss(model, batch)
         _check_finite(loss.detach(), "training loss", step, path)
         loss.backward()
     except (torch.OutOfMemoryError, RuntimeError) as err:

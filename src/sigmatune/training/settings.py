@@ -3,22 +3,33 @@ option of `sigmatune train` each field becomes, with its inline comment as the h
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 from ..core.config import SigmaConfig
 from .data import DEFAULT_DATA, DEFAULT_MODEL
+
+# What "auto" takes for rank, structure (and band) and lr when rank is "auto", by device: points of the
+# quality sweep's frontier for this job (benchmarks/results/quality.json, setting "causal", seeds 0 / 1)
+RECIPES = {
+    "gpu": dict(rank="full", structure="diagonal", band=0, lr=1e-2),  # 0.5749 / 65%, 0.5210 / 66%
+    "cpu": dict(rank=128, structure="band", band=1, lr=3e-3),  # 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time
+}
+EXPLICIT_RANK = dict(structure="diagonal", band=0, lr=1e-2)  # "auto" beside a rank the user chose
 
 
 @dataclass
 class TrainSettings:
     model: str = DEFAULT_MODEL  # "smollm2" (the default model) or any from_pretrained path / hub name
     data: str = DEFAULT_DATA  # "bigbench:<task>" or a .jsonl/.json/.csv/.txt file
-    rank: int | str = "full"  # singular values per layer, or "full" (all: the best quality measured)
+    rank: int | str = "auto"  # singular values per layer, "full" (all), or "auto" (this device's recipe)
     targets: str = "all-linear"  # "all-linear", comma-separated names, or a regex
     update: str = "multiplicative"  # "multiplicative" or "additive"
-    structure: str = "diagonal"  # "diagonal" (a vector over the spectrum) or "band" (a banded matrix M)
+    structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float = 1e-2  # peak learning rate (vector methods want ~10x LoRA's; the best in both quality sweeps)
+    lr: float | str = "auto"  # peak learning rate, or "auto" (the recipe's: 1e-2 diagonal, 3e-3 band)
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -31,6 +42,7 @@ class TrainSettings:
     seed: int = 0  # data order, held-out split and any random init
     save_every: int = 50  # write a checkpoint every this many steps (0 = never) into the output folder
     resume: bool = False  # continue the interrupted run whose checkpoint is in the output folder
+    packing: bool = True  # each batch as one row, the prompt prefix its examples share once (exact: checked)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_length", "heldout", "eval_accuracy", "save_every"):
@@ -41,24 +53,47 @@ class TrainSettings:
                 or value < (0 if name in ("eval_accuracy", "save_every") else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.lr < 10:
-            raise ValueError(f"lr must be a positive learning rate below 10, got {self.lr!r}")
+        if self.lr != "auto" and (isinstance(self.lr, (bool, str)) or not 0 < self.lr < 10):
+            raise ValueError(f"lr must be a positive learning rate below 10 or 'auto', got {self.lr!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup!r}")
 
+    def on_device(self, device: torch.device, smallest: int) -> TrainSettings:
+        """These settings with "auto" resolved for the device and the smallest min(in, out) of the targeted
+        layers. With rank "auto", the device's RECIPES entry fills rank and every other "auto" (on a CPU the
+        band b = 1 over the top 128 singular values, as good as the full spectrum on the default job at
+        about 2/3 of its step time; elsewhere the full spectrum); a rank larger than a layer allows becomes
+        "full". With a rank of the user's, "auto" takes the diagonal at lr 1e-2."""
+        recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"] if self.rank == "auto" else EXPLICIT_RANK
+        changes = {}
+        if self.rank == "auto":
+            fits = recipe["rank"] == "full" or recipe["rank"] <= smallest
+            changes["rank"] = recipe["rank"] if fits else "full"
+        if self.structure == "auto":
+            changes["structure"] = recipe["structure"]
+            changes["band"] = self.band or recipe["band"]
+        if self.lr == "auto":
+            changes["lr"] = recipe["lr"]
+        return dataclasses.replace(self, **changes)
+
+    def is_resolved(self) -> bool:
+        return "auto" not in (self.rank, self.structure, self.lr)
+
     def sigma_config(self) -> SigmaConfig:
+        """The adapter's config ("auto" checked as the full spectrum, diagonal or band as `band` says:
+        on_device resolves it first)."""
         targets = self.targets  # "all-linear", a regex, or names: "q_proj" / "q_proj,v_proj"
         if targets != "all-linear" and ("," in targets or targets.isidentifier()):
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         return SigmaConfig(
-            rank=self.rank,
+            rank="full" if self.rank == "auto" else self.rank,
+            structure=("band" if self.band else "diagonal") if self.structure == "auto" else self.structure,
             target_modules=targets,
             update=self.update,
-            structure=self.structure,
             band=self.band,
         )
 
 
 # the settings a resumed run must share with the interrupted one to end with the same numbers
 TRAJECTORY = ("model", "data", "rank", "targets", "update", "structure", "band", "lr", "steps", "batch_size")
-TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed")
+TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed", "packing")
