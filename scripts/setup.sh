@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
+  if [ ! -x .venv/bin/python ]; then
+    echo "setting up .venv: torch, transformers and sigmatune (the first time only, ~45 s on 2 cores)" >&2
+    python3 -m venv .venv
+  fi
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi

@@ -73,24 +73,45 @@ def exact_match(
     device,
     max_new_tokens=24,
 ) -> tuple[float, list[tuple[str, str, list[str]]]]:
-    """(accuracy, [(prompt, generated answer, accepted answers)]) by greedy decoding."""
+    """(accuracy, [(prompt, generated answer, accepted answers)]) by greedy decoding; the progress bar
+    counts decoding steps (a batch stops early once every row has ended its answer)."""
+    from transformers import StoppingCriteriaList
+
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples, correct = [], 0
-    for start in tqdm(
-        range(0, len(examples), batch_size), desc="held-out accuracy", leave=False, disable=None
-    ):
+    batches = range(0, len(examples), batch_size)
+    bar = tqdm(
+        total=len(batches) * max_new_tokens, desc="held-out accuracy", unit="step", leave=False, disable=None
+    )
+    for start in batches:
         chunk = examples[start : start + batch_size]
         batch = {
             k: v.to(device)
             for k, v in prompt_batch(tokenizer, instruction, [e.prompt for e in chunk]).items()
         }
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([_Ticks(bar)]),
+        )  # fmt: skip
+        bar.update((start // batch_size + 1) * max_new_tokens - bar.n)  # the steps this batch did not need
         for example, row in zip(chunk, out[:, batch["input_ids"].shape[1] :], strict=True):
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()
             correct += any(normalize(answer) == normalize(a) for a in example.answers)
             samples.append((example.prompt, answer, example.answers))
+    bar.close()
     return correct / max(len(examples), 1), samples
+
+
+class _Ticks:
+    """A stopping criterion that never stops generation: it ticks a progress bar once per decoding step."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def normalize(text: str) -> str:
