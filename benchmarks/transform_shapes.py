@@ -71,14 +71,20 @@ def check(shape, results) -> None:
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-def main() -> None:
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a transform benchmark: --n rows, --d columns, --ranks, --calls per timing."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--calls", type=int, default=CALLS)
+    return parser
+
+
+def main() -> None:
+    parser = shape_parser(__doc__)
     parser.add_argument(
         "--grid", default=None, help="a smaller grid, e.g. 16,32/4/64/3 (rows/warps/columns/stages)"
     )

@@ -24,13 +24,13 @@ dg = Σ_rows (dy B) ⊙ P, the latter in expand's column-block-0 programs) follo
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 import torch
 from layer_overhead import timed
 from results_file import write_json
+from transform_shapes import shape_parser
 
 from sigmatune.core import kernels
 from sigmatune.core.kernels import triton
@@ -40,14 +40,18 @@ if triton is not None:
 
     # fmt: off
     @triton.jit
+    def _rows_and_ranks(N, R, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's rows (by its first grid index) and the padded ranks, with their masks."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ranks = tl.arange(0, BLOCK_R)
+        return rows, rows < N, ranks, ranks < R
+
+    @triton.jit
     def _project_split(A, B, PARTIAL, N, D, R, stride_a, stride_b, chunk,
                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """PARTIAL[s, rows] = a[rows, chunk s] B[chunk s] (BN, BR) fp32."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, row_ok, ranks, rank_ok = _rows_and_ranks(N, R, BLOCK_N, BLOCK_R)
         split = tl.program_id(1)
-        row_ok = rows < N
-        ranks = tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
         total = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for start in range(split * chunk, split * chunk + chunk, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
@@ -61,11 +65,8 @@ if triton is not None:
     def _expand(A, B, G, PARTIAL, OUT, PROJ, N, D, R, stride_a, stride_out, stride_b,
                 SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """out[rows, cols] = a + ((Σ_s PARTIAL[s, rows]) ⊙ g) Bᵀ[:, cols]; column block 0 writes P."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, row_ok, ranks, rank_ok = _rows_and_ranks(N, R, BLOCK_N, BLOCK_R)
         block = tl.program_id(1)
-        row_ok = rows < N
-        ranks = tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
         projection = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for split in tl.static_range(0, SPLITS):
             projection += tl.load(PARTIAL + (split * N + rows[:, None]) * BLOCK_R + ranks[None, :],
@@ -195,13 +196,7 @@ def summary(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--d", type=int, default=2048)
-    parser.add_argument("--ranks", default="16,64")
-    parser.add_argument("--calls", type=int, default=40)
+    parser = shape_parser(__doc__)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available() or triton is None:
