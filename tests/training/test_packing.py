@@ -75,8 +75,9 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(tokenizer, kind, adapt
 
 
 def test_packing_is_checked_once_per_model(tokenizer):
-    model = tiny_llama(vocab_size=len(tokenizer))
+    model = tiny_llama(vocab_size=len(tokenizer), attention_dropout=0.5).train()  # compared without dropout
     assert can_pack(model) and packs_exactly(model, chat_batch(tokenizer), tokenizer.pad_token_id, "cpu")
+    assert model.training  # left as it was
     model.config._attn_implementation = "flash_attention_2"  # takes no custom mask: not packed
     assert not can_pack(model)
     windowed = tiny_llama(vocab_size=len(tokenizer))

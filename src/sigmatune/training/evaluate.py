@@ -123,15 +123,19 @@ def normalize(text: str) -> str:
 @torch.no_grad()
 def packs_exactly(model: nn.Module, batch: list[Encoded], pad_id: int, device) -> bool:
     """Whether the packed loss of `batch` equals the padded batch's (relative 1e-4 in fp32, 2e-2 in half
-    precision): once per model, before packing is used for it."""
+    precision), in eval mode (no dropout between the two): once per model, before packing is used for it."""
     if not can_pack(model):
         return False
     padded = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+    training = model.training
+    model.eval()
     try:
         packed, _ = packed_loss(model, pack(batch).to(device))
+        reference, _ = token_loss(model, padded)
     except (TypeError, ValueError, RuntimeError):  # a forward without position_ids or 4-D masks
         return False
-    reference, _ = token_loss(model, padded)
+    finally:
+        model.train(training)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
     return bool(torch.isclose(packed, reference, rtol=tolerance, atol=tolerance))
