@@ -4,19 +4,56 @@ Each target layer W = U diag(σ) Vᵀ stays frozen; only a vector over its singu
 This module is the public API; docs/ARCHITECTURE.md maps the subpackages behind it.
 """
 
-from .core.config import SigmaConfig
-from .core.layer import SpectralLinear
-from .core.weights import register_dequantizer
-from .formats.adapter_file import AdapterRecord, read_adapter
-from .formats.base_check import BaseModelMismatchError
-from .formats.files import AdapterFileError
-from .model.seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
-from .model.sigma_model import SigmaModel, get_sigma_model
-from .serving.bank import AdapterBank
-from .training.callbacks import SaveAdapterCallback
+import importlib
+from typing import TYPE_CHECKING
+
 from .version import __version__
 
-__all__ = [
+# The public API, each name imported from its module on first use (PEP 562): `sigmatune --help` and the
+# CLI's parsing then run without importing torch or transformers.
+_EXPORTS = {
+    "AdapterBank": "serving.bank",
+    "AdapterFileError": "formats.files",
+    "AdapterRecord": "formats.adapter_file",
+    "BaseModelMismatchError": "formats.base_check",
+    "EigenTuneConfig": "model.seed",
+    "EigenTunedLayer": "model.seed",
+    "SaveAdapterCallback": "training.callbacks",
+    "SigmaConfig": "core.config",
+    "SigmaModel": "model.sigma_model",
+    "SpectralLinear": "core.layer",
+    "get_eigentune_model": "model.seed",
+    "get_sigma_model": "model.sigma_model",
+    "read_adapter": "formats.adapter_file",
+    "register_dequantizer": "core.weights",
+}
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .core.config import SigmaConfig
+    from .core.layer import SpectralLinear
+    from .core.weights import register_dequantizer
+    from .formats.adapter_file import AdapterRecord, read_adapter
+    from .formats.base_check import BaseModelMismatchError
+    from .formats.files import AdapterFileError
+    from .model.seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
+    from .model.sigma_model import SigmaModel, get_sigma_model
+    from .serving.bank import AdapterBank
+    from .training.callbacks import SaveAdapterCallback
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sigmatune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+__all__ = [  # _EXPORTS and __version__ (a test checks they agree)
     "AdapterBank",
     "AdapterFileError",
     "AdapterRecord",

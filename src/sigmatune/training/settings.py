@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # at run time imported where used: the CLI parses its options without torch
+    import torch
 
-from ..core.config import SigmaConfig
-from .data import DEFAULT_DATA, DEFAULT_MODEL
+    from ..core.config import SigmaConfig
+
+DEFAULT_MODEL = "smollm2"  # data.py resolves it: SmolLM2-135M-Instruct, converted once from its GGUF
+DEFAULT_DATA = "bigbench:qa_wikidata"
 
 # What "auto" takes for rank, structure (and band) and lr when rank is "auto", by device: points of the
 # quality sweep's frontier for this job (benchmarks/results/quality.json, setting "causal", seeds 0 / 1)
@@ -82,6 +86,8 @@ class TrainSettings:
     def sigma_config(self) -> SigmaConfig:
         """The adapter's config ("auto" checked as the full spectrum, diagonal or band as `band` says:
         on_device resolves it first)."""
+        from ..core.config import SigmaConfig
+
         targets = self.targets  # "all-linear", a regex, or names: "q_proj" / "q_proj,v_proj"
         if targets != "all-linear" and ("," in targets or targets.isidentifier()):
             targets = [t.strip() for t in targets.split(",") if t.strip()]

@@ -1,0 +1,53 @@
+"""`sigmatune --help` is quick: parsing the command line imports neither torch nor transformers (they come
+with the command that runs); the public API is imported name by name on first use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import sigmatune
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["train", "eval", "inspect", "merge", "export", "compress", "generate", "serve"]
+
+CHILD = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from sigmatune.cli import main
+
+    for argv in ([], *[[command] for command in sys.argv[1:]]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main([*argv, "--help"])
+        assert "usage: sigmatune" in out.getvalue(), argv
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
+        main(["train", "--lr", "fast"])  # a bad option is refused before anything heavy loads
+    print(sorted(m for m in ("torch", "transformers", "numpy", "safetensors") if m in sys.modules))
+    """
+)
+
+
+def test_help_and_bad_options_import_nothing_heavy():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *COMMANDS], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_public_api_resolves_each_name():
+    assert set(sigmatune.__all__) == {*sigmatune._EXPORTS, "__version__"}
+    for name in sigmatune.__all__:
+        assert getattr(sigmatune, name) is not None and name in dir(sigmatune)
+    from sigmatune import SigmaModel, get_sigma_model
+
+    assert SigmaModel.__module__ == "sigmatune.model.sigma_model" and callable(get_sigma_model)
+    with pytest.raises(AttributeError, match="no attribute 'SigmaModle'"):
+        sigmatune.SigmaModle  # noqa: B018
