@@ -15,6 +15,7 @@ _EXPORTS = {
     "AdapterBank": "serving.bank",
     "AdapterFileError": "formats.files",
     "AdapterRecord": "formats.adapter_file",
+    "AutoSigmaModelForCausalLM": "training.auto",
     "BaseModelMismatchError": "formats.base_check",
     "EigenTuneConfig": "model.seed",
     "EigenTunedLayer": "model.seed",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model.seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
     from .model.sigma_model import SigmaModel, get_sigma_model
     from .serving.bank import AdapterBank
+    from .training.auto import AutoSigmaModelForCausalLM
     from .training.callbacks import SaveAdapterCallback
 
 
@@ -57,6 +59,7 @@ __all__ = [  # _EXPORTS and __version__ (a test checks they agree)
     "AdapterBank",
     "AdapterFileError",
     "AdapterRecord",
+    "AutoSigmaModelForCausalLM",
     "BaseModelMismatchError",
     "EigenTuneConfig",
     "EigenTunedLayer",

@@ -13,6 +13,7 @@ import pytest
 
 from sigmatune.training import data
 from sigmatune.training.data import Example, load_task, registry_file
+from sigmatune.training.settings import DEFAULT_DATA
 
 
 def write(path, text):
@@ -83,7 +84,7 @@ def test_bigbench_records_become_examples():
 
 
 def test_the_default_task_is_shipped_whole_and_checked(tmp_path, monkeypatch, isolated_cache):
-    task = load_task(data.DEFAULT_DATA, heldout=200, seed=0)  # no download: the cache folder is empty
+    task = load_task(DEFAULT_DATA, heldout=200, seed=0)  # no download: the cache folder is empty
     assert (len(task.train), len(task.heldout)) == (20242, 200)
     assert task.heldout[0] == Example("The capital of Connecticut is", ["Hartford"])  # the split of before
     assert "Apache-2.0" in task.source and not any(isolated_cache.parent.rglob("*.tar.gz"))
@@ -91,7 +92,7 @@ def test_the_default_task_is_shipped_whole_and_checked(tmp_path, monkeypatch, is
     (tmp_path / "qa_wikidata.json.gz").write_bytes(damaged)
     monkeypatch.setattr(data, "BUNDLED", tmp_path)
     with pytest.raises(RuntimeError, match="damaged; reinstall"):
-        load_task(data.DEFAULT_DATA)
+        load_task(DEFAULT_DATA)
 
 
 def test_a_gguf_file_is_read_once_while_converting(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
-from sigmatune.training.data import DEFAULT_DATA, load_model, load_task
+from sigmatune.training.data import load_model, load_task
 from sigmatune.training.job import train
-from sigmatune.training.settings import TrainSettings
+from sigmatune.training.settings import DEFAULT_DATA, TrainSettings
 
 pytestmark = pytest.mark.slow
 

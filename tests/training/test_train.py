@@ -121,6 +121,9 @@ def test_train_lowers_the_heldout_loss_and_saves_everything(workspace, tmp_path)
     assert len(summary["loss_history"]) == 30
     saved = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
     assert saved["after"] == summary["after"] and saved["settings"]["rank"] == "full"
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card, with what the job measured
+    assert "## Training" in card and "parity.jsonl (your file)" in card
+    assert f"| loss | {summary['before']['loss']:.4f} | {summary['after']['loss']:.4f} |" in card
     record = read_adapter(tmp_path / "out")
     assert record.config.rank == "full" and len(record.layers) == 14
     model, _ = load_model(str(workspace / "model"))

@@ -153,4 +153,7 @@ def _target_names(model, spectral: dict) -> list[str]:
 
 
 def _base_name(model) -> str | None:
-    return getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    """The base model's name as whoever loaded it gave it (`sigmatune_base_name`, set by sigmatune's
+    loaders: "smollm2", a hub name or an absolute path, never a cache folder), else its config's."""
+    given = getattr(model.base_model, "sigmatune_base_name", None)
+    return given or getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None

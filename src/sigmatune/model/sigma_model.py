@@ -28,6 +28,7 @@ from ..core.targets import find_targets, linear_layers
 from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape
 from ..formats.adapter_file import write_adapter
+from ..formats.model_card import write_model_card
 from . import bases, exchange
 from . import compress as compression
 from .forward import TrainerForward, refuse_adapter_ids
@@ -187,9 +188,11 @@ class SigmaModel(nn.Module):
         """Save adapters: "default" in save_directory, any other in save_directory/<name> (as PEFT does).
 
         Each is one safetensors file (vectors, their singular-value indices, σ there for the base
-        check, and the settings) plus a JSON copy of the settings, written atomically. Bases are
-        recomputed on load (and cached), so they are stored only with save_bases=True. In a
-        torch.distributed job call it on every rank (sharded vectors are gathered); rank 0 writes.
+        check, and the settings) plus a JSON copy of the settings, written atomically, and a model card
+        (README.md: what it is and how to load it; not part of the adapter, and a README.md of the user's
+        own is left alone). Bases are recomputed on load (and cached), so they are stored only with
+        save_bases=True. In a torch.distributed job call it on every rank (sharded vectors are
+        gathered); rank 0 writes.
         """
         if dist.is_available() and dist.is_initialized():  # every rank gathers (FSDP shards), rank 0 writes
             is_main_process = is_main_process and dist.get_rank() == 0
@@ -198,6 +201,7 @@ class SigmaModel(nn.Module):
             record = exchange.record_of(self, name, save_bases)
             if is_main_process:
                 write_adapter(directory, record)
+                write_model_card(directory, record)
 
     @classmethod
     def from_pretrained(

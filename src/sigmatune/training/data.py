@@ -348,4 +348,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu"):
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.sigmatune_base_name = base_name(name_or_path)  # what an adapter of it records
     return model, tokenizer
+
+
+def base_name(name_or_path: str) -> str:
+    """The name an adapter records for its base: the alias or hub name as given, a local folder as an
+    absolute path (so that it loads from anywhere; never the cache folder an alias resolves to)."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if name_or_path != DEFAULT_MODEL and path.is_dir() else name_or_path

@@ -1,0 +1,104 @@
+"""A short model card (README.md) beside a saved adapter: what it is, what it was trained on and how to
+load it, for whoever downloads the folder. It is not part of the adapter: reading never looks at it,
+and it is written after (and apart from) the checksummed files.
+
+A card carries a first line that marks it as sigmatune's; a README.md without that line is someone's
+own and is left as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapter_file import AdapterRecord
+from .files import atomic_write_bytes
+
+CARD_NAME = "README.md"
+MARK = (
+    "<!-- sigmatune model card: save_pretrained rewrites this file; delete this line to keep your edits -->"
+)
+
+
+def write_model_card(directory: str | Path, record: AdapterRecord, training: dict | None = None) -> bool:
+    """Write the card for `record` into directory (with `training`, a training_summary.json's content,
+    its data and scores); False, writing nothing, where a README.md of someone else's is there."""
+    path = Path(directory) / CARD_NAME
+    if path.exists() and not path.read_text(encoding="utf-8", errors="replace").startswith(MARK):
+        return False
+    atomic_write_bytes(path, model_card(record, Path(directory).name, training).encode("utf-8"))
+    return True
+
+
+def model_card(record: AdapterRecord, name: str, training: dict | None = None) -> str:
+    config = record.config
+    base = record.base_model_name_or_path or "the base model it was trained on"
+    numbers = sum(layer.vector.numel() for layer in record.layers.values())
+    structure = f"band, half-width {config.band}" if config.structure == "band" else "diagonal"
+    lines = [
+        MARK,
+        "---",
+        f"base_model: {record.base_model_name_or_path or ''}",
+        "library_name: sigmatune",
+        "license: # the license you release this adapter under",
+        "tags: [sigmatune, singular-value-fine-tuning]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A [sigmatune](https://github.com/sigmatune/sigmatune) adapter for `{base}`: each adapted layer",
+        "keeps its weight W = U diag(σ) Vᵀ frozen and trains a small object over its singular values.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base}` |",
+        f"| structure | {structure}, {config.update} update |",
+        f"| singular values per layer | {config.rank} |",
+        f"| layers | {len(record.layers)} (`{_targets(config.target_modules)}`) |",
+        f"| trained numbers | {numbers:,} |",
+        f"| sigmatune | {record.info.get('sigmatune_version', '?')} |",
+    ]
+    if training:
+        lines += ["", *_training_lines(training)]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from sigmatune import AutoSigmaModelForCausalLM",
+        "",
+        f'model = AutoSigmaModelForCausalLM.from_pretrained("{name}")  # the base model as recorded above',
+        "```",
+        "",
+        f'or, with the base model loaded yourself, `SigmaModel.from_pretrained(base, "{name}")`; the CLI:',
+        f'`sigmatune generate {name} "your prompt"`. Loading checks that the base model is the one it was',
+        "trained on (its singular values at the adapted directions).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _training_lines(training: dict) -> list[str]:
+    settings, task = training.get("settings", {}), training.get("task", {})
+    lines = ["## Training", ""]
+    if task:
+        lines.append(
+            f"Data: {task.get('source', task.get('name'))}, {task.get('train')} examples for training,"
+        )
+        lines.append(f"{task.get('heldout')} held out. ")
+    lines.append(
+        f"{settings.get('steps')} steps of {settings.get('batch_size')} examples at lr {settings.get('lr')} on "
+        f"{training.get('device')} ({training.get('train_seconds')} s)."
+    )
+    before, after = training.get("before"), training.get("after")
+    if before and after:
+        lines += ["", "| held out | before | after |", "|---|---|---|"]
+        lines.append(f"| loss | {before['loss']:.4f} | {after['loss']:.4f} |")
+        if before.get("accuracy") is not None and after.get("accuracy") is not None:
+            lines.append(
+                f"| exact match | {100 * before['accuracy']:.1f}% | {100 * after['accuracy']:.1f}% |"
+            )
+    return lines
+
+
+def _targets(targets) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
