@@ -76,7 +76,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = get_sigma_model(tiny_llama(), SigmaConfig(rank=4, update="additive"))
     randomize(model)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [WEIGHTS_NAME, CONFIG_NAME, "README.md"]
+    )  # + the card
     loaded = SigmaModel.from_pretrained(tiny_llama(), tmp_path)
     for name, layer in model.spectral_layers().items():
         saved = layer.sigma_adapters["default"].vector
