@@ -2,13 +2,15 @@
 
 The Trainer reads forward's signature twice: on the model, to keep the batch columns the model takes
 (here: the base model's arguments), and on the class, to find the label arguments (here: `labels`).
-TrainerForward answers both. A mixed batch (`adapter_ids`) is not the model's to serve: an AdapterBank
+TrainerForward answers both; a forward that a trainer installs over it (TRL's fused LM head) runs on the base
+model (installed_forward). A mixed batch (`adapter_ids`) is not the model's to serve: an AdapterBank
 over it serves one (serving/bank.py), so the model refuses the argument instead of ignoring it.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 
 
 class TrainerForward:
@@ -38,6 +40,30 @@ class _BaseForward:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(self._owner.base_model.forward)
+
+
+def installed_forward(owner, value):
+    """What a SigmaModel keeps when code sets `model.forward = value`.
+
+    A replacement of the class's forward (functools.wraps(type(model).forward), maybe wrapped again) bound
+    to the model, as TRL installs for its fused LM head, is written for a transformers model: it reaches for the backbone
+    (`self.base_model`) and the output embeddings of `self`. SigmaModel's forward is its base model's, so
+    such a replacement runs with the base model as `self` (the adapters live inside it); its fallback, the
+    forward it replaced, still calls the base model through SigmaModel. Anything else is kept as given."""
+    function = getattr(value, "__func__", None)
+    if getattr(value, "__self__", None) is owner and _replaces_ours(function):
+        return types.MethodType(function, owner.base_model)
+    return value
+
+
+def _replaces_ours(function) -> bool:
+    """Whether a function wraps SigmaModel's forward, directly or through other wrappers (accelerate's
+    autocast and fp32 ones wrap TRL's): its chain of __wrapped__ reaches it."""
+    for _ in range(32):  # a chain, not a cycle
+        function = getattr(function, "__wrapped__", None)
+        if function is None or function is _forward_with_labels:
+            return function is not None
+    return False
 
 
 def refuse_adapter_ids(kwargs: dict) -> None:

@@ -31,7 +31,7 @@ from ..formats.adapter_file import write_adapter
 from ..formats.model_card import write_model_card
 from . import bases, exchange
 from . import compress as compression
-from .forward import TrainerForward, refuse_adapter_ids
+from .forward import TrainerForward, installed_forward, refuse_adapter_ids
 
 
 def get_sigma_model(
@@ -79,6 +79,9 @@ class SigmaModel(nn.Module):
             return getattr(self.base_model, name)
 
     forward = TrainerForward()
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, installed_forward(self, value) if name == "forward" else value)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
