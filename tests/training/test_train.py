@@ -98,11 +98,19 @@ def test_auto_settings_take_the_devices_recipe():
     assert chosen(TrainSettings().on_device(gpu, 576)) == ("full", "diagonal", 0, 1e-2)
     assert chosen(TrainSettings().on_device(cpu, 64)) == ("full", "band", 1, 3e-3)  # a layer has < 128
     assert chosen(TrainSettings(rank=64).on_device(cpu, 576)) == (64, "diagonal", 0, 1e-2)  # the user's rank
-    assert chosen(TrainSettings(lr=0.02, structure="band", band=2).on_device(cpu, 576)) == (
-        128,
+    explicit = TrainSettings(lr=0.02, structure="band", band=2)
+    assert chosen(explicit.on_device(cpu, 576)) == (128, "band", 2, 0.02)
+    assert chosen(TrainSettings(band=2).on_device(gpu, 576)) == (
+        "full",
         "band",
         2,
-        0.02,
+        3e-3,
+    )  # a band was asked for
+    assert chosen(TrainSettings(rank=64, structure="band", band=1).on_device(cpu, 576)) == (
+        64,
+        "band",
+        1,
+        3e-3,
     )
     assert TrainSettings().on_device(cpu, 576).is_resolved() and not TrainSettings().is_resolved()
     with pytest.raises(ValueError, match="lr must be"):

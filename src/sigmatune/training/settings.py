@@ -15,13 +15,13 @@ if TYPE_CHECKING:  # at run time imported where used: the CLI parses its options
 DEFAULT_MODEL = "smollm2"  # data.py resolves it: SmolLM2-135M-Instruct, converted once from its GGUF
 DEFAULT_DATA = "bigbench:qa_wikidata"
 
-# What "auto" takes for rank, structure (and band) and lr when rank is "auto", by device: points of the
-# quality sweep's frontier for this job (benchmarks/results/quality.json, setting "causal", seeds 0 / 1)
+# What rank "auto" takes (and structure "auto" with it), by device: points of the quality sweep's frontier
+# for this job (benchmarks/results/quality.json, setting "causal", held-out loss / exact match, seeds 0 / 1)
 RECIPES = {
-    "gpu": dict(rank="full", structure="diagonal", band=0, lr=1e-2),  # 0.5749 / 65%, 0.5210 / 66%
-    "cpu": dict(rank=128, structure="band", band=1, lr=3e-3),  # 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time
+    "gpu": dict(rank="full", structure="diagonal", band=0),  # lr 1e-2: 0.5749 / 65%, 0.5210 / 66%
+    "cpu": dict(rank=128, structure="band", band=1),  # lr 3e-3: 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time
 }
-EXPLICIT_RANK = dict(structure="diagonal", band=0, lr=1e-2)  # "auto" beside a rank the user chose
+LEARNING_RATES = {"diagonal": 1e-2, "band": 3e-3}  # lr "auto": the sweep's best for the structure
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak learning rate, or "auto" (the recipe's: 1e-2 diagonal, 3e-3 band)
+    lr: float | str = "auto"  # peak learning rate, or "auto" (the quality sweep's: 1e-2 diagonal, 3e-3 band)
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -64,20 +64,23 @@ class TrainSettings:
 
     def on_device(self, device: torch.device, smallest: int) -> TrainSettings:
         """These settings with "auto" resolved for the device and the smallest min(in, out) of the targeted
-        layers. With rank "auto", the device's RECIPES entry fills rank and every other "auto" (on a CPU the
-        band b = 1 over the top 128 singular values, as good as the full spectrum on the default job at
-        about 2/3 of its step time; elsewhere the full spectrum); a rank larger than a layer allows becomes
-        "full". With a rank of the user's, "auto" takes the diagonal at lr 1e-2."""
-        recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"] if self.rank == "auto" else EXPLICIT_RANK
+        layers. Rank "auto" takes the device's RECIPES entry (on a CPU the band b = 1 over the top 128
+        singular values, as good as the full spectrum on the default job at about 2/3 of its step time;
+        elsewhere the full spectrum; "full" where a layer has fewer), and so does structure "auto" with it;
+        beside a rank of the user's, structure "auto" is the diagonal. A band given with structure "auto"
+        makes it a band. lr "auto" is the best of the quality sweep for the structure (LEARNING_RATES)."""
+        recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"]
         changes = {}
         if self.rank == "auto":
             fits = recipe["rank"] == "full" or recipe["rank"] <= smallest
             changes["rank"] = recipe["rank"] if fits else "full"
-        if self.structure == "auto":
-            changes["structure"] = recipe["structure"]
-            changes["band"] = self.band or recipe["band"]
+        structure, band = self.structure, self.band
+        if structure == "auto":
+            structure = "band" if band else (recipe["structure"] if self.rank == "auto" else "diagonal")
+            band = band or (recipe["band"] if structure == "band" else 0)
+            changes.update(structure=structure, band=band)
         if self.lr == "auto":
-            changes["lr"] = recipe["lr"]
+            changes["lr"] = LEARNING_RATES.get(structure, LEARNING_RATES["diagonal"])
         return dataclasses.replace(self, **changes)
 
     def is_resolved(self) -> bool:
