@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from sigmatune import SigmaConfig, get_sigma_model
+from sigmatune.training import packing
 from sigmatune.training.data import Example
 from sigmatune.training.evaluate import packs_exactly, token_loss
-from sigmatune.training.packing import block_mask, can_pack, pack, packed_loss
+from sigmatune.training.packing import block_mask, can_pack, fits, pack, packed_loss
 from sigmatune.training.tokens import IGNORE, collate, encode
 from tests.models import randomize, tiny_llama, tiny_tokenizer
 
@@ -72,6 +73,15 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(tokenizer, kind, adapt
     # computes in fp32 even in an fp64 model, so that order shows at fp32's rounding (~6e-8), no more
     for got, want in zip(packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_too_long_to_pack_stays_padded(tokenizer, monkeypatch):
+    batch = chat_batch(tokenizer)
+    assert fits(batch)
+    monkeypatch.setattr(packing, "MAX_TOKENS", sum(len(e.input_ids) for e in batch) - 1)
+    assert not fits(batch)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    assert not packs_exactly(model, batch, tokenizer.pad_token_id, "cpu")  # not used for such batches
 
 
 def test_packing_is_checked_once_per_model(tokenizer):

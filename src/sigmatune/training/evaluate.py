@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Example
-from .packing import can_pack, pack, packed_loss
+from .packing import can_pack, fits, pack, packed_loss
 from .tokens import IGNORE, Encoded, collate, prompt_batch
 
 
@@ -55,7 +55,7 @@ def heldout_loss(
     model.eval()
     for start in tqdm(range(0, len(encoded), batch_size), desc="held-out loss", leave=False, disable=None):
         chunk = encoded[start : start + batch_size]
-        if packed:
+        if packed and fits(chunk):
             loss, n = packed_loss(model, pack(chunk).to(device))
         else:
             loss, n = token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
@@ -124,7 +124,7 @@ def normalize(text: str) -> str:
 def packs_exactly(model: nn.Module, batch: list[Encoded], pad_id: int, device) -> bool:
     """Whether the packed loss of `batch` equals the padded batch's (relative 1e-4 in fp32, 2e-2 in half
     precision), in eval mode (no dropout between the two): once per model, before packing is used for it."""
-    if not can_pack(model):
+    if not can_pack(model) or not fits(batch):
         return False
     padded = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
     training = model.training

@@ -23,7 +23,7 @@ from ..formats import checkpoint
 from ..model.sigma_model import SigmaModel
 from .data import Task
 from .evaluate import Score, packs_exactly, token_loss
-from .packing import Packed, pack, packed_loss
+from .packing import Packed, fits, pack, packed_loss
 from .settings import TrainSettings
 from .tokens import Encoded, collate, encode
 
@@ -63,7 +63,7 @@ def fit(
     every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
     for step, indices in enumerate(bar, done + 1):
         examples = [encoded[i] for i in indices]
-        if packed:
+        if packed and fits(examples):
             batch = pack(examples).to(device)
         else:
             batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
@@ -116,7 +116,7 @@ def _kept(path: Path | None) -> str:
 def use_packing(model, batch: list[Encoded], tokenizer, settings: TrainSettings, device) -> bool:
     """Whether to pack batches: settings.packing, and the model computes a packed batch exactly (checked on
     `batch`); says which."""
-    if not settings.packing:
+    if not settings.packing or not fits(batch):
         return False
     if not packs_exactly(model, batch, tokenizer.pad_token_id, device):
         log("packing: off (this model does not compute a packed batch as it computes a padded one)")

@@ -12,7 +12,7 @@ the mean cross-entropy over every labelled token (label t of example i is predic
 in the prefix or in rest_i), computed from those positions alone (logits_to_keep). Examples only share a
 prefix up to their first labelled token, so no label sits inside it.
 
-Any decoder that takes position_ids and a 4-D additive mask (transformers' masking utilities pass one
+Batches longer than MAX_TOKENS in all stay padded (fits). Any decoder that takes position_ids and a 4-D additive mask (transformers' masking utilities pass one
 through as it is) computes this exactly; evaluate.packs_exactly() checks a model once against the padded
 batch.
 """
@@ -42,6 +42,15 @@ class Packed:
     @property
     def tokens(self) -> int:
         return self.input_ids.shape[1]
+
+
+MAX_TOKENS = 4096  # a longer row is not packed: its mask (T × T) and attention grow with T², not B · L²
+
+
+def fits(batch: list[Encoded]) -> bool:
+    """Whether a batch is short enough to pack (at most MAX_TOKENS in all, before sharing a prefix): the
+    default job's batches are ~330 tokens; a batch of 64 × 1,024 would attend over 65k positions."""
+    return sum(len(e.input_ids) for e in batch) <= MAX_TOKENS
 
 
 def pack(batch: list[Encoded]) -> Packed:
