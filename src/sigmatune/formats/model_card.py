@@ -2,8 +2,8 @@
 load it, for whoever downloads the folder. It is not part of the adapter: reading never looks at it,
 and it is written after (and apart from) the checksummed files.
 
-A card carries a first line that marks it as sigmatune's; a README.md without that line is someone's
-own and is left as it is.
+A card carries a line that marks it as sigmatune's (after the YAML header, which the Hub reads only at
+the top of the file); a README.md without that line is someone's own and is left as it is.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def write_model_card(directory: str | Path, record: AdapterRecord, training: dic
     """Write the card for `record` into directory (with `training`, a training_summary.json's content,
     its data and scores); False, writing nothing, where a README.md of someone else's is there."""
     path = Path(directory) / CARD_NAME
-    if path.exists() and not path.read_text(encoding="utf-8", errors="replace").startswith(MARK):
+    if path.exists() and MARK not in path.read_text(encoding="utf-8", errors="replace")[:2048]:
         return False
     atomic_write_bytes(path, model_card(record, Path(directory).name, training).encode("utf-8"))
     return True
@@ -35,13 +35,13 @@ def model_card(record: AdapterRecord, name: str, training: dict | None = None) -
     numbers = sum(layer.vector.numel() for layer in record.layers.values())
     structure = f"band, half-width {config.band}" if config.structure == "band" else "diagonal"
     lines = [
-        MARK,
         "---",
         f"base_model: {record.base_model_name_or_path or ''}",
         "library_name: sigmatune",
         "license: # the license you release this adapter under",
         "tags: [sigmatune, singular-value-fine-tuning]",
         "---",
+        MARK,
         "",
         f"# {name}",
         "",
@@ -81,10 +81,8 @@ def _training_lines(training: dict) -> list[str]:
     settings, task = training.get("settings", {}), training.get("task", {})
     lines = ["## Training", ""]
     if task:
-        lines.append(
-            f"Data: {task.get('source', task.get('name'))}, {task.get('train')} examples for training,"
-        )
-        lines.append(f"{task.get('heldout')} held out. ")
+        lines.append(f"Data: {task.get('source', task.get('name'))}.")
+        lines.append(f"{task.get('train', 0):,} examples for training, {task.get('heldout', 0):,} held out.")
     lines.append(
         f"{settings.get('steps')} steps of {settings.get('batch_size')} examples at lr {settings.get('lr')} on "
         f"{training.get('device')} ({training.get('train_seconds')} s)."
