@@ -326,22 +326,18 @@ class NaNGradient(torch.autograd.Function):
 def failing_loss(monkeypatch, at_call: int, how: str) -> None:
     """Make the training loss (packed or padded, whichever the loop computes) fail at one call: a NaN loss,
     NaN gradients, or a crash (KeyboardInterrupt)."""
-    calls = [0]
+    real, calls = sigmatune.training.loop.batch_loss, [0]
 
-    def failing(real):
-        def loss_of(model, batch):
-            calls[0] += 1
-            loss, count = real(model, batch)
-            if calls[0] != at_call:
-                return loss, count
-            if how == "crash":
-                raise KeyboardInterrupt
-            return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
+    def batch_loss(*args):
+        calls[0] += 1
+        loss, count = real(*args)
+        if calls[0] != at_call:
+            return loss, count
+        if how == "crash":
+            raise KeyboardInterrupt
+        return (loss * float("nan"), count) if how == "loss" else (NaNGradient.apply(loss), count)
 
-        return loss_of
-
-    for name in ("token_loss", "packed_loss"):
-        monkeypatch.setattr(sigmatune.training.loop, name, failing(getattr(sigmatune.training.loop, name)))
+    monkeypatch.setattr(sigmatune.training.loop, "batch_loss", batch_loss)
 
 
 @pytest.mark.parametrize("how", ["crash", "loss", "gradient"])

@@ -54,13 +54,19 @@ def heldout_loss(
     total, count = 0.0, 0
     model.eval()
     for start in tqdm(range(0, len(encoded), batch_size), desc="held-out loss", leave=False, disable=None):
-        chunk = encoded[start : start + batch_size]
-        if packed and fits(chunk):
-            loss, n = packed_loss(model, pack(chunk).to(device))
-        else:
-            loss, n = token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
+        loss, n = batch_loss(model, encoded[start : start + batch_size], pad_id, device, packed)
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
+
+
+def batch_loss(
+    model: nn.Module, batch: list[Encoded], pad_id: int, device, packed: bool
+) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the labelled tokens, their count) of a batch: packed into one row when
+    `packed` and it fits (packing.py), else padded."""
+    if packed and fits(batch):
+        return packed_loss(model, pack(batch).to(device))
+    return token_loss(model, {k: v.to(device) for k, v in collate(batch, pad_id).items()})
 
 
 @torch.no_grad()

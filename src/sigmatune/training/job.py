@@ -22,10 +22,10 @@ import torch
 from ..core.device import free_memory, resolve_device
 from ..core.targets import find_targets, linear_shapes
 from ..formats import checkpoint
-from ..formats.adapter_file import read_adapter
 from ..formats.checkpoint import CHECKPOINT_NAME
 from ..formats.files import atomic_write_json
 from ..formats.model_card import write_model_card
+from ..model.exchange import record_of
 from ..model.sigma_model import get_sigma_model
 from .data import Task, load_model, load_task
 from .evaluate import Score, exact_match, heldout_loss
@@ -99,7 +99,9 @@ def train(settings: TrainSettings) -> dict:
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)
-    write_model_card(settings.output_dir, read_adapter(settings.output_dir), summary)  # now with the scores
+    write_model_card(
+        settings.output_dir, record_of(sigma_model, "default", False), summary
+    )  # now with the scores
     checkpoints.unlink(missing_ok=True)  # the adapter is saved: done
     _print_summary(summary)
     return summary

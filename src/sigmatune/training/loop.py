@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,10 @@ from tqdm.auto import tqdm
 from ..formats import checkpoint
 from ..model.sigma_model import SigmaModel
 from .data import Task
-from .evaluate import Score, packs_exactly, token_loss
-from .packing import Packed, fits, pack, packed_loss
+from .evaluate import Score, batch_loss, packs_exactly
+from .packing import fits, pack
 from .settings import TrainSettings
-from .tokens import Encoded, collate, encode
+from .tokens import Encoded, encode
 
 
 def fit(
@@ -63,11 +64,9 @@ def fit(
     every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
     for step, indices in enumerate(bar, done + 1):
         examples = [encoded[i] for i in indices]
-        if packed and fits(examples):
-            batch = pack(examples).to(device)
-        else:
-            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-        loss = _backward(model, batch, step, path)
+        loss = _backward(
+            partial(batch_loss, model, examples, tokenizer.pad_token_id, device, packed), step, path
+        )
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         _check_finite(norm, "gradient norm", step, path)
         for group in optimizer.param_groups:
@@ -126,10 +125,11 @@ def use_packing(model, batch: list[Encoded], tokenizer, settings: TrainSettings,
     return True
 
 
-def _backward(model, batch: dict | Packed, step: int, path: Path | None) -> torch.Tensor:
-    """Loss and gradients of one batch; a non-finite loss or running out of memory is a clear error."""
+def _backward(loss_of_batch, step: int, path: Path | None) -> torch.Tensor:
+    """Loss (loss_of_batch() → (loss, count)) and gradients of one batch; a non-finite loss or running out
+    of memory is a clear error."""
     try:
-        loss, _ = packed_loss(model, batch) if isinstance(batch, Packed) else token_loss(model, batch)
+        loss, _ = loss_of_batch()
         _check_finite(loss.detach(), "training loss", step, path)
         loss.backward()
     except (torch.OutOfMemoryError, RuntimeError) as err:
