@@ -67,10 +67,11 @@ def tiny_tokenizer(texts: list[str]):
     return fast
 
 
-def save_tiny_chat_model(folder, texts: list[str], seed: int = 0):
-    """A tiny Llama and its tokenizer saved as a from_pretrained folder; returns the folder."""
+def save_tiny_chat_model(folder, texts: list[str], seed: int = 0, **overrides):
+    """A tiny Llama (TINY_LLAMA with overrides) and its tokenizer saved as a from_pretrained folder;
+    returns the folder."""
     tokenizer = tiny_tokenizer(texts)
-    model = tiny_llama(seed, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    model = tiny_llama(seed, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **overrides)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

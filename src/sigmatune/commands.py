@@ -18,7 +18,8 @@ from .core.device import resolve_device
 from .core.structures import half_width
 from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
-from .formats.files import atomic_write_json, read_json, staged_folder
+from .formats.files import atomic_write_json, check_output_folder, read_json, staged_folder
+from .formats.model_card import write_model_card
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
@@ -117,11 +118,13 @@ def _diagonal_of(scales: torch.Tensor) -> torch.Tensor:
 
 
 def merge_adapter(adapter_dir, output_dir, model: str | None = None, dtype: str = "float32") -> Path:
-    """Write a plain HF model folder (weights merged, tokenizer included) that needs no sigmatune."""
+    """Write a plain HF model folder (weights merged, tokenizer included) that needs no sigmatune, into
+    a new or empty folder (check_output_folder)."""
+    check_output_folder(output_dir, adapter_dir)
     sigma_model, tokenizer = load_adapted(adapter_dir, model, "cpu", dtype)
     merged = sigma_model.merge_and_unload()
     output = Path(output_dir)
-    with staged_folder(output) as staging:  # the folder appears whole, replacing an older one
+    with staged_folder(output) as staging:  # the folder appears whole
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     print(f"merged model written to {output}")
@@ -134,8 +137,10 @@ def export_adapter(adapter_dir, output_dir, format: str = "lora", model: str | N
         raise ValueError(
             f"unknown export format {format!r}; use 'lora' (or `sigmatune merge` for a merged model)"
         )
+    check_output_folder(output_dir, adapter_dir)
     sigma_model, _ = load_adapted(adapter_dir, model, "cpu", "float32")
-    rank = sigma_model.export_lora(output_dir)
+    with staged_folder(output_dir) as staging:
+        rank = sigma_model.export_lora(staging)
     print(f"LoRA (r={rank}, lora_alpha={rank}) written to {output_dir}")
     return Path(output_dir)
 
@@ -150,6 +155,7 @@ def compress_adapter(
     no data known, weighs them by the update alone."""
     if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
         raise ValueError(f"--calibrate must be a whole number of examples (0 = none), got {calibrate!r}")
+    check_output_folder(output_dir, adapter_dir)
     sigma_model, tokenizer = load_adapted(adapter_dir, model, "cpu", "float32")
     settings, summary = recorded_settings(adapter_dir), training_summary(adapter_dir)
     spec = data or summary.get("settings", {}).get("data")
@@ -165,7 +171,6 @@ def compress_adapter(
         )
     report = sigma_model.compress(rank, "default", "compressed", calibration=batches)
     output = Path(output_dir)
-    write_adapter(output, record_of(sigma_model, "compressed", save_bases=False))
     if summary:
         summary["compressed_from"] = {
             "adapter": str(adapter_dir),
@@ -173,7 +178,12 @@ def compress_adapter(
             "kept": round(report.total, 4),
             "calibration": {"data": spec, "examples": examples} if examples else None,
         }
-        atomic_write_json(output / SUMMARY_NAME, summary)
+    record = record_of(sigma_model, "compressed", save_bases=False)
+    with staged_folder(output) as staging:  # adapter, summary and card appear together
+        write_adapter(staging, record)
+        if summary:
+            atomic_write_json(staging / SUMMARY_NAME, summary)
+        write_model_card(staging, record, summary or None, name=output.name)
     print(f"{report.summary()}\ncompressed adapter (rank {rank}) written to {output}")
     return output
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 
 from sigmatune import EigenTuneConfig, SigmaConfig
+from sigmatune.core.config import BASIS_EFFORT
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,11 @@ from sigmatune import EigenTuneConfig, SigmaConfig
         (dict(svd="randomized", rank="full"), "use svd='exact'"),
         (dict(svd="randomized", selection="minor"), "use svd='exact'"),
         (dict(init_std=float("nan")), "init_std must be a finite number"),
-        (dict(svd_niter=-1), "svd_niter must be a non-negative int"),
+        (dict(svd_niter=-1), "svd_niter must be an int from 0 to 64"),
+        (dict(svd_niter=10**7), "svd_niter must be an int from 0 to 64"),
+        (dict(svd_oversample=10**9), "svd_oversample must be an int from 0 to 4096"),
+        (dict(cache="yes"), "cache must be True or False"),
+        (dict(cache_dir=3), "cache_dir must be a folder path"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(fields, message):
@@ -57,11 +63,28 @@ def test_indices_out_of_range_name_the_layer():
         SigmaConfig(selection={"q_proj": [0]}).indices_for("a.v_proj", 4)
 
 
-def test_auto_svd_uses_randomized_only_when_cheap():
-    config = SigmaConfig(rank=8)
-    assert config.svd_method_for(list(range(8)), 1024) == "randomized"
-    assert config.svd_method_for(list(range(8)), 64) == "exact"
+def test_randomized_svd_only_where_asked_and_cheap():
+    assert SigmaConfig(rank=8, svd="randomized").svd_method_for(list(range(8)), 1024) == "randomized"
+    assert SigmaConfig(rank=8, svd="randomized").svd_method_for(list(range(8)), 64) == "exact"
+    assert SigmaConfig(rank=8).svd_method_for(list(range(8)), 1024) == "exact"  # auto
     assert SigmaConfig(svd="exact").svd_method_for([0], 4096) == "exact"
+
+
+def test_the_math_and_the_effort_settings_are_apart():
+    config = SigmaConfig(rank=8, band=1, structure="band", svd="randomized", cache_dir="/x", dtype="float64")
+    assert set(config.adapter_settings()) == {f.name for f in dataclasses.fields(SigmaConfig)} - set(
+        BASIS_EFFORT
+    )
+    mine = SigmaConfig(cache=False, svd_niter=9)
+    joined = config.with_effort_of(mine)
+    assert (joined.rank, joined.band, joined.cache, joined.svd_niter, joined.cache_dir) == (
+        8,
+        1,
+        False,
+        9,
+        None,
+    )
+    assert config.with_effort_of(None).svd == "auto"
 
 
 def test_json_round_trip_and_unknown_fields():

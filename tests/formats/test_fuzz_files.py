@@ -38,29 +38,6 @@ SECONDS_PER_FILE = 10  # a load that takes longer is a hang
 MEMORY_GROWTH_LIMIT = 256 * 2**20  # bytes of peak RSS the whole barrage may add
 
 
-# ---- the originals: two good adapters (without and with stored bases) --------------------------------
-
-
-@pytest.fixture(scope="module")
-def originals(tmp_path_factory):
-    root = tmp_path_factory.mktemp("originals")
-    model = get_sigma_model(tiny_llama(seed=0), SigmaConfig(rank=4))
-    randomize(model, seed=3, scale=0.3)
-    model.save_pretrained(root / "plain")
-    model.save_pretrained(root / "bases", save_bases=True)
-    other = get_sigma_model(tiny_llama(seed=1), SigmaConfig(rank=4))  # same architecture, other weights
-    other.save_pretrained(root / "other-base")
-    wider = get_sigma_model(tiny_llama(seed=0, hidden_size=48), SigmaConfig(rank=4))
-    wider.save_pretrained(root / "other-shape")
-    return root
-
-
-@pytest.fixture(scope="module")
-def target():
-    """One wrapped base model that every case is loaded onto (and must leave unchanged)."""
-    return SigmaModel(tiny_llama(seed=0))
-
-
 def read_parts(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = safetensors.torch.load_file(folder / WEIGHTS_NAME)
     with open(folder / WEIGHTS_NAME, "rb") as handle:

@@ -25,6 +25,9 @@ from .updates import UPDATES, update_rule
 
 INITS = ("zeros", "normal")
 SVD_METHODS = ("auto", "exact", "randomized")
+BASIS_EFFORT = ("svd", "svd_oversample", "svd_niter", "dtype", "cache_dir", "cache")  # not the adapter's math
+MAX_SVD_NITER = 64
+MAX_SVD_OVERSAMPLE = 4096
 SELECTIONS = ("principal", "minor")
 DTYPES = {
     "float64": torch.float64,
@@ -49,7 +52,10 @@ class SigmaConfig:
     band: int = 0  # structure="band": M's half-width b, |i − j| ≤ b (2b + 1 diagonals); 0 otherwise
     init: str = "zeros"  # "zeros" = the adapted model equals the base at step 0; "normal" = N(0, init_std²)
     init_std: float = 1e-3  # standard deviation of init="normal"
-    svd: str = "auto"  # "exact", "randomized" (top singular values only), or "auto" (randomized when cheap)
+    # How bases are computed and kept (BASIS_EFFORT): the caller's, never read from an adapter file. Every
+    # method gives the exact SVD's directions within svd.BASIS_TOLERANCE; they differ only in cost.
+    svd: str = "auto"  # "exact", "randomized" (top singular values; exact where it misses the tolerance), or
+    # "auto" = exact (subspace iteration converges slowly on the flat spectra of LLM weights)
     svd_oversample: int = 16  # randomized SVD: columns sampled beyond the largest selected index
     svd_niter: int = 4  # randomized SVD: subspace (power) iterations
     dtype: str | None = None  # dtype of the stored bases ("float32", "bfloat16", ...); None = the weight's
@@ -76,10 +82,14 @@ class SigmaConfig:
             )
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, tuple(DTYPES))
-        for name in ("svd_oversample", "svd_niter"):
+        for name, most in (("svd_oversample", MAX_SVD_OVERSAMPLE), ("svd_niter", MAX_SVD_NITER)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise ValueError(f"{name} must be an int from 0 to {most}, got {value!r}")
+        if not isinstance(self.cache, bool):
+            raise ValueError(f"cache must be True or False, got {self.cache!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"cache_dir must be a folder path or None, got {self.cache_dir!r}")
         for name in ("init_std", "sigma_tol"):
             value = getattr(self, name)
             if (
@@ -134,16 +144,24 @@ class SigmaConfig:
         return list(self.selection[max(keys, key=len)])  # the most specific key wins
 
     def svd_method_for(self, indices: list[int], k: int) -> str:
-        """'exact' or 'randomized' for a layer with k singular values and these selected indices."""
-        if self.svd != "auto":
-            return self.svd
+        """'exact' or 'randomized' for a layer with k singular values and these selected indices: randomized
+        where asked for and it samples at most a quarter of the spectrum (else it costs what exact does)."""
         sampled = max(indices) + 1 + self.svd_oversample
-        return "randomized" if 4 * sampled <= k else "exact"
+        return "randomized" if self.svd == "randomized" and 4 * sampled <= k else "exact"
 
     # ---- (de)serialisation ----------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def adapter_settings(self) -> dict:
+        """The settings that define an adapter's math (what an adapter file records): all but BASIS_EFFORT."""
+        return {name: value for name, value in self.to_dict().items() if name not in BASIS_EFFORT}
+
+    def with_effort_of(self, other: SigmaConfig | None) -> SigmaConfig:
+        """This adapter's math with other's BASIS_EFFORT settings (the defaults' when other is None)."""
+        other = other if other is not None else SigmaConfig()
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in BASIS_EFFORT})
 
     @classmethod
     def from_dict(cls, data: dict) -> SigmaConfig:

@@ -2,6 +2,12 @@
 eigendecomposition of its Gram matrix) or randomized SVD (the top ones), batched over layers of one shape,
 with canonical signs, read from and written to a cache the caller passes (formats/basis_cache.py).
 
+One rule makes two wrappings of the same weights "the same base", however their bases were found: every
+spectrum handed out is the exact SVD's within BASIS_TOLERANCE (spectrum_error). A randomized result that
+misses it (on flat spectra, as LLM weights have, subspace iteration converges slowly) is replaced by the
+exact one, and a spectrum read from the cache that misses it is recomputed. So an adapter's vectors sit on
+the directions they were trained on wherever it is loaded, and its saved σ match any other wrapping's.
+
 A layer keeps one side only (docs/ARCHITECTURE.md): the input side V_S (in × r) when in ≤ out, else
 the output side U_S (out × r). Both identities below make that enough:
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +30,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 BATCH_ELEMENTS = 1 << 28  # weight elements per batched SVD call (1 GiB in fp32)
 RANDOM_SEED = 0  # the randomized SVD's test matrix depends only on its shape and this seed
+BASIS_TOLERANCE = 1e-4  # spectrum_error of every spectrum handed out: ‖WᵀW v − σ² v‖ ≤ this · σ_ref²
+POWER_STEPS = 8  # power iterations for a lower bound of σ_1 where a spectrum does not hold it
 
 
 @dataclass
@@ -80,9 +89,15 @@ def compute_spectra(
         return {}
     keys = [spectrum_key(request, oversample, niter) for request in requests]
     cached = None if cache is None else cache.read(keys, requests)
-    if cached is not None:
+    if cached is not None and _all_accurate(requests, cached):
         logger.info("bases: %d from cache, 0 to compute", len(requests))
         return {request.name: spectrum for request, spectrum in zip(requests, cached, strict=True)}
+    if cached is not None:
+        warnings.warn(
+            "a basis cache file holds directions that are not these weights' singular vectors (edited, or "
+            "written by another version); recomputing it",
+            stacklevel=2,
+        )
     logger.info("bases: 0 from cache, %d to compute", len(requests))
     groups = defaultdict(list)
     for request in requests:
@@ -219,21 +234,85 @@ def _batched_spectra(requests: list[SpectrumRequest], method: str, q: int, niter
     input_side = side_for(out_features, in_features) == "input"
     if method == "exact":
         bases, sigma = exact_side(weights, input_side)  # (B, d, k), (B, k)
-    else:
-        u, sigma, vh = randomized_svd(weights, q, niter)
-        bases = vh.mT if input_side else u
-    spectra = []
-    for b, request in enumerate(requests):
-        index = torch.tensor(request.indices, dtype=torch.int64, device=weights.device)
-        spectra.append(
-            Spectrum(
-                basis=canonical_signs(bases[b][:, index]).contiguous(),  # (d, r)
-                sigma=sigma[b, index].contiguous(),
-                indices=index,
-                sigma_max=sigma[b, 0].clone(),
-            )
+        return [_selected(request, bases[b], sigma[b]) for b, request in enumerate(requests)]
+    u, sigma, vh = randomized_svd(weights, q, niter)
+    bases = vh.mT if input_side else u
+    spectra = [_selected(request, bases[b], sigma[b]) for b, request in enumerate(requests)]
+    missed = [
+        b for b, spectrum in enumerate(spectra) if spectrum_error(weights[b], spectrum) > BASIS_TOLERANCE
+    ]
+    if missed:  # not converged in niter iterations: those layers take the exact decomposition
+        logger.info(
+            "randomized SVD missed the tolerance on %d of %d layers: exact", len(missed), len(spectra)
         )
+        exact = _batched_spectra([requests[b] for b in missed], "exact", 0, 0)
+        for b, spectrum in zip(missed, exact, strict=True):
+            spectra[b] = spectrum
     return spectra
+
+
+def _selected(request: SpectrumRequest, basis: torch.Tensor, sigma: torch.Tensor) -> Spectrum:
+    """The request's directions of one member's decomposition: basis (d, q), σ (q,) descending."""
+    index = torch.tensor(request.indices, dtype=torch.int64, device=basis.device)
+    return Spectrum(
+        basis=canonical_signs(basis[:, index]).contiguous(),  # (d, r)
+        sigma=sigma[index].contiguous(),
+        indices=index,
+        sigma_max=sigma[0].clone(),
+    )
+
+
+# ---- checking a spectrum against its weight ---------------------------------------------------------
+
+
+def spectrum_error(weight: torch.Tensor, spectrum: Spectrum) -> float:
+    """How far a spectrum is from the exact SVD of weight (out, in), relative to σ_ref², σ_ref = the larger
+    of its σ and a power-iteration lower bound of σ_1 (never the σ_max it claims):
+
+        max_i ‖Gᵀ G b_i − σ_i² b_i‖,  G = W (input side, b_i = v_i) or Wᵀ (output side, b_i = u_i)
+
+    and the basis's departure from orthonormality, and |σ_max − σ_1| where index 0 is selected (elsewhere
+    σ_max must lie between the lower bound and ‖W‖_F). Two GEMMs of (out × in × r): a fraction of any SVD.
+    A spectrum of the wrong shape, or with NaN, is infinitely far."""
+    wide = weight.detach().to(
+        spectrum.basis.dtype if spectrum.basis.dtype == torch.float64 else torch.float32
+    )
+    side = wide if side_for(*weight.shape) == "input" else wide.mT  # (·, d)
+    basis = spectrum.basis.to(wide)  # (d, r)
+    sigma, sigma_max = spectrum.sigma.to(wide), spectrum.sigma_max.to(wide)
+    if basis.shape != (side.shape[1], len(sigma)) or not bool(
+        torch.isfinite(basis).all() & torch.isfinite(sigma).all()
+    ):
+        return float("inf")
+    floor = _largest_sigma_below(side)
+    reference = torch.maximum(sigma.max(), floor).clamp_min(torch.finfo(wide.dtype).tiny)
+    residual = side.mT @ (side @ basis) - basis * sigma.square()  # (d, r)
+    errors = [
+        float(residual.norm(dim=0).max() / reference.square()),
+        float((basis.mT @ basis - torch.eye(len(sigma), dtype=wide.dtype, device=wide.device)).abs().max()),
+    ]
+    if int(spectrum.indices[0]) == 0:
+        errors.append(float((sigma_max - sigma[0]).abs() / reference))
+    elif not floor * (1 - BASIS_TOLERANCE) <= sigma_max <= torch.linalg.matrix_norm(side):
+        errors.append(float("inf"))
+    return max(errors)
+
+
+def _largest_sigma_below(side: torch.Tensor) -> torch.Tensor:
+    """A lower bound of σ_1 by POWER_STEPS power iterations from a fixed start: ‖G x‖ for a unit x."""
+    x = torch.randn(side.shape[1], generator=torch.Generator().manual_seed(RANDOM_SEED), dtype=torch.float64)
+    x = x.to(side)
+    for _ in range(POWER_STEPS):
+        x = side.mT @ (side @ x)
+        x = x / x.norm().clamp_min(torch.finfo(side.dtype).tiny)
+    return (side @ x).norm()
+
+
+def _all_accurate(requests: list[SpectrumRequest], spectra: list[Spectrum]) -> bool:
+    return all(
+        spectrum_error(request.weight, spectrum) <= BASIS_TOLERANCE
+        for request, spectrum in zip(requests, spectra, strict=True)
+    )
 
 
 # ---- cache keys -------------------------------------------------------------------------------------

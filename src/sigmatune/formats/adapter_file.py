@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import SigmaConfig
+from ..core.config import BASIS_EFFORT, SigmaConfig
 from ..core.svd import basis_rows
 from .files import (
     CHECKSUM,
@@ -43,9 +43,11 @@ from .files import (
 FORMAT = "sigmatune"
 FORMAT_VERSION = 3  # 2: the checksum is required (version-1 files, which have none, still load);
 # 3: the settings name a structure, and a band's vector is (2b+1, r) (version-2 files are diagonal)
+BAND_VERSION = 3
 WEIGHTS_NAME = "sigma_adapter.safetensors"
 CONFIG_NAME = "sigma_config.json"
 LAYER_TENSORS = ("vector", "indices", "sigma")
+MAX_HEADER_BYTES = 16 * 2**20  # a real header (settings, layer shapes, explicit indices) is far smaller
 
 
 @dataclass
@@ -74,7 +76,7 @@ class AdapterRecord:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
+            "config": self.config.adapter_settings(),  # the math only: how bases are found is the loader's
             "base_model_name_or_path": self.base_model_name_or_path,
             "base_fingerprint": self.base_fingerprint,
             "layers": {name: [rec.out_features, rec.in_features] for name, rec in self.layers.items()},
@@ -120,7 +122,9 @@ def read_adapter(directory: str | Path) -> AdapterRecord:
         )
     if path.is_symlink():
         check_inside(directory, path)
-    tensors, metadata = load_tensors(path, check=lambda meta, declared: _check_declared(path, meta, declared))
+    tensors, metadata = load_tensors(
+        path, check=lambda meta, declared: _check_declared(path, meta, declared), max_header=MAX_HEADER_BYTES
+    )
     header = _parse_header(path, metadata)
     _check_checksum(path, header, metadata, tensors)
     config_path = directory / CONFIG_NAME
@@ -182,7 +186,7 @@ def _parse_header(path: Path, metadata: dict) -> dict:
 def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, list[int]]]) -> None:
     """Every tensor the file declares, by name, dtype and shape, against the header — before reading."""
     header = _parse_header(path, metadata)
-    diagonals = _band_rows(path, header["config"])  # None: a vector (r,); else the rows (2b+1) of a band
+    diagonals = _band_rows(path, header)  # None: a vector (r,); else the rows (2b+1) of a band
     want = "[r]" if diagonals is None else f"[{diagonals}, r]"
     expected = {}
     for name, (out_features, in_features) in header["layers"].items():
@@ -214,11 +218,20 @@ def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, l
         raise AdapterFileError(path, f"lacks {missing[:3]}", "the file is incomplete; re-save it")
 
 
-def _band_rows(path: Path, config: dict) -> int | None:
-    """2b + 1 for a band adapter's settings, None for a diagonal one (settings of version ≤ 2 name none)."""
+def _band_rows(path: Path, header: dict) -> int | None:
+    """2b + 1 for a band adapter's settings, None for a diagonal one. Files before version 3 hold diagonals
+    only: one of them that names a band was not written by sigmatune (a downgrade that skips checks)."""
+    config = header["config"]
     structure, band = config.get("structure", "diagonal"), config.get("band", 0)
-    if structure == "diagonal":
+    if structure == "diagonal" and band == 0:
         return None
+    if header["format_version"] < BAND_VERSION:
+        raise AdapterFileError(
+            path,
+            f"names a {structure!r} structure in format version {header['format_version']}, which holds "
+            f"diagonal adapters only (bands came with version {BAND_VERSION})",
+            "the file was altered; save the adapter again",
+        )
     if structure != "band" or isinstance(band, bool) or not isinstance(band, int) or not 0 <= band < 2**20:
         raise AdapterFileError(path, f"holds invalid settings (structure {structure!r}, band {band!r})")
     return 2 * band + 1
@@ -232,8 +245,11 @@ def _check_checksum(path: Path, header: dict, metadata: dict, tensors: dict[str,
 
 
 def _config(path: Path, header: dict) -> SigmaConfig:
+    """The adapter's math settings; how bases are computed and kept (BASIS_EFFORT: older files record it)
+    is the loader's to choose, so it is dropped here, before anything can act on it."""
+    settings = {name: value for name, value in header["config"].items() if name not in BASIS_EFFORT}
     try:
-        return SigmaConfig.from_dict(header["config"])
+        return SigmaConfig.from_dict(settings)
     except (TypeError, ValueError, RecursionError) as err:
         raise AdapterFileError(path, f"holds invalid settings ({str(err)[:200]})") from None
 

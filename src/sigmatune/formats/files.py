@@ -97,22 +97,55 @@ _SAFETENSORS_DTYPES = {
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | Path):
-    """A temporary folder beside target, to fill in the block; when the block ends without error it
-    takes target's place by renames (a folder already there is moved aside, then removed), so target
-    is the old folder or the whole new one. The temporary folder is removed in any case."""
-    target = Path(target)
+def staged_folder(target: str | Path, replace: bool = False):
+    """A temporary folder beside target, to fill in the block; when the block ends without error it takes
+    target's place by one rename, so target is absent (or as it was) or the whole new folder. An existing
+    target must be an empty folder (rename(2) replaces only those; check_output_folder says so before the
+    work) unless replace, for folders of sigmatune's own (a cache): then it is moved aside and removed. What
+    it holds gets the usual permissions (_usual_permissions); the temporary folder is removed in any case."""
+    target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:
         yield staging
+        _usual_permissions(staging)
         retired = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.old"
-        if target.exists():
+        if replace and target.exists():
             target.rename(retired)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError as err:  # a file, or a folder that filled up while we worked
+            raise AdapterFileError(
+                target, f"could not take the new folder's place ({err.strerror})"
+            ) from None
         shutil.rmtree(retired, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Folders 0777 and files 0666, less the umask, as a plain mkdir and open give them (mkdtemp makes
+    0700, and some writers, transformers' save_pretrained among them, leave their files 0600)."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
+def check_output_folder(target: str | Path, source: str | Path | None = None) -> None:
+    """Refuse an output folder that would replace what the user did not ask to replace: the source folder
+    itself, or a path that holds anything (a file, or a folder that is not empty). Call it before the work."""
+    target = Path(target)
+    if source is not None and target.resolve() == Path(source).resolve():
+        raise AdapterFileError(target, "is the adapter itself", "write the output to a new folder")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise AdapterFileError(target, "is a file, not a folder", "name a new or empty folder for the output")
+    if target.exists() and any(target.iterdir()):
+        held = sorted(p.name for p in target.iterdir())
+        raise AdapterFileError(
+            target,
+            f"is not empty (it holds {', '.join(held[:3])}{', …' if len(held) > 3 else ''})",
+            "name a new or empty folder for the output; nothing in it was changed",
+        )
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -139,16 +172,21 @@ def read_json(path: str | Path) -> dict:
 
 
 def load_tensors(
-    path: str | Path, check: Callable[[dict[str, str], dict[str, tuple[str, list[int]]]], None] | None = None
+    path: str | Path,
+    check: Callable[[dict[str, str], dict[str, tuple[str, list[int]]]], None] | None = None,
+    max_header: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a safetensors file (CPU); errors name the file.
 
     check(metadata, declared), where declared maps each tensor name to its (dtype, shape) as the file's
     header states them, runs before any tensor is read: it refuses a file (by raising) before a
-    declared shape can cost memory. safetensors itself checks that the header fits the file.
+    declared shape can cost memory. safetensors itself checks that the header fits the file. A header
+    longer than max_header bytes is refused before it is parsed.
     """
     path = Path(path)
     _check_regular_file(path)
+    if max_header is not None:
+        _check_header_length(path, max_header)
     try:
         with safetensors.safe_open(str(path), framework="pt") as reader:
             metadata = reader.metadata() or {}
@@ -206,6 +244,17 @@ def check_inside(folder: Path, path: Path) -> None:
             path,
             f"is a link to {target}, outside the adapter folder",
             "copy the file into the folder; links that leave an adapter folder are refused",
+        )
+
+
+def _check_header_length(path: Path, max_header: int) -> None:
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+    if length > max_header:
+        raise AdapterFileError(
+            path,
+            f"declares a header of {length:,} bytes, more than the {max_header:,} of any file of this kind",
+            "the file is damaged or not what it claims to be",
         )
 
 

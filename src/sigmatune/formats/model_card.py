@@ -8,25 +8,57 @@ the top of the file); a README.md without that line is someone's own and is left
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from pathlib import Path
 
 from .adapter_file import AdapterRecord
 from .files import atomic_write_bytes
 
 CARD_NAME = "README.md"
+MARK_WINDOW = 4096  # bytes: the mark follows the card's short YAML header
 MARK = (
     "<!-- sigmatune model card: save_pretrained rewrites this file; delete this line to keep your edits -->"
 )
 
 
-def write_model_card(directory: str | Path, record: AdapterRecord, training: dict | None = None) -> bool:
+def write_model_card(
+    directory: str | Path, record: AdapterRecord, training: dict | None = None, name: str | None = None
+) -> bool:
     """Write the card for `record` into directory (with `training`, a training_summary.json's content,
-    its data and scores); False, writing nothing, where a README.md of someone else's is there."""
+    its data and scores; `name` the folder's name where it will be, default directory's); False, writing nothing, where a README.md of someone else's is there (anything
+    but a regular file that starts with our mark) or the card cannot be written (a warning says why: the
+    adapter beside it is saved either way)."""
     path = Path(directory) / CARD_NAME
-    if path.exists() and MARK not in path.read_text(encoding="utf-8", errors="replace")[:2048]:
+    if not _ours_or_absent(path):
         return False
-    atomic_write_bytes(path, model_card(record, Path(directory).name, training).encode("utf-8"))
+    try:
+        atomic_write_bytes(path, model_card(record, name or Path(directory).name, training).encode("utf-8"))
+    except OSError as err:
+        warnings.warn(
+            f"the adapter is saved, but its model card {path} could not be written ({err})", stacklevel=3
+        )
+        return False
     return True
+
+
+def _ours_or_absent(path: Path) -> bool:
+    """Whether path is free for our card: absent, or a regular file (not a link, FIFO, folder or device)
+    whose first MARK_WINDOW bytes hold the mark. Reads at most that much, and never blocks."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        head = os.read(handle, MARK_WINDOW) if stat.S_ISREG(os.fstat(handle).st_mode) else b""
+    finally:
+        os.close(handle)
+    return MARK.encode() in head
 
 
 def model_card(record: AdapterRecord, name: str, training: dict | None = None) -> str:

@@ -89,7 +89,7 @@ def compress(model, rank: int, adapter_name: str, new_name: str, calibration=Non
     if bands:
         values.update(_refitted_bands(model, adapter_name, bands, batches))
     compressed = dataclasses.replace(
-        config, rank=rank, selection=kept, target_modules=list(kept), init="zeros", svd="exact"
+        config, rank=rank, selection=kept, target_modules=list(kept), init="zeros"
     )
     model._add(new_name, compressed, kept, None, drop_small=False)
     with torch.no_grad():

@@ -54,12 +54,14 @@ def record_of(model, adapter_name: str, save_bases: bool) -> AdapterRecord:
     )
 
 
-def load_saved(model, model_id, adapter_name: str, full_precision_state_dict=None) -> None:
-    """Add a saved sigmatune adapter, after checking it fits the base model."""
+def load_saved(model, model_id, adapter_name: str, full_precision_state_dict=None, basis_config=None) -> None:
+    """Add a saved sigmatune adapter, after checking it fits the base model. The file gives the adapter's
+    math; how missing bases are computed and kept is basis_config's (a SigmaConfig; default: the defaults)."""
     record = read_adapter(model_id)
     check_structure(model_id, record, model.base_model)
     plan = {name: layer.indices.tolist() for name, layer in record.layers.items()}
-    model._add(adapter_name, record.config, plan, full_precision_state_dict, drop_small=False)
+    config = record.config.with_effort_of(basis_config)
+    model._add(adapter_name, config, plan, full_precision_state_dict, drop_small=False)
     try:
         check_spectra(model_id, record, model.spectral_layers())
         _fill(
@@ -70,7 +72,7 @@ def load_saved(model, model_id, adapter_name: str, full_precision_state_dict=Non
         raise
 
 
-def load_eigentune(model, path, adapter_name: str, full_precision_state_dict=None) -> None:
+def load_eigentune(model, path, adapter_name: str, full_precision_state_dict=None, basis_config=None) -> None:
     """Add an eigentune 0.2.0 adapter folder or 0.1.0 state dict."""
     sizes = {name: min(shape) for name, shape in linear_shapes(model.base_model).items()}
     foreign = read_eigentune(path, sizes)
@@ -80,8 +82,7 @@ def load_eigentune(model, path, adapter_name: str, full_precision_state_dict=Non
         target_modules=list(plan),
         selection=plan,
         update=foreign.update,
-        svd="exact",
-    )
+    ).with_effort_of(basis_config)
     model._add(adapter_name, config, plan, full_precision_state_dict, drop_small=True)
     try:
         spectral = model.spectral_layers()

@@ -216,12 +216,17 @@ class SigmaModel(nn.Module):
         full_precision_state_dict: dict[str, torch.Tensor] | None = None,
         progress: bool | None = None,
         source: str = "sigmatune",
+        basis_config: SigmaConfig | None = None,
         **_ignored,
     ) -> SigmaModel:
         """Wrap a base model with a saved adapter (frozen for inference unless is_trainable). source:
-        "sigmatune" (a save_pretrained folder) or "eigentune" (the peer's files, see from_eigentune)."""
+        "sigmatune" (a save_pretrained folder) or "eigentune" (the peer's files, see from_eigentune).
+        basis_config: how the bases are computed and kept (its svd, svd_niter, svd_oversample, dtype,
+        cache_dir and cache; default SigmaConfig()'s) — the caller's choice, never the file's."""
         sigma_model = cls(model, progress=progress)
-        sigma_model.load_adapter(model_id, adapter_name, is_trainable, full_precision_state_dict, source)
+        sigma_model.load_adapter(
+            model_id, adapter_name, is_trainable, full_precision_state_dict, source, basis_config
+        )
         sigma_model.set_adapter(adapter_name)
         return sigma_model
 
@@ -232,10 +237,11 @@ class SigmaModel(nn.Module):
         is_trainable: bool = False,
         full_precision_state_dict: dict[str, torch.Tensor] | None = None,
         source: str = "sigmatune",
+        basis_config: SigmaConfig | None = None,
     ) -> None:
         """Add a saved adapter (of sigmatune, or of eigentune) under adapter_name, after checking it fits
-        this base model."""
-        exchange.reader(source)(self, model_id, adapter_name, full_precision_state_dict)
+        this base model; missing bases are computed as basis_config says (as in from_pretrained)."""
+        exchange.reader(source)(self, model_id, adapter_name, full_precision_state_dict, basis_config)
         if not is_trainable:
             self._frozen_adapters.add(adapter_name)
         self._refresh_trainable()

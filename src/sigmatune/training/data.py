@@ -103,7 +103,7 @@ def smollm2_path() -> Path:
     del model.config.quantization_config  # the weights are dequantized now: a plain fp32 model
     model.hf_quantizer = None
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with staged_folder(target) as staging:
+    with staged_folder(target, replace=True) as staging:  # the cache's own folder
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
