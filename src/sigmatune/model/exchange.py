@@ -130,7 +130,7 @@ def export_lora(model, directory, adapter_name: str, full_precision_state_dict=N
             stacklevel=3,
         )
     conv1d = any(type(layer.base_layer).__name__ == "Conv1D" for layer in spectral.values())
-    return write_peft_lora(directory, factors, _target_names(model, spectral), _base_name(model), conv1d)
+    return write_peft_lora(directory, factors, _target_names(model, spectral), _loadable_name(model), conv1d)
 
 
 def _fill(model, adapter_name: str, values: dict) -> None:
@@ -151,6 +151,13 @@ def _target_names(model, spectral: dict) -> list[str]:
     kinds = {name.rsplit(".", 1)[-1] for name in spectral}
     every = {name for name in linear_layers(model.base_model) if name.rsplit(".", 1)[-1] in kinds}
     return sorted(kinds) if every == set(spectral) else sorted(spectral)
+
+
+def _loadable_name(model) -> str | None:
+    """The base model as transformers loaded it (a folder or a hub name: what PEFT's from_pretrained can
+    load), else the name it was given. A LoRA folder is read by tools that know no sigmatune alias."""
+    loaded = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
+    return loaded or _base_name(model)
 
 
 def _base_name(model) -> str | None:
