@@ -15,6 +15,7 @@ from sigmatune.formats.files import (
     atomic_write_bytes,
     load_tensors,
     read_json,
+    staged_folder,
 )
 
 SOURCE = pathlib.Path(__file__).resolve().parents[2] / "src" / "sigmatune"
@@ -84,3 +85,30 @@ def test_the_package_never_unpickles():
     pattern = re.compile(r"\bpickle\b|torch\.load\(|weights_only\s*=\s*False|np\.load\(")
     offenders = [p.name for p in SOURCE.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_json_reads_are_bounded_and_never_block(tmp_path):
+    import os
+
+    (tmp_path / "big.json").write_text('{"a": "' + "x" * 2048 + '"}')
+    with pytest.raises(AdapterFileError, match="more than the 1,000"):
+        read_json(tmp_path / "big.json", max_bytes=1000)
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(AdapterFileError, match="not a regular file"):
+        read_json(tmp_path / "fifo.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        read_json(tmp_path / "deep.json")
+
+
+def test_a_staged_folder_never_replaces_one_that_holds_files(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    refused = pytest.raises(AdapterFileError, match="could not take the new folder's place")
+    with refused, staged_folder(tmp_path / "out") as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    with staged_folder(tmp_path / "out", replace=True) as staging:  # a folder of sigmatune's own
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]

@@ -55,6 +55,8 @@ def test_lora_export_of_the_real_model_matches_in_peft(tmp_path):
     peft_model = PeftModel.from_pretrained(load_model()[0], tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
-    by_folder = AutoPeftModelForCausalLM.from_pretrained(tmp_path)  # finds the base by what the folder records
+    by_folder = AutoPeftModelForCausalLM.from_pretrained(
+        tmp_path
+    )  # finds the base by what the folder records
     with torch.no_grad():
         torch.testing.assert_close(by_folder(ids).logits, ours, rtol=1e-4, atol=1e-4)

@@ -158,14 +158,25 @@ def atomic_write_json(path: str | Path, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object from path; any problem is an AdapterFileError naming the file."""
+MAX_JSON_BYTES = 16 * 2**20  # settings, summaries and task lists are far smaller
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """Read a JSON object of at most max_bytes from path; any problem is an AdapterFileError naming the file."""
     path = Path(path)
     _check_regular_file(path)
+    if path.stat().st_size > max_bytes:
+        raise AdapterFileError(
+            path, f"is {path.stat().st_size:,} bytes, more than the {max_bytes:,} a file of this kind may be"
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(path, f"is not valid JSON ({err})", "re-save it or restore it") from None
+        with open(path, "rb") as handle:
+            text = handle.read(max_bytes + 1).decode("utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise AdapterFileError(
+            path, f"is not valid JSON ({str(err)[:200]})", "re-save it or restore it"
+        ) from None
     if not isinstance(data, dict):
         raise AdapterFileError(path, f"holds a JSON {type(data).__name__}, expected an object")
     return data

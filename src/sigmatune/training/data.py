@@ -251,7 +251,7 @@ def bigbench_task(name: str) -> dict:
         return _bundled_task(name)
     cached = cache_root() / "data" / "bigbench" / f"{name.replace('/', '__')}.json"
     if cached.exists():
-        return read_json(cached)
+        return read_json(cached, max_bytes=2**30)  # our own copy of a task file: some are large
     sdist = registry_file(*BIGBENCH_SDIST)
     wanted = f"{sdist.name.removesuffix('.tar.gz')}/bigbench/benchmark_tasks/{name}/task.json"
     print(f"reading {name} from {sdist.name}", file=sys.stderr)
