@@ -40,9 +40,11 @@ def test_the_serve_command_takes_a_default_temperature():
 
 def test_a_seed_makes_sampling_reproducible_alone_and_in_a_batch(client):
     def ask(seed, prompt="Is 7 even?"):
-        return client.completions.create(
-            model="wide", prompt=prompt, max_tokens=16, temperature=1.5, seed=seed
-        ).choices[0].text
+        return (
+            client.completions.create(model="wide", prompt=prompt, max_tokens=16, temperature=1.5, seed=seed)
+            .choices[0]
+            .text
+        )
 
     alone = ask(1234)
     assert ask(1234) == alone
