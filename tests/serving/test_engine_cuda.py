@@ -76,3 +76,24 @@ def test_graphed_decode_equals_eager_with_a_layer_of_bands(saved):  # noqa: F811
     eager = Engine(bank, max_batch=4, graphs=False)
     assert run(graphed, jobs) == run(eager, jobs)
     assert graphed.decoder.captures > 0
+
+
+def test_a_seeded_request_samples_the_same_tokens_graphed_and_eager_alone_and_batched(saved):  # noqa: F811
+    bank = cuda_bank(saved)
+
+    def tokens(engine, requests):
+        outputs = [[] for _ in requests]
+        for out, request in zip(outputs, requests, strict=True):
+            request.emit = lambda t, f, out=out: t is None or out.append(t)
+            engine.submit(request)
+        while not engine.idle():
+            engine.step()
+        return outputs
+
+    def seeded():
+        return Request([5, 6, 7, 8], "wide", 12, None, temperature=1.5, seed=77)
+
+    others = [Request([9, 10 + i], "attn", 4 + i, None, temperature=1.0) for i in range(3)]
+    alone = tokens(Engine(bank, max_batch=8, graphs=False, look_ahead=False), [seeded()])[0]
+    graphed = tokens(Engine(bank, max_batch=8, graphs=True), [others[0], seeded(), *others[1:]])
+    assert graphed[1] == alone and len(alone) == 12
