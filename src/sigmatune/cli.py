@@ -166,9 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
         "half the free memory holds, up to 1024)",
     )
     command.add_argument("--max-resident", type=int, help="adapters kept in memory (LRU; the rest reload)")
+    command.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of a request that gives none (default: 0, greedy; OpenAI's API defaults "
+        "to 1); a request's own temperature is always used",
+    )
     command.set_defaults(
         run=lambda a: _commands().serve(
-            a.model, a.adapters, a.host, a.port, a.rank, a.device, a.dtype, a.max_batch, a.max_resident
+            a.model,
+            a.adapters,
+            a.host,
+            a.port,
+            a.rank,
+            a.device,
+            a.dtype,
+            a.max_batch,
+            a.max_resident,
+            a.temperature,
         )
     )
     return parser

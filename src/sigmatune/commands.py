@@ -9,7 +9,9 @@ its training_summary.json (written by `sigmatune train`), else to the default mo
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -250,33 +252,42 @@ def build_server(
     dtype: str,
     max_batch: int | None,
     max_resident: int | None,
+    temperature: float = 0.0,
 ):
     """(Server, Engine) over a base model and the adapter folders inside `adapters`: a bank whose bases
-    hold every principal direction up to `rank` (for hot-loads) and every direction the folders select."""
+    hold every principal direction up to `rank` (for hot-loads) and every direction the folders select.
+    A folder that cannot be served is skipped with a warning on stderr naming it and why."""
+    Server = _serving().server.Server
     from .serving.bank import AdapterBank, bases_for
     from .serving.engine import Engine
-
-    try:
-        from .serving.server import Server
-    except ImportError as err:
-        raise ImportError(
-            f"serving needs the [serve] extra: pip install 'sigmatune[serve]' ({err})"
-        ) from None
 
     chosen, torch_dtype = resolve_device(device, dtype)
     base, tokenizer = load_model(model, torch_dtype, chosen)
     folders = sorted(p for p in Path(adapters).iterdir() if (p / WEIGHTS_NAME).is_file()) if adapters else []
+    skipped: dict[Path, Exception] = {}
+    indices = bases_for(folders, base, skipped)
+    folders = [folder for folder in folders if folder not in skipped]
     sigma_model = SigmaModel(base)
     config = SigmaConfig(rank=rank or 16)
     plan = sigma_model.plan(config) if rank or not folders else {}
-    for layer, indices in bases_for(folders).items():
-        plan[layer] = sorted(set(plan.get(layer, [])) | set(indices))
+    for layer, chosen_indices in indices.items():
+        plan[layer] = sorted(set(plan.get(layer, [])) | set(chosen_indices))
     sigma_model.ensure_bases(config, plan, pin=True)
     bank = AdapterBank(sigma_model, max_resident=max_resident)
     for folder in folders:
-        bank.load(folder.name, folder)
+        try:
+            bank.load(folder.name, folder)
+        except (ValueError, KeyError, OSError) as err:  # e.g. the spectra of another base model
+            skipped[folder] = err
+    for folder, err in skipped.items():
+        print(
+            f"sigmatune serve: skipped the adapter folder {folder}: {err}\n  the server starts without it; "
+            f'fix it, then POST /v1/adapters {{"name": "{folder.name}"}} loads it',
+            file=sys.stderr,
+            flush=True,
+        )
     engine = Engine(bank, max_batch=max_batch).start()
-    return Server(engine, tokenizer, adapters), engine
+    return Server(engine, tokenizer, adapters, temperature=temperature), engine
 
 
 def serve(
@@ -289,15 +300,35 @@ def serve(
     dtype: str = "auto",
     max_batch: int | None = None,
     max_resident: int | None = None,
+    temperature: float = 0.0,
 ) -> None:
-    """Run the server until interrupted (uvicorn with its HTTP_SETTINGS: see serving/routes.http_server)."""
-    server, engine = build_server(model, adapters, rank, device, dtype, max_batch, max_resident)
-    from .serving.routes import create_app, http_server  # [serve] is there: build_server checked
-
-    print(
-        f"serving {model} with {len(server.bank.names()) - 1} adapters on http://{host}:{port}/v1", flush=True
-    )
+    """Run the server until interrupted (uvicorn with its HTTP_SETTINGS: see serving/routes.http_server).
+    The port is taken first (a port in use fails at once, before the model loads); the "serving" line
+    comes once it is, with the port the socket got (--port 0: a free one)."""
+    if not 0 <= temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2] (0: greedy), not {temperature}")
+    routes = _serving().routes
+    sock = routes.listening_socket(host, port)
     try:
-        http_server(create_app(server), host=host, port=port).run()
+        server, engine = build_server(
+            model, adapters, rank, device, dtype, max_batch, max_resident, temperature
+        )
+        count, bound = len(server.bank.names()) - 1, sock.getsockname()[1]
+        print(f"serving {model} with {count} adapters on http://{host}:{bound}/v1", flush=True)
+        try:
+            routes.http_server(routes.create_app(server)).run(sockets=[sock])
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
+        sock.close()
+
+
+def _serving():
+    """The serving package (its routes and server modules), or an ImportError naming the [serve] extra."""
+    try:
+        from .serving import routes, server
+    except ImportError as err:
+        raise ImportError(
+            f"serving needs the [serve] extra: pip install 'sigmatune[serve]' ({err})"
+        ) from None
+    return SimpleNamespace(routes=routes, server=server)

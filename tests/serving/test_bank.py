@@ -148,3 +148,43 @@ def test_thousands_of_resident_adapters(saved):
         out = bank(ids, adapter_ids=names).logits
         torch.testing.assert_close(out[0:1], alone(None, ids[0:1]), rtol=1e-5, atol=1e-5)  # weight 0 = base
         torch.testing.assert_close(out[2:3], alone(saved["wide"], ids[2:3]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mix_follows_its_adapter_when_it_is_reloaded_or_removed(saved):
+    """Issue 38, item 6: a mix's row is Σ w_k G[k] at the time it was made; reloading an adapter (a new
+    folder under the same name) rebuilds every mix of it, resident or spilled; removing it drops them."""
+    bank = AdapterBank.over(tiny_llama(), BANK, max_resident=3)
+    bank.load("qa2", saved["wide"])
+    bank.load("attn", saved["attn"])
+    bank.add_mix("solo", {"qa2": 1.0})
+    ids = token_batch(batch=1, length=6, seed=3)
+    with torch.no_grad():
+        before = bank(ids, adapter_ids=["solo"]).logits
+        bank.add_mix("half", {"qa2": 0.5, "attn": 0.5})  # evicts "solo": a spilled mix must follow too
+        assert "solo" not in bank.rows
+        bank.load("qa2", saved["mlp"], replace="qa2" in bank.rows)  # the folder now holds another adapter
+        new = alone(saved["mlp"], ids)
+        assert not torch.allclose(before, new, atol=1e-3)  # else the test proves nothing
+        torch.testing.assert_close(bank(ids, adapter_ids=["qa2"]).logits, new, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bank(ids, adapter_ids=["solo"]).logits, new, rtol=1e-5, atol=1e-5)
+        reference = AdapterBank.over(tiny_llama(), BANK)
+        reference.load("qa2", saved["mlp"])
+        reference.load("attn", saved["attn"])
+        reference.add_mix("half", {"qa2": 0.5, "attn": 0.5})
+        torch.testing.assert_close(
+            bank(ids, adapter_ids=["half"]).logits,
+            reference(ids, adapter_ids=["half"]).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    bank.remove("qa2")
+    assert bank.names() == ["base", "attn"] and not bank.mixes
+    with pytest.raises(KeyError, match="unknown adapter 'solo'"):
+        bank.row("solo")
+
+
+def test_a_mix_has_one_canonical_name():
+    """Weights are numbers and the order of the parts does not matter: one row per mix."""
+    name = AdapterBank.mix_name({"b": 1, "a": 0.5})
+    assert name == AdapterBank.mix_name({"a": 0.50, "b": 1.0}) == "mix:a=0.5,b=1.0"
+    assert AdapterBank.mix_name({"a": -0.0}) == "mix:a=0.0"

@@ -211,3 +211,33 @@ def test_look_ahead_steps_from_the_device_tokens_and_drops_what_ended(bank, save
         limit = len(collector.tokens) if collector is jobs[0][-1] else max_tokens
         assert_greedy_for(saved.get(adapter), prompt, collector.tokens, limit, collector.finish, eos=stop)
     assert not engine.active and engine._ahead is None and engine.error is None
+
+
+def sampled_tokens(engine: Engine, requests: list[Request]) -> list[list[int]]:
+    """The tokens of each request, all submitted at once and driven step by step (no engine thread)."""
+    outputs = [[] for _ in requests]
+    for out, request in zip(outputs, requests, strict=True):
+        request.emit = lambda t, f, out=out: t is None or out.append(t)
+        engine.submit(request)
+    while not engine.idle():
+        engine.step()
+    return outputs
+
+
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch(bank, look_ahead):  # noqa: F811
+    """Issue 38: `seed` draws from the request's own generator, so the batch around it changes nothing."""
+
+    def seeded(seed=77):
+        return Request([5, 6, 7, 8], "wide", 12, None, temperature=1.5, top_p=0.95, seed=seed)
+
+    def other(i):
+        return Request(token_batch(seed=i, batch=1, length=3 + i)[0].tolist(), "mlp", 5 + i, None, 1.0)
+
+    alone = sampled_tokens(Engine(bank, max_batch=8, look_ahead=look_ahead), [seeded()])[0]
+    crowd = sampled_tokens(
+        Engine(bank, max_batch=8, seed=5, look_ahead=look_ahead), [other(1), seeded(), other(2), other(3)]
+    )
+    assert crowd[1] == alone and len(alone) == 12
+    others = sampled_tokens(Engine(bank, max_batch=8), [seeded(seed) for seed in range(4)])
+    assert len({tuple(tokens) for tokens in others}) > 1  # the seed chooses the draw

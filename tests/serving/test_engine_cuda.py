@@ -10,6 +10,7 @@ from sigmatune import AdapterBank, get_sigma_model
 from sigmatune.serving.engine import Engine, Request
 from tests.models import randomize, tiny_llama, token_batch
 from tests.serving.test_bank import ADAPTERS, BANK, saved  # noqa: F401  (fixture)
+from tests.serving.test_engine import sampled_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -76,3 +77,15 @@ def test_graphed_decode_equals_eager_with_a_layer_of_bands(saved):  # noqa: F811
     eager = Engine(bank, max_batch=4, graphs=False)
     assert run(graphed, jobs) == run(eager, jobs)
     assert graphed.decoder.captures > 0
+
+
+def test_a_seeded_request_samples_the_same_tokens_graphed_and_eager_alone_and_batched(saved):  # noqa: F811
+    bank = cuda_bank(saved)
+
+    def seeded():
+        return Request([5, 6, 7, 8], "wide", 12, None, temperature=1.5, seed=77)
+
+    others = [Request([9, 10 + i], "attn", 4 + i, None, temperature=1.0) for i in range(3)]
+    alone = sampled_tokens(Engine(bank, max_batch=8, graphs=False, look_ahead=False), [seeded()])[0]
+    graphed = sampled_tokens(Engine(bank, max_batch=8, graphs=True), [others[0], seeded(), *others[1:]])
+    assert graphed[1] == alone and len(alone) == 12

@@ -142,7 +142,24 @@ WRONG_VALUES = {  # parameter → values of a wrong type or out of range: 400 na
         [{"content": "x"}],
         [{"role": "user", "content": 5}],
         [{"role": 1, "content": "x"}],
-        [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        [{"role": "user", "content": []}],  # content as parts: malformed ones
+        [{"role": "user", "content": ["x"]}],
+        [{"role": "user", "content": [None]}],
+        [{"role": "user", "content": [{"text": "x"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "user", "content": [{"type": "text", "text": ["x"]}]}],
+        [{"role": "user", "content": [{"type": "TEXT", "text": "x"}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+            }
+        ],
+        [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": {"nested": 1}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "x"}] * 3 + [[]]}],
+        [{"role": "user", "content": {"type": "text", "text": "x"}}],
     ],
     "max_tokens": [0, -1, -(2**63), 2**64, 10**9, 1.5, 2.0, True, False, "8", [8], {"n": 8}, _NAN, _INF],
     "temperature": [-0.1, 2.01, 1e308, -1e308, _NAN, _INF, True, "0.5", [0.5], {}],
@@ -150,14 +167,41 @@ WRONG_VALUES = {  # parameter → values of a wrong type or out of range: 400 na
     "stop": [5, 0, True, False, {}, [1], ["a", 2], ["a"] * 5, "", [""], [["x"]], [None]],
     "stream": ["true", 1, 0, [], {}, "yes"],
     "n": [2, 0, -1, "1", [1], True, 1.5, {}],
+    "seed": ["1", 1.5, 1e3, True, False, [], {}, 2**64, -(2**63) - 1, 10**100, _NAN, _INF],
+    "top_logprobs": [1, 20, 10**9, 2**64, -1, "2", True, [], {}, _NAN],
+    "logprobs": [True, 1, 5, 10**9, -1, "yes", [], {}, 1.5],
+    "stream_options": [
+        {"include_usage": True},  # without stream: true
+        True,
+        "include_usage",
+        1,
+        [],
+        [{"include_usage": True}],
+    ],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {}, {"type": 5}, "text", 5, []],
+    "tools": [[{"type": "function", "function": {"name": "f"}}], "f", 7, {}],
+    "logit_bias": [{"1": 100}, [1], "x", 5],
+    "frequency_penalty": [0.5, -2, "0", True, _NAN],
+    "best_of": [2, 0, True, "1"],
+    "echo": [True, 1, "yes"],
 }
+STREAMED_OPTIONS = [  # stream_options of a wrong shape beside stream: true: 400 naming stream_options
+    True,
+    "include_usage",
+    [],
+    {"include_usage": "yes"},
+    {"include_usage": 1},
+    {"include_usage": None},
+    {"include_usage": True, "extra": 1},
+    {"include_usage": {"nested": True}},
+]
 WRONG_TYPES = [
     (path, param, value)
     for path in ENDPOINTS[:2]
     for param, values in WRONG_VALUES.items()
     if param != {"/v1/completions": "messages", "/v1/chat/completions": "prompt"}[path]
     for value in values
-]
+] + [(path, "stream_options", value, "streamed") for path in ENDPOINTS[:2] for value in STREAMED_OPTIONS]
 
 NAMES = [  # adapter names that must not reach a file outside the adapters folder: 400 or 404
     "nope",
@@ -428,8 +472,8 @@ def test_wrong_types_and_values_of_every_parameter(server):
     url, state = server
 
     def send(case):
-        path, param, value = case
-        answer = post(url, path, {**VALID[path], param: value})
+        path, param, value, *streamed = case
+        answer = post(url, path, {**VALID[path], param: value, **({"stream": True} if streamed else {})})
         return problem(*answer, {400, 404} if param == "model" else {400}, param)
 
     barrage(WRONG_TYPES, send)

@@ -4,6 +4,16 @@ Every problem is an ApiError: an OpenAI-style JSON error with a 4xx status namin
 Limits: a body of at most MAX_BODY bytes of UTF-8 JSON arriving within a deadline; adapter names are
 plain names (no paths); a "mix:" spec has up to MAX_MIX_PARTS distinct adapters with finite, bounded
 weights; sampling parameters are type- and range-checked (null means "not given", as in OpenAI's API).
+
+OpenAI's fields, one by one: model, prompt (a string or a list of one), messages (content a string or a
+list of text parts, joined by newlines as vLLM does), max_tokens / max_completion_tokens, temperature
+(the server's default when not given), top_p, n (1), stop, stream, stream_options (include_usage), seed
+(a per-request random stream: the same seed and prompt give the same answer whatever else is batched)
+are served. UNSUPPORTED lists the ones that would change the answer and are not implemented (logprobs,
+response_format other than text, tools, penalties, ...): a request that asks for one gets a 400 naming
+it, and its "nothing" value (OpenAI's default, e.g. logprobs: false) is accepted. Fields that change no
+answer (user, metadata, store, service_tier, parallel_tool_calls, ...) and names OpenAI does not have
+are ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +36,31 @@ DRAIN_SECONDS = 2.0  # ... for at most this long
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names (fullmatch: "$" would let "a\n" in)
 MAX_MIX_PARTS = 16  # adapters in one "mix:" spec
 MAX_MIX_WEIGHT = 4.0  # mix weights lie in [0, MAX_MIX_WEIGHT]: a NaN or huge one would make NaN logits
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+UNSUPPORTED = {  # field → whether a value asks for nothing (null always does); any other value is a 400
+    "logprobs": lambda v: v is False,
+    "top_logprobs": _zero,
+    "echo": lambda v: v is False,
+    "best_of": lambda v: v == 1 and not isinstance(v, bool),
+    "suffix": lambda v: v == "",
+    "frequency_penalty": _zero,
+    "presence_penalty": _zero,
+    "logit_bias": lambda v: v == {},
+    "response_format": lambda v: v == {"type": "text"},
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),  # without tools, "auto" calls none
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+}
 
 
 class ApiError(Exception):
@@ -62,8 +97,16 @@ def sampling_params(body: dict, prompt_tokens: int, context: int, default_tokens
             "max_tokens",
             "context_length_exceeded",
         )
-    temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
-    if (
+    for field, asks_nothing in UNSUPPORTED.items():
+        if field in body and not asks_nothing(body[field]):
+            raise ApiError(
+                400,
+                f"`{field}` is not supported by this server: leave it out (it answers plain text, sampled "
+                "with temperature, top_p and seed)",
+                field,
+            )
+    temperature, top_p = body.get("temperature"), body.get("top_p", 1.0)  # None: the server's default
+    if temperature is not None and (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
         or not 0 <= temperature <= 2
@@ -80,13 +123,34 @@ def sampling_params(body: dict, prompt_tokens: int, context: int, default_tokens
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "`stream` must be true or false", "stream")
+    seed = body.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEEDS[0] <= seed <= SEEDS[1]
+    ):
+        raise ApiError(400, f"`seed` must be an integer in [{SEEDS[0]}, {SEEDS[1]}]", "seed")
     return {
         "max_tokens": max_tokens,
-        "temperature": float(temperature),
+        "temperature": None if temperature is None else float(temperature),
         "top_p": float(top_p),
         "stop": stop,
         "stream": stream,
+        "include_usage": _include_usage(body.get("stream_options"), stream),
+        "seed": seed,
     }
+
+
+def _include_usage(options, stream: bool) -> bool:
+    """stream_options {"include_usage": bool}, given only with stream: true (as OpenAI's API requires)."""
+    if options is None:
+        return False
+    if not stream:
+        raise ApiError(400, "`stream_options` is only allowed with stream: true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ApiError(400, '`stream_options` must be {"include_usage": true or false}', "stream_options")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ApiError(400, "`stream_options.include_usage` must be true or false", "stream_options")
+    return usage
 
 
 async def json_body(request: Request, seconds: float) -> dict:
@@ -168,22 +232,50 @@ async def _hung_up(request: Request) -> None:
         pass
 
 
-def is_message(message) -> bool:
-    return (
-        isinstance(message, dict)
-        and isinstance(message.get("role"), str)
-        and isinstance(message.get("content"), str)
-    )
+def chat_messages(messages) -> list[dict]:
+    """The chat's messages as the chat template takes them: {role, content: string}, content given as a
+    string or as a non-empty list of text parts [{"type": "text", "text": ...}] (joined by newlines)."""
+    shape = "`messages` must be a non-empty list of {role, content: a string or a list of text parts}"
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, shape, "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, f"{shape}; messages[{i}] is not", "messages")
+        content = message.get("content")
+        if isinstance(content, list) and content:
+            content = "\n".join(
+                _text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content)
+            )
+        if not isinstance(content, str):
+            raise ApiError(400, f"{shape}; messages[{i}].content is not", "messages")
+        out.append({**message, "content": content})
+    return out
 
 
-def parse_mix(name: str) -> dict[str, float]:
+def _text_part(part, where: str) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind != "text":
+        raise ApiError(
+            400,
+            f"{where} is a part of type {str(kind)[:50]!r}: this server serves a text model; send only "
+            '{"type": "text", "text": ...} parts',
+            "messages",
+        )
+    if not isinstance(part.get("text"), str):
+        raise ApiError(400, f'{where} needs "text": a string', "messages")
+    return part["text"]
+
+
+def parse_mix(name: str, param: str = "model") -> dict[str, float]:
     """The weights of "mix:a=0.7,b=0.3", {a: 0.7, b: 0.3}: up to MAX_MIX_PARTS distinct adapters (not mixes),
-    each weight a number in [0, MAX_MIX_WEIGHT] (NaN, inf or a huge weight would turn the logits into NaN)."""
+    each weight a number in [0, MAX_MIX_WEIGHT] (NaN, inf or a huge weight would turn the logits into NaN).
+    A 400 names `param` (where the client wrote the mix)."""
     bad = ApiError(
         400,
         f"bad mix {name[:200]!r}: write mix:<adapter>=<weight>,<adapter>=<weight> with up to "
         f"{MAX_MIX_PARTS} distinct adapters, each weight in [0, {MAX_MIX_WEIGHT:g}]",
-        "model",
+        param,
     )
     parts = name.removeprefix("mix:").split(",")
     if len(parts) > MAX_MIX_PARTS:

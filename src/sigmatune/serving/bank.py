@@ -9,7 +9,10 @@ The bank decides which adapter holds which row, checks what it loads, and keeps 
 - Adapters nest: a top-16 adapter sits in a bank whose layers store the top 64 (its row is zero
   elsewhere); an adapter selecting directions the bank's layers do not store is refused.
 - Mixes are rows too: Σ_k w_k G[k] is exactly the adapter whose δ is Σ_k w_k δ_k (the update is
-  linear in g), so a Transformer²-style expert mix costs nothing extra and no weight is built.
+  linear in g), so a Transformer²-style expert mix costs nothing extra and no weight is built. A mix's
+  row is that sum at the time it is made, so loading an adapter again (load, add_from_model) rebuilds
+  every mix of it, resident or spilled, and removing an adapter removes its mixes. mix_name gives a mix
+  one name whatever order or spelling of its weights (the server keys mixes by it).
 - With max_resident, the least recently used adapter leaves the tables when a new one needs a
   row; it comes back from its folder (or from a spill file, for mixes) the next time it is asked for.
 All methods are thread-safe (the server hot-loads while the engine decodes).
@@ -83,8 +86,22 @@ class AdapterBank:
 
     # ---- adding and removing ------------------------------------------------------------------------
 
+    @staticmethod
+    def mix_name(weights: dict[str, float]) -> str:
+        """The canonical name of the mix Σ w_k adapter_k: "mix:a=0.5,b=1.0", parts sorted by name, each
+        weight as a float's repr (so {"b": 1, "a": 0.5}, {"a": 0.50, "b": 1.0} name one mix)."""
+        return "mix:" + ",".join(
+            f"{part}={float(weight) + 0.0!r}" for part, weight in sorted(weights.items())
+        )
+
     def load(self, name: str, directory: str | Path, replace: bool = False) -> int:
-        """Add (or with replace=True, swap in) a saved adapter; returns its row."""
+        """Add (or with replace=True, swap in) a saved adapter; returns its row. Its mixes are rebuilt."""
+        with self._lock:
+            row = self._load(name, directory, replace)
+            self._rebuild_mixes_of(name)
+        return row
+
+    def _load(self, name: str, directory: str | Path, replace: bool) -> int:
         record = read_adapter(directory)
         check_structure(directory, record, self.model.base_model)
         unserved = sorted(set(record.layers) - set(self.layers))
@@ -111,7 +128,8 @@ class AdapterBank:
         return row
 
     def add_from_model(self, name: str, adapter_name: str | None = None, replace: bool = False) -> int:
-        """Add an adapter that lives in the bank's SigmaModel (e.g. one just trained); returns its row."""
+        """Add an adapter that lives in the bank's SigmaModel (e.g. one just trained); returns its row.
+        Its mixes are rebuilt."""
         adapter_name = adapter_name or self.model.active_adapter
         scales = {
             layer_name: layer.scales(adapter_name).detach()
@@ -123,6 +141,7 @@ class AdapterBank:
         with self._lock:
             row = self._store(name, scales, replace)
             self._spill(name)
+            self._rebuild_mixes_of(name)
         return row
 
     def add_many(self, names: list[str], scales: dict[str, torch.Tensor]) -> list[int]:
@@ -151,12 +170,21 @@ class AdapterBank:
         return row
 
     def remove(self, name: str) -> None:
+        """Drop an adapter (or a mix) and every mix of it."""
         with self._lock:
             if name not in self.rows and name not in self.sources:
                 raise KeyError(f"no adapter {name!r} in the bank")
-            self._release(name)
-            self.sources.pop(name, None)
-            self.mixes.pop(name, None)
+            for gone in [name, *self.mixes_of(name)]:
+                self._release(gone)
+                source = self.sources.pop(gone, None)
+                if source is not None and source.parent == self.spill_dir:
+                    source.unlink(missing_ok=True)
+                self.mixes.pop(gone, None)
+
+    def mixes_of(self, name: str) -> list[str]:
+        """The mixes that have adapter `name` as a part."""
+        with self._lock:
+            return [mix for mix, weights in self.mixes.items() if name in weights]
 
     # ---- looking up -----------------------------------------------------------------------------------
 
@@ -174,7 +202,7 @@ class AdapterBank:
             if source.suffix == ".safetensors":
                 tensors, _ = load_tensors(source)
                 return self._store(name, {k: v for k, v in tensors.items() if k in self.layers}, False)
-            return self.load(name, source)
+            return self._load(name, source, False)  # back from its folder as it was: its mixes stand
 
     def ids(self, names, device=None) -> torch.Tensor:
         """Row ids for a batch (B,): one adapter name or row id per row, or a tensor of row ids."""
@@ -252,23 +280,46 @@ class AdapterBank:
             self.tables.free(row)
             self.version += 1
 
-    def _spill(self, name: str) -> None:
-        """Keep a copy of an adapter that has no folder, so eviction can bring it back."""
+    def _spill(self, name: str, scales: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep a copy of an adapter that has no folder (its row's scales unless given), so eviction can
+        bring it back."""
         if self.spill_dir is None:
             return
-        row = self.rows[name]
         path = (
             self.spill_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.safetensors"
         )  # any name is safe
-        atomic_save_tensors(path, self.tables.read(row), metadata={"sigmatune_bank_row": name})
+        scales = self.tables.read(self.rows[name]) if scales is None else scales
+        atomic_save_tensors(path, scales, metadata={"sigmatune_bank_row": name})
         self.sources[name] = path
 
+    def _rebuild_mixes_of(self, name: str) -> None:
+        """Σ_k w_k G[k] again for every mix with `name` as a part (its row, in place, if resident; its
+        spill file either way), after that adapter's row was written anew."""
+        for mix in self.mixes_of(name):
+            scales = self.tables.combine({self.row(part): w for part, w in self.mixes[mix].items()})
+            if mix in self.rows:
+                self._store(mix, scales, replace=True)
+            self._spill(mix, scales)
 
-def bases_for(adapter_dirs: list[Path]) -> dict[str, list[int]]:
+
+def bases_for(
+    adapter_dirs: list[Path], base_model: torch.nn.Module | None = None, skipped: dict | None = None
+) -> dict[str, list[int]]:
     """Layer → the union of the singular-value indices the saved adapters select: the bases a bank needs
-    to serve them all."""
+    to serve them all. With base_model, each adapter's layers must fit it too (check_structure). With
+    `skipped` (a dict), a folder that cannot be read or does not fit goes there (folder → the error)
+    instead of raising."""
     plan: dict[str, set[int]] = {}
     for folder in adapter_dirs:
-        for layer, saved in read_adapter(folder).layers.items():
+        try:
+            record = read_adapter(folder)
+            if base_model is not None:
+                check_structure(folder, record, base_model)
+        except (ValueError, OSError) as err:
+            if skipped is None:
+                raise
+            skipped[folder] = err
+            continue
+        for layer, saved in record.layers.items():
             plan.setdefault(layer, set()).update(saved.indices.tolist())
     return {layer: sorted(indices) for layer, indices in plan.items()}

@@ -46,6 +46,7 @@ class Request:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop_ids: frozenset = frozenset()  # token ids that end the answer (e.g. end of turn)
+    seed: int | None = None  # its own random stream (steps.sample), made at admission; None: the engine's
     id: int = field(default_factory=itertools.count().__next__)
     generated: int = 0
     cancelled: bool = False
@@ -54,6 +55,7 @@ class Request:
     position: int = 0  # the position its next token goes to
     last: int = 0  # its latest token (the next decode step's input)
     row: int = 0  # its adapter's row in the bank's tables
+    generator: torch.Generator | None = None  # from seed, on the engine's device
     finish: str | None = None  # why it ended, once it has
 
 
@@ -176,6 +178,8 @@ class Engine:
             except Exception as err:
                 self._fail([request], err)
                 continue
+            if request.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
             request.slot = lowest.pop()
             self._free.discard(request.slot)
             self.prefilling.append(request)

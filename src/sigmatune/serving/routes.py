@@ -13,6 +13,7 @@ turned into OpenAI-style JSON here; nothing a route raises escapes as a 500 with
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 import threading
@@ -26,7 +27,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..formats.adapter_file import WEIGHTS_NAME
-from .api_input import ApiError, is_message, json_body, sampling_params, unless_hung_up
+from .api_input import ApiError, chat_messages, json_body, sampling_params, unless_hung_up
 from .server import Server
 
 HTTP_SETTINGS = dict(  # uvicorn's, see http_server
@@ -146,9 +147,7 @@ def _completion_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await json_body(request, server.body_seconds)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(is_message(m) for m in messages):
-            raise ApiError(400, "`messages` must be a non-empty list of {role, content: string}", "messages")
+        messages = chat_messages(body.get("messages"))
 
         def encode():  # in a thread: a 1 MiB body takes ~1 s to tokenize, and the event loop serves everyone
             text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -169,24 +168,24 @@ async def _answer(server: Server, request: Request, body: dict, prompt_ids: list
         f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
     )
     kind = "chat.completion" if chat else "text_completion"
+    chunk = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": label}
+    if params["include_usage"]:
+        chunk["usage"] = None  # on every chunk but the last, as OpenAI's API does
     if params["stream"]:
 
         async def events():
-            first = True
-            async for delta, finish, _ in server.generate(prompt_ids, label, params):
+            first, usage = True, _usage(prompt_ids, 0)
+            async for delta, finish, count in server.generate(prompt_ids, label, params):
+                usage = _usage(prompt_ids, count)
                 if chat:
                     piece = {"role": "assistant", "content": delta} if first else {"content": delta}
                     choice = {"index": 0, "delta": piece, "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
                 first = False
-                chunk = {
-                    "id": rid,
-                    "object": f"{kind}.chunk" if chat else kind,
-                    "created": created,
-                    "model": label,
-                }
                 yield f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n"
+            if params["include_usage"]:  # OpenAI's last chunk: no choices, the usage
+                yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")  # it stops when the client goes
@@ -196,18 +195,21 @@ async def _answer(server: Server, request: Request, body: dict, prompt_ids: list
     choice.update(
         {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
     )
-    usage = {
-        "prompt_tokens": len(prompt_ids),
-        "completion_tokens": count,
-        "total_tokens": len(prompt_ids) + count,
-    }
     return {
         "id": rid,
         "object": kind,
         "created": created,
         "model": label,
         "choices": [choice],
-        "usage": usage,
+        "usage": _usage(prompt_ids, count),
+    }
+
+
+def _usage(prompt_ids: list[int], count: int) -> dict:
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": count,
+        "total_tokens": len(prompt_ids) + count,
     }
 
 
@@ -227,10 +229,27 @@ def http_server(app: FastAPI, **where) -> uvicorn.Server:
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", **HTTP_SETTINGS, **where))
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening (port 0: a free port, see getsockname), for
+    http_server(...).run(sockets=[it]); an OSError that names the address and the fix if it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        why = "the port is in use" if err.errno == errno.EADDRINUSE else (err.strerror or str(err))
+        raise OSError(
+            f"cannot listen on {host}:{port}: {why}; stop whatever listens there, or pick another "
+            "address with --port (and --host)"
+        ) from None
+    return sock
+
+
 def serve_in_thread(server: Server, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:
     """Serve on a free port of `host` from a background thread (tests, benchmarks): (base URL, stop)."""
-    sock = socket.socket()
-    sock.bind((host, 0))
+    sock = listening_socket(host, 0)
     http = http_server(create_app(server))
     thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -3,6 +3,12 @@ what a request's `model` means — "base", an adapter name (hot-loaded from the 
 "mix:a=0.7,b=0.3" — and the generation of one request as its tokens arrive. The HTTP endpoints over
 it are in routes.py.
 
+Adapters come and go: a mix is one bank row under its canonical name (AdapterBank.mix_name: "mix:b=1"
+and "mix:b=1.0" are one row), rebuilt when one of its adapters is loaded again and dropped with it. An
+adapter a client deletes (unload) is gone — not listed, not hot-loaded by name — until POST /v1/adapters
+loads it again (`unloaded`, kept in memory: a restart serves the folder again). A request that gives no
+temperature gets `temperature` (`sigmatune serve --temperature`, default 0: greedy).
+
 Requests from all clients decode together in one continuous batch (engine.py), each row with its
 own adapter from the AdapterBank. Errors are ApiErrors (OpenAI-style JSON with 4xx codes); nothing a
 client sends reaches a file path outside the adapters folder.
@@ -34,12 +40,19 @@ class Server:
     """The state behind the app: engine, bank, tokenizer, adapters folder, counters."""
 
     def __init__(
-        self, engine: Engine, tokenizer, adapters_dir: str | Path | None = None, max_tokens: int = 512
+        self,
+        engine: Engine,
+        tokenizer,
+        adapters_dir: str | Path | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
     ):
         self.engine, self.bank, self.tokenizer = engine, engine.bank, tokenizer
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
         self.context = engine.max_len  # positions of an engine slot: prompt + answer
         self.max_tokens = max_tokens
+        self.temperature = temperature  # for requests that give none (OpenAI's own default is 1)
+        self.unloaded: set[str] = set()  # adapters a client deleted: not served by name until loaded again
         self.body_seconds = BODY_SECONDS
         self.counts = Counter()
         self.in_use = Counter()  # adapter → requests the engine still holds (it cannot be unloaded meanwhile)
@@ -55,12 +68,21 @@ class Server:
             weights = parse_mix(name)
             for part in weights:
                 self.resolve(part)
-            if name not in self.bank.names():
+            key = self.bank.mix_name(weights)
+            if key not in self.bank.names():
                 self._make_room_for_a_mix()
-                self.bank.add_mix(name, weights)
-            return name
+                self.bank.add_mix(key, weights)
+            return key
         if name in self.bank.names():
             return name
+        if name in self.unloaded:
+            raise ApiError(
+                404,
+                f"the adapter {name!r} was unloaded (DELETE /v1/adapters/{name}); "
+                f'POST /v1/adapters {{"name": "{name}"}} loads it again',
+                "model",
+                "model_not_found",
+            )
         folder = self.folder_of(name)
         if folder is None or not (folder / WEIGHTS_NAME).exists():
             raise ApiError(
@@ -81,30 +103,38 @@ class Server:
             self.bank.load(name, folder, replace=name in self.bank.rows)
         except (ValueError, KeyError) as err:
             raise ApiError(400, f"cannot load adapter {name!r}: {err}", "name", "adapter_invalid") from None
+        self.unloaded.discard(name)
 
     def unload(self, name: str) -> None:
-        """Drop an adapter or a mix from the bank (409 while it serves requests)."""
+        """Drop an adapter (and its mixes) or a mix from the bank (409 while one of them serves requests);
+        an adapter is then gone until `load` (an adapter folder that was only on disk, too)."""
         if name == BASE or not (NAME.fullmatch(name) or name.startswith("mix:")):
             raise ApiError(
                 400, f"cannot unload {name!r}: give an adapter (letters, digits, '.', '_', '-')", "name"
             )
-        if self.in_use[name]:
-            raise ApiError(
-                409,
-                f"adapter {name!r} is serving {self.in_use[name]} requests; unload it when they finish",
-                "name",
-                "adapter_in_use",
-            )
-        try:
+        if name.startswith("mix:"):
+            name = self.bank.mix_name(parse_mix(name, "name"))
+        for held in [name, *self.bank.mixes_of(name)]:
+            if self.in_use[held]:
+                raise ApiError(
+                    409,
+                    f"{held!r} is serving {self.in_use[held]} requests; unload {name!r} when they finish",
+                    "name",
+                    "adapter_in_use",
+                )
+        if name in self.bank.names():
             self.bank.remove(name)
-        except KeyError:
-            raise ApiError(404, f"no adapter {name!r} in the bank", "name", "model_not_found") from None
+        elif name.startswith("mix:") or name not in self.on_disk():  # on_disk leaves out the unloaded
+            raise ApiError(404, f"no adapter {name!r} is served", "name", "model_not_found")
+        if not name.startswith("mix:"):
+            self.unloaded.add(name)
 
     def on_disk(self) -> list[str]:
-        """The adapter folders in the adapters folder, by name (loaded or not)."""
+        """The adapter folders in the adapters folder, by name (loaded or not), but those unloaded."""
         if self.adapters_dir is None:
             return []
-        return sorted(p.name for p in self.adapters_dir.iterdir() if (p / WEIGHTS_NAME).is_file())
+        folders = (p.name for p in self.adapters_dir.iterdir() if (p / WEIGHTS_NAME).is_file())
+        return sorted(name for name in folders if name not in self.unloaded)
 
     def _make_room_for_a_mix(self) -> None:
         mixes = list(self.bank.mixes)  # oldest first
@@ -144,9 +174,10 @@ class Server:
             adapter,
             params["max_tokens"],
             emit,
-            params["temperature"],
+            self.temperature if params["temperature"] is None else params["temperature"],
             params["top_p"],
             self.stop_ids,
+            seed=params["seed"],
         )
         self.engine.submit(request)
         self.in_use[adapter] += 1
