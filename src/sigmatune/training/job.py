@@ -63,13 +63,14 @@ def train(settings: TrainSettings) -> dict:
     ]
     packed = use_packing(sigma_model, sample, tokenizer, settings, device)
     clock.lap("bases")
-    if resumed is None:
-        before = base_score(sigma_model, tokenizer, task, settings, device, dtype, packed)
-    else:
-        before = Score(**resumed.before)
+    if resumed is not None:
         log(
             f"resuming at step {resumed.step} of {settings.steps} from {settings.output_dir}/{CHECKPOINT_NAME}"
         )
+    if resumed is None or not resumed.before:  # a checkpoint written without the score before: scored now
+        before = base_score(sigma_model, tokenizer, task, settings, device, dtype, packed)
+    else:
+        before = Score(**resumed.before)
     log(f"before: {format_score(before)}")
     clock.lap("score before")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
