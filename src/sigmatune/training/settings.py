@@ -57,6 +57,11 @@ class TrainSettings:
                 or value < (0 if name in ("eval_accuracy", "save_every") else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 2:  # the answer gets half the tokens: with one, no answer token is left
+            raise ValueError(
+                f"--max-length {self.max_length} leaves no answer token to learn from (the loss would be 0/0); "
+                "it must be at least 2 (the default is 128)"
+            )
         if self.lr != "auto" and (isinstance(self.lr, (bool, str)) or not 0 < self.lr < 10):
             raise ValueError(f"lr must be a positive learning rate below 10 or 'auto', got {self.lr!r}")
         if not 0 <= self.warmup < 1:

@@ -1,0 +1,61 @@
+"""What the training job does with settings and data that cannot work, or that it changes: a clear
+message before any work, never a wrong cause or a poisoned cache (issue 38)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from sigmatune.cli import main
+from sigmatune.core.config import cache_root
+from sigmatune.formats.adapter_file import WEIGHTS_NAME
+from sigmatune.training.evaluate import Score
+from sigmatune.training.job import train
+from sigmatune.training.score_cache import _path, cached_score, keep_score, score_key
+from tests.training import test_train
+from tests.training.test_train import cli_train, settings
+
+workspace = test_train.workspace  # the fixture: a tiny chat model and a task file
+
+
+def scores_kept() -> list:
+    folder = cache_root() / "scores"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+# ---- 8. --max-length that leaves no answer token ---------------------------------------------------------
+
+
+def test_a_max_length_that_leaves_no_answer_token_is_refused_up_front(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(cli_train(workspace, "--max-length", "1", "--steps", "2", "--output-dir", str(out))) == 1
+    err = capsys.readouterr().err
+    assert "--max-length" in err and "at least 2" in err and "answer token" in err, err
+    assert "nan" not in err and "--lr" not in err, err  # not the wrong cause
+    assert scores_kept() == [] and not (out / WEIGHTS_NAME).exists()  # nothing scored, nothing cached
+
+
+def test_examples_with_nothing_to_learn_are_a_clear_error_not_a_nan(workspace, tmp_path, capsys):
+    data = tmp_path / "empty-texts.jsonl"
+    data.write_text("\n".join(json.dumps({"text": ""}) for _ in range(20)))
+    args = ["train", "--model", str(workspace / "model"), "--data", str(data), "--steps", "2"]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "no answer token" in err and "nan" not in err and "--lr" not in err, err
+    assert scores_kept() == []
+
+
+def test_a_non_finite_score_is_never_kept_nor_reused(workspace, tmp_path, capsys):
+    job = settings(workspace, tmp_path / "out", steps=2, eval_accuracy=0, heldout=10, max_length=64)
+    key = score_key(job, torch.float32, torch.device("cpu"))
+    keep_score(key, Score(loss=float("nan"), accuracy=None, examples=10))
+    assert scores_kept() == [] and cached_score(key) is None
+    _path(key).parent.mkdir(parents=True, exist_ok=True)
+    poisoned = {"key": key, "score": {"loss": float("nan"), "accuracy": None, "examples": 10}}
+    _path(key).write_text(json.dumps(poisoned))  # as an older sigmatune kept it
+    assert cached_score(key) is None
+    summary = train(job)
+    assert math.isfinite(summary["before"]["loss"]) and "an earlier run" not in capsys.readouterr().err
+    assert math.isfinite(cached_score(key).loss)  # scored anew and kept in its place
