@@ -33,9 +33,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..core.config import cache_root
+from ..core.progress import Progress
 from ..formats.files import atomic_write_json, read_json, staged_folder
 from .settings import DEFAULT_MODEL
 
@@ -177,13 +176,12 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
         ):
             size = int(response.headers.get("Content-Length") or 0) or None
             print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
-            with tqdm(
-                total=size, unit="B", unit_scale=True, desc=f"download {filename}", disable=None
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
+            bar = Progress(size, f"download {filename}", "B", unit_scale=True)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
     except (OSError, ValueError) as err:
         raise RuntimeError(
             f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. `pip download "
