@@ -22,7 +22,7 @@ from .formats.files import atomic_write_json, read_json, staged_folder
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
-from .training.job import SUMMARY_NAME, format_score, score
+from .training.job import SUMMARY_NAME, base_score, format_score, score
 from .training.settings import TrainSettings
 from .training.tokens import example_batches, prompt_batch
 
@@ -52,8 +52,9 @@ def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dt
 def evaluate_adapter(
     adapter_dir, model=None, data=None, heldout=None, eval_accuracy=None, device="auto", dtype="auto"
 ) -> dict:
-    """Held-out loss and exact match of the adapter (and of the base model alone), on the training
-    run's held-out split unless data/heldout say otherwise."""
+    """Held-out loss and exact match of the adapter (and of the base model alone: the score `train` kept in
+    the cache folder when there is one, training/score_cache.py), on the training run's held-out split
+    unless data/heldout say otherwise."""
     settings = recorded_settings(adapter_dir)
     overrides = dict(
         model=model, data=data, heldout=heldout, eval_accuracy=eval_accuracy, device=device, dtype=dtype
@@ -61,9 +62,10 @@ def evaluate_adapter(
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     sigma_model, tokenizer = load_adapted(adapter_dir, settings.model, settings.device, settings.dtype)
     task = load_task(settings.data, settings.heldout, settings.seed)
-    chosen, _ = resolve_device(settings.device, settings.dtype)
-    with sigma_model.disable_adapter():
-        base = score(sigma_model, tokenizer, task, settings, chosen)
+    chosen, torch_dtype = resolve_device(settings.device, settings.dtype)
+    base = base_score(
+        sigma_model, tokenizer, task, settings, chosen, torch_dtype, packed=False
+    )  # kept: cached
     adapted = score(sigma_model, tokenizer, task, settings, chosen)
     print(f"base model: {format_score(base)}\nadapted:    {format_score(adapted)}")
     return {"base": dataclasses.asdict(base), "adapted": dataclasses.asdict(adapted), "data": settings.data}

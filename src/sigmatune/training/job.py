@@ -214,7 +214,7 @@ def base_score(model, tokenizer, task: Task, settings: TrainSettings, device, dt
     key = score_key(settings, dtype, device)
     kept = cached_score(key)
     if kept is not None:
-        log("before: the base model's score of an earlier run (the cache folder's scores/)")
+        log("the base model's score of an earlier run (kept in the cache folder's scores/)")
         return kept
     with model.disable_adapter():
         result = score(model, tokenizer, task, settings, device, packed)
