@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -18,6 +23,8 @@ from tests.training import test_train
 from tests.training.test_train import cli_train, settings
 
 workspace = test_train.workspace  # the fixture: a tiny chat model and a task file
+LOCK_NAME = ".sigmatune-train.lock"  # in the output folder while a run trains into it
+SOURCE = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def scores_kept() -> list:
@@ -59,3 +66,41 @@ def test_a_non_finite_score_is_never_kept_nor_reused(workspace, tmp_path, capsys
     summary = train(job)
     assert math.isfinite(summary["before"]["loss"]) and "an earlier run" not in capsys.readouterr().err
     assert math.isfinite(cached_score(key).loss)  # scored anew and kept in its place
+
+
+# ---- two runs into one output folder ------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(workspace, tmp_path, capsys):
+    out = tmp_path / "shared"
+    command = [sys.executable, "-u", "-m", "sigmatune", *cli_train(workspace, "--steps", "1000000")]
+    command += ["--save-every", "0", "--eval-accuracy", "0", "--heldout", "10", "--output-dir", str(out)]
+    first = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SOURCE}
+    )
+    try:
+        for line in first.stderr:  # wait until it trains
+            if line.startswith("before:"):
+                break
+        code = main(cli_train(workspace, "--steps", "2", "--eval-accuracy", "0", "--output-dir", str(out)))
+        err = capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert code == 1 and str(out) in err and f"pid {first.pid}" in err and "--output-dir" in err, err
+    assert not (out / WEIGHTS_NAME).exists()
+    assert main(cli_train(workspace, "--steps", "2", "--eval-accuracy", "0", "--output-dir", str(out))) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the lock is gone
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over_with_a_note(workspace, tmp_path, capsys):
+    out = tmp_path / "stale"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    out.mkdir()
+    (out / LOCK_NAME).write_text(dead.stdout.strip())  # as a run killed by SIGKILL leaves it
+    assert main(cli_train(workspace, "--steps", "2", "--eval-accuracy", "0", "--output-dir", str(out))) == 0
+    err = capsys.readouterr().err
+    assert f"pid {dead.stdout.strip()}" in err and "no longer runs" in err, err
+    assert (out / WEIGHTS_NAME).exists() and not (out / LOCK_NAME).exists()

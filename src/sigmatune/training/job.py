@@ -30,6 +30,7 @@ from ..model.sigma_model import get_sigma_model
 from .data import Task, load_model, load_task
 from .evaluate import Score, exact_match, heldout_loss
 from .loop import fit, log, use_packing
+from .output_lock import output_lock
 from .score_cache import cached_score, keep_score, score_key
 from .settings import TRAJECTORY, TrainSettings
 from .tokens import encode
@@ -38,9 +39,15 @@ SUMMARY_NAME = "training_summary.json"
 
 
 def train(settings: TrainSettings) -> dict:
-    """Run the job end to end; returns (and saves) the summary with scores before and after."""
-    clock = Phases()
+    """Run the job end to end; returns (and saves) the summary with scores before and after. The output
+    folder is locked meanwhile (output_lock.py): a second run into it is refused."""
     config = settings.sigma_config()  # bad settings fail here, before any download
+    with output_lock(settings.output_dir):
+        return _train(settings, config)
+
+
+def _train(settings: TrainSettings, config) -> dict:
+    clock = Phases()
     resumed = _checkpoint_to_resume(settings)
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
