@@ -16,6 +16,7 @@ import torch
 from sigmatune.cli import main
 from sigmatune.core.config import cache_root
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
+from sigmatune.training.data import load_task
 from sigmatune.training.evaluate import Score
 from sigmatune.training.job import train
 from sigmatune.training.score_cache import _path, cached_score, keep_score, score_key
@@ -104,3 +105,15 @@ def test_the_lock_of_a_run_that_died_is_taken_over_with_a_note(workspace, tmp_pa
     err = capsys.readouterr().err
     assert f"pid {dead.stdout.strip()}" in err and "no longer runs" in err, err
     assert (out / WEIGHTS_NAME).exists() and not (out / LOCK_NAME).exists()
+
+
+# ---- the held-out cap --------------------------------------------------------------------------------
+
+
+def test_the_held_out_cap_is_said(workspace, capsys):
+    task = load_task(str(workspace / "parity.jsonl"), heldout=200)
+    assert len(task.heldout) == 30
+    err = capsys.readouterr().err
+    assert "--heldout 200" in err and "30 held out" in err and "a fifth of the 150 examples" in err, err
+    load_task(str(workspace / "parity.jsonl"), heldout=30)  # as asked: nothing to say
+    assert capsys.readouterr().err == ""

@@ -237,6 +237,13 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     count = max(1, min(heldout, len(examples) // 5))  # at most a fifth of a small file is held out
+    if count < heldout:
+        print(
+            f"warning: --heldout {heldout} asked for, {count} held out: at most a fifth of the {len(examples)} "
+            f"examples of {spec} are held out (the rest train)",
+            file=sys.stderr,
+            flush=True,
+        )
     held = [examples[i] for i in order[:count]]
     train = [examples[i] for i in order[count:]]
     return Task(name=name, instruction=instruction, train=train, heldout=held, source=source)
