@@ -3,14 +3,18 @@ message before any work, never a wrong cause or a poisoned cache (issue 38)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from sigmatune.cli import main
@@ -117,3 +121,43 @@ def test_the_held_out_cap_is_said(workspace, capsys):
     assert "--heldout 200" in err and "30 held out" in err and "a fifth of the 150 examples" in err, err
     load_task(str(workspace / "parity.jsonl"), heldout=30)  # as asked: nothing to say
     assert capsys.readouterr().err == ""
+
+
+# ---- BIG-bench task names ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_registry(monkeypatch):
+    """A package index that cannot be reached (a loopback port nothing listens on)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
+
+
+def test_an_unknown_bigbench_task_offline_is_said_to_be_unchecked(workspace, tmp_path, capsys, no_registry):
+    args = ["train", "--model", str(workspace / "model"), "--data", "bigbench:unknown", "--steps", "1"]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "bigbench:unknown" in err and "cannot be checked offline" in err and "qa_wikidata" in err, err
+    assert "benchmark_tasks" in err and "could not download" not in err and "Traceback" not in err, err
+
+
+def test_an_unknown_bigbench_task_gets_the_names_near_it(no_registry):
+    sdist = cache_root() / "downloads" / "bigbench-1.0.0.tar.gz"  # a (small) sdist already in the cache
+    sdist.parent.mkdir(parents=True)
+    with tarfile.open(sdist, "w:gz") as archive:
+        for name in ("arithmetic", "anachronisms", "word_sorting"):
+            record = json.dumps({"examples": [{"input": "1+1", "target": "2"}] * 3}).encode()
+            member = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            member.size = len(record)
+            archive.addfile(member, io.BytesIO(record))
+    assert len(load_task("bigbench:arithmetic", heldout=1).train) == 2
+    with pytest.raises(ValueError, match=r"no task 'aritmetic'.*did you mean arithmetic\? \(3 in"):
+        load_task("bigbench:aritmetic")
+
+
+@pytest.mark.parametrize("name", ["", "../../secrets", "qa wikidata", "a//b"])
+def test_a_malformed_bigbench_name_is_refused_before_any_download(name, no_registry):
+    with pytest.raises(ValueError, match=r"not a BIG-bench task name.*bigbench:qa_wikidata"):
+        load_task(f"bigbench:{name}")
