@@ -18,26 +18,25 @@ from .core.device import resolve_device
 from .core.structures import half_width
 from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
-from .formats.files import atomic_write_json, read_json, staged_folder
+from .formats.files import atomic_write_json, staged_folder
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
 from .training.job import SUMMARY_NAME, base_score, format_score, score
 from .training.settings import TrainSettings
+from .training.summary import read_summary, settings_of
 from .training.tokens import example_batches, prompt_batch
 
 
 def training_summary(adapter_dir: str | Path) -> dict:
-    """The training_summary.json beside an adapter ({} when the adapter was saved another way)."""
-    path = Path(adapter_dir) / SUMMARY_NAME
-    return read_json(path) if path.exists() else {}
+    """The training_summary.json beside an adapter ({} when the adapter was saved another way), bounded
+    and checked (training/summary.py): a bad one is an error naming the file and the field."""
+    return read_summary(adapter_dir)
 
 
 def recorded_settings(adapter_dir: str | Path) -> TrainSettings:
     """The TrainSettings the adapter was trained with (the defaults for what its summary does not record)."""
-    recorded = training_summary(adapter_dir).get("settings", {})
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in recorded.items() if k in known})
+    return settings_of(Path(adapter_dir) / SUMMARY_NAME, training_summary(adapter_dir))
 
 
 def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dtype: str = "auto"):

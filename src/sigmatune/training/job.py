@@ -33,9 +33,8 @@ from .loop import fit, log, use_packing
 from .output_lock import output_lock
 from .score_cache import cached_score, keep_score, score_key
 from .settings import TRAJECTORY, TrainSettings
+from .summary import SUMMARY_NAME
 from .tokens import encode
-
-SUMMARY_NAME = "training_summary.json"
 
 
 def train(settings: TrainSettings) -> dict:

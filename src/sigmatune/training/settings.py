@@ -4,6 +4,7 @@ option of `sigmatune train` each field becomes, with its inline comment as the h
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,3 +112,27 @@ class TrainSettings:
 # the settings a resumed run must share with the interrupted one to end with the same numbers
 TRAJECTORY = ("model", "data", "rank", "targets", "update", "structure", "band", "lr", "steps", "batch_size")
 TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed", "packing")
+
+
+# the JSON types each setting's annotation allows (a bool is no number here, a number no bool)
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def from_record(recorded: dict) -> TrainSettings:
+    """TrainSettings from recorded ones (a training_summary.json's "settings"): each known field of the
+    type its annotation names, the rest at their defaults, fields of no setting ignored. A value of
+    another type is a ValueError naming the field; TrainSettings checks the values."""
+    values = {}
+    for field in dataclasses.fields(TrainSettings):
+        if field.name in recorded:
+            value = recorded[field.name]
+            allowed = tuple(t for name in str(field.type).split(" | ") for t in _JSON_TYPES[name])
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (
+                not isinstance(value, allowed)
+                or isinstance(value, bool) != (bool in allowed)
+                or (number and not math.isfinite(value))
+            ):
+                raise ValueError(f"settings.{field.name} is {value!r:.60}, not a {field.type}")
+            values[field.name] = value
+    return TrainSettings(**values)
