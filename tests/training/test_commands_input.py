@@ -5,6 +5,11 @@ score, a bad training_summary.json is a clear error, `compress` checks its rank 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +20,7 @@ from tests.training import test_train
 from tests.training.test_train import settings
 
 workspace = test_train.workspace  # the fixture: a tiny chat model and a task file
+SOURCE = str(Path(__file__).resolve().parents[2] / "src")
 EARLIER = "the base model's score of an earlier run"
 
 
@@ -87,3 +93,48 @@ def test_fields_of_no_setting_are_ignored(tmp_path):
     summary = {**GOOD, "settings": {**GOOD["settings"], "evil": [1]}, "loss_history": "not read"}
     (folder / SUMMARY_NAME).write_text(json.dumps(summary))
     assert recorded_settings(folder).rank == 4 and training_summary(folder)["loss_history"] == "not read"
+
+
+# ---- compress --rank ---------------------------------------------------------------------------------------
+
+
+def sigmatune(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SOURCE}
+    return subprocess.run(
+        [sys.executable, "-m", "sigmatune", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture
+def orphan(workspace, tmp_path):
+    """A rank-4 adapter whose base model folder is gone: a command that loads the model fails on that."""
+    shutil.copytree(workspace / "model", tmp_path / "model")
+    train(
+        settings(
+            workspace, tmp_path / "adapter", model=str(tmp_path / "model"), steps=2, rank=4, eval_accuracy=0
+        )
+    )
+    shutil.rmtree(tmp_path / "model")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(
+    "rank, message",
+    [
+        ("0", "--rank must be a whole number ≥ 1"),
+        ("-3", "--rank must be a whole number ≥ 1"),
+        ("4", "--rank 4 keeps every direction of"),
+        ("1000000", "--rank 1000000 keeps every direction of"),
+    ],
+)
+def test_compress_checks_its_rank_before_loading_the_model(orphan, tmp_path, rank, message):
+    done = sigmatune("compress", str(orphan), str(tmp_path / "small"), "--rank", rank)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "no model at" not in done.stderr and not (tmp_path / "small").exists()
+    if rank not in ("0", "-3"):
+        assert "at most 4 directions" in done.stderr and "below 4" in done.stderr, done.stderr
+
+
+def test_compress_refuses_a_rank_that_is_no_number_at_parse_time(tmp_path):
+    done = sigmatune("compress", str(tmp_path / "a"), str(tmp_path / "b"), "--rank", "four")
+    assert done.returncode == 2 and "--rank: invalid int value: 'four'" in done.stderr, done.stderr
