@@ -202,7 +202,9 @@ def _plot(record, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'sigmatune[plot]' (or matplotlib)") from None
+        raise ImportError(
+            "--plot needs matplotlib: pip install matplotlib (or, in the sigmatune clone, pip install -e '.[plot]')"
+        ) from None
     kinds = sorted({name.rsplit(".", 1)[-1] for name in record.layers})
     color = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
     band = record.config.band
