@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
-import signal
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from sigmatune.formats import checkpoint
 from sigmatune.formats.files import AdapterFileError
 from sigmatune.training.settings import TrainSettings
 from tests.checkpoints import read_checkpoint, write_forged
+from tests.formats.test_fuzz_files import time_limit
 from tests.models import tiny_llama, token_batch
 
 STEP, STEPS = 3, 10  # the original: 3 AdamW steps done of a 10-step run
@@ -204,20 +203,6 @@ def tensor_cases(name: str) -> list:
 
 
 # ---- running a case ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def give_up(*_):
-        raise TimeoutError(f"the load took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, give_up)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def resume_onto(model, path: Path) -> torch.optim.Optimizer:
