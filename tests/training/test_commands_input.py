@@ -68,6 +68,7 @@ GOOD = {"settings": {"model": "smollm2", "data": "bigbench:qa_wikidata", "rank":
         ("lr as words", {"settings": {**GOOD["settings"], "lr": "fast"}}, "lr"),
         ("rank an object", {"settings": {**GOOD["settings"], "rank": {"r": 4}}}, "settings.rank"),
         ("seed NaN", {"settings": {**GOOD["settings"], "seed": float("nan")}}, "settings.seed"),
+        ("seed beyond 64 bits", {"settings": {**GOOD["settings"], "seed": 10**400}}, "settings.seed"),
         ("task a list", {**GOOD, "task": ["qa"]}, "task"),
         ("instruction a number", {**GOOD, "task": {"instruction": 7}}, "task.instruction"),
         ("a JSON list", [1, 2], "object"),

@@ -68,6 +68,8 @@ def test_a_non_finite_score_is_never_kept_nor_reused(workspace, tmp_path, capsys
     poisoned = {"key": key, "score": {"loss": float("nan"), "accuracy": None, "examples": 10}}
     _path(key).write_text(json.dumps(poisoned))  # as an older sigmatune kept it
     assert cached_score(key) is None
+    _path(key).write_text(json.dumps({"key": key, "score": {**poisoned["score"], "loss": 10**400}}))
+    assert cached_score(key) is None
     summary = train(job)
     assert math.isfinite(summary["before"]["loss"]) and "an earlier run" not in capsys.readouterr().err
     assert math.isfinite(cached_score(key).loss)  # scored anew and kept in its place

@@ -68,9 +68,7 @@ def batch_loss(
 ) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the labelled tokens, their count) of a batch: packed into one row when
     `packed` and it fits (packing.py), else padded."""
-    if not any(
-        label != IGNORE for e in batch for label in e.labels[1:]
-    ):  # the first token is never predicted
+    if not any(label != IGNORE for e in batch for label in e.labels[1:]):  # the first is never predicted
         raise ValueError(
             f"a batch of {len(batch)} examples holds no answer token to learn from (their answers are empty "
             "or were cut by --max-length), so its loss would be 0/0: raise --max-length or drop empty examples"

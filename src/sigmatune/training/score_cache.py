@@ -59,8 +59,9 @@ def keep_score(key: dict, score: Score) -> None:
 
 
 def _finite(score: Score) -> bool:
+    """Whether a score's loss and accuracy are finite numbers (a file may hold anything)."""
     numbers = (score.loss, 0.0 if score.accuracy is None else score.accuracy)
-    return all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers)
+    return all(type(x) in (int, float) and abs(x) < 1e300 and math.isfinite(x) for x in numbers)
 
 
 def _path(key: dict) -> Path:

@@ -126,13 +126,18 @@ def from_record(recorded: dict) -> TrainSettings:
     for field in dataclasses.fields(TrainSettings):
         if field.name in recorded:
             value = recorded[field.name]
-            allowed = tuple(t for name in str(field.type).split(" | ") for t in _JSON_TYPES[name])
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if (
-                not isinstance(value, allowed)
-                or isinstance(value, bool) != (bool in allowed)
-                or (number and not math.isfinite(value))
-            ):
+            if not _of_type(value, str(field.type)):
                 raise ValueError(f"settings.{field.name} is {value!r:.60}, not a {field.type}")
             values[field.name] = value
     return TrainSettings(**values)
+
+
+def _of_type(value, annotation: str) -> bool:
+    """Whether a JSON value is of an annotation's types: a bool is no number, a number no bool, a number
+    is finite and a whole one fits in 64 bits."""
+    allowed = tuple(t for name in annotation.split(" | ") for t in _JSON_TYPES[name])
+    if not isinstance(value, allowed) or isinstance(value, bool) != (bool in allowed):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or abs(value) < 2**63
