@@ -69,6 +69,24 @@ def _train(args) -> dict:
     return job.train(settings.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+def _compress(args) -> None:
+    """compress, once --rank is checked: at least 1 (before anything loads), below the adapter's largest
+    per-layer rank (read from its file: no model loads), else nothing would be compressed."""
+    if args.rank < 1:
+        raise ValueError(
+            f"--rank must be a whole number ≥ 1 (the directions kept per layer), got {args.rank}"
+        )
+    from .formats.adapter_file import read_adapter
+
+    largest = max(len(layer.indices) for layer in read_adapter(args.adapter).layers.values())
+    if args.rank >= largest:
+        raise ValueError(
+            f"--rank {args.rank} keeps every direction of {args.adapter} (its layers have at most {largest} "
+            f"directions): nothing to compress; choose a --rank below {largest}"
+        )
+    _commands().compress_adapter(args.adapter, args.output, args.rank, args.model, args.data, args.calibrate)
+
+
 def _add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
     parser.add_argument(
         "--model", help="base model path or name (default: the one the adapter was trained on)"
@@ -135,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--data", help="data to calibrate on (default: what the adapter was trained on)")
     _add_model_options(command, device=False)
-    command.set_defaults(
-        run=lambda a: _commands().compress_adapter(a.adapter, a.output, a.rank, a.model, a.data, a.calibrate)
-    )
+    command.set_defaults(run=_compress)
 
     command = subcommands.add_parser("generate", help="the adapted model's answer to a prompt")
     command.add_argument("adapter", help="adapter folder")

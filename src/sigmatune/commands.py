@@ -20,27 +20,26 @@ from .core.device import resolve_device
 from .core.structures import half_width
 from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
-from .formats.files import atomic_write_json, check_output_folder, read_json, staged_folder
+from .formats.files import atomic_write_json, check_output_folder, staged_folder
 from .formats.model_card import write_model_card
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import DEFAULT_MODEL, load_model, load_task
-from .training.job import SUMMARY_NAME, format_score, score
+from .training.job import SUMMARY_NAME, base_score, format_score, score
 from .training.settings import TrainSettings
+from .training.summary import read_summary, settings_of
 from .training.tokens import example_batches, prompt_batch
 
 
 def training_summary(adapter_dir: str | Path) -> dict:
-    """The training_summary.json beside an adapter ({} when the adapter was saved another way)."""
-    path = Path(adapter_dir) / SUMMARY_NAME
-    return read_json(path) if path.exists() else {}
+    """The training_summary.json beside an adapter ({} when the adapter was saved another way), bounded
+    and checked (training/summary.py): a bad one is an error naming the file and the field."""
+    return read_summary(adapter_dir)
 
 
 def recorded_settings(adapter_dir: str | Path) -> TrainSettings:
     """The TrainSettings the adapter was trained with (the defaults for what its summary does not record)."""
-    recorded = training_summary(adapter_dir).get("settings", {})
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in recorded.items() if k in known})
+    return settings_of(Path(adapter_dir) / SUMMARY_NAME, training_summary(adapter_dir))
 
 
 def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dtype: str = "auto"):
@@ -55,8 +54,9 @@ def load_adapted(adapter_dir, model: str | None = None, device: str = "auto", dt
 def evaluate_adapter(
     adapter_dir, model=None, data=None, heldout=None, eval_accuracy=None, device="auto", dtype="auto"
 ) -> dict:
-    """Held-out loss and exact match of the adapter (and of the base model alone), on the training
-    run's held-out split unless data/heldout say otherwise."""
+    """Held-out loss and exact match of the adapter (and of the base model alone: the score `train` kept in
+    the cache folder when there is one, training/score_cache.py), on the training run's held-out split
+    unless data/heldout say otherwise."""
     settings = recorded_settings(adapter_dir)
     overrides = dict(
         model=model, data=data, heldout=heldout, eval_accuracy=eval_accuracy, device=device, dtype=dtype
@@ -64,9 +64,10 @@ def evaluate_adapter(
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     sigma_model, tokenizer = load_adapted(adapter_dir, settings.model, settings.device, settings.dtype)
     task = load_task(settings.data, settings.heldout, settings.seed)
-    chosen, _ = resolve_device(settings.device, settings.dtype)
-    with sigma_model.disable_adapter():
-        base = score(sigma_model, tokenizer, task, settings, chosen)
+    chosen, torch_dtype = resolve_device(settings.device, settings.dtype)
+    base = base_score(
+        sigma_model, tokenizer, task, settings, chosen, torch_dtype, packed=False
+    )  # kept: cached
     adapted = score(sigma_model, tokenizer, task, settings, chosen)
     print(f"base model: {format_score(base)}\nadapted:    {format_score(adapted)}")
     return {"base": dataclasses.asdict(base), "adapted": dataclasses.asdict(adapted), "data": settings.data}
@@ -213,7 +214,9 @@ def _plot(record, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'sigmatune[plot]' (or matplotlib)") from None
+        raise ImportError(
+            "--plot needs matplotlib: pip install matplotlib (or, in the sigmatune clone, pip install -e '.[plot]')"
+        ) from None
     kinds = sorted({name.rsplit(".", 1)[-1] for name in record.layers})
     color = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
     band = record.config.band
@@ -329,6 +332,7 @@ def _serving():
         from .serving import routes, server
     except ImportError as err:
         raise ImportError(
-            f"serving needs the [serve] extra: pip install 'sigmatune[serve]' ({err})"
+            f"serving needs fastapi and uvicorn: pip install fastapi uvicorn, or pip install -e '.[serve]' in "
+            f"sigmatune's clone ({err})"
         ) from None
     return SimpleNamespace(routes=routes, server=server)

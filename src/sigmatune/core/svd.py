@@ -25,7 +25,8 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 BATCH_ELEMENTS = 1 << 28  # weight elements per batched SVD call (1 GiB in fp32)
@@ -103,7 +104,7 @@ def compute_spectra(
     for request in requests:
         groups[_group_key(request, oversample)].append(request)
     found = {}
-    bar = tqdm(total=len(requests), desc="SVD", unit="layer", disable=_bar_disabled(progress))
+    bar = Progress(len(requests), "SVD", "layer", show=progress)
     for (shape, _, _, method, q), members in groups.items():
         per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(members), per_batch):
@@ -142,11 +143,6 @@ def _empty_spectrum(request: SpectrumRequest) -> Spectrum:
         indices=torch.empty(r, device=device, dtype=torch.int64),
         sigma_max=torch.empty((), device=device, dtype=dtype),
     )
-
-
-def _bar_disabled(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None (the default) shows a bar on an interactive terminal only."""
-    return None if progress is None else not progress
 
 
 def exact_side(weight: torch.Tensor, input_side: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,13 +167,15 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
     _check_regular_file(path)
     if path.stat().st_size > max_bytes:
         raise AdapterFileError(
-            path, f"is {path.stat().st_size:,} bytes, more than the {max_bytes:,} a file of this kind may be"
+            path,
+            f"is {_mib(path.stat().st_size)}, more than the {_mib(max_bytes)} a file of this kind may be",
         )
     try:
         with open(path, "rb") as handle:
-            text = handle.read(max_bytes + 1).decode("utf-8")
-        data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            data = json.loads(handle.read(max_bytes + 1).decode("utf-8"))
+    except RecursionError:
+        raise AdapterFileError(path, "is JSON nested too deeply to be sigmatune's") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterFileError(
             path, f"is not valid JSON ({str(err)[:200]})", "re-save it or restore it"
         ) from None
@@ -256,6 +258,10 @@ def check_inside(folder: Path, path: Path) -> None:
             f"is a link to {target}, outside the adapter folder",
             "copy the file into the folder; links that leave an adapter folder are refused",
         )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _check_header_length(path: Path, max_header: int) -> None:

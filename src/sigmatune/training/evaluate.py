@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..core.progress import Progress
 from .data import Example
 from .packing import can_pack, fits, pack, packed_loss
 from .tokens import IGNORE, Encoded, collate, prompt_batch
@@ -53,9 +53,13 @@ def heldout_loss(
     """Mean cross-entropy per labelled token over the examples, in batches (packed ones: packing.py)."""
     total, count = 0.0, 0
     model.eval()
-    for start in tqdm(range(0, len(encoded), batch_size), desc="held-out loss", leave=False, disable=None):
+    starts = range(0, len(encoded), batch_size)
+    bar = Progress(len(starts), "held-out loss", "batches", leave=False)
+    for start in starts:
         loss, n = batch_loss(model, encoded[start : start + batch_size], pad_id, device, packed)
         total, count = total + float(loss) * n, count + n
+        bar.update()
+    bar.close()
     return total / max(count, 1)
 
 
@@ -64,6 +68,11 @@ def batch_loss(
 ) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the labelled tokens, their count) of a batch: packed into one row when
     `packed` and it fits (packing.py), else padded."""
+    if not any(label != IGNORE for e in batch for label in e.labels[1:]):  # the first is never predicted
+        raise ValueError(
+            f"a batch of {len(batch)} examples holds no answer token to learn from (their answers are empty "
+            "or were cut by --max-length), so its loss would be 0/0: raise --max-length or drop empty examples"
+        )
     if packed and fits(batch):
         return packed_loss(model, pack(batch).to(device))
     return token_loss(model, {k: v.to(device) for k, v in collate(batch, pad_id).items()})
@@ -87,9 +96,7 @@ def exact_match(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples, correct = [], 0
     batches = range(0, len(examples), batch_size)
-    bar = tqdm(
-        total=len(batches) * max_new_tokens, desc="held-out accuracy", unit="step", leave=False, disable=None
-    )
+    bar = Progress(len(batches) * max_new_tokens, "held-out accuracy", "decoding steps", leave=False)
     for start in batches:
         chunk = examples[start : start + batch_size]
         batch = {

@@ -30,17 +30,23 @@ from ..model.sigma_model import get_sigma_model
 from .data import Task, load_model, load_task
 from .evaluate import Score, exact_match, heldout_loss
 from .loop import fit, log, use_packing
+from .output_lock import output_lock
 from .score_cache import cached_score, keep_score, score_key
 from .settings import TRAJECTORY, TrainSettings
+from .summary import SUMMARY_NAME
 from .tokens import encode
-
-SUMMARY_NAME = "training_summary.json"
 
 
 def train(settings: TrainSettings) -> dict:
-    """Run the job end to end; returns (and saves) the summary with scores before and after."""
-    clock = Phases()
+    """Run the job end to end; returns (and saves) the summary with scores before and after. The output
+    folder is locked meanwhile (output_lock.py): a second run into it is refused."""
     config = settings.sigma_config()  # bad settings fail here, before any download
+    with output_lock(settings.output_dir):
+        return _train(settings, config)
+
+
+def _train(settings: TrainSettings, config) -> dict:
+    clock = Phases()
     resumed = _checkpoint_to_resume(settings)
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
@@ -63,13 +69,14 @@ def train(settings: TrainSettings) -> dict:
     ]
     packed = use_packing(sigma_model, sample, tokenizer, settings, device)
     clock.lap("bases")
-    if resumed is None:
-        before = base_score(sigma_model, tokenizer, task, settings, device, dtype, packed)
-    else:
-        before = Score(**resumed.before)
+    if resumed is not None:
         log(
             f"resuming at step {resumed.step} of {settings.steps} from {settings.output_dir}/{CHECKPOINT_NAME}"
         )
+    if resumed is None or not resumed.before:  # a checkpoint written without the score before: scored now
+        before = base_score(sigma_model, tokenizer, task, settings, device, dtype, packed)
+    else:
+        before = Score(**resumed.before)
     log(f"before: {format_score(before)}")
     clock.lap("score before")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
@@ -213,7 +220,7 @@ def base_score(model, tokenizer, task: Task, settings: TrainSettings, device, dt
     key = score_key(settings, dtype, device)
     kept = cached_score(key)
     if kept is not None:
-        log("before: the base model's score of an earlier run (the cache folder's scores/)")
+        log("the base model's score of an earlier run (kept in the cache folder's scores/)")
         return kept
     with model.disable_adapter():
         result = score(model, tokenizer, task, settings, device, packed)

@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ..core.progress import Progress
 from ..formats import checkpoint
 from ..model.sigma_model import SigmaModel
 from .data import Task
@@ -59,10 +59,8 @@ def fit(
         done, history = resumed.step, list(resumed.history)
     smoothed, tokens, start = None, 0, time.perf_counter()
     model.train()
-    bar = tqdm(order[done:], desc="train", unit="step", disable=None, dynamic_ncols=True, initial=done)
-    bar.total = settings.steps
-    every = max(1, settings.steps // 10)  # without a terminal (no bar), a log line per 10% of the steps
-    for step, indices in enumerate(bar, done + 1):
+    bar = Progress(settings.steps, "train", "steps", initial=done)  # without a terminal: a line now and then
+    for step, indices in enumerate(order[done:], done + 1):
         examples = [encoded[i] for i in indices]
         loss = _backward(
             partial(batch_loss, model, examples, tokenizer.pad_token_id, device, packed), step, path
@@ -82,13 +80,8 @@ def fit(
             checkpoint.save(path, model, optimizer, state)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         tokens += sum(len(e.input_ids) for e in examples)  # the examples' tokens, packed or padded
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-        if bar.disable and (step % every == 0 or step == settings.steps):
-            eta = elapsed / (step - done) * (settings.steps - step)
-            log(
-                f"step {step}/{settings.steps}  loss {smoothed:.3f}  {tokens / elapsed:.0f} tok/s  eta {eta:.0f} s"
-            )
+        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        bar.update()
     bar.close()
     model.eval()
     return history

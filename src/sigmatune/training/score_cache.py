@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,16 +42,26 @@ def score_key(settings: TrainSettings, dtype: torch.dtype, device: torch.device)
 
 
 def cached_score(key: dict) -> Score | None:
+    """The score kept under key; None when there is none, or it cannot be read or is not finite."""
     path = _path(key)
     try:
         stored = json.loads(path.read_text())
-        return Score(**stored["score"]) if stored["key"] == key else None
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: score anew
+        score = Score(**stored["score"]) if stored["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none yet, or unreadable: score anew
         return None
+    return score if score is not None and _finite(score) else None
 
 
 def keep_score(key: dict, score: Score) -> None:
-    atomic_write_json(_path(key), {"key": key, "score": dataclasses.asdict(score)})
+    """Keep a score for the next run; a non-finite one is never kept."""
+    if _finite(score):
+        atomic_write_json(_path(key), {"key": key, "score": dataclasses.asdict(score)})
+
+
+def _finite(score: Score) -> bool:
+    """Whether a score's loss and accuracy are finite numbers (a file may hold anything)."""
+    numbers = (score.loss, 0.0 if score.accuracy is None else score.accuracy)
+    return all(type(x) in (int, float) and abs(x) < 1e300 and math.isfinite(x) for x in numbers)
 
 
 def _path(key: dict) -> Path:

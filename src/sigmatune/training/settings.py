@@ -4,6 +4,7 @@ option of `sigmatune train` each field becomes, with its inline comment as the h
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,11 @@ class TrainSettings:
                 or value < (0 if name in ("eval_accuracy", "save_every") else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 2:  # the answer gets half the tokens: with one, no answer token is left
+            raise ValueError(
+                f"--max-length {self.max_length} leaves no answer token to learn from (the loss would be 0/0); "
+                "it must be at least 2 (the default is 128)"
+            )
         if self.lr != "auto" and (isinstance(self.lr, (bool, str)) or not 0 < self.lr < 10):
             raise ValueError(f"lr must be a positive learning rate below 10 or 'auto', got {self.lr!r}")
         if not 0 <= self.warmup < 1:
@@ -106,3 +112,32 @@ class TrainSettings:
 # the settings a resumed run must share with the interrupted one to end with the same numbers
 TRAJECTORY = ("model", "data", "rank", "targets", "update", "structure", "band", "lr", "steps", "batch_size")
 TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed", "packing")
+
+
+# the JSON types each setting's annotation allows (a bool is no number here, a number no bool)
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def from_record(recorded: dict) -> TrainSettings:
+    """TrainSettings from recorded ones (a training_summary.json's "settings"): each known field of the
+    type its annotation names, the rest at their defaults, fields of no setting ignored. A value of
+    another type is a ValueError naming the field; TrainSettings checks the values."""
+    values = {}
+    for field in dataclasses.fields(TrainSettings):
+        if field.name in recorded:
+            value = recorded[field.name]
+            if not _of_type(value, str(field.type)):
+                raise ValueError(f"settings.{field.name} is {value!r:.60}, not a {field.type}")
+            values[field.name] = value
+    return TrainSettings(**values)
+
+
+def _of_type(value, annotation: str) -> bool:
+    """Whether a JSON value is of an annotation's types: a bool is no number, a number no bool, a number
+    is finite and a whole one fits in 64 bits."""
+    allowed = tuple(t for name in annotation.split(" | ") for t in _JSON_TYPES[name])
+    if not isinstance(value, allowed) or isinstance(value, bool) != (bool in allowed):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or abs(value) < 2**63
