@@ -51,3 +51,23 @@ def test_the_public_api_resolves_each_name():
     assert SigmaModel.__module__ == "sigmatune.model.sigma_model" and callable(get_sigma_model)
     with pytest.raises(AttributeError, match="no attribute 'SigmaModle'"):
         sigmatune.SigmaModle  # noqa: B018
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`sigmatune inspect ADAPTER | head`: the reader leaves, the command ends with 0 and says nothing."""
+    from sigmatune import SigmaConfig, get_sigma_model
+    from tests.models import tiny_llama
+
+    get_sigma_model(tiny_llama(num_hidden_layers=150), SigmaConfig(rank=2)).save_pretrained(tmp_path / "a")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sigmatune", "inspect", str(tmp_path / "a")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert child.stdout.readline().startswith(
+        str(tmp_path / "a").encode()
+    )  # 1,050 rows: more than a pipe holds
+    child.stdout.close()
+    assert child.wait(timeout=120) == 0
+    assert child.stderr.read() == b""

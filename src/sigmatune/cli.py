@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:  # `sigmatune inspect A | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except (ValueError, RuntimeError, OSError, ArithmeticError, MemoryError, ImportError, KeyError) as err:
         print(f"sigmatune {args.command}: error: {err}", file=sys.stderr)
         return 1
