@@ -4,7 +4,8 @@ Every module of src/sigmatune belongs to a unit (a subpackage, or a top-level mo
 to a layer of LAYERS. A module may import from its own unit and from units of lower layers: never from
 a layer above, never from a peer in its own layer. Imports inside functions count too (a lazy import
 is still a dependency). Also: no import cycle between modules, the optional dependencies of the
-[serve] extra only in serving, and no source file longer than MAX_LINES.
+[serve] extra only in serving, no source file longer than MAX_LINES, Triton imported only by the fast
+paths (ops/ and serving/ops/: core is the method in plain torch), and the kernel switch read only there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ PACKAGE = "sigmatune"
 MAX_LINES = 400
 LAYERS = [  # bottom first: the allowed order, written once
     ["version"],
-    ["core"],  # the method on one layer: config, update rules, SVD, math, kernels, SpectralLinear
+    ["core"],  # the method on one layer, plain torch: config, update rules, SVD, the op, SpectralLinear
+    ["ops"],  # the op's fast paths (Triton), registered as backends; the one kernel switch
     ["formats"],  # bytes on disk: atomic files, adapter files, basis cache, interop, checkpoints
     ["model"],  # SigmaModel: a whole model with adapters, and its files in and out
     ["training", "serving"],  # peers: neither imports the other
@@ -29,6 +31,8 @@ LAYERS = [  # bottom first: the allowed order, written once
     ["__init__", "__main__"],  # the public API, and `python -m sigmatune`
 ]
 EXTRAS = {"fastapi": "serving", "uvicorn": "serving", "starlette": "serving"}  # [serve]: only that unit
+FAST_PATHS = ("sigmatune.ops", "sigmatune.serving.ops")  # the only packages that import triton
+SWITCH_READS = ("switches.enabled(", "SIGMATUNE_DISABLE_KERNELS")  # what reads the kernel switch
 
 
 @dataclass
@@ -75,7 +79,7 @@ def imports(module: Module, known: set[str]) -> tuple[set[str], set[str]]:
             else:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            for alias in node.names:  # `from . import kernels` imports the module sigmatune.core.kernels
+            for alias in node.names:  # `from . import layer` imports the module sigmatune.core.layer
                 inside.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return inside, {name.split(".")[0] for name in outside}
 
@@ -106,6 +110,11 @@ def problems(modules: dict[str, Module]) -> list[str]:
                 found.append(
                     f"{name} imports {target}: {unit} and {other} are peers and must not import each other"
                 )
+        fast = name.startswith(FAST_PATHS)
+        if "triton" in outside and not fast:
+            found.append(f"{name} imports triton: only the fast paths ({', '.join(FAST_PATHS)}) may")
+        if any(read in module.source for read in SWITCH_READS) and not fast:
+            found.append(f"{name} reads the kernel switch: only the fast paths ({', '.join(FAST_PATHS)}) may")
         for package in sorted(outside & set(EXTRAS)):
             if EXTRAS[package] != unit:
                 found.append(
@@ -182,7 +191,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.core.layer",
         "from ..serving.bank import AdapterBank",
         [
-            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 4)",
+            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 5)",
             "import cycle: sigmatune.core.layer → sigmatune.serving.bank → sigmatune.formats.base_check → "
             "sigmatune.core.layer",  # serving.bank imports core.layer by way of formats.base_check
         ],
@@ -191,7 +200,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.formats.files",
         "def _later():\n    from ..model import sigma_model\n\n    return sigma_model",
         [
-            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 2) is below model (layer 3)",
+            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 3) is below model (layer 4)",
             "import cycle: sigmatune.formats.adapter_file → sigmatune.formats.files → sigmatune.model.sigma_model"
             " → sigmatune.formats.adapter_file",
         ],
@@ -199,7 +208,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
     "the public API imported from inside": (
         "sigmatune.training.loop",
         "import sigmatune",
-        ["sigmatune.training.loop imports sigmatune: training (layer 4) is below __init__ (layer 7)"],
+        ["sigmatune.training.loop imports sigmatune: training (layer 5) is below __init__ (layer 8)"],
     ),
     "a peer's import": (
         "sigmatune.serving.engine",
@@ -210,9 +219,24 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         ],
     ),
     "a cycle inside a layer": (
-        "sigmatune.core.functional",
+        "sigmatune.core.transform",
         "from .layer import SpectralLinear",
-        ["import cycle: sigmatune.core.functional → sigmatune.core.layer → sigmatune.core.functional"],
+        ["import cycle: sigmatune.core.layer → sigmatune.core.transform → sigmatune.core.layer"],
+    ),
+    "triton outside the fast paths": (
+        "sigmatune.core.layer",
+        "import triton",
+        [
+            "sigmatune.core.layer imports triton: only the fast paths (sigmatune.ops, sigmatune.serving.ops) may"
+        ],
+    ),
+    "the kernel switch read outside the fast paths": (
+        "sigmatune.serving.mixed",
+        "ROWS = switches.enabled('rows')",
+        [
+            "sigmatune.serving.mixed reads the kernel switch: only the fast paths (sigmatune.ops, "
+            "sigmatune.serving.ops) may"
+        ],
     ),
     "a unit outside every layer": (
         "sigmatune.plugins.extra",

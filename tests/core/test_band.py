@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sigmatune import SigmaConfig, SpectralLinear
-from sigmatune.core import functional as F
+from sigmatune.core import transform as F
 from sigmatune.core.structures import Band, band_to_dense, dense_to_band, spread, valid_part
 from sigmatune.core.svd import SpectrumRequest, compute_spectra
 from sigmatune.core.weights import fingerprint

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.serving import decode_attention
+from sigmatune.ops import switches
 from sigmatune.serving.decoder import SlotDecoder
+from sigmatune.serving.ops import decode_attention
 from tests.models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(decode_attention.triton is None, reason="needs Triton")
@@ -75,8 +76,13 @@ def test_mismatched_heads_are_refused():
         decode_attention.decode_attention(torch.zeros(1, 4, 16), keys, keys, torch.tensor([1]), 1.0)
 
 
-def test_slot_decoder_through_the_kernel_equals_the_plain_model(monkeypatch):
-    monkeypatch.setattr(decode_attention, "available", lambda query: True)  # CPU: the interpreted kernel
+@pytest.fixture
+def interpreted():
+    with switches.interpreted():  # CPU: the interpreted kernel serves the decode steps
+        yield
+
+
+def test_slot_decoder_through_the_kernel_equals_the_plain_model(interpreted, monkeypatch):
     calls, kernel = [], decode_attention.decode_attention
     monkeypatch.setattr(decode_attention, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
     model = tiny_llama().to(DEVICE)  # 4 query heads over 2 key heads

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from sigmatune import AdapterBank, SigmaConfig
-from sigmatune.core import fold_kernels, kernels, rows_kernels
-from sigmatune.serving import folded
+from sigmatune.ops import switches
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.serving.ops import fold_kernel as fold_kernels
+from sigmatune.serving.ops import rows_kernel as rows_kernels
 from tests.models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
@@ -30,13 +32,15 @@ def random_bank(config=None, adapters=3, seed=0, **model) -> tuple[AdapterBank, 
     return bank, names
 
 
-AVAILABLE = kernels.available
+@pytest.fixture(autouse=True)
+def kernel_serves():
+    """The kernel serves as on CUDA (on CPU: in Triton's interpreter)."""
+    with switches.interpreted():
+        yield
 
 
-def kernel_serves(monkeypatch):
-    """From now on the kernel serves as on CUDA (on CPU: in Triton's interpreter)."""
-    rule = AVAILABLE if DEVICE == "cuda" else (lambda a, rank, band=0: rank <= kernels.MAX_RANK)
-    monkeypatch.setattr(kernels, "available", rule)
+TORCH = frozenset({"rows"})  # a bank with these kernels off serves by the torch ops
+KERNELS = frozenset()
 
 
 @pytest.fixture
@@ -72,10 +76,10 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     bank, _ = random_bank(attention_bias=bias, mlp_bias=bias)
     rows = ["a0", "base", "a2", "a1", "a0"]
     ids = token_batch(batch=len(rows), length=6).to(DEVICE)
-    monkeypatch.setattr(kernels, "available", lambda *args: False)
+    bank.disabled_kernels = TORCH
     expected = served(bank, ids, rows)  # the torch ops
     assert launches == []
-    kernel_serves(monkeypatch)
+    bank.disabled_kernels = KERNELS
     first = served(bank, ids, rows)
     assert launches == [1] * 14  # the first forward: one launch per layer (7 × 2 layers), learning
     groups = set(bank._shared.groups.values())
@@ -92,20 +96,7 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     assert fold_outputs(bank) == {"q_proj": 3, "o_proj": 1, "gate_proj": 0, "down_proj": 1}  # gate: 48 of 32
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
-    for mode, outputs, count in (
-        ("outputs", {"q_proj": 3, "o_proj": 1, "gate_proj": 1, "down_proj": 1}, 2 * 5 + 1),
-        ("inputs", {"q_proj": 1, "o_proj": 1, "gate_proj": 1, "down_proj": 1}, 2 * 7 + 1),
-        ("all", {"q_proj": 3, "o_proj": 1, "gate_proj": 2, "down_proj": 1}, 2 * 4 + 1),
-    ):
-        monkeypatch.setattr(
-            folded, "MODE", mode
-        )  # the folds are made again (narrow: gate's, projections alone)
-        launches.clear(), gemms.clear()
-        again = served(bank, ids, rows)
-        assert sorted(launches) == sorted(folds) and len(gemms) == count, mode
-        assert fold_outputs(bank) == outputs, mode
-        torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(folded, "MODE", "0")
+    bank.disabled_kernels = frozenset({"fold"})  # the projections in the kernel
     launches.clear()
     unfolded = served(bank, ids, rows)
     assert sorted(launches) == sorted([3, 1, 2, 1] * 2)  # the same groups, projected in the kernel
@@ -133,7 +124,6 @@ def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches,
     """The folded GEMM's first rows are the base layers' weights (q's, and k's and v's after them), not a
     copy; the plain forward of the model is unchanged by folding; a write into a weight (as merge() does)
     or a new weight for k refolds."""
-    kernel_serves(monkeypatch)
     bank, _ = random_bank()
     ids = token_batch(batch=2, length=4).to(DEVICE)
     with torch.no_grad():
@@ -148,9 +138,9 @@ def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches,
     with torch.no_grad():
         torch.testing.assert_close(bank.model(ids).logits, plain, rtol=0, atol=0)
         weight.mul_(1.5)  # the base changes: the served forward must follow it
-        monkeypatch.setattr(kernels, "available", lambda *args: False)
+        bank.disabled_kernels = TORCH
         reference = served(bank, ids, ["a0", "a1"])  # the torch ops, from the new weight
-        kernel_serves(monkeypatch)
+        bank.disabled_kernels = KERNELS
         again = served(bank, ids, ["a0", "a1"])
     assert bank._folds._folds[q] is not fold
     torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
@@ -159,16 +149,15 @@ def test_a_fold_keeps_one_copy_of_the_weight_and_follows_a_write_to_it(launches,
     assert k.weight.untyped_storage().data_ptr() == fold.weight.untyped_storage().data_ptr()  # a view, too
     with torch.no_grad():
         k.weight.data = k.weight.data * 0.5  # a new tensor for k alone (as load_state_dict(assign=True) does)
-        monkeypatch.setattr(kernels, "available", lambda *args: False)
+        bank.disabled_kernels = TORCH
         reference = served(bank, ids, ["a0", "a1"])
-        kernel_serves(monkeypatch)
+        bank.disabled_kernels = KERNELS
         again = served(bank, ids, ["a0", "a1"])
     assert bank._folds._folds[q] is not fold
     torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_a_member_called_with_another_tensor_computes_alone(launches, monkeypatch):
-    kernel_serves(monkeypatch)
     bank, _ = random_bank()
     ids = token_batch(batch=2, length=4).to(DEVICE)
     served(bank, ids, ["a0", "a1"])  # learn the groups
@@ -199,7 +188,6 @@ def name_of(bank, layer):
 
 def test_what_the_kernel_cannot_serve_takes_the_torch_ops(launches, monkeypatch):
     """A forward that needs a gradient, and a layer whose table holds bands, go the torch way."""
-    kernel_serves(monkeypatch)
     bank, _ = random_bank()
     ids = token_batch(batch=2, length=4).to(DEVICE)
     embeddings = bank.model.get_input_embeddings()(ids).requires_grad_(True)

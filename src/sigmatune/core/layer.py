@@ -2,7 +2,7 @@
 
     W' = U diag(σ + δ) Vᵀ,   δ = 0 outside the selection S
 
-computed in the one-sided form (see functional.py): the layer stores ONE basis, of its smaller
+computed in the one-sided form (see transform.py): the layer stores ONE basis, of its smaller
 side (V_S, in × R, when in ≤ out; else U_S, out × R), never a copy of W. Several adapters may live
 in one layer, keyed by name, one active at a time; each trains a vector over its own selection,
 a subset of the R stored directions, read through its update rule (updates.py): a vector g, or for
@@ -20,8 +20,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import functional as F
-from . import fused_linear
+from . import transform as F
+from .backends import NOTHING_DISABLED
+from .linear import adapted_linear
 from .structures import Diagonal, Structure, band_to_dense, half_width, spread, spread_plan, valid_part
 from .svd import Spectrum, side_for
 from .updates import update_rule
@@ -89,6 +90,9 @@ class SpectralLinear(nn.Module):
         self.merged_adapter: str | None = None
         self._row_scales = None  # (B, R) scales or a server while serve_rows() serves a mixed batch
         self._quantized_base: nn.Module | None = None  # the quantized original while merged into a dense copy
+        self.disabled_kernels: frozenset[str] = (
+            NOTHING_DISABLED  # fast paths its model turned off (ops/switches)
+        )
         self._set_spectrum(spectrum, dtype or compute_dtype(base_layer))
 
     # ---- adapters ----------------------------------------------------------------------------------
@@ -197,14 +201,14 @@ class SpectralLinear(nn.Module):
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
-        base, basis = self.base_layer, self.sigma_basis
+        base, basis, off = self.base_layer, self.sigma_basis, self.disabled_kernels
         g = self.scales(name)  # g (R,), or a band (2w+1, R)
-        out = fused_linear.adapted_linear(x, base, basis, g, self.side == "input")  # eager: one autograd node
+        out = adapted_linear(x, base, basis, g, self.side == "input", off)  # eager: one autograd node
         if out is not None:
             return out
         if self.side == "input":
-            return base(F.adapt_input(x, basis, g))
-        return F.adapt_output(base(x), bias_of(base), basis, g)
+            return base(F.adapt_input(x, basis, g, off))
+        return F.adapt_output(base(x), bias_of(base), basis, g, off)
 
     def forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
         """The layer on a mixed batch by torch ops: leading row b of x with g = g_rows[b] (or its band)."""

@@ -29,6 +29,7 @@ from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape
 from ..formats.adapter_file import write_adapter
 from ..formats.model_card import write_model_card
+from ..ops import switches  # backends: importing it registers ops/'s fast paths with core's op
 from . import bases, exchange
 from . import compress as compression
 from .forward import TrainerForward, installed_forward, refuse_adapter_ids
@@ -64,6 +65,7 @@ class SigmaModel(nn.Module):
         self._frozen_adapters: set[str] = set()
         self._fingerprints: dict[str, str] = {}  # layer name → fingerprint of the weight its SVD came from
         self._pinned: set[str] = set()  # layers kept wrapped without adapters (for an AdapterBank)
+        self._disabled_kernels: frozenset[str] = frozenset()  # disable_kernels(): beside the environment's
         if config is not None:
             self.add_adapter(adapter_name, config, full_precision_state_dict)
             self.set_adapter(adapter_name)
@@ -145,6 +147,13 @@ class SigmaModel(nn.Module):
             for layer, name in active.items():
                 layer.set_adapter(name)
 
+    def disable_kernels(self, *names: str) -> None:
+        """Turn fast paths off for this model (ops/switches.KERNELS names, or "all") beside the environment's
+        switch (ops/switches.py); no names: back on. The next backend computes the same up to rounding."""
+        self._disabled_kernels = switches.checked(names)
+        for layer in self.spectral_layers().values():
+            layer.disabled_kernels = self._disabled_kernels
+
     def spectral_layers(self) -> dict[str, SpectralLinear]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLinear)}
 
@@ -188,15 +197,11 @@ class SigmaModel(nn.Module):
         is_main_process: bool = True,
         **_ignored,
     ) -> None:
-        """Save adapters: "default" in save_directory, any other in save_directory/<name> (as PEFT does).
-
-        Each is one safetensors file (vectors, their singular-value indices, σ there for the base
-        check, and the settings) plus a JSON copy of the settings, written atomically, and a model card
-        (README.md: what it is and how to load it; not part of the adapter, and a README.md of the user's
-        own is left alone). Bases are recomputed on load (and cached), so they are stored only with
-        save_bases=True. In a torch.distributed job call it on every rank (sharded vectors are
-        gathered); rank 0 writes.
-        """
+        """Save adapters: "default" in save_directory, any other in save_directory/<name> (as PEFT does):
+        one safetensors file each (vectors, their indices, σ there for the base check, the settings) and a
+        JSON copy, written atomically, and a model card (README.md; one of the user's own is left alone).
+        Bases are recomputed on load (and cached): stored only with save_bases=True. In a torch.distributed
+        job call it on every rank (sharded vectors are gathered); rank 0 writes."""
         if dist.is_available() and dist.is_initialized():  # every rank gathers (FSDP shards), rank 0 writes
             is_main_process = is_main_process and dist.get_rank() == 0
         for name in selected_adapters or list(self.peft_config):
@@ -220,9 +225,8 @@ class SigmaModel(nn.Module):
         **_ignored,
     ) -> SigmaModel:
         """Wrap a base model with a saved adapter (frozen for inference unless is_trainable). source:
-        "sigmatune" (a save_pretrained folder) or "eigentune" (the peer's files, see from_eigentune).
-        basis_config: how the bases are computed and kept (its svd, svd_niter, svd_oversample, dtype,
-        cache_dir and cache; default SigmaConfig()'s) — the caller's choice, never the file's."""
+        "sigmatune" (a save_pretrained folder) or "eigentune" (see from_eigentune). basis_config: how bases
+        are computed and kept (config.BASIS_EFFORT; default SigmaConfig()'s): the caller's, never the file's."""
         sigma_model = cls(model, progress=progress)
         sigma_model.load_adapter(
             model_id, adapter_name, is_trainable, full_precision_state_dict, source, basis_config
@@ -248,10 +252,9 @@ class SigmaModel(nn.Module):
 
     @classmethod
     def from_eigentune(cls, model: nn.Module, path: str | Path, **options) -> SigmaModel:
-        """Import an adapter of the peer package eigentune: a 0.2.0 save_adapter folder, or the 0.1.0
-        seed's trained vectors (a state dict with `*.delta_s` entries, safetensors). Bases are recomputed
-        (exact SVD) and checked against eigentune's basis signatures where the file has them. options as
-        in from_pretrained (adapter_name, is_trainable, full_precision_state_dict, progress)."""
+        """Import an adapter of the peer package eigentune: a 0.2.0 save_adapter folder, or the 0.1.0 seed's
+        trained vectors (`*.delta_s` entries, safetensors), checked against eigentune's basis signatures where
+        the file has them. options as in from_pretrained."""
         return cls.from_pretrained(model, path, source="eigentune", **options)
 
     def export_lora(
@@ -270,10 +273,9 @@ class SigmaModel(nn.Module):
         self, rank: int, adapter_name: str | None = None, new_name: str | None = None, calibration=None
     ):
         """Add an adapter (new_name, default "<adapter>-r<rank>") over the `rank` directions per layer that
-        carry most of adapter_name's update (default: the active one), and return what it kept
-        (model/compress.py): it serves, merges and exports to LoRA at rank `rank`. With calibration (a few
-        unpadded batches of model inputs, e.g. training examples, run with the model as it is) the
-        directions are weighed by the update's effect on that data's activations, which keeps more."""
+        carry most of adapter_name's update (default: the active one); returns what it kept
+        (model/compress.py). With calibration (a few unpadded batches of model inputs) the directions are
+        weighed by the update's effect on that data's activations, which keeps more."""
         adapter_name = adapter_name or self.active_adapter
         name = new_name or f"{adapter_name}-r{rank}"
         return compression.compress(self, rank, adapter_name, name, calibration)
@@ -332,7 +334,9 @@ class SigmaModel(nn.Module):
                 layer.extend_spectrum(spectrum)
             else:
                 dtype = config.torch_dtype or compute_dtype(layer, fallback=model_dtype)
-                self._replace(name, SpectralLinear(layer, spectrum, dtype))
+                wrapped = SpectralLinear(layer, spectrum, dtype)
+                wrapped.disabled_kernels = self._disabled_kernels
+                self._replace(name, wrapped)
         if pin:
             self._pinned.update(plan)
 

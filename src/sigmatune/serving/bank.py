@@ -38,6 +38,7 @@ from ..formats.adapter_file import read_adapter
 from ..formats.base_check import check_spectra, check_structure
 from ..formats.files import atomic_save_tensors, load_tensors
 from ..model.sigma_model import SigmaModel
+from ..ops import switches
 from .folded import Folds
 from .mixed import MixedBatch, SharedInputs
 from .tables import ScaleTables
@@ -54,8 +55,12 @@ class AdapterBank:
         max_resident: int | None = None,
         spill_dir: str | Path | None = None,
         capacity=16,
+        disable_kernels=(),
     ):
         self.model = model
+        self.disabled_kernels = switches.checked(
+            disable_kernels
+        )  # beside the environment's (ops/switches.py)
         self.layers = model.spectral_layers()  # name → SpectralLinear
         if not self.layers:
             raise ValueError(
@@ -218,7 +223,9 @@ class AdapterBank:
         through SpectralLinear.serve_rows, and gives it back at the end. The bank's lock is held
         throughout, so a hot-load lands wholly before or after the forward."""
         with self._lock:
-            batch = MixedBatch(self.layers, self.tables.tables, ids, self._shared, self._folds)
+            batch = MixedBatch(
+                self.layers, self.tables.tables, ids, self._shared, self._folds, self.disabled_kernels
+            )
             for name, layer in self.layers.items():
                 layer.serve_rows(batch.server(name))
             try:

@@ -5,7 +5,7 @@ kernel of its own that projection is a reduction over all of x's columns, which 
 make latency-bound. The base GEMM of the group's first layer reads x anyway: with that layer's weight
 stored as [W_0; Q_0ᵀ; Q_1ᵀ; Q_2ᵀ] (the base layer's weight a view of its first e rows: no second copy of
 W) it returns h = [x W_0ᵀ + b_0, x Q_0, x Q_1, x Q_2] for a few more output columns, and what is left is
-one expansion launch (core/fold_kernels.expand_rows).
+one expansion launch (serving/ops/fold_kernel.expand_rows).
 
 A layer's own output, input side W' = W (I + V diag(g) Vᵀ), output side W' = (I + U diag(g) Uᵀ) W:
 
@@ -19,32 +19,21 @@ output is wider than its input) take their transformed inputs x + ((x V_m) ⊙ g
 SharedInputs.input_basis's V_m, as the unfolded launch gives them, and run their own GEMM. A folded
 member's weight (and bias) is a view of the group's: they share storage (save the base model, if at all,
 with transformers' save_pretrained, which handles shared tensors). A group can also fold its projections
-alone: h = x [Q_0 Q_1 …], and every member takes its transformed input. By default (narrow) gate's group
-does, gate being wider out than in: its expansion writes gate's and up's inputs, 2 × 2,048 columns, instead
-of gate's output and up's input, 5,632 + 2,048 (on the H200 at batch 1,024, r128: a step of 8.99 ms against
-9.11, the base 8.19; at batch 64 3.59 against 3.49, the base 3.32: one GEMM more a layer).
+alone: h = x [Q_0 Q_1 …], and every member takes its transformed input. gate's group does, gate being wider
+out than in: its expansion writes gate's and up's inputs, 2 × 2,048 columns, instead of gate's output and
+up's input, 5,632 + 2,048. A bank whose kernels exclude "fold" (ops/switches.py) folds nothing: the
+projections then run in the mixed-batch kernel.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ..core import fold_kernels
 from ..core.layer import SpectralLinear
 from ..core.weights import is_quantized
-
-# SIGMATUNE_FOLDED: narrow (the default, also "1"), outputs, inputs, all (see folded_outputs) or 0 (no fold:
-# the projection in the mixed-batch kernel)
-MODES = ("narrow", "outputs", "inputs", "all", "0")
-MODE = os.environ.get("SIGMATUNE_FOLDED", "narrow")
-MODE = "narrow" if MODE == "1" else MODE
-if MODE not in MODES:
-    raise ValueError(
-        f"SIGMATUNE_FOLDED={MODE!r}: set it to one of {', '.join(MODES)} (or 1, or leave it unset)"
-    )
+from .ops import fold_kernel
 
 
 @dataclass
@@ -58,12 +47,11 @@ class Fold:
     expansions: list[torch.Tensor]  # P_m (e_m, r_m) for the folded members, then V_m (d, r_m)
     bases: tuple[torch.Tensor, ...]  # each member's stored basis it was made from
     stamps: tuple[tuple[int, int], ...]  # the folded weights' storage and version just after
-    mode: str  # the MODE it was made in
 
     def __call__(self, x: torch.Tensor, tables: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
         """[the folded members' outputs, the other members' transformed inputs] for x (B, …, d)."""
         h = torch.nn.functional.linear(x, self.weight, self.bias)  # (B, …, Σ e_m + Σ r_m)
-        return fold_kernels.expand_rows(h, x, self.expansions, tables, ids, outputs=self.outputs)
+        return fold_kernel.expand_rows(h, x, self.expansions, tables, ids, outputs=self.outputs)
 
 
 class Folds:
@@ -76,7 +64,7 @@ class Folds:
     def get(self, group: tuple[str, ...], layers: dict[str, SpectralLinear], shared, dtype) -> Fold | None:
         """The fold of this group for inputs of `dtype`, or None where its first layer's GEMM cannot hold
         it (not a plain nn.Linear of that dtype, or no fold may be made now)."""
-        if MODE == "0" or not foldable(layers[group[0]].base_layer, dtype):
+        if not foldable(layers[group[0]].base_layer, dtype):
             return None
         fold = self._folds.get(group[0])
         if fold is None or fold.members != group or not current(fold, layers):
@@ -98,10 +86,10 @@ def foldable(module: torch.nn.Module, dtype: torch.dtype) -> bool:
 
 def current(fold: Fold, layers: dict[str, SpectralLinear]) -> bool:
     """Whether the fold still holds what its layers do: a new basis, a write to a folded layer's weight
-    (a merge, a new state dict) or another MODE remakes it."""
+    (a merge, a new state dict) remakes it."""
     same = all(layers[m].sigma_basis is basis for m, basis in zip(fold.members, fold.bases, strict=True))
     stamps = tuple(stamp(layers[m].base_layer.weight) for m in fold.members[: fold.outputs])
-    return same and stamps == fold.stamps and fold.mode == MODE
+    return same and stamps == fold.stamps
 
 
 def stamp(weight: torch.Tensor) -> tuple[int, int]:
@@ -134,27 +122,18 @@ def make_fold(group: tuple[str, ...], layers: dict[str, SpectralLinear], shared,
     expansions = [p.to(dtype).contiguous() for _, p in pairs] + inputs
     bases = tuple(layers[m].sigma_basis for m in group)
     stamps = tuple(stamp(module.weight) for module in modules)
-    return Fold(group, outputs, folded, bias, expansions, bases, stamps, MODE)
+    return Fold(group, outputs, folded, bias, expansions, bases, stamps)
 
 
 def folded_outputs(group: tuple[str, ...], layers: dict[str, SpectralLinear], dtype) -> int:
     """How many of the group's layers, from its first, have their weights folded (the fold returns their
-    outputs, and the others' transformed inputs). By MODE:
-
-    narrow   the layers in a row that are foldable and no wider out than in, whose expansion then writes
-             fewer columns than their transformed inputs would: q k v; o; down; none of gate's group (gate:
-             5,632 columns out of 2,048 in the 1.1B Llama), which folds its projections alone and expands
-             gate's input and up's (2 × 2,048 columns instead of 5,632 + 2,048), for one GEMM more
-    outputs  the same after the first layer, whose weight is folded whatever its width: gate's too
-    inputs   the first layer's alone (k's and v's inputs expanded, as up's)
-    all      every foldable layer's, whatever its width
-    """
+    outputs, and the others' transformed inputs): the layers in a row that are foldable and no wider out
+    than in, whose expansion then writes fewer columns than their transformed inputs would — q k v; o; down;
+    none of gate's group, which folds its projections alone and expands gate's input and up's."""
     count = 0
-    for position, name in enumerate(group):
+    for name in group:
         module = layers[name].base_layer
-        narrow = module.out_features <= module.in_features
-        wanted = {"outputs": narrow or position == 0, "narrow": narrow, "inputs": position == 0, "all": True}
-        if not (wanted.get(MODE, False) and foldable(module, dtype)):
+        if not (module.out_features <= module.in_features and foldable(module, dtype)):
             break
         count += 1
     return count

@@ -6,7 +6,7 @@ no gradient, not compiling: a served prefill or decode step) it computes
 
     input side:  base(x + ((x V_S) ⊙ G[ids]) V_Sᵀ)      output side:  y + (((y − b) U_S) ⊙ G[ids]) U_Sᵀ
 
-with each row's g gathered from the bank's table G inside the kernel (rows_kernels.transform_rows); anything
+with each row's g gathered from the bank's table G inside the kernel (ops/rows_kernel.transform_rows); anything
 else (CPU, full-spectrum or banded tables, training through a bank) takes the torch ops with one gather
 per layer (SpectralLinear.forward_rows).
 
@@ -22,7 +22,7 @@ vectors; to the SVD's precision otherwise).
 Once the groups are learned, a group whose first layer is a plain nn.Linear has its projections folded
 into that layer's GEMM (folded.py): its base GEMM returns the rows' projections with its output (and with
 k's and v's outputs after q's: their weights folded in too; gate's group, wider out than in, gets its
-projections alone), and one launch with no reduction (core/fold_kernels.expand_rows) adds those layers'
+projections alone), and one launch with no reduction (ops/fold_kernel.expand_rows) adds those layers'
 updates and computes the others' inputs (gate's and up's). The learning forward, and a forward captured
 into a CUDA graph before a fold exists, take the launch above.
 """
@@ -33,11 +33,11 @@ import functools
 
 import torch
 
-from ..core import functional as F
-from ..core import kernels, rows_kernels
+from ..core import transform as F
 from ..core.layer import SpectralLinear
 from ..core.weights import bias_of
 from .folded import Folds
+from .ops import fold_kernel, rows_kernel
 
 MEMBERS = 3  # layers one launch serves at most
 
@@ -105,8 +105,11 @@ class MixedBatch:
         ids: torch.Tensor,
         shared: SharedInputs,
         folds: Folds,
+        disabled: frozenset[str] = frozenset(),
     ):
         self.layers, self.tables, self.ids, self.shared, self.folds = layers, tables, ids, shared, folds
+        self.disabled = disabled  # kernels the bank turned off (ops/switches.py)
+        self.folding = fold_kernel.enabled(disabled)
         # member → (its input, its transformed input x̃ or, if `done`, its output)
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # the input dtype, if the kernel served this forward while the groups were being learned
@@ -121,7 +124,7 @@ class MixedBatch:
         kernel served in this forward: those it recorded."""
         self._pending.clear()
         self.shared.learn()
-        if self._learning is not None and self.shared.groups is not None:
+        if self._learning is not None and self.shared.groups is not None and self.folding:
             for group in dict.fromkeys(self.shared.groups.values()):
                 self.folds.get(group, self.layers, self.shared, self._learning)
 
@@ -140,13 +143,20 @@ class MixedBatch:
         if not (len(group) > 1 and group[0] == name and all(self._fused(x, self.tables[m]) for m in group)):
             group = (name,)
         tables = [self.tables[m] for m in group]
-        fold = None if groups is None else self.folds.get(group, self.layers, self.shared, x.dtype)
+        fold = (
+            None
+            if groups is None or not self.folding
+            else self.folds.get(group, self.layers, self.shared, x.dtype)
+        )
         if fold is not None:
             outs, outputs = fold(x, tables, self.ids), fold.outputs  # the folded layers' outputs, then inputs
             first = outs[0] if outputs else layer.base_layer(outs[0])
         elif len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
-            outs, outputs = rows_kernels.transform_rows(x, bases, tables, self.ids), 0  # every member's input
+            outs, outputs = (
+                rows_kernel.transform_rows(x, bases, tables, self.ids, disabled=self.disabled),
+                0,
+            )  # every member's input
             first = layer.base_layer(outs[0])
         else:
             return self._alone(name, layer, x, table)
@@ -157,16 +167,18 @@ class MixedBatch:
     def _alone(self, name, layer: SpectralLinear, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         basis = self.shared.stored_basis(name, layer, x.dtype)
         if layer.side == "input":
-            return layer.base_layer(rows_kernels.transform_rows(x, [basis], [table], self.ids)[0])
+            return layer.base_layer(
+                rows_kernel.transform_rows(x, [basis], [table], self.ids, disabled=self.disabled)[0]
+            )
         y = layer.base_layer(x)
         shift = F.output_shift(bias_of(layer.base_layer), layer.sigma_basis)
         shifts = None if shift is None else [shift.float()]
-        return rows_kernels.transform_rows(y, [basis], [table], self.ids, shifts)[0]
+        return rows_kernel.transform_rows(y, [basis], [table], self.ids, shifts, disabled=self.disabled)[0]
 
     def _fused(self, x: torch.Tensor, table: torch.Tensor) -> bool:
         return (
             table.dim() == 2
-            and kernels.available(x, table.shape[1])
+            and rows_kernel.serves(x, table.shape[1], self.disabled)
             and not (torch.is_grad_enabled() and x.requires_grad)
             and not torch.compiler.is_compiling()
         )

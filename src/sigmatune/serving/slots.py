@@ -12,7 +12,7 @@ padding writes at positions past a request's end never counts.
 
 Grouped-query attention without copies: the g = heads / kv_heads query heads that share a key head are
 folded into the query length, q (B, H, T, D) → (B, KVH, g·T, D), and the mask repeated g times. A decode
-step on CUDA (lengths given) takes decode_attention.py's kernel instead, which reads each row's own length.
+step on CUDA (lengths given) takes ops/decode_attention.py's kernel instead, which reads each row's own length.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from . import decode_attention
+from .ops import decode_attention
 
 ATTENTION = "sigmatune_slots"
 

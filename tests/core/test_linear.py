@@ -1,20 +1,25 @@
-"""The eager fused path of an adapted nn.Linear (core/fused_linear.py): the same values and gradients as the
-two-sided fp64 reference and as the generic path (the transform's Function, then the base layer), by torch ops
-(a diagonal g), through the kernel and through the GEMMs (the full spectrum, the CPU), and the generic path
-wherever the fused one could not be exact (hooks, a trainable weight, autocast, a subclass).
+"""The eager path of an adapted nn.Linear (core/linear.py): the same values and gradients as the two-sided fp64
+reference and as the generic path (the transform's Function, then the base layer), by torch ops (a diagonal
+g), through the kernel and through the GEMMs (the full spectrum, the CPU), and the generic path wherever the
+one-node path could not be exact (hooks, a trainable weight, autocast, a subclass).
 
-On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which `available` never
-chooses by itself: the tests let it."""
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which no backend chooses
+by itself there: backends.using() makes them."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from torch import nn
 
+import sigmatune.core.layer
 from sigmatune import SigmaConfig
-from sigmatune.core import fused_linear, kernels
+from sigmatune.core import linear as fused_linear
 from sigmatune.core.structures import Band, band_to_dense
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.ops.backends import using
 from tests.core.test_layer import SHAPES, make_linear, wrap
 from tests.reference import reference_band_weight, reference_weight
 
@@ -23,9 +28,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def kernel_on_cpu(monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setattr(kernels, "available", lambda *_: True)
+def use():
+    """use(name): the rest of the test runs on that backend; by default the fused kernel (on CPU too)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(using("transform"))
+        yield lambda name: stack.enter_context(using(name))
 
 
 @pytest.fixture
@@ -62,28 +69,28 @@ def adapted(side, bias, band=0, seed=0):
 @pytest.mark.parametrize("side", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
-    ("band", "path"), [(0, "ops"), (0, "kernel"), (0, "gemms"), (2, "kernel"), (2, "gemms")]
-)  # a band always takes the Function
+    ("band", "backend"), [(0, "torch"), (0, "transform"), (2, "transform"), (2, "torch"), (2, "band")]
+)  # a diagonal by the torch backend takes the ops; anything else the Function
 def test_values_and_gradients_match_the_reference_and_the_generic_path(
-    side, bias, band, path, calls, monkeypatch
+    side, bias, band, backend, calls, use, monkeypatch
 ):
-    if path != "kernel":  # where the kernel does not serve: the ops, or the GEMM passes inside the one node
-        monkeypatch.setattr(kernels, "available", lambda *_: False)
-        monkeypatch.setattr(fused_linear, "EAGER_OPS", path == "ops")
+    use(backend)
     layer, weight = adapted(side, bias, band)
     x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     upstream = torch.randn(3, 7, layer.out_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(fused_linear, "adapted_linear", lambda *_: None)
+            monkeypatch.setattr(sigmatune.core.layer, "adapted_linear", lambda *_: None)
         inputs = x.clone().requires_grad_(True)
         out = layer(inputs)
         (out * upstream).sum().backward()
         vector = layer.sigma_adapters["default"].vector
         results.append((out.detach(), inputs.grad, vector.grad.clone()))
         vector.grad = None
-    assert calls == ["ops" if path == "ops" else "function"]  # the first run fused, the second generic
+    assert calls == [
+        "ops" if (band, backend) == (0, "torch") else "function"
+    ]  # the first run, not the second
     (out, grad_x, grad_v), (generic_out, generic_x, generic_v) = results
     base = layer.base_layer
     weight = weight.to(DEVICE)
@@ -96,10 +103,10 @@ def test_values_and_gradients_match_the_reference_and_the_generic_path(
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_the_vectors_gradient_matches_the_fp64_reference(kernel, calls, monkeypatch):
+def test_the_vectors_gradient_matches_the_fp64_reference(kernel, calls, use):
     """dg against autograd through the fp64 reference weight, for both sides: through the kernel, by the ops."""
     if not kernel:
-        monkeypatch.setattr(kernels, "available", lambda *_: False)
+        use("torch")
     for side in SHAPES:
         layer, _ = adapted(side, bias=True, seed=3)
         x = torch.randn(9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -161,10 +168,10 @@ def test_a_bias_kept_as_a_buffer_takes_the_generic_path(calls):
 
 
 @pytest.mark.parametrize("side", SHAPES)
-def test_a_bf16_layer_by_ops_matches_the_reference_to_bf16_rounding(side, calls, monkeypatch):
+def test_a_bf16_layer_by_ops_matches_the_reference_to_bf16_rounding(side, calls, use):
     """In bf16 the ops round g to bf16 and compute dg in bf16: output, dx and dg within bf16's rounding of the
     fp64 reference (a relative error of a few 2⁻⁸, not more)."""
-    monkeypatch.setattr(kernels, "available", lambda *_: False)
+    use("torch")
     layer, _ = adapted(side, bias=True, seed=5)
     layer.base_layer.to(torch.bfloat16)  # a bf16 model; the adapter's vector stays fp32
     layer.sigma_basis = layer.sigma_basis.to(torch.bfloat16)
@@ -189,10 +196,10 @@ def test_a_bf16_layer_by_ops_matches_the_reference_to_bf16_rounding(side, calls,
 
 
 @pytest.mark.parametrize("keeps_input", [True, False])
-def test_the_full_spectrum_by_ops_keeps_x_in_place_of_the_projection(keeps_input, calls, monkeypatch):
+def test_the_full_spectrum_by_ops_keeps_x_in_place_of_the_projection(keeps_input, calls, use, monkeypatch):
     """A full-spectrum input-side layer by the ops on CUDA keeps x, not P = x B (the same size, and shared
     with the layers that read the same x), and recomputes P in backward: the same values and gradients."""
-    monkeypatch.setattr(kernels, "available", lambda *_: False)
+    use("torch")
     monkeypatch.setattr(fused_linear, "keeps_input", lambda *_: keeps_input)  # CUDA only by itself
     linear = make_linear(SHAPES["input"], bias=True, dtype=torch.float64, seed=9)
     layer = wrap(linear, SigmaConfig(rank="full", svd="exact"), seed=9).to(DEVICE)

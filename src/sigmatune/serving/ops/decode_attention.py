@@ -16,23 +16,23 @@ on the GPU, so a CUDA graph replays it for any lengths.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..core.kernels import DTYPES, INTERPRET, triton
+from ...ops import switches
+from ...ops.transform_kernel import DTYPES, INTERPRET, triton
 
 if triton is not None:
     import triton.language as tl
 
-ENABLED = os.environ.get("SIGMATUNE_DECODE_ATTENTION", "1") != "0"  # =0: the masked SDPA path
 BLOCK_L = 64  # positions per step of the loop
 
 
-def available(query: torch.Tensor) -> bool:
-    """Whether the kernel serves this decode step (CUDA, Triton, a float dtype); under TRITON_INTERPRET=1
-    decode_attention() also runs on CPU tensors, for tests, but is never chosen."""
-    return ENABLED and triton is not None and query.is_cuda and query.dtype in DTYPES
+def available(query: torch.Tensor, disabled: frozenset[str] = frozenset()) -> bool:
+    """Whether the kernel serves this decode step (CUDA, Triton, a float dtype, not disabled: else the
+    masked SDPA path); under TRITON_INTERPRET=1 decode_attention() also runs on CPU tensors, chosen there
+    only inside switches.interpreted() (tests)."""
+    ready = triton is not None and switches.runs_here(query) and query.dtype in DTYPES
+    return ready and switches.enabled("decode_attention", disabled)
 
 
 if triton is not None:

@@ -1,4 +1,4 @@
-"""The fused transform as custom ops (core/transform_op.py): torch.library's own checks of the ops, their
+"""The fused transform as custom ops (ops/library.py): torch.library's own checks of the ops, their
 values and gradients against the fp64 reference, and torch.compile seeing one node per direction.
 
 On CPU the ops run the kernel in Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a GPU
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from sigmatune import SigmaConfig, get_sigma_model
-from sigmatune.core import functional as F
-from sigmatune.core import kernels, transform_op
+from sigmatune.core import transform as F
 from sigmatune.core.structures import valid_part
-from tests.core.test_kernels import band_case, case, reference
+from sigmatune.ops import library as transform_op
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.ops.backends import using
+from tests.ops.test_transform_kernel import band_case, case, reference
 from tests.training.test_trainer import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
@@ -50,7 +52,7 @@ def test_the_op_and_its_gradients_match_the_fp64_reference():
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-3)
 
 
-def compiled_ops(model, ids, monkeypatch) -> tuple[list[str], torch.Tensor]:
+def compiled_ops(model, ids) -> tuple[list[str], torch.Tensor]:
     """The ops of the graph torch.compile traces for the model's loss (a backend that records them), and
     the loss it computes."""
     seen = []
@@ -59,20 +61,19 @@ def compiled_ops(model, ids, monkeypatch) -> tuple[list[str], torch.Tensor]:
         seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
         return graph.forward
 
-    if DEVICE == "cpu":  # the interpreter runs the kernel on CPU tensors: let the model choose it
-        monkeypatch.setattr(kernels, "available", lambda *_: True)
-    loss = torch.compile(model, fullgraph=True, backend=recording)(ids, labels=ids).loss
+    with using("transform"):  # on CPU the interpreter runs the kernel: no backend chooses it there itself
+        loss = torch.compile(model, fullgraph=True, backend=recording)(ids, labels=ids).loss
     return seen, loss
 
 
-def test_torch_compile_sees_one_op_per_adapted_layer_and_matches_eager(monkeypatch):
+def test_torch_compile_sees_one_op_per_adapted_layer_and_matches_eager():
     model = get_sigma_model(tiny_llama().to(DEVICE), SigmaConfig(rank=4, init="normal", init_std=0.1))
     ids = token_batch().to(DEVICE)
     eager = model(ids, labels=ids).loss
     layers = sum(
         1 for name, _ in model.named_modules() if name.endswith("_proj") and "base_layer" not in name
     )
-    seen, loss = compiled_ops(model, ids, monkeypatch)
+    seen, loss = compiled_ops(model, ids)
     assert sum("sigmatune.transform" in op for op in seen) == layers, seen
     assert not any("triton_kernel_wrapper" in op for op in seen)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
@@ -80,11 +81,10 @@ def test_torch_compile_sees_one_op_per_adapted_layer_and_matches_eager(monkeypat
 
 def test_compiled_training_through_the_op_matches_eager_gradients(monkeypatch):
     """aot_eager: the backward graph takes the registered autograd formula (the backward op)."""
-    if DEVICE == "cpu":
-        monkeypatch.setattr(kernels, "available", lambda *_: True)
     model = get_sigma_model(tiny_llama().to(DEVICE), SigmaConfig(rank=4, init="normal", init_std=0.1))
     ids = token_batch().to(DEVICE)
-    model(ids, labels=ids).loss.backward()
+    with using("transform"):
+        model(ids, labels=ids).loss.backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     calls = []
@@ -92,7 +92,8 @@ def test_compiled_training_through_the_op_matches_eager_gradients(monkeypatch):
     monkeypatch.setattr(
         kernels, "transform", lambda *a, **k: calls.append(k.get("saved") is None) or original(*a, **k)
     )
-    torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss.backward()
+    with using("transform"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss.backward()
     forward, backward = calls.count(True), calls.count(False)
     if transform_op.TRACEABLE:  # a Triton op's body runs once per layer in each trace of the graph
         assert forward % len(eager) == backward % len(eager) == 0 and backward > 0
@@ -102,16 +103,14 @@ def test_compiled_training_through_the_op_matches_eager_gradients(monkeypatch):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
 
 
-def test_the_compiled_path_keeps_the_eager_functions_result_under_autocast(monkeypatch):
+def test_the_compiled_path_keeps_the_eager_functions_result_under_autocast():
     """Under autocast the op computes and returns autocast's dtype, as _Transform does; a's gradient comes
     back in a's dtype."""
-    if DEVICE == "cpu":
-        monkeypatch.setattr(kernels, "available", lambda *_: True)
     a, basis, g, _ = case(24, 32, 4, torch.float32, seed=5)
     results = []
     for run in (F.transform, torch.compile(F.transform, fullgraph=True, backend="aot_eager")):
         x = a.clone().requires_grad_(True)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), using("transform"):
             out = run(x, basis, g)
         out.float().square().sum().backward()
         results.append((out, x.grad))

@@ -15,8 +15,8 @@ accumulation); the mix is P ⊙ g, or P T with the r × r tile of T gathered fro
 masked: nothing dense is built on the host); pass 2 streams the rows again (mostly from L2) and writes
 out = a + (P T) Bᵀ. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
 
-Its forward for a mixed-adapter batch (each row on its own adapter, for serving) is rows_kernels.py's,
-built from this file's two tiles (_project, _add_expanded).
+Its forward for a mixed-adapter batch (each row on its own adapter, for serving) is
+serving/ops/rows_kernel.py's, built from this file's two tiles (project_tile, add_expanded_tile).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import os
 
 import torch
 
-from .launcher import CachedLaunch
-from .structures import half_width
+from ..core.structures import half_width
+from .launch import CachedLaunch
 
 try:
     import triton
@@ -37,31 +37,21 @@ except ImportError:  # no Triton: the plain torch path is used everywhere
 
 MAX_RANK = 128  # wider bases (e.g. rank="full") use cuBLAS through the plain path
 MAX_BAND = 16  # wider bands (one spread over far-apart stored columns) too: the kernel unrolls 2w+1 diagonals
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-ENABLED = os.environ.get("SIGMATUNE_FUSED", "1") != "0"  # SIGMATUNE_FUSED=0: always the GEMM path
-IN_COMPILE = os.environ.get("SIGMATUNE_FUSED_COMPILE", "1") != "0"  # =0: torch.compile traces the GEMMs
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests run kernels on CPU)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SHAPE_OVERRIDE = os.environ.get("SIGMATUNE_TRANSFORM_SHAPE")  # "rows,warps[,columns,stages]": launch_shape's
 
 
-def available(a: torch.Tensor, rank: int, band: int = 0) -> bool:
-    """Whether the fused kernel serves this call on CUDA (else the GEMM path does), for r = rank
-    directions and a band of half-width `band` (0: a diagonal). Under TRITON_INTERPRET=1 transform()
-    also runs on CPU tensors, for tests, but is never chosen."""
-    return (
-        ENABLED
-        and triton is not None
-        and a.is_cuda
-        and rank <= MAX_RANK
-        and band <= MAX_BAND
-        and a.dtype in DTYPES
-    )
+def serves(device: str, dtype: torch.dtype, rank: int, band: int) -> bool:
+    """Whether the kernel can compute a call: r ≤ MAX_RANK directions, a band of half-width ≤ MAX_BAND
+    (0: a diagonal), a float dtype it knows, on CUDA (or any device under Triton's interpreter)."""
+    here = device == "cuda" or INTERPRET
+    return triton is not None and here and rank <= MAX_RANK and band <= MAX_BAND and dtype in DTYPES
 
 
 if triton is not None:
     # fmt: off
     @triton.jit
-    def _project(A, B, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_b,
+    def project_tile(A, B, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_b,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_D: tl.constexpr):
         """Pass 1: P = a B over columns [first, D) for these rows, (BN, BR) fp32, streaming them once."""
@@ -78,7 +68,7 @@ if triton is not None:
         return projection
 
     @triton.jit
-    def _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_out, stride_b,
+    def add_expanded_tile(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, D, stride_a, stride_out, stride_b,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pass 2: out = a + scaled Bᵀ for these rows and columns [first, D), streaming them again (mostly
         from L2)."""
@@ -108,7 +98,7 @@ if triton is not None:
         row_ok = rows < N
         ranks = tl.arange(0, BLOCK_R)  # (BR,)
         rank_ok = ranks < R
-        projection = _project(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_b,
+        projection = project_tile(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_b,
                               PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_D)
         if HAS_SHIFT:
             projection -= tl.load(C + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
@@ -131,7 +121,7 @@ if triton is not None:
             inside = (offset >= -WIDTH) & (offset <= WIDTH) & (k < R) & (i < R)
             mix = tl.load(G + (WIDTH + offset) * R + column, mask=inside, other=0.0).to(tl.float32)
             scaled = tl.dot(projection, mix, input_precision=PRECISION)  # (BN, BR) fp32
-        _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_out, stride_b,
+        add_expanded_tile(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, 0, D, stride_a, stride_out, stride_b,
                       PRECISION, UPCAST, BLOCK_D)
     # fmt: on
 
@@ -141,14 +131,9 @@ if triton is not None:
 def launch_shape(width: int) -> tuple[int, int, int, int]:
     """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank: many
     small programs (the kernel streams its rows twice; 64-row blocks left most of the 132 multiprocessors
-    idle at N = 4,096), no spills (tests/core/test_kernels.py); times at N = 4,096, d = 2,048
-    (benchmarks/layer_overhead.py, the GPU column; benchmarks/transform_shapes.py sweeps them all).
-    SIGMATUNE_TRANSFORM_SHAPE="rows,warps[,columns,stages]" overrides it (A/B runs)."""
+    idle at N = 4,096), no spills (tests/core/test_kernels.py); benchmarks/transform_shapes.py sweeps them."""
     if INTERPRET:
         return 16, 4, 32, 3
-    if SHAPE_OVERRIDE:
-        rows, warps, columns, stages = [*SHAPE_OVERRIDE.split(","), "128", "3"][:4]
-        return int(rows), int(warps), int(columns), int(stages)
     # H200 (transform_shapes.py): fastest of rows {16, 32, 64} × warps {4, 8} × columns {64, 128, 256} × stages
     # {2, 3, 4, 5}; splitting a block's columns over several programs was never faster
     if width <= 32:
@@ -181,7 +166,7 @@ def transform(
     coefficients' gradient in their shape, fp32, when saved (a projection of the forward pass, same layout)
     is given: the backward pass (dg = Σ_rows projection ⊙ saved; for a band dC[w+o, j] = Σ_rows
     projection[:, j−o] saved[:, j]). `launch` (grid, arguments, constants, warps, stages) launches the kernel:
-    by default the cached launcher (eager calls); transform_op.py passes one that torch.compile can trace.
+    by default the cached launcher (eager calls); library.py passes one that torch.compile can trace.
     """
     n, d = a.shape
     # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them

@@ -4,10 +4,10 @@ steps as the math allows.
 
     input side:   y = (x + ((x B) ⊙ g) Bᵀ) Wᵀ + b                         P = x B
     output side:  z = x Wᵀ;  y = z + b + ((z U) ⊙ g) Uᵀ                     P = (z + b) U − c,  c = b U
-    (a band: ⊙ g becomes the mix by Mᵀ, as in functional.transform)
+    (a band: ⊙ g becomes the mix by Mᵀ, as in transform.transform)
 
-Two ways, the same math as functional.transform followed (or preceded) by the base layer:
-- ONE autograd.Function for the transform and the base GEMM together, computed by functional.forward_pass /
+Two ways, the same math as transform.transform followed (or preceded) by the base layer:
+- ONE autograd.Function for the transform and the base GEMM together, computed by a backend's forward_pass /
   backward_pass: the fused kernel (CUDA, r ≤ 128), or the GEMMs where it does not serve a band.
     input side:   dx̃ = dy W;   (dx, dg) = backward_pass(dx̃, P)
     output side:  (dz, dg) = backward_pass(dy, P);   dx = dz W
@@ -18,17 +18,14 @@ Two ways, the same math as functional.transform followed (or preceded) by the ba
   the basis and W, as the Function does — but x in place of P for the full spectrum of an input-side
   layer on CUDA (keeps_input: the same size, often kept by a neighbour already; the 1.1B shape's peak
   went from 1.31× to 1.23× the frozen model's), recomputing P in backward.
-Which costs the host less (benchmarks/layer_overhead.py, H200 host, r = 64: a layer's forward + backward
-627 µs through the kernel's Function, 794 µs by the ops, 867 µs through the Function on GEMMs; a 2-core CPU,
-a 22-layer model: 1.74× the frozen step by the ops, 2.01× through the Function): a cuBLAS call costs the
-host about what a Triton launch does, and the ops issue four more GEMMs and a few small kernels where the
-kernel issues two launches and a reduction.
-EAGER_OPS = False sends every diagonal through the Function, on the GEMMs where needed (benchmarks compare).
+Which the backend picks (Backend.by_ops): the four ops cost the host less than the Function on GEMMs (a
+cuBLAS call costs the host about what a Triton launch does; benchmarks/layer_overhead.py), the fused kernel's
+Function least.
 
 Either serves only what it can serve exactly: a plain nn.Linear (not a subclass: quantized layers dequantize
 inside their forward) whose weight is a plain tensor that needs no gradient, in the dtype of the input and
 the basis, with no hooks on the layer or on every module (they would not run), not under autocast or
-torch.compile (whose path is transform_op's Triton op, which inductor launches itself); everything else
+torch.compile (whose path is a backend's compiled op, which inductor launches itself); everything else
 takes the generic path.
 """
 
@@ -40,15 +37,19 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from . import functional, kernels
-from .structures import half_width
+from .backends import NOTHING_DISABLED, Call, choose
+from .transform import output_shift
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard or a quantized subclass
-EAGER_OPS = True  # False: a diagonal g the kernel does not serve goes through the Function too
 
 
 def adapted_linear(
-    x: torch.Tensor, base: nn.Module, basis: torch.Tensor, coefficients: torch.Tensor, input_side: bool
+    x: torch.Tensor,
+    base: nn.Module,
+    basis: torch.Tensor,
+    coefficients: torch.Tensor,
+    input_side: bool,
+    disabled: frozenset[str] = NOTHING_DISABLED,
 ) -> torch.Tensor | None:
     """The adapted layer's output for x (…, in) as one autograd node (see the module docstring;
     differentiable in x and g, or C), or None where this path would not be exact: then the caller takes the
@@ -70,11 +71,12 @@ def adapted_linear(
     ):
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    fused = kernels.available(flat, basis.shape[1], half_width(coefficients))
-    if not fused and EAGER_OPS and coefficients.dim() == 1:
+    call = Call.of(flat, basis, coefficients, disabled)
+    backend = choose(call)
+    if backend.by_ops(call):
         out = _diagonal_by_ops(flat, weight, bias, basis, coefficients, input_side)  # (N, out)
     else:
-        out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, fused)  # (N, out)
+        out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, backend)  # (N, out)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -94,7 +96,7 @@ def _diagonal_by_ops(x, weight, bias, basis, g, input_side: bool) -> torch.Tenso
     out = torch.nn.functional.linear(x, weight, bias)  # z + b (N, out)
     projection = out @ basis  # (z + b) U (N, r)
     if bias is not None:
-        projection = projection - functional.output_shift(bias, basis)  # − c: P = z U
+        projection = projection - output_shift(bias, basis)  # − c: P = z U
     return torch.addmm(out, projection * g, basis.T)
 
 
@@ -140,29 +142,29 @@ class _Recomputed:
 
 
 class _AdaptedLinear(torch.autograd.Function):
+    """The transform's passes (by the chosen backend) and the base GEMM, forward and backward, in one node."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, basis, coefficients, input_side, fused):
-        ctx.input_side, ctx.fused = input_side, fused
+    def forward(ctx, x, weight, bias, basis, coefficients, input_side, backend):
+        ctx.input_side, ctx.backend = input_side, backend
         if input_side:
-            adapted, projection = functional.forward_pass(x, basis, coefficients, None, fused)  # x̃, P
+            adapted, saved = backend.forward_pass(x, basis, coefficients, None)  # x̃, P
             out = torch.nn.functional.linear(adapted, weight, bias)
         else:
-            shift = functional.output_shift(bias, basis)  # c = b U (r,)
+            shift = output_shift(bias, basis)  # c = b U (r,)
             linear = torch.nn.functional.linear(x, weight, bias)
-            out, projection = functional.forward_pass(linear, basis, coefficients, shift, fused)
-        ctx.save_for_backward(projection, weight, basis, coefficients)
+            out, saved = backend.forward_pass(linear, basis, coefficients, shift)
+        ctx.save_for_backward(saved, weight, basis, coefficients)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        projection, weight, basis, coefficients = ctx.saved_tensors
+        saved, weight, basis, coefficients = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if ctx.input_side:
-            grad_x, grad_c = functional.backward_pass(
-                grad_out.mm(weight), basis, coefficients, projection, ctx.fused
-            )
+            grad_x, grad_c = ctx.backend.backward_pass(grad_out.mm(weight), basis, coefficients, saved)
         else:
-            grad_z, grad_c = functional.backward_pass(grad_out, basis, coefficients, projection, ctx.fused)
+            grad_z, grad_c = ctx.backend.backward_pass(grad_out, basis, coefficients, saved)
             grad_x = grad_z.mm(weight) if ctx.needs_input_grad[0] else None
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, None, grad_c, None, None

@@ -11,19 +11,17 @@ P and Q are (N, r) in any float dtype; the sums run in fp32; a mix is returned i
 fp32. A mix program owns a BLOCK_N × BLOCK_J tile of the output and reads the 2w + 1 shifted tiles it needs
 (from L1/L2 after the first); a gradient program owns BLOCK_J columns of a group of rows (rows_per_group) and
 writes one partial band, summed over the groups afterwards (no atomics). Eager calls launch through
-launcher.CachedLaunch; under torch.compile dynamo traces the kernels' launches.
+launch.CachedLaunch; under torch.compile dynamo traces the kernels' launches.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import kernels
-from .kernels import triton
-from .launcher import CachedLaunch
-from .structures import half_width
+from ..core.structures import half_width
+from . import transform_kernel as kernels
+from .launch import CachedLaunch
+from .transform_kernel import triton
 
 if triton is not None:
     import triton.language as tl
@@ -71,15 +69,6 @@ if triton is not None:
 BLOCK_N, BLOCK_J = (16, 16) if kernels.INTERPRET else (32, 128)
 PROGRAMS = 4 * 132  # the gradient's programs: its row groups fill an H200's multiprocessors ~4 times
 WARPS, STAGES = 4, 3  # Triton's defaults on CUDA
-# On by default (tests/core/test_band_kernels.py passed on the H200); SIGMATUNE_BAND_KERNELS=0 falls back to the
-# torch mixes of functional.py.
-ENABLED = os.environ.get("SIGMATUNE_BAND_KERNELS", "1") != "0"
-
-
-def available(p: torch.Tensor, band: int) -> bool:
-    """Whether these kernels serve a band's mixes of p on CUDA (else the torch ops of functional.py do)."""
-    ready = ENABLED and kernels.ENABLED and triton is not None and p.is_cuda and band <= kernels.MAX_BAND
-    return ready and (kernels.IN_COMPILE or not torch.compiler.is_compiling())
 
 
 def mix(p: torch.Tensor, c: torch.Tensor, transposed: bool = False) -> torch.Tensor:

@@ -16,42 +16,45 @@ of x as row vectors, base(x̃) = x W'ᵀ needs x̃ = x + ((x V_S) Mᵀ) V_Sᵀ (
 y = z + b + ((z U_S) Mᵀ) U_Sᵀ): the projection is mixed by Mᵀ, M given by its 2w+1 column-aligned
 diagonals C (C[w+o, j] = M[j−o, j]). Every function here takes either g (r,) or C (2w+1, r) and
 tells them apart by their dimension.
+
+Which backend computes the transform is backends.choose's decision (core/backends.py): the GEMMs below
+(GEMMS, the plain torch backend every other is checked against) or a fast path of ops/.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import band_kernels, kernels, transform_op
+from .backends import NOTHING_DISABLED, Backend, Call, choose, register
 from .structures import half_width
 
 
-def transform(a: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None):
+def transform(
+    a: torch.Tensor,
+    basis: torch.Tensor,
+    g: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    disabled: frozenset[str] = NOTHING_DISABLED,
+):
     """a + (((a B) − c) ⊙ g) Bᵀ over a's last dimension: a (…, d), basis B (d, r), g (r,), c (r,) or None;
     with a band C (2w+1, r) in place of g, a + ((a B − c) Mᵀ) Bᵀ.
 
     Differentiable in a and g (or C). Only the projection P = aB − c (N × r) is kept for backward:
     dg = Σ_rows (dout B) ⊙ P, da = dout + ((dout B) ⊙ g) Bᵀ (a band: dM = (dout B)ᵀ P, of which the
-    band is kept, and da = dout + ((dout B) M) Bᵀ). On CUDA (r ≤ 128) a fused Triton kernel computes
-    each direction in one launch, eager or under torch.compile; otherwise GEMMs do, the second
-    accumulating onto a (addmm).
+    band is kept, and da = dout + ((dout B) M) Bᵀ). The chosen backend computes both directions (the
+    GEMMs below, the second accumulating onto a; or a fast path of ops/); under torch.compile a backend
+    may give inductor one node instead (compiled). `disabled`: kernels the caller turned off.
     """
     flat = a.reshape(-1, a.shape[-1])  # (N, d)
-    fused = kernels.available(flat, basis.shape[1], half_width(g))
-    if fused and torch.compiler.is_compiling():
-        if kernels.IN_COMPILE:
-            return _compiled_transform(flat, basis, g, shift).view(a.shape)
-        fused = False  # SIGMATUNE_FUSED_COMPILE=0: inductor traces the GEMMs
-    return _Transform.apply(flat, basis, g, shift, fused).view(a.shape)
-
-
-def _compiled_transform(a, basis, coefficients, shift):
-    """transform() under torch.compile: the custom op (transform_op.py, one node for inductor), computed and
-    returned in autocast's dtype when it is on, as _Transform does."""
-    device = a.device.type
-    wanted = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
-    out, _ = transform_op.transform(a.to(wanted), basis.to(wanted), coefficients, shift, True)
-    return out
+    call = Call.of(flat, basis, g, disabled)
+    backend = choose(call)
+    if call.compiling:
+        out = backend.compiled(flat.to(call.dtype), basis.to(call.dtype), g, shift)
+        if out is not None:
+            return out.view(a.shape)
+    return _Transform.apply(flat, basis, g, shift, backend).view(a.shape)
 
 
 def transform_rows(
@@ -78,16 +81,22 @@ def transform_rows(
     return torch.addmm(flat, scaled.to(a.dtype).reshape(flat.shape[0], -1), basis.T).view(a.shape)
 
 
-def adapt_input(x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def adapt_input(
+    x: torch.Tensor, basis: torch.Tensor, g: torch.Tensor, disabled=NOTHING_DISABLED
+) -> torch.Tensor:
     """x̃ = x + ((x V_S) ⊙ g) V_Sᵀ: the input whose image under the base layer is the adapted output."""
-    return transform(x, basis, g)
+    return transform(x, basis, g, None, disabled)
 
 
 def adapt_output(
-    y: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor, g: torch.Tensor
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    basis: torch.Tensor,
+    g: torch.Tensor,
+    disabled=NOTHING_DISABLED,
 ) -> torch.Tensor:
     """y + ((z U_S) ⊙ g) U_Sᵀ with z = y − b: the base output, adapted on its output side."""
-    return transform(y, basis, g, output_shift(bias, basis))
+    return transform(y, basis, g, output_shift(bias, basis), disabled)
 
 
 def output_shift(bias: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor | None:
@@ -96,100 +105,95 @@ def output_shift(bias: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor
 
 
 class _Transform(torch.autograd.Function):
-    """transform() on a 2-D a, saving only the projection: the fused kernel, or GEMMs (forward_pass,
-    backward_pass). Computed in a's dtype (autocast's, when on); g, a band and their gradients in fp32."""
+    """transform() on a 2-D a, saving only what the backend's backward pass needs (the projection).
+    Computed in a's dtype (autocast's, when on); g, a band and their gradients in fp32."""
 
     @staticmethod
-    def forward(ctx, a, basis, coefficients, shift, fused):
-        ctx.fused, ctx.input_dtype = fused, a.dtype
+    def forward(ctx, a, basis, coefficients, shift, backend: Backend):
+        ctx.backend, ctx.input_dtype = backend, a.dtype
         device = a.device.type
         autocast = torch.is_autocast_enabled(device)
         if autocast:  # compute in autocast's dtype, as the base linear layer does
             a = a.to(torch.get_autocast_dtype(device))
         basis = basis.to(a.dtype)
-        if autocast and not fused:  # (no autocast inside a Triton kernel)
-            with torch.autocast(device, enabled=False):  # one dtype throughout, so backward matches forward
-                out, projection = forward_pass(a, basis, coefficients, shift, fused)
-        else:
-            out, projection = forward_pass(a, basis, coefficients, shift, fused)
-        ctx.save_for_backward(projection, basis, coefficients)
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():  # as backward
+            out, saved = backend.forward_pass(a, basis, coefficients, shift)
+        ctx.save_for_backward(saved, basis, coefficients)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        projection, basis, coefficients = ctx.saved_tensors
-        grad_a, grad_c = backward_pass(grad_out, basis, coefficients, projection, ctx.fused)
+        saved, basis, coefficients = ctx.saved_tensors
+        grad_a, grad_c = ctx.backend.backward_pass(grad_out, basis, coefficients, saved)
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[2] else None
         return grad_a.to(ctx.input_dtype), None, grad_c, None, None
 
 
-def forward_pass(a, basis, coefficients, shift, fused: bool):
-    """(out, P) of transform() for a 2-D a and a basis in a's dtype: one launch of the fused kernel (P fp32,
-    padded to its width) or the GEMMs (P in a's dtype)."""
-    if fused:
-        out, projection, _ = kernels.transform(a, basis, coefficients, shift, transposed=True)
-        return out, projection
-    return _gemm_forward(a, basis, coefficients, shift)
+class Gemms(Backend):
+    """The transform by GEMMs in a's dtype, the mixes by torch ops in fp32: the plain torch backend, which
+    serves every call (the last in the list). Subclasses may compute the mixes and reductions otherwise
+    (ops/ runs them as Triton kernels on CUDA)."""
+
+    name = "torch"
+
+    def supports(self, call: Call) -> bool:
+        return True
+
+    def by_ops(self, call: Call) -> bool:
+        return (
+            call.diagonal
+        )  # a diagonal: four torch ops whose backward autograd runs in C++ (core/linear.py)
+
+    def forward_pass(self, a, basis, coefficients, shift):
+        """(out, P) by GEMMs: P = aB − c (N, r) in a's dtype; out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ, or
+        a + (P Mᵀ) Bᵀ with the banded mix summed in fp32."""
+        projection = a @ basis  # (N, r)
+        if shift is not None:
+            projection = projection - shift.to(a.dtype)
+        if coefficients.dim() == 1:
+            return torch.addmm(a, projection, scaled_basis(basis, coefficients).T), projection
+        mixed = self.band_mix(projection, coefficients, transposed=True)  # P Mᵀ in a's dtype
+        return torch.addmm(a, mixed, basis.T), projection
+
+    def backward_pass(self, grad, basis, coefficients, saved):
+        """(da, dg or dC) with Q = dout B: da = dout + (Q ⊙ g) Bᵀ (a band: + (Q M) Bᵀ); dg = Σ_rows Q ⊙ P,
+        dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j]."""
+        basis = basis.to(grad.dtype)
+        along = grad @ basis  # Q (N, r)
+        if coefficients.dim() == 1:
+            grad_a = torch.addmm(grad, along, scaled_basis(basis, coefficients).T)
+            return grad_a, self.column_dots(along, saved)
+        back = self.band_mix(along, coefficients, transposed=False)  # Q M
+        grad_c = self.band_grad(along, saved, half_width(coefficients))
+        return torch.addmm(grad, back, basis.T), grad_c
+
+    def band_mix(self, p, coefficients, transposed: bool):
+        """P Mᵀ (transposed) or P M, summed in fp32, in p's dtype."""
+        wide = torch.promote_types(p.dtype, torch.float32)
+        mix = band_mix_transposed if transposed else band_mix
+        return mix(p.to(wide), coefficients.to(wide)).to(p.dtype)
+
+    def band_grad(self, q, p, w: int):
+        """dC (2w+1, r) in fp32: dC[w+o, j] = Σ_rows q[:, j−o] p[:, j]."""
+        wide = torch.promote_types(q.dtype, torch.float32)
+        return band_grad(q.to(wide), p.to(wide), w)
+
+    def column_dots(self, q, p):
+        """Σ_rows q ⊙ p for (N, r): diag(qᵀ p) by one small GEMM when r is small, else in fp32 in one pass."""
+        if q.shape[1] <= 256:
+            return torch.mm(q.T, p).diagonal()
+        wide = torch.promote_types(q.dtype, torch.float32)
+        return (q.to(wide) * p.to(wide)).sum(dim=0)
 
 
-def backward_pass(grad_out, basis, coefficients, projection, fused: bool):
-    """(da, dg or dC) of transform() for the incoming gradient and the forward pass's projection, by the
-    path that made it."""
-    if fused:
-        grad_a, _, grad_c = kernels.transform(grad_out, basis, coefficients, saved=projection)
-        return grad_a, grad_c
-    return _gemm_backward(grad_out, basis, coefficients, projection)
-
-
-def _gemm_forward(a, basis, coefficients, shift):
-    """(out, P) by GEMMs in a's dtype: P = aB − c (N, r); out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ, or
-    a + (P Mᵀ) Bᵀ with the banded mix summed in fp32."""
-    projection = a @ basis  # (N, r)
-    if shift is not None:
-        projection = projection - shift.to(a.dtype)
-    if coefficients.dim() == 1:
-        return torch.addmm(a, projection, scaled_basis(basis, coefficients).T), projection
-    if band_kernels.available(projection, half_width(coefficients)):
-        mixed = band_kernels.mix(projection, coefficients, transposed=True)  # P Mᵀ, summed in fp32
-    else:
-        wide = torch.promote_types(a.dtype, torch.float32)
-        mixed = band_mix_transposed(projection.to(wide), coefficients.to(wide)).to(a.dtype)  # P Mᵀ
-    return torch.addmm(a, mixed, basis.T), projection
-
-
-def _gemm_backward(grad_out, basis, coefficients, projection):
-    """(da, dg or dC) by GEMMs, with Q = dout B: da = dout + (Q ⊙ g) Bᵀ (a band: + (Q M) Bᵀ);
-    dg = Σ_rows Q ⊙ P, dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j]."""
-    basis = basis.to(grad_out.dtype)
-    along = grad_out @ basis  # Q (N, r)
-    if coefficients.dim() == 1:
-        grad_a = torch.addmm(grad_out, along, scaled_basis(basis, coefficients).T)
-        return grad_a, column_dots(along, projection)
-    w = half_width(coefficients)
-    if band_kernels.available(along, w):  # summed in fp32, one pass each
-        back, grad_c = band_kernels.mix(along, coefficients), band_kernels.grad(along, projection, w)
-    else:
-        wide = torch.promote_types(grad_out.dtype, torch.float32)
-        back = band_mix(along.to(wide), coefficients.to(wide)).to(grad_out.dtype)  # Q M
-        grad_c = band_grad(along.to(wide), projection.to(wide), w)
-    return torch.addmm(grad_out, back, basis.T), grad_c
+GEMMS = Gemms()
+register(GEMMS, last=True)
 
 
 def scaled_basis(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """B diag(g) (d, r) in the basis' dtype: g is rounded to it first, so no (d, r) fp32 copy is made (a
     bf16 basis times a bf16 g differs from the fp32 product by one more rounding, ~2⁻⁹ relative)."""
     return basis * g.to(basis.dtype)
-
-
-def column_dots(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Σ_rows q ⊙ p for (N, r) matrices: diag(qᵀ p) by one small GEMM when r is small; else summed in fp32
-    in one pass over q and p (band_kernels' gradient of a band of half-width 0) on CUDA, or by torch ops."""
-    if q.shape[1] <= 256:
-        return torch.mm(q.T, p).diagonal()
-    if band_kernels.available(q, 0):
-        return band_kernels.grad(q, p, 0)[0]
-    wide = torch.promote_types(q.dtype, torch.float32)
-    return (q.to(wide) * p.to(wide)).sum(dim=0)
 
 
 # ---- bands -------------------------------------------------------------------------------------------

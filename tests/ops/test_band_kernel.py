@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sigmatune.core import band_kernels, kernels
-from sigmatune.core import functional as F
+from sigmatune.core import transform as F
 from sigmatune.core.structures import valid_part
+from sigmatune.ops import band_kernel as band_kernels
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.ops.backends import using
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +51,7 @@ def test_grad_matches_the_band_of_q_transpose_p(dtype, n, r, w):
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-4 * n**0.5)
 
 
-def test_the_gemm_path_uses_them_and_matches_the_torch_mixes(monkeypatch):
+def test_the_gemm_path_uses_them_and_matches_the_torch_mixes():
     """transform() with a band over more directions than the fused kernel takes: values and gradients with
     the mix kernels against the torch mixes (fp32)."""
     n, d, r, w = 23, 160, 150, 3
@@ -57,12 +59,11 @@ def test_the_gemm_path_uses_them_and_matches_the_torch_mixes(monkeypatch):
     a = torch.randn(n, d, generator=g).to(DEVICE)
     basis = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64)).Q.to(DEVICE, torch.float32)
     bands = valid_part(torch.randn(2 * w + 1, r, generator=g) * 0.3).to(DEVICE)
-    monkeypatch.setattr(kernels, "available", lambda *_: False)
     results = {}
     for use in (False, True):
-        monkeypatch.setattr(band_kernels, "available", lambda *_, use=use: use)
         x, c = a.clone().requires_grad_(True), bands.clone().requires_grad_(True)
-        out = F.transform(x, basis, c, shift=torch.ones(r, device=DEVICE))
+        with using("band" if use else "torch"):
+            out = F.transform(x, basis, c, shift=torch.ones(r, device=DEVICE))
         (out * torch.linspace(-1, 1, d, device=DEVICE)).square().sum().backward()
         results[use] = (out.detach(), x.grad, c.grad)
     for plain, kernel in zip(results[False], results[True], strict=True):

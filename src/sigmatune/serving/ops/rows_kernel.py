@@ -9,22 +9,21 @@ is gathered from the adapters' tables inside it (by row id: no gather kernel, an
 replays it reads whatever the tables hold then), and the programs split the columns as well as the rows
 (program (i, s, m): rows block i, columns block s, layer m) so that a few dozen rows still fill the GPU.
 Each column block needs its rows' whole projection a B: it computes it alone, or (shared) projects its
-own columns and meets the others at a barrier to sum theirs. The tiles are kernels.py's (_project,
-_add_expanded).
+own columns and meets the others at a barrier to sum theirs. The tiles are ops/transform_kernel.py's
+(project_tile, add_expanded_tile).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .kernels import INTERPRET, padded_rank, triton
+from ...ops import switches, transform_kernel
+from ...ops.transform_kernel import INTERPRET, padded_rank, triton
 
 if triton is not None:  # without Triton (a CPU install) this module only offers the torch path's fallbacks
     import triton.language as tl
 
-    from .kernels import _add_expanded, _project  # the tiles exist only where Triton does
+    from ...ops.transform_kernel import add_expanded_tile, project_tile  # only where Triton is
 
     # fmt: off
     @triton.jit
@@ -56,10 +55,10 @@ if triton is not None:  # without Triton (a CPU install) this module only offers
             b = b.to(a.dtype)
             projection = tl.dot(a, b, input_precision=PRECISION)  # SYNC only: never interpreted (UPCAST)
         elif SYNC:
-            projection = _project(A, B, rows, row_ok, ranks, rank_ok, first, stop, stride_a, R,
+            projection = project_tile(A, B, rows, row_ok, ranks, rank_ok, first, stop, stride_a, R,
                                   PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         else:
-            projection = _project(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, R,
+            projection = project_tile(A, B, rows, row_ok, ranks, rank_ok, 0, D, stride_a, R,
                                   PRECISION, UPCAST, BLOCK_N, BLOCK_R, BLOCK_K)
         if SYNC:  # publish this block's part, wait for the others', sum them
             blocks = tl.num_programs(1)
@@ -92,7 +91,7 @@ if triton is not None:  # without Triton (a CPU install) this module only offers
             tl.store(OUT + rows[:, None] * D + cols[None, :], (a.to(tl.float32) + update).to(a.dtype),
                      mask=row_ok[:, None] & col_ok[None, :])
         else:
-            _add_expanded(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, stop, stride_a, D, R,
+            add_expanded_tile(A, B, OUT, scaled, rows, row_ok, ranks, rank_ok, first, stop, stride_a, D, R,
                           PRECISION, UPCAST, BLOCK_K)
 
     @triton.jit
@@ -127,6 +126,14 @@ if triton is not None:  # without Triton (a CPU install) this module only offers
     # fmt: on
 
 
+def serves(a: torch.Tensor, rank: int, disabled: frozenset[str] = frozenset()) -> bool:
+    """Whether the kernel serves a mixed batch of a (CUDA) through tables of rank `rank` (≤ MAX_RANK).
+    Under TRITON_INTERPRET=1 transform_rows() also runs on CPU tensors, chosen there only inside
+    switches.interpreted() (tests)."""
+    ready = switches.runs_here(a) and transform_kernel.serves("cuda", a.dtype, rank, 0)
+    return ready and switches.enabled("rows", disabled)
+
+
 def transform_rows(
     a: torch.Tensor,
     bases: list[torch.Tensor],
@@ -134,6 +141,7 @@ def transform_rows(
     ids: torch.Tensor,
     shifts: list[torch.Tensor] | None = None,
     shape: tuple[int, int, int, int, bool] | None = None,
+    disabled: frozenset[str] = frozenset(),
 ) -> list[torch.Tensor]:
     """[out_m] for up to three layers m reading the same a (B, …, d), each row of a batch on its own adapter:
 
@@ -145,7 +153,9 @@ def transform_rows(
     columns per step, warps, shared), by default launch_shape's. Each column block of a rows block needs
     the rows' whole projection: it computes it alone, or (shared, CUDA only) projects its own columns and
     meets the others at a barrier to sum theirs, which needs the grid on the GPU at once (at most one
-    program per multiprocessor, as launch_shape's grids are)."""
+    program per multiprocessor, as launch_shape's grids are); not where "shared_projection" is disabled
+    (ops/switches.py: the barrier needs the whole grid resident at once, which a GPU split by MPS may not
+    allow)."""
     members = len(bases)
     if not 1 <= members <= 3 or len(tables) != members or (shifts is not None and len(shifts) != members):
         raise ValueError(f"transform_rows takes 1 to 3 layers with one table each, got {members} bases")
@@ -161,7 +171,12 @@ def transform_rows(
     width = padded_rank(max(ranks))
     processors = 1 if INTERPRET else _processors()
     grid, columns, meta = rows_plan(
-        n, d, members, width, shape or launch_shape(n, d, members, width), processors
+        n,
+        d,
+        members,
+        width,
+        shape or launch_shape(n, d, members, width, share=switches.enabled("shared_projection", disabled)),
+        processors,
     )
     partial, counts = _barriers(flat.device, grid, meta) if meta["SYNC"] else (flat, flat)
     member_args = []
@@ -225,7 +240,7 @@ def _barriers(device: torch.device, grid, meta: dict) -> tuple[torch.Tensor, tor
 
 
 def launch_shape(
-    n: int, d: int, members: int, width: int, processors: int | None = None
+    n: int, d: int, members: int, width: int, processors: int | None = None, share: bool = True
 ) -> tuple[int, int, int, int, bool]:
     """(rows per program, column blocks per layer, columns per step, warps, shared) for the mixed-batch
     kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as many column
@@ -249,12 +264,10 @@ def launch_shape(
     split = max(1, min(16, triton.cdiv(d, 128), processors // programs))
     warps = 8 if block_n * max(width, 64) >= 4096 else 4
     step = 64 if block_n >= 64 and width >= 32 else 128
-    return block_n, split, step, warps, width <= SHARED_RANK
+    return block_n, split, step, warps, share and width <= SHARED_RANK
 
 
-# launch_shape's column blocks share the projection up to this padded rank; SIGMATUNE_SHARED_PROJECTION=0
-# turns it off (its barrier needs the whole grid resident at once, which a GPU split by MPS may not allow)
-SHARED_RANK = 32 if os.environ.get("SIGMATUNE_SHARED_PROJECTION", "1") != "0" else 0
+SHARED_RANK = 32  # launch_shape's column blocks share the projection up to this padded rank
 
 
 def _processors() -> int:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sigmatune.core import fold_kernels, kernels
-from tests.core.spills import spills
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.serving.ops import fold_kernel as fold_kernels
+from tests.ops.spills import spills
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 

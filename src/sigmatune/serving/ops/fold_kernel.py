@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import INTERPRET, padded_rank, triton
+from ...ops import switches
+from ...ops.transform_kernel import INTERPRET, padded_rank, triton
 
 if triton is not None:
     import triton.language as tl
@@ -113,6 +114,11 @@ if triton is not None:
                 _expand_member(base, stride, H, stride_h, projections + R0 + R1, P2, T2, O2, IDS, N, E2, R2,
                                TOKENS, column - before2, PRECISION, UPCAST, BLOCK_N, BLOCK_C, BLOCK_R, LOOP, EARLY)
     # fmt: on
+
+
+def enabled(disabled: frozenset[str] = frozenset()) -> bool:
+    """Whether a bank folds its groups' projections into their base GEMMs (this kernel then expands them)."""
+    return switches.enabled("fold", disabled)
 
 
 def expand_rows(

@@ -12,7 +12,7 @@ import sys
 
 def spills(cases: list) -> list[tuple[list, int, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "tests.core.ptxas_check", json.dumps(cases)]
+    command = [sys.executable, "-m", "tests.ops.ptxas_check", json.dumps(cases)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = json.loads(done.stdout.strip().splitlines()[-1])

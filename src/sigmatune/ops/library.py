@@ -9,7 +9,7 @@ lowers the op's body, so the compiled code allocates the outputs and launches th
 generated launcher — no Python of ours runs per layer and step (an opaque custom op ran kernels.transform's
 Python on every call, which left a compiled step bound by the host). Compile regions (each decoder layer
 compiled once for all of them: benchmarks/train_step.py) keep the compile short. Eager calls take
-functional._Transform instead: the autograd formula registered here runs through a generated
+core/transform._Transform instead: the autograd formula registered here runs through a generated
 autograd.Function behind the dispatcher, which costs more host time per layer than calling one directly
 (benchmarks/layer_overhead.py).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import transform_kernel as kernels
 
 
 def _traced_launch(grid, arguments, constants, warps, stages) -> None:

@@ -2,9 +2,9 @@
 print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU; run without
 TRITON_INTERPRET (test_kernels.py does, in a child process).
 
-    python -m tests.core.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
-    python -m tests.core.ptxas_check '[["fold", 64, 16, 3, 1]]'          # expand_rows, launched by expand_shape
-    python -m tests.core.ptxas_check '[["transform", 64, 1, 0]]'        # the training transform: width, reduce, band
+    python -m tests.ops.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
+    python -m tests.ops.ptxas_check '[["fold", 64, 16, 3, 1]]'          # expand_rows, launched by expand_shape
+    python -m tests.ops.ptxas_check '[["transform", 64, 1, 0]]'        # the training transform: width, reduce, band
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from sigmatune.core import fold_kernels, kernels, rows_kernels
+from sigmatune.ops import transform_kernel as kernels
+from sigmatune.serving.ops import fold_kernel as fold_kernels
+from sigmatune.serving.ops import rows_kernel as rows_kernels
 
 PROCESSORS, D = 132, 2048  # an H200; the 1.1B Llama's hidden size
 

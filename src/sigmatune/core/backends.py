@@ -1,0 +1,128 @@
+"""The method's one op, and the backends that compute it: every fast path is one Backend in BACKENDS.
+
+    transform:  out = a + ((a B − c) Mᵀ) Bᵀ        a (N, d), B (d, r), c (r,) or none, M = diag(g) or a band
+
+Semantics of a Backend (checked against core/transform.py's GEMMs and the fp64 reference by
+tests/core/test_backends.py, values and gradients):
+    forward_pass(a, B, C, c) → (out in a's dtype, saved)         C: g (r,) or a band's diagonals (2w+1, r), fp32
+    backward_pass(dout, B, C, saved) → (dout + ((dout B) M) Bᵀ, dC in fp32, C's shape)
+    compiled(a, B, C, c) → out, one node for torch.compile, or None to let it trace the passes
+    by_ops(call) → whether an eager plain nn.Linear takes four torch ops (core/linear.py) instead of one
+                   autograd node around the passes
+
+BACKENDS lists them most specific first; choose(call) takes the first whose supports(call) is true, once
+per kind of call (cached; under torch.compile the list is walked as it is traced). core registers the
+torch backend (transform.GEMMS, last); ops/ registers the Triton ones when it is imported (sigmatune.model
+does). using(name) makes every call take one backend (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+NOTHING_DISABLED: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a backend needs to know to say whether it serves a call."""
+
+    device: str  # "cuda", "cpu", ...
+    dtype: torch.dtype  # of a (autocast's, where it is on)
+    rank: int  # r, the basis' columns
+    band: int  # a band's half-width w; 0 for a diagonal
+    diagonal: bool
+    compiling: bool  # traced by torch.compile
+    disabled: frozenset[str] = NOTHING_DISABLED  # kernels the caller turned off (ops/switches.py)
+
+    @staticmethod
+    def of(
+        a: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor, disabled=NOTHING_DISABLED
+    ) -> Call:
+        device = a.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        diagonal = coefficients.dim() == 1
+        band = 0 if diagonal else (coefficients.shape[0] - 1) // 2
+        compiling = torch.compiler.is_compiling()
+        return Call(device, dtype, basis.shape[1], band, diagonal, compiling, disabled)
+
+
+class Backend:
+    """One way to compute the op (the Semantics above). Subclasses set name and implement the passes."""
+
+    name = "?"
+
+    def supports(self, call: Call) -> bool:
+        raise NotImplementedError
+
+    def can_run(self, call: Call) -> bool:
+        """Whether it can compute the call at all, chosen or not (using() asks this): by default, supports."""
+        return self.supports(call)
+
+    def forward_pass(self, a, basis, coefficients, shift):
+        raise NotImplementedError
+
+    def backward_pass(self, grad, basis, coefficients, saved):
+        raise NotImplementedError
+
+    def compiled(self, a, basis, coefficients, shift):
+        return None
+
+    def by_ops(self, call: Call) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+BACKENDS: list[Backend] = []
+_chosen: dict[Call, Backend] = {}
+_forced: str | None = None  # using(): every call takes this backend
+
+
+def register(backend: Backend, last: bool = False) -> None:
+    """Add a backend (replacing one of the same name): first in the list, or last (the plain torch one)."""
+    BACKENDS[:] = [b for b in BACKENDS if b.name != backend.name]
+    BACKENDS.insert(len(BACKENDS) if last else 0, backend)
+    _chosen.clear()
+
+
+def choose(call: Call) -> Backend:
+    """The backend that computes this call: the first that supports it (or the one using() forces)."""
+    if _forced is not None:
+        return _force(call)
+    if call.compiling:  # traced once per graph: walk the list (the cache is for eager calls)
+        return next(b for b in BACKENDS if b.supports(call))
+    backend = _chosen.get(call)
+    if backend is None:
+        backend = _chosen[call] = next(b for b in BACKENDS if b.supports(call))
+    return backend
+
+
+def named(name: str) -> Backend:
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    raise KeyError(f"no backend {name!r}; registered: {[b.name for b in BACKENDS]} (import sigmatune.ops)")
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Within the block every call takes the backend `name` (an error where it cannot run the call)."""
+    global _forced
+    named(name)
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _force(call: Call) -> Backend:
+    backend = named(_forced)
+    if not backend.can_run(call):
+        raise ValueError(f"backend {_forced!r} cannot run {call}")
+    return backend

@@ -1,0 +1,75 @@
+"""The fast paths of the transform, registered with core/backends.py when this module is imported (the
+model package imports it). The order they are tried in, most specific first:
+
+    transform   the fused Triton kernel, one launch a direction (CUDA, r ≤ 128, a band of w ≤ 16);
+                under torch.compile the torch.library op of library.py, one node inductor launches itself
+    band        the GEMMs, their band mixes and reductions as Triton kernels (CUDA, w ≤ 16: wide bands,
+                and the full spectrum's dg)
+    torch       core's GEMMs and torch ops (every call)
+
+Each is checked against core's torch backend and the fp64 reference (tests/core/test_backends.py), and each
+can be turned off by name (switches.py). The serving kernels (mixed batches, folds, decode attention) are
+serving/ops/'s.
+"""
+
+from __future__ import annotations
+
+from ..core.backends import Backend, Call, register, using
+
+__all__ = [
+    "FusedTransform",
+    "TritonGemms",
+    "using",
+]  # using(name): one backend for a block (tests, benchmarks)
+from ..core.transform import Gemms
+from . import band_kernel, library, switches, transform_kernel
+
+
+class FusedTransform(Backend):
+    """Both directions of the transform in one launch each (transform_kernel.py)."""
+
+    name = "transform"
+
+    def supports(self, call: Call) -> bool:
+        return call.device == "cuda" and self.can_run(call) and switches.enabled(self.name, call.disabled)
+
+    def can_run(self, call: Call) -> bool:
+        return transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
+
+    def forward_pass(self, a, basis, coefficients, shift):
+        out, projection, _ = transform_kernel.transform(a, basis, coefficients, shift, transposed=True)
+        return out, projection  # P fp32, padded to the kernel's width
+
+    def backward_pass(self, grad, basis, coefficients, saved):
+        grad_a, _, grad_c = transform_kernel.transform(grad, basis, coefficients, saved=saved)
+        return grad_a, grad_c
+
+    def compiled(self, a, basis, coefficients, shift):
+        return library.transform(a, basis, coefficients, shift, True)[0]
+
+
+class TritonGemms(Gemms):
+    """core's GEMMs, with a band's mixes and reductions (and a wide diagonal's dg) as Triton kernels:
+    one pass over the projection each, summed in fp32 (band_kernel.py)."""
+
+    name = "band"
+
+    def supports(self, call: Call) -> bool:
+        return call.device == "cuda" and self.can_run(call) and switches.enabled(self.name, call.disabled)
+
+    def can_run(self, call: Call) -> bool:
+        here = call.device == "cuda" or transform_kernel.INTERPRET
+        return transform_kernel.triton is not None and here and call.band <= transform_kernel.MAX_BAND
+
+    def band_mix(self, p, coefficients, transposed: bool):
+        return band_kernel.mix(p, coefficients, transposed=transposed)
+
+    def band_grad(self, q, p, w: int):
+        return band_kernel.grad(q, p, w)
+
+    def column_dots(self, q, p):
+        return super().column_dots(q, p) if q.shape[1] <= 256 else band_kernel.grad(q, p, 0)[0]
+
+
+register(TritonGemms())
+register(FusedTransform())  # tried first
