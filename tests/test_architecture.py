@@ -22,6 +22,7 @@ LAYERS = [  # bottom first: the allowed order, written once
     ["version"],
     ["core"],  # the method on one layer: config, update rules, SVD, math, kernels, SpectralLinear
     ["formats"],  # bytes on disk: atomic files, adapter files, basis cache, interop, checkpoints
+    ["hub"],  # base models by name (the default model's alias, converted once from GGUF), registry files
     ["model"],  # SigmaModel: a whole model with adapters, and its files in and out
     ["training", "serving"],  # peers: neither imports the other
     ["commands"],  # what each `sigmatune` command does
@@ -182,7 +183,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.core.layer",
         "from ..serving.bank import AdapterBank",
         [
-            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 4)",
+            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 5)",
             "import cycle: sigmatune.core.layer → sigmatune.serving.bank → sigmatune.formats.base_check → "
             "sigmatune.core.layer",  # serving.bank imports core.layer by way of formats.base_check
         ],
@@ -191,7 +192,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.formats.files",
         "def _later():\n    from ..model import sigma_model\n\n    return sigma_model",
         [
-            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 2) is below model (layer 3)",
+            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 2) is below model (layer 4)",
             "import cycle: sigmatune.formats.adapter_file → sigmatune.formats.files → sigmatune.model.sigma_model"
             " → sigmatune.formats.adapter_file",
         ],
@@ -199,7 +200,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
     "the public API imported from inside": (
         "sigmatune.training.loop",
         "import sigmatune",
-        ["sigmatune.training.loop imports sigmatune: training (layer 4) is below __init__ (layer 7)"],
+        ["sigmatune.training.loop imports sigmatune: training (layer 5) is below __init__ (layer 8)"],
     ),
     "a peer's import": (
         "sigmatune.serving.engine",
