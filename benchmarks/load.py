@@ -33,8 +33,8 @@ from results_file import merge_rows
 
 from sigmatune import SigmaConfig, get_sigma_model
 from sigmatune.commands import build_server
+from sigmatune.hub.loading import load_model
 from sigmatune.serving.routes import serve_in_thread
-from sigmatune.training.data import load_model
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # for the tests' tiny chat model
 from tests.models import save_tiny_chat_model

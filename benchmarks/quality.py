@@ -247,7 +247,8 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 
 
 def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
-    from sigmatune.training.data import load_model, load_task
+    from sigmatune.hub.loading import load_model
+    from sigmatune.training.data import load_task
     from sigmatune.training.job import fit, score
     from sigmatune.training.settings import TrainSettings
     from sigmatune.training.tokens import example_batches

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
-from sigmatune.training.data import load_model, load_task
+from sigmatune.hub.loading import load_model
+from sigmatune.training.data import load_task
 from sigmatune.training.distributed import distribute, gradient_sync, leave, split
 from sigmatune.training.evaluate import token_loss
 from sigmatune.training.loop import batch_order

@@ -24,6 +24,7 @@ LAYERS = [  # bottom first: the allowed order, written once
     ["core"],  # the method on one layer, plain torch: config, update rules, SVD, the op, SpectralLinear
     ["ops"],  # the op's fast paths (Triton), registered as backends; the one kernel switch
     ["formats"],  # bytes on disk: atomic files, adapter files, basis cache, interop, checkpoints
+    ["hub"],  # base models by name (the default model's alias, converted once from GGUF), registry files
     ["model"],  # SigmaModel: a whole model with adapters, and its files in and out
     ["training", "serving"],  # peers: neither imports the other
     ["commands"],  # what each `sigmatune` command does
@@ -191,7 +192,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.core.layer",
         "from ..serving.bank import AdapterBank",
         [
-            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 5)",
+            "sigmatune.core.layer imports sigmatune.serving.bank: core (layer 1) is below serving (layer 6)",
             "import cycle: sigmatune.core.layer → sigmatune.serving.bank → sigmatune.formats.base_check → "
             "sigmatune.core.layer",  # serving.bank imports core.layer by way of formats.base_check
         ],
@@ -200,7 +201,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
         "sigmatune.formats.files",
         "def _later():\n    from ..model import sigma_model\n\n    return sigma_model",
         [
-            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 3) is below model (layer 4)",
+            "sigmatune.formats.files imports sigmatune.model.sigma_model: formats (layer 3) is below model (layer 5)",
             "import cycle: sigmatune.formats.adapter_file → sigmatune.formats.files → sigmatune.model.sigma_model"
             " → sigmatune.formats.adapter_file",
         ],
@@ -208,7 +209,7 @@ MISTAKES = {  # a wrong line added to one module → exactly what the check must
     "the public API imported from inside": (
         "sigmatune.training.loop",
         "import sigmatune",
-        ["sigmatune.training.loop imports sigmatune: training (layer 5) is below __init__ (layer 8)"],
+        ["sigmatune.training.loop imports sigmatune: training (layer 6) is below __init__ (layer 9)"],
     ),
     "a peer's import": (
         "sigmatune.serving.engine",

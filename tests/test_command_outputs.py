@@ -12,7 +12,7 @@ import pytest
 from sigmatune import SigmaConfig, get_sigma_model
 from sigmatune.cli import main
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
-from sigmatune.training.data import load_model
+from sigmatune.hub.loading import load_model
 from tests.models import randomize, save_tiny_chat_model
 
 

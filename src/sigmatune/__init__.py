@@ -15,15 +15,15 @@ _EXPORTS = {
     "AdapterBank": "serving.bank",
     "AdapterFileError": "formats.files",
     "AdapterRecord": "formats.adapter_file",
-    "AutoSigmaModelForCausalLM": "training.auto",
+    "AutoSigmaModelForCausalLM": "model.auto",
     "BaseModelMismatchError": "formats.base_check",
-    "EigenTuneConfig": "model.seed",
-    "EigenTunedLayer": "model.seed",
+    "EigenTuneConfig": "model.eigentune_compat",
+    "EigenTunedLayer": "model.eigentune_compat",
     "SaveAdapterCallback": "training.callbacks",
     "SigmaConfig": "core.config",
     "SigmaModel": "model.sigma_model",
     "SpectralLinear": "core.layer",
-    "get_eigentune_model": "model.seed",
+    "get_eigentune_model": "model.eigentune_compat",
     "get_sigma_model": "model.sigma_model",
     "read_adapter": "formats.adapter_file",
     "register_dequantizer": "core.weights",
@@ -36,10 +36,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .formats.adapter_file import AdapterRecord, read_adapter
     from .formats.base_check import BaseModelMismatchError
     from .formats.files import AdapterFileError
-    from .model.seed import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
+    from .model.auto import AutoSigmaModelForCausalLM
+    from .model.eigentune_compat import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
     from .model.sigma_model import SigmaModel, get_sigma_model
     from .serving.bank import AdapterBank
-    from .training.auto import AutoSigmaModelForCausalLM
     from .training.callbacks import SaveAdapterCallback
 
 

@@ -22,9 +22,10 @@ from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
 from .formats.files import atomic_write_json, check_output_folder, staged_folder
 from .formats.model_card import write_model_card
+from .hub.loading import DEFAULT_MODEL, load_model
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
-from .training.data import DEFAULT_MODEL, load_model, load_task
+from .training.data import load_task
 from .training.job import SUMMARY_NAME, base_score, format_score, score
 from .training.settings import TrainSettings
 from .training.summary import read_summary, settings_of

@@ -179,7 +179,7 @@ def test_compression_keeps_the_largest_directions_and_serves_at_that_rank(config
 
 def test_the_compress_command_writes_a_small_adapter(tmp_path, capsys):
     folder = save_tiny_chat_model(tmp_path / "model", ["a b c d e f g", "one two three"])
-    from sigmatune.training.data import load_model
+    from sigmatune.hub.loading import load_model
 
     model = get_sigma_model(load_model(str(folder))[0], SigmaConfig(rank="full"))
     randomize(model, scale=0.1)

@@ -13,8 +13,8 @@ import torch
 from sigmatune import SigmaConfig, get_sigma_model, read_adapter
 from sigmatune.cli import main
 from sigmatune.core.structures import valid_part
+from sigmatune.hub.loading import load_model
 from sigmatune.model.compress import _restricted, _singular_update, activation_moments
-from sigmatune.training.data import load_model
 from sigmatune.training.job import SUMMARY_NAME, train
 from tests.models import logits, randomize, save_tiny_chat_model, tiny_gpt2, tiny_llama, token_batch
 from tests.training.test_train import settings, workspace  # noqa: F401 (a fixture)

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel
 
 from sigmatune import BaseModelMismatchError, SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.formats.files import AdapterFileError
-from sigmatune.training.data import registry_file
+from sigmatune.hub.registry import registry_file
 from tests.models import logits, randomize, tiny_gpt2, tiny_llama, token_batch
 
 SEED_WHEEL = (

@@ -21,7 +21,7 @@ from sigmatune.cli import main
 from sigmatune.core.svd import BASIS_TOLERANCE, SpectrumRequest, compute_spectra, spectrum_error
 from sigmatune.core.weights import fingerprint
 from sigmatune.formats.basis_cache import BasisCache
-from sigmatune.training.data import load_model
+from sigmatune.hub.loading import load_model
 from tests.models import logits, randomize, save_tiny_chat_model, tiny_llama, token_batch
 
 WIDE = dict(hidden_size=256, intermediate_size=320)

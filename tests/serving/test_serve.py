@@ -14,8 +14,8 @@ import torch
 
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.commands import build_server
+from sigmatune.hub.loading import load_model
 from sigmatune.serving.routes import serve_in_thread
-from sigmatune.training.data import load_model
 from tests.models import randomize, save_tiny_chat_model
 
 TEXTS = [f"Is {n} even? {'yes' if n % 2 == 0 else 'no'}" for n in range(60)] + ["system user assistant"]

@@ -14,8 +14,8 @@ import torch
 from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.cli import main
 from sigmatune.commands import build_server
+from sigmatune.hub.loading import load_model
 from sigmatune.serving.routes import serve_in_thread
-from sigmatune.training.data import load_model
 from tests.models import randomize, save_tiny_chat_model
 
 WIDE = dict(hidden_size=256, intermediate_size=320)

@@ -1,18 +1,14 @@
-"""Tasks from files and from BIG-bench records; registry downloads from a real loopback index."""
+"""Tasks from files and from BIG-bench records (registry downloads: tests/hub/test_registry.py)."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import http.server
 import json
-import threading
-from functools import partial
 
 import pytest
 
 from sigmatune.training import data
-from sigmatune.training.data import Example, load_task, registry_file
+from sigmatune.training.data import Example, load_task
 from sigmatune.training.settings import DEFAULT_DATA
 
 
@@ -93,66 +89,3 @@ def test_the_default_task_is_shipped_whole_and_checked(tmp_path, monkeypatch, is
     monkeypatch.setattr(data, "BUNDLED", tmp_path)
     with pytest.raises(RuntimeError, match="damaged; reinstall"):
         load_task(DEFAULT_DATA)
-
-
-def test_a_gguf_file_is_read_once_while_converting(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    original = gguf.GGUFReader
-    with data._gguf_read_once():
-        first, second = gguf.GGUFReader(path), gguf.GGUFReader(path)
-        assert first is second and first.tensors[0].name == "token_embd.weight"
-        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(
-            gguf.MODEL_ARCH.LLAMA, 2
-        )
-    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first  # as it was after the block
-
-
-class _Index(http.server.SimpleHTTPRequestHandler):
-    """A package index on loopback: /simple/<project>/ as PEP 691 JSON, and the files."""
-
-    def do_GET(self):
-        if self.path.startswith("/simple/demo/"):
-            files = [{"filename": "demo-1.0.tar.gz", "url": "/files/demo-1.0.tar.gz", "hashes": {}}]
-            body = json.dumps({"files": files}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def index(tmp_path, monkeypatch):
-    (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "demo-1.0.tar.gz").write_bytes(b"payload " * 1000)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Index, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
-    yield hashlib.sha256(b"payload " * 1000).hexdigest()
-    server.shutdown()
-
-
-def test_registry_file_downloads_once_and_checks_sha256(index, isolated_cache):
-    with pytest.raises(RuntimeError, match=r"has sha256 .* expected 0000: refused"):
-        registry_file("demo", "demo-1.0.tar.gz", "0000")
-    assert not (isolated_cache.parent / "downloads" / "demo-1.0.tar.gz").exists()
-    path = registry_file("demo", "demo-1.0.tar.gz", index)
-    assert path.read_bytes() == b"payload " * 1000
-    assert registry_file("demo", "demo-1.0.tar.gz", "not checked again") == path
-    with pytest.raises(RuntimeError, match=r"lists no demo-2\.0\.tar\.gz.*put it at"):
-        registry_file("demo", "demo-2.0.tar.gz", index)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
-from sigmatune.training.data import load_model, load_task
+from sigmatune.hub.loading import load_model
+from sigmatune.training.data import load_task
 from sigmatune.training.job import train
 from sigmatune.training.settings import DEFAULT_DATA, TrainSettings
 

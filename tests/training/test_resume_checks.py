@@ -11,8 +11,9 @@ import torch
 from sigmatune.cli import main
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
 from sigmatune.formats.checkpoint import CHECKPOINT_NAME
+from sigmatune.hub.loading import load_model
 from sigmatune.model.sigma_model import get_sigma_model
-from sigmatune.training.data import load_model, load_task
+from sigmatune.training.data import load_task
 from sigmatune.training.evaluate import Score
 from sigmatune.training.job import SUMMARY_NAME, train
 from sigmatune.training.loop import fit

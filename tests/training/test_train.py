@@ -20,7 +20,8 @@ from sigmatune.cli import main
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
 from sigmatune.formats.checkpoint import CHECKPOINT_NAME
 from sigmatune.formats.files import AdapterFileError
-from sigmatune.training.data import Example, load_model
+from sigmatune.hub.loading import load_model
+from sigmatune.training.data import Example
 from sigmatune.training.evaluate import normalize
 from sigmatune.training.job import SUMMARY_NAME, train
 from sigmatune.training.loop import batch_order, lr_factor

@@ -9,7 +9,7 @@ import torch
 
 from sigmatune import SaveAdapterCallback, SigmaConfig, SigmaModel, get_sigma_model
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
-from sigmatune.training.data import load_model
+from sigmatune.hub.loading import load_model
 from tests.models import save_tiny_chat_model
 
 trl = pytest.importorskip("trl")

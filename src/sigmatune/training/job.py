@@ -25,9 +25,10 @@ from ..formats import checkpoint
 from ..formats.checkpoint import CHECKPOINT_NAME
 from ..formats.files import atomic_write_json
 from ..formats.model_card import write_model_card
+from ..hub.loading import load_model
 from ..model.exchange import record_of
 from ..model.sigma_model import get_sigma_model
-from .data import Task, load_model, load_task
+from .data import Task, load_task
 from .evaluate import Score, exact_match, heldout_loss
 from .loop import fit, log, use_packing
 from .output_lock import output_lock

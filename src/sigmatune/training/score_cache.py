@@ -20,8 +20,8 @@ import transformers
 
 from ..core.config import cache_root
 from ..formats.files import atomic_write_json
+from ..hub.loading import resolve_model
 from ..version import __version__
-from .data import resolve_model
 from .evaluate import Score
 from .settings import TrainSettings
 

@@ -8,12 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..hub.loading import DEFAULT_MODEL  # torch-free to import: the CLI reads it while parsing
+
 if TYPE_CHECKING:  # at run time imported where used: the CLI parses its options without torch
     import torch
 
     from ..core.config import SigmaConfig
 
-DEFAULT_MODEL = "smollm2"  # data.py resolves it: SmolLM2-135M-Instruct, converted once from its GGUF
 DEFAULT_DATA = "bigbench:qa_wikidata"
 
 # What rank "auto" takes (and structure "auto" with it), by device: points of the quality sweep's frontier

