@@ -17,7 +17,7 @@ import torch
 
 from .core.config import SigmaConfig
 from .core.device import resolve_device
-from .core.structures import half_width
+from .core.structures.registry import structure_of
 from .core.updates import update_rule
 from .formats.adapter_file import WEIGHTS_NAME, read_adapter, write_adapter
 from .formats.files import atomic_write_json, check_output_folder, staged_folder
@@ -81,10 +81,11 @@ def inspect_adapter(adapter_dir, plot: str | None = None) -> dict:
     record = read_adapter(adapter_dir)
     update = record.config.update
     rule = update_rule(update)
+    kind = structure_of(record.config.structure, record.config.band)
     rows = []
     for name, layer in record.layers.items():
-        scales = rule.scales(layer.vector, layer.sigma)  # g = δ/σ (r,), or a band of M (2b+1, r)
-        relative = _diagonal_of(scales)
+        scales = rule.scales(layer.vector, layer.sigma)  # g = δ/σ (r,), a band of M (2b+1, r), or M
+        relative = kind.diagonal(scales)
         rows.append(
             {
                 "layer": name,
@@ -114,11 +115,6 @@ def inspect_adapter(adapter_dir, plot: str | None = None) -> dict:
     if plot:
         _plot(record, plot)
     return {"layers": rows, "config": record.config.to_dict()}
-
-
-def _diagonal_of(scales: torch.Tensor) -> torch.Tensor:
-    """g (r,) of a diagonal adapter, or the diagonal of a band's M (its middle row)."""
-    return scales if scales.dim() == 1 else scales[half_width(scales)]
 
 
 def merge_adapter(adapter_dir, output_dir, model: str | None = None, dtype: str = "float32") -> Path:
@@ -224,10 +220,11 @@ def _plot(record, path: str) -> None:
     figure, axes = plt.subplots(1, 3 if band else 2, figsize=(21 if band else 14, 5))
     changes, spectra = axes[0], axes[1]
     rule = update_rule(record.config.update)
+    structure = structure_of(record.config.structure, band)
     for name, layer in record.layers.items():
         kind = name.rsplit(".", 1)[-1]
         scales = rule.scales(layer.vector, layer.sigma)
-        changes.plot(layer.indices, _diagonal_of(scales), color=color[kind], alpha=0.4, lw=0.8)
+        changes.plot(layer.indices, structure.diagonal(scales), color=color[kind], alpha=0.4, lw=0.8)
         spectra.semilogy(layer.indices, layer.sigma, color=color[kind], alpha=0.4, lw=0.8)
         if band:  # the band's size by offset: RMS of each diagonal of M
             offsets = list(range(-band, band + 1))

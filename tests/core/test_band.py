@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from sigmatune import SigmaConfig, SpectralLinear
-from sigmatune.core import transform as F
-from sigmatune.core.structures import Band, band_to_dense, dense_to_band, spread, valid_part
+from sigmatune.core.structures import band
+from sigmatune.core.structures.band import Band, band_to_dense, dense_to_band, valid_part
+from sigmatune.core.structures.diagonal import Diagonal
 from sigmatune.core.svd import SpectrumRequest, compute_spectra
 from sigmatune.core.weights import fingerprint
 from tests.core.test_layer import SHAPES, make_linear
@@ -38,12 +39,12 @@ def test_banded_mixes_equal_dense_products():
     c = banded(7, 2)
     p = torch.randn(5, 7, dtype=torch.float64)
     m = band_to_dense(c)
-    torch.testing.assert_close(F.band_mix(p, c), p @ m, rtol=0, atol=1e-12)
-    torch.testing.assert_close(F.band_mix_transposed(p, c), p @ m.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(band.band_mix(p, c), p @ m, rtol=0, atol=1e-12)
+    torch.testing.assert_close(band.band_mix_transposed(p, c), p @ m.T, rtol=0, atol=1e-12)
     assert torch.equal(dense_to_band(m, 2), c)
     assert (m.triu(3) == 0).all() and (m.tril(-3) == 0).all()  # |i − j| ≤ b only
     q = torch.randn(5, 7, dtype=torch.float64)
-    torch.testing.assert_close(F.band_grad(p, q, 2), dense_to_band(p.T @ q, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(band.band_grad(p, q, 2), dense_to_band(p.T @ q, 2), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("side", SHAPES)
@@ -82,7 +83,7 @@ def test_a_band_over_columns_that_are_not_consecutive(side):
         spread_dense[adapter.positions][:, adapter.positions], band_to_dense(valid_part(adapter.vector))
     )
     assert torch.equal(
-        band_to_dense(spread(torch.ones(3), torch.tensor([0, 2, 3]), 4)),
+        band_to_dense(Diagonal().spread(torch.ones(3), torch.tensor([0, 2, 3]), 4)),
         torch.diag(torch.tensor([1.0, 0, 1, 1])),
     )
 

@@ -17,7 +17,7 @@ from torch import nn
 import sigmatune.core.layer
 from sigmatune import SigmaConfig
 from sigmatune.core import linear as fused_linear
-from sigmatune.core.structures import Band, band_to_dense
+from sigmatune.core.structures.band import Band, band_to_dense
 from sigmatune.ops import transform_kernel as kernels
 from sigmatune.ops.backends import using
 from tests.core.test_layer import SHAPES, make_linear, wrap

@@ -46,7 +46,7 @@ def test_a_band_file_whose_vector_has_the_wrong_shape_is_refused(tmp_path):
     name = next(k for k in tensors if k.endswith(".vector"))
     tensors[name] = tensors[name][2]  # one diagonal only: (r,), as a diagonal adapter's
     safetensors.torch.save_file(tensors, path, metadata=metadata)
-    with pytest.raises(AdapterFileError, match=r"vector as \[8\]; it must be \[5, r\]"):
+    with pytest.raises(AdapterFileError, match=r"vector as \[8\]; a band adapter's is \[5, 'r'\]"):
         read_adapter(tmp_path)
 
 

@@ -12,9 +12,9 @@ import torch
 
 from sigmatune import SigmaConfig, get_sigma_model, read_adapter
 from sigmatune.cli import main
-from sigmatune.core.structures import valid_part
+from sigmatune.core.structures.band import valid_part
 from sigmatune.hub.loading import load_model
-from sigmatune.model.compress import _restricted, _singular_update, activation_moments
+from sigmatune.model.compress import _singular_update, activation_moments
 from sigmatune.training.job import SUMMARY_NAME, train
 from tests.models import logits, randomize, save_tiny_chat_model, tiny_gpt2, tiny_llama, token_batch
 from tests.training.test_train import settings, workspace  # noqa: F401 (a fixture)
@@ -177,8 +177,9 @@ def test_a_calibrated_band_is_refitted_to_its_least_squares_best_on_the_data():
         own = layer.sigma_adapters["default"].indices.tolist()
         chosen = [own.index(i) for i in layer.sigma_adapters["cut"].indices.tolist()]
         with torch.no_grad():  # the truncation: M's entries among the kept directions, as they were
+            default = layer.sigma_adapters["default"]
             layer.sigma_adapters["cut"].vector.copy_(
-                _restricted(layer.sigma_adapters["default"].vector, torch.tensor(chosen))
+                default.structure.restrict(default.vector, torch.tensor(chosen))
             )
         refit, cut = output_error(layer, x, "refit"), output_error(layer, x, "cut")
         assert refit <= cut * (1 + 1e-5) + 1e-9

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sigmatune.core import transform as F
-from sigmatune.core.structures import valid_part
+from sigmatune.core.structures import band
+from sigmatune.core.structures.band import valid_part
 from sigmatune.ops import band_kernel as band_kernels
 from sigmatune.ops import transform_kernel as kernels
 from sigmatune.ops.backends import using
@@ -34,7 +35,7 @@ def case(n, r, w, dtype, seed=0):
 def test_mix_matches_the_torch_mix(dtype, n, r, w, transposed):
     p, _, c = case(n, r, w, dtype)
     out = band_kernels.mix(p, c, transposed=transposed)
-    reference = F.band_mix_transposed if transposed else F.band_mix
+    reference = band.band_mix_transposed if transposed else band.band_mix
     expected = reference(p.double(), c.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and out.shape == p.shape
@@ -46,7 +47,7 @@ def test_mix_matches_the_torch_mix(dtype, n, r, w, transposed):
 def test_grad_matches_the_band_of_q_transpose_p(dtype, n, r, w):
     p, q, _ = case(n, r, w, dtype, seed=1)
     grad = band_kernels.grad(q, p, w)
-    expected = F.band_grad(q.double(), p.double(), w)
+    expected = band.band_grad(q.double(), p.double(), w)
     assert grad.dtype == torch.float32 and grad.shape == (2 * w + 1, r)
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-4 * n**0.5)
 
@@ -63,7 +64,7 @@ def test_the_gemm_path_uses_them_and_matches_the_torch_mixes():
     for use in (False, True):
         x, c = a.clone().requires_grad_(True), bands.clone().requires_grad_(True)
         with using("band" if use else "torch"):
-            out = F.transform(x, basis, c, shift=torch.ones(r, device=DEVICE))
+            out = F.transform(x, basis, c, shift=torch.ones(r, device=DEVICE), structure=band.Band(w))
         (out * torch.linspace(-1, 1, d, device=DEVICE)).square().sum().backward()
         results[use] = (out.detach(), x.grad, c.grad)
     for plain, kernel in zip(results[False], results[True], strict=True):

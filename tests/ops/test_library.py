@@ -12,7 +12,7 @@ import torch
 
 from sigmatune import SigmaConfig, get_sigma_model
 from sigmatune.core import transform as F
-from sigmatune.core.structures import valid_part
+from sigmatune.core.structures.band import valid_part
 from sigmatune.ops import library as transform_op
 from sigmatune.ops import transform_kernel as kernels
 from sigmatune.ops.backends import using

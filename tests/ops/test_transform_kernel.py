@@ -12,7 +12,8 @@ import torch
 
 from sigmatune import SigmaConfig
 from sigmatune.core import transform as F
-from sigmatune.core.structures import band_to_dense, dense_to_band, valid_part
+from sigmatune.core.structures.band import band_to_dense, dense_to_band, valid_part
+from sigmatune.core.structures.registry import structure_of
 from sigmatune.ops import transform_kernel as kernels
 from sigmatune.ops.backends import using
 from tests.core.test_layer import make_linear, wrap
@@ -126,7 +127,13 @@ def test_fused_autograd_matches_the_plain_path(with_shift, band):
         x = a.clone().requires_grad_(True)
         w = g.clone().requires_grad_(True)
         with using("transform" if fused else "torch"):
-            out = F.transform(x, basis, w, shift if with_shift else None)
+            out = F.transform(
+                x,
+                basis,
+                w,
+                shift if with_shift else None,
+                structure=structure_of("band", band) if band else F.DIAGONAL,
+            )
         (out * torch.linspace(-1, 1, 40, device=DEVICE)).square().sum().backward()
         results[fused] = (out.detach(), x.grad, w.grad)
     for plain, fused in zip(results[False], results[True], strict=True):

@@ -4,9 +4,9 @@
 
 Semantics of a Backend (checked against core/transform.py's GEMMs and the fp64 reference by
 tests/core/test_backends.py, values and gradients):
-    forward_pass(a, B, C, c) → (out in a's dtype, saved)         C: g (r,) or a band's diagonals (2w+1, r), fp32
-    backward_pass(dout, B, C, saved) → (dout + ((dout B) M) Bᵀ, dC in fp32, C's shape)
-    compiled(a, B, C, c) → out, one node for torch.compile, or None to let it trace the passes
+    forward_pass(a, B, C, c, S) → (out in a's dtype, saved)     C: the coefficients of structure S, fp32
+    backward_pass(dout, B, C, saved, S) → (dout + ((dout B) M) Bᵀ, dC in fp32, C's shape)
+    compiled(a, B, C, c, S) → out, one node for torch.compile, or None to let it trace the passes
     by_ops(call) → whether an eager plain nn.Linear takes four torch ops (core/linear.py) instead of one
                    autograd node around the passes
 
@@ -33,21 +33,19 @@ class Call:
     device: str  # "cuda", "cpu", ...
     dtype: torch.dtype  # of a (autocast's, where it is on)
     rank: int  # r, the basis' columns
-    band: int  # a band's half-width w; 0 for a diagonal
-    diagonal: bool
+    structure: str  # the coefficients' structure (core/structures/)
+    band: int | None  # its half-width as a band: 0 for a diagonal, None where it is no band
     compiling: bool  # traced by torch.compile
     disabled: frozenset[str] = NOTHING_DISABLED  # kernels the caller turned off (ops/switches.py)
 
     @staticmethod
-    def of(
-        a: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor, disabled=NOTHING_DISABLED
-    ) -> Call:
+    def of(a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED) -> Call:
         device = a.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
-        diagonal = coefficients.dim() == 1
-        band = 0 if diagonal else (coefficients.shape[0] - 1) // 2
-        compiling = torch.compiler.is_compiling()
-        return Call(device, dtype, basis.shape[1], band, diagonal, compiling, disabled)
+        band = structure.width(coefficients)
+        return Call(
+            device, dtype, basis.shape[1], structure.name, band, torch.compiler.is_compiling(), disabled
+        )
 
 
 class Backend:
@@ -62,13 +60,13 @@ class Backend:
         """Whether it can compute the call at all, chosen or not (using() asks this): by default, supports."""
         return self.supports(call)
 
-    def forward_pass(self, a, basis, coefficients, shift):
+    def forward_pass(self, a, basis, coefficients, shift, structure):
         raise NotImplementedError
 
-    def backward_pass(self, grad, basis, coefficients, saved):
+    def backward_pass(self, grad, basis, coefficients, saved, structure):
         raise NotImplementedError
 
-    def compiled(self, a, basis, coefficients, shift):
+    def compiled(self, a, basis, coefficients, shift, structure):
         return None
 
     def by_ops(self, call: Call) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .structures import STRUCTURES, structure_of
+from .structures.registry import STRUCTURES, structure_of
 from .updates import UPDATES, update_rule
 
 INITS = ("zeros", "normal")
@@ -46,9 +46,8 @@ class SigmaConfig:
     # bottom-r, or explicit singular-value indices (0 = largest): one list for every layer, or a dict from
     # layer name (exact or dotted suffix) to a list; explicit indices override `rank`
     update: str = "multiplicative"  # the update rule (updates.py): "additive" trains δ, "multiplicative" g
-    structure: str = (
-        "diagonal"  # what a layer trains over S: "diagonal" (g) or "band" (a banded M, structures.py)
-    )
+    structure: str = "diagonal"  # what a layer trains over S: "diagonal" (g), "band" (a banded M) or
+    # "dense" (M, r × r): core/structures/
     band: int = 0  # structure="band": M's half-width b, |i − j| ≤ b (2b + 1 diagonals); 0 otherwise
     init: str = "zeros"  # "zeros" = the adapted model equals the base at step 0; "normal" = N(0, init_std²)
     init_std: float = 1e-3  # standard deviation of init="normal"
@@ -194,7 +193,7 @@ def _check_structure(structure, band, update: str) -> None:
     _check_choice("structure", structure, STRUCTURES)
     if isinstance(band, bool) or not isinstance(band, int) or band < 0:
         raise ValueError(f"band must be an int ≥ 0 (the band's half-width), got {band!r}")
-    if structure == "diagonal" and band:
+    if structure != "band" and band:
         raise ValueError(f"band={band} is the half-width of a band: set structure='band' (or leave band=0)")
     structure_of(structure, band).check_rule(update_rule(update))
 

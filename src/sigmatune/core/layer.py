@@ -23,7 +23,10 @@ from torch import nn
 from . import transform as F
 from .backends import NOTHING_DISABLED
 from .linear import adapted_linear
-from .structures import Diagonal, Structure, band_to_dense, half_width, spread, spread_plan, valid_part
+from .structures.band import half_width, spread_plan
+from .structures.base import Structure
+from .structures.diagonal import Diagonal
+from .structures.registry import structure_of
 from .svd import Spectrum, side_for
 from .updates import update_rule
 from .weights import (
@@ -39,8 +42,9 @@ from .weights import (
 
 
 class SigmaVector(nn.Module):
-    """One adapter's trained tensor in one layer, and where its entries sit in the layer's basis:
-    `vector` is (r,) for the diagonal structure, the 2b+1 diagonals (2b+1, r) of M for a band."""
+    """One adapter's trained tensor in one layer and its structure (structures/), and where its entries sit
+    in the layer's basis: `vector` is (r,) for the diagonal structure, the 2b+1 diagonals (2b+1, r) of M for
+    a band, M (r, r) for a dense core."""
 
     def __init__(
         self,
@@ -58,20 +62,20 @@ class SigmaVector(nn.Module):
         vector = torch.zeros(self.structure.shape(len(indices)), dtype=dtype, device=indices.device)
         if init == "normal":
             vector.normal_(0.0, init_std)
-            vector.copy_(valid_part(vector))
+            vector.copy_(self.structure.initial(vector))
         self.vector = nn.Parameter(vector)
         self.register_buffer("indices", indices, persistent=False)  # (r,) singular-value indices
         self.register_buffer("positions", None, persistent=False)  # (r,) columns of the basis; None = all
         self._plan = None  # (positions, spread_plan) of a band, for the positions it was computed for
 
     def spread(self, coefficients: torch.Tensor, stored: int) -> torch.Tensor:
-        """This adapter's coefficients (g, or its band) over all `stored` columns (structures.spread); a
-        band's plan is computed once for the current positions."""
-        if self.positions is None or coefficients.dim() == 1:
-            return spread(coefficients, self.positions, stored)
+        """This adapter's coefficients over all `stored` columns (Structure.spread); a band's plan is worked
+        out once for the current positions."""
+        if self.positions is None or self.structure.name != "band":
+            return self.structure.spread(coefficients, self.positions, stored)
         if self._plan is None or self._plan[0] is not self.positions:
             self._plan = (self.positions, spread_plan(self.positions, half_width(coefficients), stored))
-        return spread(coefficients, self.positions, stored, self._plan[1])
+        return self.structure.spread(coefficients, self.positions, stored, self._plan[1])
 
     def extra_repr(self) -> str:
         return f"r={len(self.indices)}, update={self.rule.name}, structure={self.structure!r}"
@@ -150,12 +154,15 @@ class SpectralLinear(nn.Module):
         for adapter in self.sigma_adapters.values():
             adapter.positions = self.positions_for(adapter.indices.tolist())
 
-    def scales_for(self, indices: list[int], vector: torch.Tensor, update: str) -> torch.Tensor:
-        """g (R,) over all R stored directions — or a band (2w+1, R) — for a vector (or band) over the
-        given (stored) singular-value indices, read with the update rule named `update`."""
+    def scales_for(
+        self, indices: list[int], vector: torch.Tensor, update: str, structure: Structure | None = None
+    ) -> torch.Tensor:
+        """The coefficients over all R stored directions (g (R,), a band (2w+1, R), M (R, R)) of a trained
+        tensor of `structure` (default the diagonal) over the given (stored) singular-value indices, read
+        with the update rule named `update`."""
         positions = self.positions_for(sorted(indices))
         g = update_rule(update).scales(vector.to(self.sigma_values.device), self.sigma_at(positions))
-        return spread(g, positions, self.rank)
+        return (structure or Diagonal()).spread(g, positions, self.rank)
 
     def columns(self, name: str) -> torch.Tensor | slice:
         """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
@@ -163,13 +170,13 @@ class SpectralLinear(nn.Module):
         return slice(None) if positions is None else positions
 
     def scales(self, name: str) -> torch.Tensor:
-        """g over all R stored directions (fp32): the adapter's scales, zero where it trains nothing; for a
-        band, M's diagonals over the stored columns (2w+1, R)."""
+        """The adapter's coefficients over all R stored directions (fp32), zero where it trains nothing: g
+        (R,), a band's diagonals over the stored columns (2w+1, R), or M (R, R)."""
         adapter = self.sigma_adapters[name]
         return adapter.spread(self._own_scales(adapter), self.rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
-        """The adapter's g (r,) — or its band (2b+1, r) — over its own directions, in σ order."""
+        """The adapter's coefficients over its own directions, in σ order (g (r,), a band (2b+1, r), M)."""
         return self._own_scales(self.sigma_adapters[name])
 
     def _own_scales(self, adapter: SigmaVector) -> torch.Tensor:
@@ -202,20 +209,25 @@ class SpectralLinear(nn.Module):
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
         base, basis, off = self.base_layer, self.sigma_basis, self.disabled_kernels
-        g = self.scales(name)  # g (R,), or a band (2w+1, R)
-        out = adapted_linear(x, base, basis, g, self.side == "input", off)  # eager: one autograd node
+        structure = self.sigma_adapters[name].structure
+        c = self.scales(name)  # g (R,), a band (2w+1, R), M (R, R)
+        out = adapted_linear(x, base, basis, c, self.side == "input", off, structure)  # eager: one node
         if out is not None:
             return out
         if self.side == "input":
-            return base(F.adapt_input(x, basis, g, off))
-        return F.adapt_output(base(x), bias_of(base), basis, g, off)
+            return base(F.adapt_input(x, basis, c, off, structure))
+        return F.adapt_output(base(x), bias_of(base), basis, c, off, structure)
 
-    def forward_rows(self, x: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
-        """The layer on a mixed batch by torch ops: leading row b of x with g = g_rows[b] (or its band)."""
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, structure: Structure | None = None
+    ) -> torch.Tensor:
+        """The layer on a mixed batch by torch ops: leading row b of x with the coefficients rows[b] of
+        `structure` (default: g (B, R), or bands (B, 2w+1, R), by their dimension: a serving table's)."""
+        structure = structure or (Diagonal() if rows.dim() == 2 else structure_of("band", half_width(rows)))
         if self.side == "input":
-            return self.base_layer(F.transform_rows(x, self.sigma_basis, g_rows))
+            return self.base_layer(F.transform_rows(x, self.sigma_basis, rows, None, structure))
         shift = F.output_shift(bias_of(self.base_layer), self.sigma_basis)
-        return F.transform_rows(self.base_layer(x), self.sigma_basis, g_rows, shift)
+        return F.transform_rows(self.base_layer(x), self.sigma_basis, rows, shift, structure)
 
     @torch.no_grad()
     def lora_factors(
@@ -228,7 +240,8 @@ class SpectralLinear(nn.Module):
         The side not stored comes from W: the layer's own weight, or `weight` (out, in) when given.
         """
         columns = self.columns(name)
-        m = band_to_dense(self.own_scales(name).detach().double())  # (r, r)
+        structure = self.sigma_adapters[name].structure
+        m = structure.to_dense(self.own_scales(name).detach().double())  # (r, r)
         basis = self.sigma_basis[:, columns].double()  # (d, r)
         weight = (
             (dequantized_weight(self.base_layer) if weight is None else weight).detach().to(basis)
@@ -255,8 +268,9 @@ class SpectralLinear(nn.Module):
         """W ← W + U_S diag(δ_S) V_Sᵀ for the active adapter. A second merge changes nothing."""
         if self.merged_adapter is not None or self.active_adapter is None:
             return
-        g = self.scales(self.active_adapter).detach().clone()  # g (R,), or a band: M dense (R, R)
-        g = g if g.dim() == 1 else band_to_dense(g)
+        structure = self.sigma_adapters[self.active_adapter].structure
+        g = self.scales(self.active_adapter).detach().clone()  # g (R,), or M dense (R, R)
+        g = g if structure.elementwise else structure.to_dense(g)
         self._rewrite_weight(g)
         self.register_buffer("_merged_scales", g, persistent=False)
         self.merged_adapter = self.active_adapter

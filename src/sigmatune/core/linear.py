@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from .backends import NOTHING_DISABLED, Call, choose
-from .transform import output_shift
+from .structures.base import Structure
+from .transform import DIAGONAL, output_shift
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # a weight's types; not a DTensor shard or a quantized subclass
 
@@ -50,6 +51,7 @@ def adapted_linear(
     coefficients: torch.Tensor,
     input_side: bool,
     disabled: frozenset[str] = NOTHING_DISABLED,
+    structure: Structure = DIAGONAL,
 ) -> torch.Tensor | None:
     """The adapted layer's output for x (…, in) as one autograd node (see the module docstring;
     differentiable in x and g, or C), or None where this path would not be exact: then the caller takes the
@@ -71,12 +73,12 @@ def adapted_linear(
     ):
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    call = Call.of(flat, basis, coefficients, disabled)
+    call = Call.of(flat, basis, coefficients, structure, disabled)
     backend = choose(call)
     if backend.by_ops(call):
         out = _diagonal_by_ops(flat, weight, bias, basis, coefficients, input_side)  # (N, out)
     else:
-        out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, backend)  # (N, out)
+        out = _AdaptedLinear.apply(flat, weight, bias, basis, coefficients, input_side, backend, structure)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -145,15 +147,15 @@ class _AdaptedLinear(torch.autograd.Function):
     """The transform's passes (by the chosen backend) and the base GEMM, forward and backward, in one node."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, basis, coefficients, input_side, backend):
-        ctx.input_side, ctx.backend = input_side, backend
+    def forward(ctx, x, weight, bias, basis, coefficients, input_side, backend, structure):
+        ctx.input_side, ctx.backend, ctx.structure = input_side, backend, structure
         if input_side:
-            adapted, saved = backend.forward_pass(x, basis, coefficients, None)  # x̃, P
+            adapted, saved = backend.forward_pass(x, basis, coefficients, None, structure)  # x̃, P
             out = torch.nn.functional.linear(adapted, weight, bias)
         else:
             shift = output_shift(bias, basis)  # c = b U (r,)
             linear = torch.nn.functional.linear(x, weight, bias)
-            out, saved = backend.forward_pass(linear, basis, coefficients, shift)
+            out, saved = backend.forward_pass(linear, basis, coefficients, shift, structure)
         ctx.save_for_backward(saved, weight, basis, coefficients)
         return out
 
@@ -162,12 +164,14 @@ class _AdaptedLinear(torch.autograd.Function):
         saved, weight, basis, coefficients = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if ctx.input_side:
-            grad_x, grad_c = ctx.backend.backward_pass(grad_out.mm(weight), basis, coefficients, saved)
+            grad_x, grad_c = ctx.backend.backward_pass(
+                grad_out.mm(weight), basis, coefficients, saved, ctx.structure
+            )
         else:
-            grad_z, grad_c = ctx.backend.backward_pass(grad_out, basis, coefficients, saved)
+            grad_z, grad_c = ctx.backend.backward_pass(grad_out, basis, coefficients, saved, ctx.structure)
             grad_x = grad_z.mm(weight) if ctx.needs_input_grad[0] else None
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, None, grad_c, None, None
+        return grad_x, None, None, None, grad_c, None, None, None
 
 
 def _hooked(base: nn.Module) -> bool:

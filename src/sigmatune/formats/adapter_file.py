@@ -1,7 +1,8 @@
 """The adapter file format: one safetensors file that carries its own settings, and a JSON copy.
 
-    <dir>/sigma_adapter.safetensors   per layer L:  L.vector (r,) float32   the trained vector (a band:
-                                                                        its diagonals, (2b+1, r))
+    <dir>/sigma_adapter.safetensors   per layer L:  L.vector (r,) float32   the trained vector (another
+                                                                        structure's shape: a band's
+                                                                        diagonals (2b+1, r), M (r, r))
                                                   L.indices (r,) int64   its singular-value indices
                                                   L.sigma (r,) float32   σ at those indices (base check)
                                                   L.basis (d, r)         only when saved with bases
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 from ..core.config import BASIS_EFFORT, SigmaConfig
+from ..core.structures.base import Structure
+from ..core.structures.registry import STRUCTURES, structure_of
 from ..core.svd import basis_rows
 from .files import (
     CHECKSUM,
@@ -42,8 +45,8 @@ from .files import (
 
 FORMAT = "sigmatune"
 FORMAT_VERSION = 3  # 2: the checksum is required (version-1 files, which have none, still load);
-# 3: the settings name a structure, and a band's vector is (2b+1, r) (version-2 files are diagonal)
-BAND_VERSION = 3
+# 3: the settings name a structure, the vector has its shape (a band's (2b+1, r); version-2 files are diagonal)
+STRUCTURES_VERSION = 3
 WEIGHTS_NAME = "sigma_adapter.safetensors"
 CONFIG_NAME = "sigma_config.json"
 LAYER_TENSORS = ("vector", "indices", "sigma")
@@ -186,22 +189,21 @@ def _parse_header(path: Path, metadata: dict) -> dict:
 def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, list[int]]]) -> None:
     """Every tensor the file declares, by name, dtype and shape, against the header — before reading."""
     header = _parse_header(path, metadata)
-    diagonals = _band_rows(path, header)  # None: a vector (r,); else the rows (2b+1) of a band
-    want = "[r]" if diagonals is None else f"[{diagonals}, r]"
+    structure = _structure(path, header)  # the vector over r directions is structure.shape(r)
     expected = {}
     for name, (out_features, in_features) in header["layers"].items():
         k, d = min(out_features, in_features), basis_rows(out_features, in_features)
         vector_shape = declared.get(f"{name}.vector", (None, None))[1]
         if vector_shape is None:
             raise AdapterFileError(path, f"lacks {name}.vector", "the file is incomplete; re-save it")
-        lead = [] if diagonals is None else [diagonals]
-        if len(vector_shape) != len(lead) + 1 or vector_shape[:-1] != lead or not 1 <= vector_shape[-1] <= k:
+        r = vector_shape[-1] if vector_shape else 0
+        if not 1 <= r <= k or vector_shape != list(structure.shape(r)):
             raise AdapterFileError(
                 path,
-                f"declares {name}.vector as {vector_shape}; it must be {want} with 1 ≤ r ≤ min(in, out) = {k}",
+                f"declares {name}.vector as {vector_shape}; a {structure.name} adapter's is "
+                f"{list(structure.shape('r'))} with 1 ≤ r ≤ min(in, out) = {k}",
             )
-        r = vector_shape[-1]
-        expected[f"{name}.vector"] = ({"F32"}, [*lead, r])
+        expected[f"{name}.vector"] = ({"F32"}, list(structure.shape(r)))
         expected[f"{name}.indices"] = ({"I64"}, [r])
         expected[f"{name}.sigma"] = ({"F32"}, [r])
         expected[f"{name}.basis"] = ({"F32", "F64", "BF16", "F16"}, [d, r])
@@ -218,23 +220,24 @@ def _check_declared(path: Path, metadata: dict, declared: dict[str, tuple[str, l
         raise AdapterFileError(path, f"lacks {missing[:3]}", "the file is incomplete; re-save it")
 
 
-def _band_rows(path: Path, header: dict) -> int | None:
-    """2b + 1 for a band adapter's settings, None for a diagonal one. Files before version 3 hold diagonals
-    only: one of them that names a band was not written by sigmatune (a downgrade that skips checks)."""
+def _structure(path: Path, header: dict) -> Structure:
+    """The structure the settings name. Files before version 3 hold diagonals only: one of them that names
+    another structure was not written by sigmatune (a downgrade that skips checks)."""
     config = header["config"]
     structure, band = config.get("structure", "diagonal"), config.get("band", 0)
     if structure == "diagonal" and band == 0:
-        return None
-    if header["format_version"] < BAND_VERSION:
+        return structure_of("diagonal")
+    if header["format_version"] < STRUCTURES_VERSION:
         raise AdapterFileError(
             path,
             f"names a {structure!r} structure in format version {header['format_version']}, which holds "
-            f"diagonal adapters only (bands came with version {BAND_VERSION})",
+            f"diagonal adapters only (structures came with version {STRUCTURES_VERSION})",
             "the file was altered; save the adapter again",
         )
-    if structure != "band" or isinstance(band, bool) or not isinstance(band, int) or not 0 <= band < 2**20:
+    bad_band = isinstance(band, bool) or not isinstance(band, int) or not 0 <= band < 2**20
+    if structure not in STRUCTURES or bad_band or (structure != "band" and band):
         raise AdapterFileError(path, f"holds invalid settings (structure {structure!r}, band {band!r})")
-    return 2 * band + 1
+    return structure_of(structure, band)
 
 
 def _check_checksum(path: Path, header: dict, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import torch
 
 from ..core.progress import Progress
-from ..core.structures import band_to_dense, dense_to_band, half_width
+from ..core.structures.band import dense_to_band, half_width
 from ..core.weights import bias_of
 
 
@@ -80,10 +80,10 @@ def compress(model, rank: int, adapter_name: str, new_name: str, calibration=Non
         chosen = sorted(torch.topk(score, min(rank, len(score))).indices.tolist())
         index = torch.tensor(chosen, device=update.device)
         kept[name] = [adapter.indices.tolist()[i] for i in chosen]
-        if name in moments and adapter.vector.dim() == 2:
+        if name in moments and adapter.structure.name == "band":
             bands[name] = chosen, singular  # a calibrated band: refitted below, not truncated
         else:
-            values[name] = _restricted(adapter.vector.detach(), index)
+            values[name] = adapter.structure.restrict(adapter.vector.detach(), index)  # the kept part
         part, whole = float(update[index][:, index].square().sum()), float(update.square().sum())
         shares[name] = (part / whole) ** 0.5 if whole > 0 else 1.0
         kept_norm, total_norm = kept_norm + part, total_norm + whole
@@ -218,16 +218,7 @@ def _singular_update(layer, adapter_name: str) -> torch.Tensor:
     """ΔΣ (r, r): the update in the singular basis of the adapter's own directions."""
     adapter = layer.sigma_adapters[adapter_name]
     sigma = layer.sigma_at(adapter.positions).detach()
-    scales = layer.own_scales(adapter_name).detach()
-    if scales.dim() == 1:
+    if adapter.structure.elementwise:
         return torch.diag(adapter.rule.deltas(adapter.vector.detach(), sigma))  # diag(δ)
-    matrix = band_to_dense(scales)
+    matrix = adapter.structure.to_dense(layer.own_scales(adapter_name).detach())  # M (r, r)
     return sigma[:, None] * matrix if layer.side == "input" else matrix * sigma[None, :]
-
-
-def _restricted(vector: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The trained vector over the kept directions: entries of g or δ, or the band of M among them."""
-    if vector.dim() == 1:
-        return vector[index]
-    matrix = band_to_dense(vector)[index][:, index]
-    return dense_to_band(matrix, half_width(vector))

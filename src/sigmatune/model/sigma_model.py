@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.config import SigmaConfig
 from ..core.layer import SpectralLinear, unwrapped
-from ..core.structures import structure_of
+from ..core.structures.registry import structure_of
 from ..core.targets import find_targets, linear_layers
 from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape

@@ -24,9 +24,11 @@ __all__ = [
 from ..core.transform import Gemms
 from . import band_kernel, library, switches, transform_kernel
 
+KERNEL_STRUCTURES = ("diagonal", "band")  # what the kernels take: g, or a band's column-aligned diagonals
+
 
 class FusedTransform(Backend):
-    """Both directions of the transform in one launch each (transform_kernel.py)."""
+    """Both directions of the transform in one launch each (transform_kernel.py): a diagonal or a band."""
 
     name = "transform"
 
@@ -34,17 +36,18 @@ class FusedTransform(Backend):
         return call.device == "cuda" and self.can_run(call) and switches.enabled(self.name, call.disabled)
 
     def can_run(self, call: Call) -> bool:
-        return transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
+        kind = call.structure in KERNEL_STRUCTURES
+        return kind and transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
 
-    def forward_pass(self, a, basis, coefficients, shift):
+    def forward_pass(self, a, basis, coefficients, shift, structure):
         out, projection, _ = transform_kernel.transform(a, basis, coefficients, shift, transposed=True)
         return out, projection  # P fp32, padded to the kernel's width
 
-    def backward_pass(self, grad, basis, coefficients, saved):
+    def backward_pass(self, grad, basis, coefficients, saved, structure):
         grad_a, _, grad_c = transform_kernel.transform(grad, basis, coefficients, saved=saved)
         return grad_a, grad_c
 
-    def compiled(self, a, basis, coefficients, shift):
+    def compiled(self, a, basis, coefficients, shift, structure):
         return library.transform(a, basis, coefficients, shift, True)[0]
 
 
@@ -59,16 +62,20 @@ class TritonGemms(Gemms):
 
     def can_run(self, call: Call) -> bool:
         here = call.device == "cuda" or transform_kernel.INTERPRET
-        return transform_kernel.triton is not None and here and call.band <= transform_kernel.MAX_BAND
+        kind = call.structure in KERNEL_STRUCTURES and call.band <= transform_kernel.MAX_BAND
+        return transform_kernel.triton is not None and here and kind
 
-    def band_mix(self, p, coefficients, transposed: bool):
-        return band_kernel.mix(p, coefficients, transposed=transposed)
+    def mix(self, structure, p, coefficients, transposed: bool):
+        return band_kernel.mix(p, coefficients, transposed=transposed)  # a band (a diagonal folds into B)
 
-    def band_grad(self, q, p, w: int):
-        return band_kernel.grad(q, p, w)
-
-    def column_dots(self, q, p):
-        return super().column_dots(q, p) if q.shape[1] <= 256 else band_kernel.grad(q, p, 0)[0]
+    def grad(self, structure, q, p, coefficients):
+        if structure.elementwise:
+            return (
+                super().grad(structure, q, p, coefficients)
+                if q.shape[1] <= 256
+                else band_kernel.grad(q, p, 0)[0]
+            )
+        return band_kernel.grad(q, p, structure.width(coefficients))
 
 
 register(TritonGemms())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.structures import half_width
+from ..core.structures.band import half_width
 from . import transform_kernel as kernels
 from .launch import CachedLaunch
 from .transform_kernel import triton

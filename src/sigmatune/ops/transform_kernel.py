@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ..core.structures import half_width
+from ..core.structures.band import half_width
 from .launch import CachedLaunch
 
 try:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import SigmaConfig
+from ..core.structures.registry import structure_of
 from ..formats.adapter_file import read_adapter
 from ..formats.base_check import check_spectra, check_structure
 from ..formats.files import atomic_save_tensors, load_tensors
@@ -121,9 +122,12 @@ class AdapterBank:
                     "serve it from a bank whose selection contains it (e.g. a larger rank)"
                 )
         check_spectra(directory, record, self.layers)
-        scales = {
-            layer_name: self.layers[layer_name].scales_for(
-                saved.indices.tolist(), saved.vector, record.config.update
+        structure = structure_of(record.config.structure, record.config.band)
+        scales = {  # each layer's table row: g, or M's diagonals (Structure.as_band)
+            layer_name: structure.as_band(
+                self.layers[layer_name].scales_for(
+                    saved.indices.tolist(), saved.vector, record.config.update, structure
+                )
             )
             for layer_name, saved in record.layers.items()
         }
@@ -137,7 +141,9 @@ class AdapterBank:
         Its mixes are rebuilt."""
         adapter_name = adapter_name or self.model.active_adapter
         scales = {
-            layer_name: layer.scales(adapter_name).detach()
+            layer_name: layer.sigma_adapters[adapter_name].structure.as_band(
+                layer.scales(adapter_name).detach()
+            )
             for layer_name, layer in self.layers.items()
             if adapter_name in layer.sigma_adapters
         }

@@ -23,7 +23,11 @@ RECIPES = {
     "gpu": dict(rank="full", structure="diagonal", band=0),  # lr 1e-2: 0.5749 / 65%, 0.5210 / 66%
     "cpu": dict(rank=128, structure="band", band=1),  # lr 3e-3: 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time
 }
-LEARNING_RATES = {"diagonal": 1e-2, "band": 3e-3}  # lr "auto": the sweep's best for the structure
+LEARNING_RATES = {
+    "diagonal": 1e-2,
+    "band": 3e-3,
+    "dense": 3e-3,
+}  # lr "auto": the sweep's best (dense: not swept, the band's)
 
 
 @dataclass
