@@ -1,0 +1,98 @@
+"""The contract of the one op: every registered backend × structure × update rule × side × dtype computes
+the adapted layer as the two-sided fp64 reference does, W' = W (I + V_S M V_Sᵀ) (or (I + U_S M U_Sᵀ) W),
+values and gradients (of the input and of the trained tensor). On CPU the Triton backends run in Triton's
+interpreter (backends.using makes them); on a GPU machine the compiled kernels. A backend that cannot run a
+call (a structure or dtype its kernels do not take) says so, and the case is skipped by its own answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sigmatune import SigmaConfig
+from sigmatune.core.backends import BACKENDS, Call
+from sigmatune.core.structures.registry import STRUCTURES, structure_of
+from sigmatune.core.updates import update_rule
+from sigmatune.ops.backends import using
+from tests.core.test_layer import SHAPES, make_linear, wrap
+from tests.reference import reference_band_weight, reference_weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.bfloat16: 4e-2}
+KINDS = {"diagonal": 0, "band": 1, "dense": 0}  # a structure, and its band's half-width
+
+
+def adapted_layer(side, structure, update, dtype):
+    """A SpectralLinear on DEVICE in dtype, r = 5, one adapter of the structure with random coefficients."""
+    linear = make_linear(SHAPES[side], bias=True, dtype=torch.float64, seed=1)
+    layer = wrap(linear, SigmaConfig(rank=5, svd="exact"))
+    layer.delete_adapter("default")
+    kind = structure_of(structure, KINDS[structure])
+    layer.add_adapter("default", list(layer.stored_indices), update, structure=kind)
+    layer.set_adapter("default")
+    with torch.no_grad():
+        vector = layer.sigma_adapters["default"].vector
+        vector.copy_(
+            kind.initial(torch.randn(vector.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+        )
+    layer.base_layer.to(DEVICE, dtype)
+    layer.sigma_basis = layer.sigma_basis.to(DEVICE, dtype)
+    layer.sigma_values = layer.sigma_values.to(DEVICE)
+    layer.sigma_adapters.to(DEVICE)
+    return linear, layer
+
+
+def reference(linear, layer, vector, side):
+    """W' in fp64 from a fresh SVD, for the adapter's vector (differentiably)."""
+    adapter = layer.sigma_adapters["default"]
+    indices, weight = list(layer.stored_indices), linear.weight.detach()
+    if adapter.structure.elementwise:
+        return reference_weight(weight, indices, vector, adapter.rule.name)
+    sigma = layer.sigma_values.cpu().double()
+    matrix = adapter.structure.to_dense(update_rule(adapter.rule.name).scales(vector, sigma))
+    return reference_band_weight(weight, indices, matrix, side)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("side", SHAPES)
+@pytest.mark.parametrize("update", ["multiplicative", "additive"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("backend", [b.name for b in BACKENDS])
+def test_every_backend_computes_the_reference(backend, structure, update, side, dtype):
+    if update == "additive" and structure != "diagonal":
+        pytest.skip("a matrix M is read multiplicatively only")
+    linear, layer = adapted_layer(side, structure, update, dtype)
+    vector = layer.sigma_adapters["default"].vector
+    call = Call.of(torch.empty(1, layer.in_features, device=DEVICE, dtype=dtype), layer.sigma_basis,
+                   layer.scales("default"), vector_structure(layer))  # fmt: skip
+    if not next(b for b in BACKENDS if b.name == backend).can_run(call):
+        pytest.skip(f"{backend} cannot run {structure} in {dtype} here")
+    x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    upstream = torch.randn(
+        3, 7, layer.out_features, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    inputs = x.to(DEVICE, dtype).clone().requires_grad_(True)
+    with using(backend):
+        out = layer(inputs)
+        (out.double() * upstream.to(DEVICE)).sum().backward()
+    x64 = x.clone().requires_grad_(True)
+    vector64 = vector.detach().cpu().double().requires_grad_(True)
+    expected = x64 @ reference(linear, layer, vector64, side).T + linear.bias.detach()
+    (expected * upstream).sum().backward()
+    tol = TOLERANCE[dtype]
+    relative = lambda got, want: float((got.detach().cpu().double() - want).norm() / want.norm())  # noqa: E731
+    assert relative(out, expected.detach()) < tol
+    assert relative(inputs.grad, x64.grad) < tol
+    assert relative(vector.grad, vector64.grad) < 5 * tol
+
+
+def vector_structure(layer):
+    return layer.sigma_adapters["default"].structure
+
+
+def test_every_structure_has_a_backend_that_runs_it_and_the_torch_one_runs_everything():
+    for structure in STRUCTURES:
+        kind = structure_of(structure, KINDS[structure])
+        coefficients = torch.zeros(kind.shape(5))
+        call = Call.of(torch.empty(1, 8), torch.empty(8, 5), coefficients, kind)
+        assert BACKENDS[-1].name == "torch" and BACKENDS[-1].can_run(call)
