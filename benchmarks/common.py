@@ -124,11 +124,10 @@ CYCLES_PER_S = 1.98e9  # the H200's boost clock: torch.cuda._sleep counts cycles
 def host_and_gpu_us(
     fn: Callable[[], object], device: torch.device, calls: int, repeats: int, sleep_ms: float = 150
 ):
-    """(host µs, GPU µs) per call: the least of `repeats` rounds of `calls` calls after as many untimed ones (at
-    most 10). On a
-    GPU each round first queues a sleep of sleep_ms, so the calls only queue while the host issues them: host
-    µs is the host's cost alone, GPU µs the time from the sleep's end to the last call's end (the calls back
-    to back) over the calls. On a CPU both are the wall time per call."""
+    """(host µs, GPU µs) per call: the least of `repeats` rounds of `calls` calls after as many untimed ones
+    (at most 10). On a GPU each round first queues a sleep of sleep_ms, so the calls only queue while the host
+    issues them: host µs is the host's cost alone, GPU µs the time from the sleep's end to the last call's end
+    (the calls back to back) over the calls. On a CPU both are the wall time per call."""
     for _ in range(min(calls, 10)):
         fn()
     cuda = device.type == "cuda"

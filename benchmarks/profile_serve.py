@@ -59,9 +59,8 @@ def internals() -> SimpleNamespace:
     return SimpleNamespace(step_graph=step_graph, decode_shape=decode_shape)
 
 
-def top_kernels(run, top: int) -> str:
+def top_kernels(run, top: int, cuda: bool) -> str:
     """The kernels of one run() by total GPU time (on a CPU: the operators by their own CPU time)."""
-    cuda = torch.cuda.is_available()
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         run()
@@ -84,14 +83,13 @@ def report(ops, label: str, engine, names: list[str], vocab: int, batch: int, ar
     step_ms = 1000 * batch / tps
     if engine.device.type != "cuda":
         print(f"{label} B={batch}: step {step_ms:.3f} ms wall (no graph on a CPU)", flush=True)
-        print(
-            top_kernels(lambda: common.engine_run(engine, names, vocab, args.prompt, 2), args.top), flush=True
-        )
+        run = lambda: common.engine_run(engine, names, vocab, args.prompt, 2)  # noqa: E731
+        print(top_kernels(run, args.top, cuda=False), flush=True)
         return
     graph = ops.step_graph(engine, batch, args.prompt + args.decode)
     gpu = common.replay_ms(graph, args.replays)
     print(f"{label} B={batch}: step {step_ms:.3f} ms wall, replay {gpu:.3f} ms GPU", flush=True)
-    print(top_kernels(graph.replay, args.top), flush=True)
+    print(top_kernels(graph.replay, args.top, cuda=True), flush=True)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def quantized_base(scheme: str, shape: str, device: torch.device, scratch: Path)
             folder,
             quantization_config=quantization,
             dtype=torch.bfloat16,
-            device_map={"": device},
+            device_map={"": 0 if device.type == "cuda" else "cpu"},
         )
         return model.requires_grad_(False)
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_

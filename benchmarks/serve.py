@@ -140,9 +140,8 @@ def main() -> None:
         torch.cuda.empty_cache() if device.type == "cuda" else None
     static_compile_rows(model, common.ints(args.static_compile), args, add, beside)
     peft_rows(model, common.ints(args.peft), args, add, beside)
-    facts = common.merge_facts(
-        args.out.with_name(args.out.stem + "_facts.json"), facts
-    )  # a run without r16 keeps the rest
+    facts_file = args.out.with_name(args.out.stem + "_facts.json")  # results/serve_facts.json
+    facts = common.merge_facts(facts_file, facts)  # a run without r16 keeps the facts it did not measure
     print(markdown(rows, facts))
 
 
