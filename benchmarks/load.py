@@ -1,23 +1,23 @@
-"""Load test (issue 10): the real server on a loopback socket under mixed traffic, bounded, stopping by itself.
+"""Does the real server answer every request whole under mixed traffic with hot-loads and unloads, and how fast?
+A load test on a loopback socket, bounded, stopping by itself.
 
     python benchmarks/load.py [--requests 300] [--duration 60] [--concurrency 16] [--model PATH] [--device cpu]
 
 The server is built as `sigmatune serve` builds it (build_server, uvicorn with its settings) on a free
 127.0.0.1 port, over a tiny chat Llama made from a config (the tests' model: seeded weights and a BPE
-tokenizer trained on a few lines; no download, ~1 minute on 2 CPU cores) or over --model, with ADAPTERS
+tokenizer trained on a few lines; no download) or over --model, with ADAPTERS
 random adapters saved to a temp folder. --concurrency client threads send --requests requests, or as many
 as --duration seconds allow: completions and chats, streamed or not, over the base model, the adapters,
 two mixes and the latest hot-loaded adapter. Every HOT_EVERY-th request copies a new adapter folder into
 the adapters folder and hot-loads it (POST /v1/adapters); the one after unloads the previous hot adapter
 (DELETE, retried while it is serving requests: 409). An answer counts when its status is 200 and its body
 is whole (a stream ends with [DONE]); anything else is a failure, and the script exits 1 if there is one.
-Latencies are those of the generation requests. Writes results/load.json (a row per model, device and
-concurrency) and prints a markdown table.
+Latencies are those of the generation requests. Rows are merged into results/load.json by (model, device,
+concurrency); a markdown table is printed.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -26,18 +26,26 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import common
 import httpx
 import torch
-from results_file import merge_rows
 
 from sigmatune import SigmaConfig, get_sigma_model
-from sigmatune.commands import build_server
-from sigmatune.hub.loading import load_model
-from sigmatune.serving.routes import serve_in_thread
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # for the tests' tiny chat model
 from tests.models import save_tiny_chat_model
+
+
+def internals() -> SimpleNamespace:
+    """The sigmatune internals this script uses, in one place."""
+    from sigmatune.commands import build_server
+    from sigmatune.hub.loading import load_model
+    from sigmatune.serving.routes import serve_in_thread
+
+    return SimpleNamespace(build_server=build_server, serve_in_thread=serve_in_thread, load_model=load_model)
+
 
 ADAPTERS, RANK, HOT_EVERY, MAX_TOKENS = 4, 8, 25, 12
 TEXTS = [f"Is {n} even? {'yes' if n % 2 == 0 else 'no'}" for n in range(60)] + ["system user assistant"]
@@ -51,7 +59,6 @@ MODELS = [
     "mix:a1=0.3,a2=0.7",
     "hot",
 ]  # "hot": the latest
-RESULTS = Path(__file__).parent / "results" / "load.json"
 KEY = ("model", "device", "concurrency")
 COLUMNS = [
     "requests_sent", "answered", "failed", "hot_loads", "duration_s", "requests_per_s", "latency_p50_ms",
@@ -59,12 +66,12 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def prepare(root: Path, model: str | None) -> str:
+def prepare(ops, root: Path, model: str | None) -> str:
     """The base model's folder (the tiny one, saved under root, unless `model`); ADAPTERS random adapters
     a0… under root/adapters and one more, the source of the hot-loaded copies, as root/spare."""
     model = model or str(save_tiny_chat_model(root / "model", TEXTS))
     for i in range(ADAPTERS + 1):
-        sigma = get_sigma_model(load_model(model)[0], SigmaConfig(rank=RANK))
+        sigma = get_sigma_model(ops.load_model(model)[0], SigmaConfig(rank=RANK))
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for p in sigma.parameters():
@@ -164,21 +171,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--requests", type=int, default=1000, help="requests to send (a fixed count)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds after which no request starts")
-    parser.add_argument("--concurrency", type=int, default=16, help="client threads")
-    parser.add_argument("--model", help="a model folder (default: a tiny Llama built from a config)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    options = common.parser(__doc__, out="load.json")
+    options.set_defaults(device="cpu")  # the server's own figures: a GPU is not what this measures
+    options.add_argument("--requests", type=int, default=1000, help="requests to send (a fixed count)")
+    options.add_argument("--duration", type=float, default=60.0, help="seconds after which no request starts")
+    options.add_argument("--concurrency", type=int, default=16, help="client threads")
+    options.add_argument("--model", help="a model folder (default: a tiny Llama built from a config)")
+    args = options.parse_args()
+    ops = internals()
     root = Path(tempfile.mkdtemp(prefix="sigmatune-load-"))
     try:
-        model = prepare(root, args.model)
-        state, engine = build_server(model, str(root / "adapters"), RANK, args.device, "auto", 32, None)
-        url, stop = serve_in_thread(state)
+        model = prepare(ops, root, args.model)
+        state, engine = ops.build_server(model, str(root / "adapters"), RANK, args.device, "auto", 32, None)
+        url, stop = ops.serve_in_thread(state)
         started = time.monotonic()
         load = Load(url, root, args.requests, started + args.duration)
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -199,10 +204,10 @@ def main() -> None:
         duration_s=round(duration, 2), requests_per_s=round(load.answered / duration, 1),
         latency_p50_ms=round(percentile(ms, 50), 1), latency_p90_ms=round(percentile(ms, 90), 1),
         latency_p99_ms=round(percentile(ms, 99), 1), latency_max_ms=round(max(ms), 1),
-        device=torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+        device=common.device_name(engine.device),
         model=args.model or "tiny-llama (config)", concurrency=args.concurrency,
     )  # fmt: skip
-    print(markdown(merge_rows(Path(args.out), [row], KEY)))
+    print(markdown(common.merge_rows(args.out, [row], KEY)))
     print(f"{load.hot_loads} hot-loads, {load.unloads} unloads, {health}")
     for error in load.errors[:20]:
         print("FAILED", error)

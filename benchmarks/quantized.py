@@ -1,9 +1,10 @@
-"""Quantized-base benchmark: sigmatune on a 4-bit / 8-bit base against PEFT LoRA on the same base
-(QLoRA-style), every row in one process on one GPU.
+"""What do sigmatune's step and memory cost on a 4-bit / 8-bit base, against PEFT LoRA on the same base
+(QLoRA-style)? Every row in one process on one GPU.
 
-    python benchmarks/quantized.py [--shape 1.1b] [--tokens 4x1024] [--schemes bf16,bnb-nf4,...]
+    python benchmarks/quantized.py [--shape 1.1b] [--tokens 4x1024] [--schemes bf16,bnb-nf4,...] [--compiled bnb-nf4]
+    python benchmarks/quantized.py --rows scheme:method:rank[:c],...
 
-Bases, each built from the same random bf16 Llama-shaped model (train_step.py's shapes):
+Bases, each built from the same random bf16 Llama-shaped model (common.SHAPES):
   bf16      the unquantized model (the reference for memory)
   bnb-nf4   bitsandbytes 4-bit NF4, compute bf16, double quantization (transformers' load_in_4bit path)
   bnb-int8  bitsandbytes LLM.int8() (load_in_8bit)
@@ -15,39 +16,36 @@ weights), PEFT LoRA r=16 (alpha 32, no prepare_model_for_kbit_training, so that 
 differs). Per row: init seconds (cold; and warm from the basis cache), trainable parameters, GiB the
 adapter adds to the resident model, median step ms (forward + backward + AdamW) and its ratio to the
 frozen row of the same base, peak allocated GiB and its ratio. A scheme whose library is missing, or a
-row that fails, is reported and skipped. Rows go into benchmarks/results/quantized.json.
+row that fails, is reported and skipped. Rows are merged into results/quantized.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
+import common
 import torch
-from results_file import merge_rows
-from train_step import DEVICE, SHAPES, build, measure, timed_init
 
-RESULTS = Path(__file__).parent / "results" / "quantized.json"
 KEY = ("shape", "scheme", "method", "rank", "compiled", "tokens")
 SCHEMES = ["bf16", "bnb-nf4", "bnb-int8", "ao-int8", "ao-int4"]
 METHODS = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("lora", 16)]
 
 
-def quantized_base(scheme: str, shape: str, scratch: Path):
+def quantized_base(scheme: str, shape: str, device: torch.device, scratch: Path):
     """The shape's random bf16 model with every decoder linear quantized by the scheme."""
     if scheme == "bf16":
-        return build(shape)
+        return common.build(shape, device)
     if scheme.startswith("bnb-"):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         folder = scratch / f"{shape}-bf16"
         if not folder.exists():
-            build(shape).save_pretrained(folder)
-            gc.collect()
-            torch.cuda.empty_cache()
+            common.build(shape, device).save_pretrained(folder)
+            settled_memory(device)
         if scheme == "bnb-nf4":
             quantization = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -61,7 +59,7 @@ def quantized_base(scheme: str, shape: str, scratch: Path):
             folder,
             quantization_config=quantization,
             dtype=torch.bfloat16,
-            device_map={"": 0 if DEVICE == "cuda" else "cpu"},
+            device_map={"": 0 if device.type == "cuda" else "cpu"},
         )
         return model.requires_grad_(False)
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, quantize_
@@ -70,51 +68,49 @@ def quantized_base(scheme: str, shape: str, scratch: Path):
         config = Int8WeightOnlyConfig()
     else:  # dequantize-then-matmul int4 (differentiable: tinygemm's int4 kernel has no backward)
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128))
-    model = build(shape)
+    model = common.build(shape, device)
     quantize_(model.model.layers, config)  # decoder linears only; embeddings and lm_head stay bf16
     return model
 
 
-def settled_memory() -> float:
-    """GiB allocated once garbage (e.g. the bf16 weights a quantizer replaced) is freed."""
+def settled_memory(device: torch.device) -> float:
+    """GiB allocated once garbage (e.g. the bf16 weights a quantizer replaced) is freed (NaN on a CPU)."""
     gc.collect()
-    if DEVICE != "cuda":
+    if device.type != "cuda":
         return float("nan")
     torch.cuda.empty_cache()
     return torch.cuda.memory_allocated() / 2**30
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--shape", choices=SHAPES, default="1.1b")
-    parser.add_argument("--tokens", default="4x1024", help="batch x sequence length")
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument(
+    options = common.parser(__doc__, out="quantized.json")
+    options.add_argument("--shape", choices=common.SHAPES, default="1.1b")
+    options.add_argument("--tokens", default="4x1024", help="batch x sequence length")
+    options.add_argument("--schemes", default=",".join(SCHEMES))
+    options.add_argument(
         "--compiled", default="", help="schemes also measured under torch.compile, e.g. bnb-nf4"
     )
-    parser.add_argument(
+    options.add_argument(
         "--rows", help="instead: scheme:method:rank[:c],... (c = compiled; add a frozen row for ratios)"
     )
-    parser.add_argument("--out", default=str(RESULTS), help="results JSON the rows are merged into")
-    args = parser.parse_args()
-    batch, length = (int(x) for x in args.tokens.split("x"))
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    options.add_argument("--warmup", type=int, default=3, help="untimed steps per row")
+    options.add_argument("--steps", type=int, default=7, help="timed steps per row")
+    args = options.parse_args()
+    device = common.pick_device(args.device)
     scratch = Path(tempfile.mkdtemp(prefix="quantized-bench-"))
     plan = planned_rows(args.rows, args.schemes.split(","), args.compiled.split(","))
     results = []
     for scheme in dict.fromkeys(scheme for scheme, *_ in plan):
         try:
-            base = quantized_base(scheme, args.shape, scratch)
+            base = quantized_base(scheme, args.shape, device, scratch)
         except Exception as err:  # the library is missing, or cannot quantize here
             print(f"{scheme}: SKIPPED {type(err).__name__}: {err}"[:1500], flush=True)
             continue
-        resident = settled_memory()
+        resident = settled_memory(device)
         print(f"{scheme}: base resident {resident:.2f} GiB", flush=True)
         frozen = {}
         for _, method, rank, compiled in (row for row in plan if row[0] == scheme):
-            row = measure_row(base, method, rank, compiled, batch, length)
+            row = measure_row(base, method, rank, compiled, args)
             if row is None:
                 print(f"{scheme} {method} r={rank} compiled={compiled}: no result", flush=True)
                 continue
@@ -122,18 +118,18 @@ def main() -> None:
                 frozen[compiled] = row
             reference = frozen.get(compiled)
             row.update(
-                shape=args.shape, scheme=scheme, tokens=batch * length, resident_gib=round(resident, 3),
+                shape=args.shape, scheme=scheme, tokens=row.pop("tokens"), resident_gib=round(resident, 3),
                 ratio_vs_frozen=round(row["step_ms"] / reference["step_ms"], 3) if reference else None,
                 peak_ratio_vs_frozen=round(row["peak_gib"] / reference["peak_gib"], 3) if reference else None,
-                device=device,
+                device=common.device_name(device),
             )  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
-            merge_rows(
-                Path(args.out), results, KEY
+            common.merge_rows(
+                args.out, results, KEY
             )  # after every row: a run cut short keeps what it measured
         del base
-        settled_memory()
+        settled_memory(device)
     print(markdown(results))
 
 
@@ -148,15 +144,19 @@ def planned_rows(rows: str | None, schemes: list[str], compiled: list[str]) -> l
     return sorted(plan, key=lambda p: (order[p[0]], p[3], p[1] != "frozen"))
 
 
-def measure_row(base, method: str, rank: int, compiled: bool, batch: int, length: int) -> dict | None:
-    """One row's init, memory and step figures (None when the method fails on this base)."""
+def measure_row(base, method: str, rank: int, compiled: bool, args) -> dict | None:
+    """One row's init, memory and step figures (None when the method fails on this base); compiled: the
+    whole model under torch.compile."""
     unwrap = None
-    before = settled_memory()
+    device = base.get_input_embeddings().weight.device
+    before = settled_memory(device)
+    tokens = common.batch_shape(args.tokens)
     try:
-        model, unwrap, init_s, init_warm_s = timed_init(base, method, rank)
-        added = settled_memory() - before
+        model, unwrap, init_s, init_warm_s = common.timed_init(base, method, rank)
+        added = settled_memory(device) - before
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        step_ms, peak = measure(model, base, compiled, batch, length)
+        mode = "compiled" if compiled else "eager"
+        times, peak, _ = common.train_steps(model, base, mode, False, tokens, args.warmup, args.steps)
     except Exception as err:  # a failing row must not lose the others
         print(f"{method} r={rank}: FAILED {type(err).__name__}: {err}"[:1500], flush=True)
         return None
@@ -166,7 +166,8 @@ def measure_row(base, method: str, rank: int, compiled: bool, batch: int, length
     return dict(
         method=method, rank=rank, compiled=compiled, init_s=round(init_s, 3),
         init_warm_s=None if init_warm_s is None else round(init_warm_s, 3), trainable=trainable,
-        adapter_added_gib=round(added, 4), step_ms=round(step_ms, 2), peak_gib=round(peak, 2),
+        adapter_added_gib=round(added, 4), step_ms=round(statistics.median(times), 2), peak_gib=round(peak, 2),
+        tokens=tokens[0] * tokens[1],
     )  # fmt: skip
 
 

@@ -156,6 +156,7 @@ def transform(
     saved: torch.Tensor | None = None,
     transposed: bool = False,
     launch=None,
+    shape: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
     or a band C (2w+1, r):
@@ -167,6 +168,8 @@ def transform(
     is given: the backward pass (dg = Σ_rows projection ⊙ saved; for a band dC[w+o, j] = Σ_rows
     projection[:, j−o] saved[:, j]). `launch` (grid, arguments, constants, warps, stages) launches the kernel:
     by default the cached launcher (eager calls); library.py passes one that torch.compile can trace.
+    `shape`: (rows per program, warps, columns per step, stages), by default launch_shape's (benchmarks
+    sweep others).
     """
     n, d = a.shape
     # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them
@@ -174,7 +177,7 @@ def transform(
     diagonal = coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
     width, block_n, warps, stages, constants = _setup(
-        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed
+        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape
     )
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
@@ -205,12 +208,19 @@ def transform(
 
 @functools.lru_cache(maxsize=256)
 def _setup(
-    r: int, band: int, diagonal: bool, dtype: torch.dtype, shifted: bool, backward: bool, transposed: bool
+    r: int,
+    band: int,
+    diagonal: bool,
+    dtype: torch.dtype,
+    shifted: bool,
+    backward: bool,
+    transposed: bool,
+    shape: tuple[int, int, int, int] | None,
 ):
     """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
     once."""
     width = padded_rank(r)
-    block_n, warps, columns, stages = launch_shape(width)
+    block_n, warps, columns, stages = shape or launch_shape(width)
     constants = dict(
         HAS_SHIFT=shifted, REDUCE=backward, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),

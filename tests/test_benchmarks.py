@@ -1,0 +1,145 @@
+"""Every script in benchmarks/ runs on the CPU with a tiny shape and a step or two, as a subprocess, exits 0 and
+writes its results file (into a temp folder, never benchmarks/results): a script that no longer fits the
+library fails here, not on the GPU machine. The Triton kernels run in Triton's interpreter. The scripts run
+two at a time (a CPU run proves nothing about speed; it only has to finish)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import sigmatune
+from tests.models import save_tiny_chat_model
+
+ROOT = Path(__file__).parents[1]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "common")
+TINY = ["--shape", "tiny", "--device", "cpu"]
+TRAIN = [*TINY, "--tokens", "1x16", "--warmup", "1", "--steps", "1"]
+SERVE = [*TINY, "--batches", "2", "--ranks", "16", "--prompt", "8", "--decode", "4"]
+KERNEL = ["--device", "cpu", "--d", "64"]
+
+# run name → (script, its arguments, ...: one command each, in order; {out}: the results file, {tmp}: a temp
+# folder with the inputs)
+RUNS = {
+    "train_step": ("train_step", [*TRAIN, "--rows", "frozen:0,sigmatune:full", "--out", "{out}"]),
+    "profile_step": ("profile_step", [*TRAIN, "--rank", "16", "--top", "3", "--saved"]),
+    "quantized": ("quantized", [*TRAIN, "--rows", "bf16:frozen:0,ao-int8:sigmatune:16", "--out", "{out}"]),
+    "layer_overhead": ("layer_overhead", [*KERNEL, "--n", "32", "--rank", "16", "--calls", "1", "--repeats", "1", "--out", "{out}"]),
+    "transform_shapes": ("transform_shapes", [*KERNEL, "--n", "32", "--ranks", "16", "--calls", "1", "--grid", "16/4/32/3", "--out", "{out}"]),
+    "rows_kernel": ("rows_kernel", [*KERNEL, "--rows", "4", "--ranks", "16", "--members", "1,3", "--shapes", "default", "--launches", "1", "--out", "{out}"]),
+    "svd_methods": ("svd_methods", [*TINY, "--batch", "1", "--out", "{out}"]),
+    "serve": ("serve", [*SERVE, "--timed", "1", "--peft", "", "--resident", "4", "--out", "{out}"]),
+    "profile_serve": ("profile_serve", [*SERVE, "--top", "3"]),
+    "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
+    "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
+    "quality classify": ("quality", ["classify", "--device", "cpu", "--encoder", "{tmp}/encoder", "--data", "{tmp}/split.jsonl", "--rows", "head:0::0,sigmatune:full:multiplicative:0.01", "--epochs", "1", "--batch", "4", "--compress", "8", "--calibrate", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
+    "quality causal": ("quality", ["causal", "--device", "cpu", "--model", "{tmp}/chat", "--rows", "sigmatune:16:multiplicative:0.01", "--steps", "2", "--heldout", "4", "--out", "{out}"]),
+}  # fmt: skip
+
+
+def tiny_encoder(folder: Path) -> Path:
+    """A 1-layer BERT (the classify setting's architecture) with a WordPiece tokenizer, as a folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    words = ["the", "a", "is", "was", "not", "true", "false", "claim", "fact", "river", "city", "born", "in"]
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+    )
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def classify_split(path: Path) -> Path:
+    """A classify split as `quality.py export-data` writes it: 8 training and 4 held-out examples."""
+    rows = [
+        {"split": "train" if i < 8 else "heldout", "passage": f"the river was born in city {i}",
+         "claim": "the claim is true" if i % 3 else "the fact is not false", "label": i % 3}
+        for i in range(12)
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, request):
+    """{run name: (exit code, output, results file or None)}: the runs this session selected, two at a time."""
+    items = [
+        item for item in request.session.items if item.module is request.module and hasattr(item, "callspec")
+    ]
+    selected = [item.callspec.params["run"] for item in items]
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    if any(run.startswith("quality") for run in selected):
+        tiny_encoder(tmp / "encoder")
+        classify_split(tmp / "split.jsonl")
+        save_tiny_chat_model(tmp / "chat", ["Q: Who? A: someone", "The capital of France is Paris."])
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",  # the kernels on CPU tensors
+        "HF_HUB_OFFLINE": "1",
+        "SIGMATUNE_CACHE": str(tmp / "cache"),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(sigmatune.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+
+    def run(name: str) -> tuple[int, str, Path | None]:
+        script, *commands = RUNS[name]
+        out, output = tmp / f"{name.replace(' ', '-')}.json", ""
+        for arguments in commands:
+            arguments = [a.format(out=out, tmp=tmp) for a in arguments]
+            command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments]
+            done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+            output += done.stdout + done.stderr
+            if done.returncode != 0:
+                break
+        writes = any("{out}" in argument for arguments in commands for argument in arguments)
+        return done.returncode, output, out if writes else None  # the profilers print, writing nothing
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(selected, pool.map(run, selected), strict=True))
+
+
+def test_every_script_has_a_smoke_run():
+    assert sorted({script for script, *_ in RUNS.values()}) == SCRIPTS
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
+    code, output, out = runs[run]
+    assert code == 0, output[-4000:]
+    if out is None:
+        assert "Self CPU" in output or "operators" in output, output[-4000:]  # a profile was printed
+        return
+    results = json.loads(out.read_text())
+    rows = results if isinstance(results, list) else results["rows"]
+    assert rows, output[-4000:]
+    if run.startswith("quality"):  # a row that failed is recorded with an infinite loss: none may have
+        assert all(row["eval_loss"] < float("inf") for row in rows), output[-4000:]
+    if run == "quality classify":  # and `report` drew the plot
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_readme_lists_every_script_and_its_latest_results():
+    """benchmarks/README.md's table names every script once, and every results file it links exists; every
+    results file is linked (one latest file per benchmark: earlier runs live in git history)."""
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    assert sorted(line.split("`")[1].removesuffix(".py") for line in rows) == SCRIPTS
+    linked = set(re.findall(r"\]\(results/([^)]+)\)", readme))
+    assert linked == {p.name for p in (ROOT / "benchmarks" / "results").iterdir()}
