@@ -40,7 +40,7 @@ DTYPES = {
 @dataclass
 class SigmaConfig:
     rank: int | str = "full"  # singular values trained per layer: all min(in, out) of them ("full"), or the
-    # top r; full is the best quality per parameter measured (benchmarks/README.md §Quality), r ≤ 64 the fastest step
+    # top r; full is the best quality per parameter measured (benchmarks/quality.py), r ≤ 64 the fastest step
     target_modules: list[str] | str = "all-linear"  # names (exact or dotted suffix), a regex, or "all-linear"
     selection: str | list[int] | dict[str, list[int]] = "principal"  # "principal" = top-r by σ, "minor" =
     # bottom-r, or explicit singular-value indices (0 = largest): one list for every layer, or a dict from

@@ -1,5 +1,5 @@
 """An adapted plain nn.Linear in eager mode at the least host cost: eager training of a model with hundreds of
-adapted layers is bound by the host issuing kernels (benchmarks/README.md), so each call here is as few host
+adapted layers is bound by the host issuing kernels (benchmarks/layer_overhead.py), so each call here is as few host
 steps as the math allows.
 
     input side:   y = (x + ((x B) ⊙ g) Bᵀ) Wᵀ + b                         P = x B
@@ -16,8 +16,8 @@ Two ways, the same math as transform.transform followed (or preceded) by the bas
   dg = Σ_rows Q ⊙ P, dx = dx̃ + (Q ⊙ g) Bᵀ. g is rounded to the compute dtype first (bf16: ~2⁻⁹ relative,
   as a bf16 base layer's own weight is), so P ⊙ g and dg are in that dtype. Autograd keeps P (N × r), g,
   the basis and W, as the Function does — but x in place of P for the full spectrum of an input-side
-  layer on CUDA (keeps_input: the same size, often kept by a neighbour already; the 1.1B shape's peak
-  went from 1.31× to 1.23× the frozen model's), recomputing P in backward.
+  layer on CUDA (keeps_input: the same size, often kept by a neighbour already, which lowers the peak
+  memory of a step), recomputing P in backward.
 Which the backend picks (Backend.by_ops): the four ops cost the host less than the Function on GEMMs (a
 cuBLAS call costs the host about what a Triton launch does; benchmarks/layer_overhead.py), the fused kernel's
 Function least.

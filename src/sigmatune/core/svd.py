@@ -152,7 +152,7 @@ def exact_side(weight: torch.Tensor, input_side: bool) -> tuple[torch.Tensor, to
         input side:  Wᵀ W = V diag(σ²) Vᵀ       output side:  W Wᵀ = U diag(σ²) Uᵀ
 
     The Gram matrix and its eigendecomposition are in fp64 (squaring σ loses the small ones' digits in
-    fp32; on an H200 fp64 eigh of a 2048² matrix costs what fp32's does, a tenth of an SVD of the layer).
+    fp32; on a GPU fp64 eigh of the Gram matrix costs what fp32's does, far less than an SVD of the layer).
     A member whose eigenvectors fail the check (residual ‖G V − V Λ‖ / ‖G‖ or ‖VᵀV − I‖ above 1e-9)
     takes the SVD instead. So does an fp64 batch (a reference): through Gram, σ is exact to ~1e-8 σ₁, finer
     than fp32 can hold but not fp64."""

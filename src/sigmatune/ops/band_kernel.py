@@ -67,7 +67,7 @@ if triton is not None:
 
 
 BLOCK_N, BLOCK_J = (16, 16) if kernels.INTERPRET else (32, 128)
-PROGRAMS = 4 * 132  # the gradient's programs: its row groups fill an H200's multiprocessors ~4 times
+PROGRAMS = 4 * 132  # the gradient's programs: its row groups fill a Hopper GPU's 132 multiprocessors ~4 times
 WARPS, STAGES = 4, 3  # Triton's defaults on CUDA
 
 

@@ -130,16 +130,15 @@ if triton is not None:
 
 def launch_shape(width: int) -> tuple[int, int, int, int]:
     """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank: many
-    small programs (the kernel streams its rows twice; 64-row blocks left most of the 132 multiprocessors
-    idle at N = 4,096), no spills (tests/core/test_kernels.py); benchmarks/transform_shapes.py sweeps them."""
+    small programs (the kernel streams its rows twice, so large blocks leave multiprocessors idle), no
+    spills (tests/ops/test_transform_kernel.py); the fastest of benchmarks/transform_shapes.py's sweep
+    (results/transform_shapes.json)."""
     if INTERPRET:
         return 16, 4, 32, 3
-    # H200 (transform_shapes.py): fastest of rows {16, 32, 64} × warps {4, 8} × columns {64, 128, 256} × stages
-    # {2, 3, 4, 5}; splitting a block's columns over several programs was never faster
     if width <= 32:
-        return 16, 4, 256, 3  # r16: 18.1 µs forward / 22.4 backward (128 columns: 20.7 / 23.5)
+        return 16, 4, 256, 3
     if width <= 64:
-        return 32, 4, 128, 3  # r64: 27.5 / 31.9 (256 columns: 26.9 / 31.0, within the noise)
+        return 32, 4, 128, 3
     return 32, 8, 128, 3
 
 

@@ -192,12 +192,9 @@ def expand_shape(n: int, width: int, rank: int) -> tuple[int, ...]:
     blocks of 16 rows × 64 columns, one a program (many small programs), each base tile loaded before the
     gather (early). Beyond, 64 rows × 128 columns and two blocks a program, so that the rows' gathered g
     and projection (BLOCK_N × r: at r128 as much as the output tile) are read once for 256 columns, the
-    base tiles loaded after the dot (ahead, they spill: 1.9 ms against 0.9). In the 1.1B Llama's decode
-    step on an H200, every row its own adapter, k and v folded into q (benchmarks/profile_serve.py): at 64
-    rows and r128 the 88 launches took 0.345 ms (0.383 with the base tiles loaded after the dot, 0.390 in
-    32-row blocks, 0.420 in 32-column blocks); at 1,024 rows 0.897 ms (three blocks a program 1.12, four
-    1.12, one 1.36; 3 stages 1.06; 32-row blocks 1.10). ptxas for sm_90 spills 16–68 bytes a thread from
-    the 64 × 128 tile at r128 and nothing elsewhere (tests/core/test_fold_kernels.py checks ≤ 80)."""
+    base tiles loaded after the dot (ahead, they spill). The fastest of benchmarks/profile_serve.py's
+    A/Bs inside a decode step; ptxas for sm_90 spills little from the 64 × 128 tile at r128 and nothing
+    elsewhere (tests/serving/test_fold_kernel.py checks ≤ 80 bytes)."""
     if INTERPRET:
         return 16, 16, 2, 4, 2, 0
     block_n, block_c, loop, warps, early = (16, 64, 1, 4, 1) if n <= 64 else (64, 128, 2, 8, 0)

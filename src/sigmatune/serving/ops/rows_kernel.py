@@ -3,8 +3,8 @@ in one Triton launch for up to three layers that read the same input.
 
     out_m = a + ((a B_m − c_m) ⊙ T_m[ids[b]]) B_mᵀ    for the rows of a's leading row b
 
-A decode step counts every launch (a step of a 1.1B model at batch 64 takes ~3.3 ms on an H200, and it
-holds 154 adapted layers): the layers sharing an input (q, k, v; gate, up) go in one launch, each row's g
+A decode step counts every launch (a step of a 1.1B model holds 154 adapted layers, a few ms in all): the
+layers sharing an input (q, k, v; gate, up) go in one launch, each row's g
 is gathered from the adapters' tables inside it (by row id: no gather kernel, and a CUDA graph that
 replays it reads whatever the tables hold then), and the programs split the columns as well as the rows
 (program (i, s, m): rows block i, columns block s, layer m) so that a few dozen rows still fill the GPU.
@@ -244,17 +244,13 @@ def launch_shape(
 ) -> tuple[int, int, int, int, bool]:
     """(rows per program, column blocks per layer, columns per step, warps, shared) for the mixed-batch
     kernel at rank `width` (padded): row blocks of a quarter of the rows (16 to 64), then as many column
-    blocks (at most 16) as fit on the GPU at once with one program per multiprocessor. A decode step's
-    launch is latency-bound on an H200 (benchmarks/rows_kernel.py: 7–13 µs at 64 rows, r16, against a
-    1.2 µs floor). At a narrow rank the column blocks share the projection (each projects its share, one
-    step of 128 columns where the grid allows, then a barrier); at r128 each computes it alone. Decoding
-    through an r16 bank at batch 64, every row its own adapter, one process on the H200: 0.929× the base
-    shared against 0.854× alone; r128 (the barrier's first version, which read and reset its counters):
-    0.728× shared against 0.789× alone at batch 64, 0.779× against 0.914× at 1,024. Warps and step keep
-    the program's tiles in registers: at 4 warps ptxas spilled from 64-row blocks at every rank (1.3 KB a
-    thread at r16, 3.6 KB at r128) and from 32-row blocks at r128, so those take 8 warps, and 64-row
-    blocks from r32 on steps of 64 columns (tests/core/test_kernels.py compiles the shapes decode steps
-    take for sm_90 and checks that ptxas spills nothing; not yet timed on the GPU against 4 warps).
+    blocks (at most 16) as fit on the GPU at once with one program per multiprocessor: a decode step's
+    launch is latency-bound (benchmarks/rows_kernel.py). At a narrow rank the column blocks share the
+    projection (each projects its share, one step of 128 columns where the grid allows, then a barrier),
+    which served faster than each computing it alone there (benchmarks/serve.py); at r128 each computes it
+    alone. Warps and step keep the program's tiles in registers (tests/serving/test_rows_kernel.py compiles
+    the shapes decode steps take for sm_90 and checks that ptxas spills nothing): 8 warps for 64-row
+    blocks and for 32-row blocks at r128, steps of 64 columns for 64-row blocks from r32 on.
     processors: the GPU's multiprocessors (default: the current device's)."""
     if INTERPRET:
         return 16, 2, 32, 4, False
