@@ -11,6 +11,7 @@ import torch
 from sigmatune import AdapterBank, SigmaConfig
 from sigmatune.ops import switches
 from sigmatune.ops import transform_kernel as kernels
+from sigmatune.serving.mixed import SharedInputs, declared_groups
 from sigmatune.serving.ops import fold_kernel as fold_kernels
 from sigmatune.serving.ops import rows_kernel as rows_kernels
 from tests.models import tiny_llama, token_batch
@@ -68,12 +69,17 @@ def served(bank, ids, rows):
         return bank(ids, adapter_ids=rows).logits
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "learned"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "biases"])
-def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_input(
-    launches, monkeypatch, bias
+def test_the_kernel_path_equals_the_torch_path_with_the_layers_that_share_an_input(
+    launches, monkeypatch, bias, declared
 ):
-    """With biases, the folded GEMMs of o (input side) and down (output side) carry them."""
+    """Llama's q/k/v and gate/up are declared by their names; for names no declaration matches the groups
+    are learned from the first forward (one launch a layer), to the same groups. With biases, the folded
+    GEMMs of o (input side) and down (output side) carry them."""
     bank, _ = random_bank(attention_bias=bias, mlp_bias=bias)
+    if not declared:
+        bank._shared = SharedInputs()  # as for a model whose layer names SHARED_INPUTS does not declare
     rows = ["a0", "base", "a2", "a1", "a0"]
     ids = token_batch(batch=len(rows), length=6).to(DEVICE)
     bank.disabled_kernels = TORCH
@@ -81,7 +87,11 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     assert launches == []
     bank.disabled_kernels = KERNELS
     first = served(bank, ids, rows)
-    assert launches == [1] * 14  # the first forward: one launch per layer (7 × 2 layers), learning
+    folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
+    if declared:
+        assert sorted(launches) == sorted(folds)  # folded from the first forward on
+    else:
+        assert launches == [1] * 14  # the first forward: one launch per layer (7 × 2 layers), learning
     groups = set(bank._shared.groups.values())
     layer = "model.layers.0"
     assert (f"{layer}.self_attn.q_proj", f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj") in groups
@@ -89,7 +99,6 @@ def test_the_kernel_path_equals_the_torch_path_and_learns_which_layers_share_an_
     launches.clear()
     gemms = counted_gemms(monkeypatch)
     second = served(bank, ids, rows)
-    folds = [("folded", n) for n in [3, 1, 2, 1] * 2]  # q k v | o | gate up | down, per decoder layer
     assert sorted(launches) == sorted(folds)
     # per decoder layer: q's GEMM (k's and v's outputs too), o, gate's projections, gate, up, down; lm_head
     assert len(gemms) == 2 * 6 + 1
@@ -199,4 +208,15 @@ def test_what_the_kernel_cannot_serve_takes_the_torch_ops(launches, monkeypatch)
     bank.tables.write(bank.row("a0"), {banded: band})  # that layer's table becomes a table of bands
     with torch.no_grad():
         bank(ids, adapter_ids=["a0", "a1"])
-    assert sum(launches) == 13  # every layer but the banded one
+    served_layers = sum(n if isinstance(n, int) else n[1] for n in launches)  # unfolded and folded
+    assert served_layers == 13  # every layer but the banded one
+
+
+def test_groups_are_declared_by_sibling_names_in_call_order():
+    names = ["m.0.attn.q_proj", "m.0.attn.k_proj", "m.0.attn.v_proj", "m.0.attn.o_proj", "m.0.mlp.up_proj",
+             "m.0.mlp.gate_proj", "m.1.attn.q_proj", "m.1.attn.k_proj"]  # fmt: skip
+    groups = declared_groups(names)
+    assert groups["m.0.attn.v_proj"] == ("m.0.attn.q_proj", "m.0.attn.k_proj", "m.0.attn.v_proj")
+    assert groups["m.0.mlp.up_proj"] == ("m.0.mlp.gate_proj", "m.0.mlp.up_proj")
+    assert "m.0.attn.o_proj" not in groups and "m.1.attn.q_proj" not in groups  # v is missing there
+    assert declared_groups(["h.0.attn.c_attn", "h.0.mlp.c_fc"]) is None  # GPT-2: nothing declared, learn

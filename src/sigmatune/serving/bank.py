@@ -79,7 +79,7 @@ class AdapterBank:
         self.mixes: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
         self.version = 0  # counts changes of which adapter holds which row (a decoder's ids go stale)
-        self._shared = SharedInputs()  # which layers share a launch of the mixed-batch kernel (mixed.py)
+        self._shared = SharedInputs(self.layers)  # which layers share a launch of the mixed-batch kernel
         self._folds = Folds()  # their projections folded into base GEMMs (folded.py)
 
     @classmethod

@@ -13,8 +13,10 @@ per layer (SpectralLinear.forward_rows).
 A decode step is bound by how many kernels it launches, so layers that read the same input — q, k and v
 after one norm; gate and up — share one launch: the first of them computes every member's transformed
 input and the others take theirs when called with that same tensor (checked by identity; a member called
-with anything else computes alone). Which layers read the same input is learned from the first forward
-the kernel serves (runs of consecutive calls with one tensor object, at most three to a launch), and the
+with anything else computes alone). Which layers read the same input is declared by their names
+(SHARED_INPUTS, as vLLM's packed modules are); for a model whose names match none, it is learned from the
+first forward the kernel serves (runs of consecutive calls with one tensor object, at most three to a
+launch), and the
 members of a group compute on their input side: an output-side member (k, v: in > out) uses
 V_S = Wᵀ U_S / σ_S, the same W' = (I + U_S diag(g) U_Sᵀ) W = W (I + V_S diag(g) V_Sᵀ) (exact singular
 vectors; to the SVD's precision otherwise).
@@ -40,14 +42,35 @@ from .folded import Folds
 from .ops import fold_kernel, rows_kernel
 
 MEMBERS = 3  # layers one launch serves at most
+SHARED_INPUTS = (  # sibling layers (one parent module) that read one input, in the order they are called
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, Gemma, Phi-3's unfused kin, OPT, ...
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),  # BERT and its kin
+    ("w1", "w3"),  # Mixtral's experts
+)
+
+
+def declared_groups(names) -> dict[str, tuple[str, ...]] | None:
+    """Layer → its group, for the layers whose names SHARED_INPUTS declares (None where none match)."""
+    leaves: dict[str, set[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        leaves.setdefault(parent, set()).add(leaf)
+    groups = {}
+    for parent, present in leaves.items():
+        for members in SHARED_INPUTS:
+            if set(members) <= present:
+                group = tuple(f"{parent}.{m}" if parent else m for m in members)
+                groups.update(dict.fromkeys(group, group))
+    return groups or None
 
 
 class SharedInputs:
-    """Which of a bank's layers read the same input (learned once), and the input-side bases they share a
-    launch with."""
+    """Which of a bank's layers read the same input (declared by their names, else learned once), and the
+    input-side bases they share a launch with."""
 
-    def __init__(self):
-        self.groups: dict[str, tuple[str, ...]] | None = None  # layer → its group; None until learned
+    def __init__(self, names=()):
+        self.groups: dict[str, tuple[str, ...]] | None = declared_groups(names)  # None: to be learned
         self._bases: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._runs: list[list[str]] = []
         self._last: torch.Tensor | None = (
