@@ -1,7 +1,7 @@
 """Which launch shape of the training transform's kernel (kernels.transform, forward and backward) is fastest?
 
     python benchmarks/transform_shapes.py [--n 4096] [--d 2048] [--ranks 16,64] [--grid 16,32/4/64/3]
-        [--out results/transform_shapes.json]
+        [--out results/transform_shapes.json] [--write-shapes]
 
 A compiled or graphed training step is bound by the GPU: the transform's share of it is one forward and one
 backward launch per adapted layer (at the 1.1B Llama shape, d = 2,048 for 5 of the 7 layer types). For each
@@ -10,12 +10,15 @@ stages — as kernels.launch_shape would return it, the calls queued behind a GP
 (common.host_and_gpu_us), bf16 activations, a diagonal g. The row `chosen` marks launch_shape's own answer,
 whose results every other shape must reproduce (else the shape is reported as failed); the summary lists
 the fastest shapes by forward + backward µs. (On a CPU the kernel runs in Triton's interpreter, whose
-launch shape is fixed: that checks the script, not the shapes.)
+launch shape is fixed: that checks the script, not the shapes.) --write-shapes puts each rank's fastest shape
+into the kernel's table (src/sigmatune/ops/launch_shapes.json) under this GPU's name.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import common
@@ -31,6 +34,8 @@ def internals() -> SimpleNamespace:
     return SimpleNamespace(
         kernel=transform_kernel.transform,  # (out, projection, grad); shape= launches it at a given shape
         chosen=lambda r: transform_kernel.launch_shape(transform_kernel.padded_rank(r)),
+        padded_rank=transform_kernel.padded_rank,
+        shapes_file=Path(transform_kernel.__file__).parent / "launch_shapes.json",  # the table it reads
     )
 
 
@@ -60,6 +65,11 @@ def main() -> None:
     options.add_argument("--n", type=int, default=4096)
     options.add_argument("--d", type=int, default=2048)
     options.add_argument("--ranks", default="16,64")
+    options.add_argument(
+        "--write-shapes",
+        action="store_true",
+        help="put the fastest shapes into the kernel's table for this GPU",
+    )
     options.add_argument(
         "--calls", type=int, default=40, help="calls per timing (all queued behind the sleep)"
     )
@@ -105,6 +115,24 @@ def main() -> None:
     facts = dict(n=args.n, d=args.d, device=common.device_name(device), torch=torch.__version__)
     common.write_json(args.out, dict(facts=facts, rows=rows))
     print(f"wrote {args.out}")
+    if args.write_shapes:
+        write_shapes(rows, common.device_name(device), ops)
+
+
+def write_shapes(rows: list[dict], device: str, ops) -> None:
+    """Put the fastest shape of each swept rank into the kernel's table (src/sigmatune/ops/
+    launch_shapes.json) under this GPU's name, keyed by the padded rank it serves up to."""
+    path = Path(ops.shapes_file)
+    table = json.loads(path.read_text(encoding="utf-8"))
+    fastest = {}
+    for r in sorted({row["rank"] for row in rows}):
+        best = min(
+            (row for row in rows if row["rank"] == r), key=lambda x: x["forward_us"] + x["backward_us"]
+        )
+        fastest[str(ops.padded_rank(r))] = best["shape"]
+    table["transform"][device] = fastest
+    path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote the fastest shapes for {device} into {path}: {fastest}")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,16 @@ def test_the_training_transforms_launch_shapes_keep_their_tiles_in_registers():
     ]
     for case, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
         assert spilled == 0, (case, shape, report)
+
+
+def test_launch_shapes_are_data_per_gpu_with_a_default(monkeypatch):
+    """launch_shape reads ops/launch_shapes.json: a GPU's own entry where it has one, else the default, the
+    first rank bound that holds the width (the widest past them all)."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    table = kernels._shapes()["transform"]
+    default = table["default"]
+    assert kernels.launch_shape(16, "a GPU not in the table") == tuple(default["32"])
+    assert kernels.launch_shape(64, "a GPU not in the table") == tuple(default["64"])
+    assert kernels.launch_shape(512, "a GPU not in the table") == tuple(default["128"])
+    monkeypatch.setitem(table, "Some GPU", {"128": [64, 8, 64, 2]})
+    assert kernels.launch_shape(16, "Some GPU") == (64, 8, 64, 2)

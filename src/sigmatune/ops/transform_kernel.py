@@ -22,7 +22,9 @@ serving/ops/rows_kernel.py's, built from this file's two tiles (project_tile, ad
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -128,18 +130,26 @@ if triton is not None:
     _launch_transform = CachedLaunch(_transform_kernel, INTERPRET)
 
 
-def launch_shape(width: int) -> tuple[int, int, int, int]:
-    """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank: many
-    small programs (the kernel streams its rows twice, so large blocks leave multiprocessors idle), no
-    spills (tests/ops/test_transform_kernel.py); the fastest of benchmarks/transform_shapes.py's sweep
-    (results/transform_shapes.json)."""
-    if INTERPRET:
-        return 16, 4, 32, 3
-    if width <= 32:
-        return 16, 4, 256, 3
-    if width <= 64:
-        return 32, 4, 128, 3
-    return 32, 8, 128, 3
+def launch_shape(width: int, device: str | None = None) -> tuple[int, int, int, int]:
+    """(rows per program, warps, columns per step, pipeline stages) of the transform for a padded rank, as
+    data (launch_shapes.json: per GPU name, else its default; the first entry whose rank bound holds the
+    width): many small programs (the kernel streams its rows twice, so large blocks leave multiprocessors
+    idle), no spills (tests/ops/test_transform_kernel.py); the fastest of benchmarks/transform_shapes.py's
+    sweep, which rewrites the table. device: a GPU's name (default: the current one's)."""
+    table = _shapes()["transform"]
+    entries = table["interpreter"] if INTERPRET else table.get(device or _device_name(), table["default"])
+    bound = min((int(b) for b in entries if int(b) >= width), default=max(int(b) for b in entries))
+    return tuple(entries[str(bound)])
+
+
+@functools.cache
+def _shapes() -> dict:
+    return json.loads((Path(__file__).parent / "launch_shapes.json").read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "default"
 
 
 def padded_rank(r: int) -> int:
