@@ -96,3 +96,17 @@ def logits(model, ids=None):
 def vectors(folder: Path) -> dict[str, torch.Tensor]:
     """The trained vector of every layer of a saved adapter."""
     return {name: layer.vector for name, layer in read_adapter(folder).layers.items()}
+
+
+def assert_compiled_matches_eager(model) -> None:
+    """torch.compile(fullgraph=True) of the model (aot_eager) gives the eager logits and gradients."""
+    ids = token_batch()
+    eager = model(ids, labels=ids)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,15 @@ from sigmatune import AdapterBank, AdapterFileError, SigmaConfig, SigmaModel, ge
 from sigmatune.cli import main
 from sigmatune.formats.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 from tests.model.test_quantized import quantized_llama, same_vectors
-from tests.models import logits, randomize, save_tiny_chat_model, tiny_gpt2, tiny_llama, token_batch
+from tests.models import (
+    assert_compiled_matches_eager,
+    logits,
+    randomize,
+    save_tiny_chat_model,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
 from tests.training.test_trainer import train
 
 BAND = SigmaConfig(rank=8, structure="band", band=2, svd="exact")
@@ -103,16 +111,7 @@ def test_the_trainer_trains_a_band(tmp_path):
 
 def test_compiles_with_fullgraph_and_matches_eager():
     model = band_model(scale=0.1)
-    ids = token_batch()
-    eager = model(ids, labels=ids)
-    eager.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids)
-    out.loss.backward()
-    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    assert_compiled_matches_eager(model)
 
 
 def test_a_band_on_a_quantized_base_follows_the_dense_one():

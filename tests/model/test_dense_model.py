@@ -12,7 +12,7 @@ from peft import PeftModel
 from sigmatune import AdapterBank, SigmaConfig, SigmaModel, get_sigma_model, read_adapter
 from sigmatune.core.structures.dense import Dense
 from tests.core.test_layer import SHAPES, make_linear, wrap
-from tests.models import logits, randomize, tiny_gpt2, tiny_llama, token_batch
+from tests.models import assert_compiled_matches_eager, logits, randomize, tiny_gpt2, tiny_llama, token_batch
 from tests.reference import reference_band_weight
 from tests.training.test_trainer import train
 
@@ -127,16 +127,7 @@ def test_the_trainer_trains_it(tmp_path):
 
 def test_compiles_with_fullgraph_and_matches_eager():
     model = dense_model(scale=0.1)
-    ids = token_batch()
-    eager = model(ids, labels=ids)
-    eager.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids)
-    out.loss.backward()
-    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    assert_compiled_matches_eager(model)
 
 
 def test_a_rank_too_wide_and_an_additive_rule_are_refused():
