@@ -30,6 +30,7 @@ def random_bank(config=None, adapters=3, seed=0, **model) -> tuple[AdapterBank, 
         for name, layer in bank.layers.items()
     }
     bank.add_many(names, scales)
+    bank.fold()  # as the serving engine does: projections folded into the base GEMMs
     return bank, names
 
 
@@ -220,3 +221,31 @@ def test_groups_are_declared_by_sibling_names_in_call_order():
     assert groups["m.0.mlp.up_proj"] == ("m.0.mlp.gate_proj", "m.0.mlp.up_proj")
     assert "m.0.attn.o_proj" not in groups and "m.1.attn.q_proj" not in groups  # v is missing there
     assert declared_groups(["h.0.attn.c_attn", "h.0.mlp.c_fc"]) is None  # GPT-2: nothing declared, learn
+
+
+def test_a_bank_folds_only_when_asked_and_unfold_gives_every_layer_its_own_weight(launches):
+    """A user holding the model sees no fold until the bank is asked (fold(), as the engine does): then
+    the folded layers' weights share one buffer per group with the same values; unfold() gives each its
+    own storage back; the served answers and the plain model's are the same throughout."""
+    bank, _ = random_bank()
+    bank.unfold()
+    ids = token_batch(batch=2, length=4).to(DEVICE)
+    q = bank.model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    k = bank.model.base_model.model.layers[0].self_attn.k_proj.base_layer
+    before = q.weight.detach().clone()
+    with torch.no_grad():
+        plain = bank.model(ids).logits
+    unfolded = served(bank, ids, ["a0", "a1"])
+    assert not any(isinstance(n, tuple) for n in launches)  # no folded launch
+    assert q.weight.untyped_storage().data_ptr() != k.weight.untyped_storage().data_ptr()
+    bank.fold()
+    folded = served(bank, ids, ["a0", "a1"])
+    assert any(isinstance(n, tuple) for n in launches)
+    assert q.weight.untyped_storage().data_ptr() == k.weight.untyped_storage().data_ptr()  # one buffer
+    bank.unfold()
+    assert q.weight.untyped_storage().data_ptr() != k.weight.untyped_storage().data_ptr()
+    assert torch.equal(q.weight, before)
+    with torch.no_grad():
+        torch.testing.assert_close(bank.model(ids).logits, plain, rtol=0, atol=0)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(served(bank, ids, ["a0", "a1"]), unfolded, rtol=1e-4, atol=1e-4)

@@ -42,6 +42,7 @@ from ..model.sigma_model import SigmaModel
 from ..ops import switches
 from .folded import Folds
 from .mixed import MixedBatch, SharedInputs
+from .ops import fold_kernel
 from .tables import ScaleTables
 
 BASE = "base"  # the name of row 0
@@ -240,6 +241,19 @@ class AdapterBank:
                 for layer in self.layers.values():
                     layer.serve_rows(None)
                 batch.finish()
+
+    def fold(self) -> None:
+        """From the next served forward on, fold each group's projections into its first layer's GEMM
+        (folded.py): those layers' base weights (q's, k's and v's; o's; down's) become views of one buffer
+        per group, with the same values, so the model computes as before; the serving engine folds its
+        bank. unfold() undoes it. Not where the bank's kernels exclude "fold" (ops/switches.py)."""
+        with self._lock:
+            self._folds.on = fold_kernel.enabled(self.disabled_kernels)
+
+    def unfold(self) -> None:
+        """Undo fold(): every folded layer's weight its own storage again (the same values)."""
+        with self._lock:
+            self._folds.unfold(self.layers)
 
     def __call__(self, *args, adapter_ids, **kwargs):
         """The model's forward with batch row b on adapter adapter_ids[b] (a name, 'base' or a row id)."""

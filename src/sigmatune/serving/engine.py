@@ -73,6 +73,8 @@ class Engine:
         look_ahead: bool | None = None,
     ):
         self.bank = bank if isinstance(bank, AdapterBank) else None  # a plain model serves only "base"
+        if self.bank is not None:
+            self.bank.fold()  # the engine owns its bank: projections ride in the base GEMMs (folded.py)
         self.model = self.bank.model.base_model if self.bank else bank
         text = text_config(self.model.config)
         self.max_len = max_len or min(getattr(text, "max_position_embeddings", 2048), 2048)

@@ -55,16 +55,18 @@ class Fold:
 
 
 class Folds:
-    """The bank's folds, one per group's first layer, made when first needed (never while a CUDA graph is
-    being captured: that forward takes the unfolded launch)."""
+    """The bank's folds, one per group's first layer, made when first needed once the bank has folded
+    (AdapterBank.fold; never while a CUDA graph is being captured: that forward takes the unfolded launch),
+    and undone by unfold(), which gives every folded layer a weight of its own again."""
 
     def __init__(self):
         self._folds: dict[str, Fold] = {}
+        self.on = False  # AdapterBank.fold() turns it on, unfold() off
 
     def get(self, group: tuple[str, ...], layers: dict[str, SpectralLinear], shared, dtype) -> Fold | None:
         """The fold of this group for inputs of `dtype`, or None where its first layer's GEMM cannot hold
         it (not a plain nn.Linear of that dtype, or no fold may be made now)."""
-        if not foldable(layers[group[0]].base_layer, dtype):
+        if not self.on or not foldable(layers[group[0]].base_layer, dtype):
             return None
         fold = self._folds.get(group[0])
         if fold is None or fold.members != group or not current(fold, layers):
@@ -72,6 +74,18 @@ class Folds:
                 return None
             fold = self._folds[group[0]] = make_fold(group, layers, shared, dtype)
         return fold
+
+    @torch.no_grad()
+    def unfold(self, layers: dict[str, SpectralLinear]) -> None:
+        """Every folded layer's weight (and bias) its own storage again, the same values; no fold left."""
+        for fold in self._folds.values():
+            for name in fold.members[: fold.outputs]:
+                module = layers[name].base_layer
+                module.weight.data = module.weight.data.clone()
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.clone()
+        self._folds.clear()
+        self.on = False
 
 
 def foldable(module: torch.nn.Module, dtype: torch.dtype) -> bool:

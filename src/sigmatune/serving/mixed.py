@@ -132,7 +132,7 @@ class MixedBatch:
     ):
         self.layers, self.tables, self.ids, self.shared, self.folds = layers, tables, ids, shared, folds
         self.disabled = disabled  # kernels the bank turned off (ops/switches.py)
-        self.folding = fold_kernel.enabled(disabled)
+        self.folding = folds.on and fold_kernel.enabled(disabled)  # the bank folded (AdapterBank.fold)
         # member → (its input, its transformed input x̃ or, if `done`, its output)
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # the input dtype, if the kernel served this forward while the groups were being learned
