@@ -372,7 +372,8 @@ def random_adapters(bank, count: int, prefix: str, scale: float = 0.05) -> list[
     names = [f"{prefix}{i}" for i in range(count)]
     generator = torch.Generator(device=bank.device).manual_seed(count)
     block = {
-        name: torch.randn(count, layer.rank, generator=generator, device=layer.sigma_basis.device) * scale
+        name: torch.randn(count, layer.stored_rank, generator=generator, device=layer.sigma_basis.device)
+        * scale
         for name, layer in bank.layers.items()
     }
     bank.add_many(names, block)

@@ -172,7 +172,7 @@ def test_extended_basis_keeps_every_adapter_exact():
         progress=False,
     )["layer"]
     layer.extend_spectrum(wider)
-    assert layer.rank == 4
+    assert layer.stored_rank == 4
     torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-10)
     layer.add_adapter("wide", [1, 6], "multiplicative")
     layer.set_adapter("wide")

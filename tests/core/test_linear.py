@@ -234,7 +234,7 @@ def test_the_full_spectrum_by_ops_keeps_x_in_place_of_the_projection(keeps_input
     torch.testing.assert_close(x.grad, x64.grad)
     torch.testing.assert_close(vector.grad, vector64.grad)
     assert any(recomputed) is keeps_input  # backward recomputed P from x
-    projection_kept = any(t.shape == (6, layer.rank) and t.data_ptr() != x.data_ptr() for t in kept)
+    projection_kept = any(t.shape == (6, layer.stored_rank) and t.data_ptr() != x.data_ptr() for t in kept)
     assert projection_kept is not keeps_input  # else autograd kept P (seen by these outer hooks)
 
 

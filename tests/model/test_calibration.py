@@ -63,7 +63,7 @@ def test_the_moments_are_those_of_the_right_singular_vectors(make):
     moments = activation_moments(model, "default", batches)
     sides = set()
     for name, layer in model.spectral_layers().items():
-        _, v = layer.singular_vectors(layer.rank)  # fp64, from W itself on the side not stored
+        _, v = layer.singular_vectors(layer.stored_rank)  # fp64, from W itself on the side not stored
         expected = (inputs[name] @ v).square().mean(dim=0)
         torch.testing.assert_close(moments[name].double(), expected, rtol=1e-4, atol=1e-7)
         sides.add(layer.side)
@@ -84,7 +84,7 @@ def test_calibrated_choice_is_the_best_subset_of_each_layer_on_the_data():
     for name, layer in model.spectral_layers().items():
         x = inputs[name].float()
 
-        _, v = layer.singular_vectors(layer.rank)
+        _, v = layer.singular_vectors(layer.stored_rank)
         energy = (inputs[name] @ v).square().sum(dim=0)  # Σ_tokens z_i²
         delta = torch.diagonal(_singular_update(layer, "default")).double()
         cost = {

@@ -66,7 +66,7 @@ def test_graphed_decode_equals_eager_with_a_layer_of_bands(saved):  # noqa: F811
     """A layer whose table holds bands (served by the torch ops inside the graph) decodes as eager does."""
     bank = cuda_bank(saved)
     banded = "model.layers.0.mlp.up_proj"
-    band = torch.zeros(3, bank.layers[banded].rank)
+    band = torch.zeros(3, bank.layers[banded].stored_rank)
     band[0, 1:], band[2, :-1] = 0.2, -0.1
     bank.tables.write(bank.row("wide"), {banded: band})  # that layer's table becomes a table of bands
     jobs = [

@@ -26,7 +26,7 @@ def random_bank(config=None, adapters=3, seed=0, **model) -> tuple[AdapterBank, 
     generator = torch.Generator().manual_seed(seed)
     names = [f"a{i}" for i in range(adapters)]
     scales = {
-        name: torch.randn(adapters, layer.rank, generator=generator) * 0.3
+        name: torch.randn(adapters, layer.stored_rank, generator=generator) * 0.3
         for name, layer in bank.layers.items()
     }
     bank.add_many(names, scales)
@@ -204,7 +204,7 @@ def test_what_the_kernel_cannot_serve_takes_the_torch_ops(launches, monkeypatch)
     logits = bank(inputs_embeds=embeddings, adapter_ids=["a0", "a1"]).logits
     assert launches == [] and logits.requires_grad  # training through a bank: differentiable torch ops
     banded = "model.layers.0.mlp.up_proj"
-    band = torch.zeros(3, bank.layers[banded].rank)
+    band = torch.zeros(3, bank.layers[banded].stored_rank)
     band[0, 1:] = 0.1
     bank.tables.write(bank.row("a0"), {banded: band})  # that layer's table becomes a table of bands
     with torch.no_grad():

@@ -102,7 +102,8 @@ class SpectralLinear(nn.Module):
     # ---- adapters ----------------------------------------------------------------------------------
 
     @property
-    def rank(self) -> int:
+    def stored_rank(self) -> int:
+        """R: the directions the layer stores (its adapters' r are each at most R)."""
         return self.sigma_basis.shape[1]
 
     def add_adapter(
@@ -162,7 +163,7 @@ class SpectralLinear(nn.Module):
         with the update rule named `update`."""
         positions = self.positions_for(sorted(indices))
         g = update_rule(update).scales(vector.to(self.sigma_values.device), self.sigma_at(positions))
-        return (structure or Diagonal()).spread(g, positions, self.rank)
+        return (structure or Diagonal()).spread(g, positions, self.stored_rank)
 
     def columns(self, name: str) -> torch.Tensor | slice:
         """Columns of the stored basis that an adapter trains (an index tensor, or all of them)."""
@@ -173,7 +174,7 @@ class SpectralLinear(nn.Module):
         """The adapter's coefficients over all R stored directions (fp32), zero where it trains nothing: g
         (R,), a band's diagonals over the stored columns (2w+1, R), or M (R, R)."""
         adapter = self.sigma_adapters[name]
-        return adapter.spread(self._own_scales(adapter), self.rank)
+        return adapter.spread(self._own_scales(adapter), self.stored_rank)
 
     def own_scales(self, name: str) -> torch.Tensor:
         """The adapter's coefficients over its own directions, in σ order (g (r,), a band (2b+1, r), M)."""
@@ -329,7 +330,7 @@ class SpectralLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, "
-            f"stored_rank={self.rank}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+            f"stored_rank={self.stored_rank}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
         )
 
 

@@ -73,7 +73,9 @@ class AdapterBank:
             spill_dir = tempfile.mkdtemp(prefix="sigmatune-spill-")
         self.spill_dir = Path(spill_dir) if spill_dir else None
         device = next(iter(self.layers.values())).sigma_basis.device
-        self.tables = ScaleTables({name: layer.rank for name, layer in self.layers.items()}, device, capacity)
+        self.tables = ScaleTables(
+            {name: layer.stored_rank for name, layer in self.layers.items()}, device, capacity
+        )
         self.device = self.tables.device  # where the tables (and the ids of a batch) live
         self.rows: OrderedDict[str, int] = OrderedDict()  # resident name → row, least recently used first
         self.sources: dict[str, Path] = {}  # name → adapter folder or spill file to (re)load from

@@ -101,7 +101,9 @@ class SharedInputs:
         one (computed once, in fp64)."""
         if layer.side == "input":
             return self.stored_basis(name, layer, dtype)
-        return self._cached(("input", name, dtype), layer, lambda: layer.singular_vectors(layer.rank)[1])
+        return self._cached(
+            ("input", name, dtype), layer, lambda: layer.singular_vectors(layer.stored_rank)[1]
+        )
 
     def stored_basis(self, name: str, layer: SpectralLinear, dtype: torch.dtype) -> torch.Tensor:
         """The layer's stored basis in `dtype` (a copy made once if it is stored in another)."""
