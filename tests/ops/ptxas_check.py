@@ -1,6 +1,6 @@
 """Compile the mixed-batch kernels as they are launched, for an H200 (sm_90, 132 multiprocessors), and
 print ptxas's -v report per case, as JSON: [[shape, report], …]. Needs no GPU; run without
-TRITON_INTERPRET (test_kernels.py does, in a child process).
+TRITON_INTERPRET (spills.py does, in a child process).
 
     python -m tests.ops.ptxas_check '[[64, 16, 3], [1024, 128, 1]]'     # [rows, padded rank, layers], …
     python -m tests.ops.ptxas_check '[["fold", 64, 16, 3, 1]]'          # expand_rows, launched by expand_shape
