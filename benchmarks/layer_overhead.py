@@ -33,20 +33,20 @@ def internals() -> SimpleNamespace:
     from sigmatune.ops.backends import using
 
     def through_jit(x, basis, g):
-        """transform_kernel.transform with its launch taken by kernel[grid](...) every time (as under launch
+        """transform_kernel.fused_transform with its launch taken by kernel[grid](...) every time (as under launch
         hooks): the private transform_kernel._launch_transform is the kernel's CachedLaunch."""
         launch = transform_kernel._launch_transform
         interpret, launch.interpret = launch.interpret, True
         try:
-            transform_kernel.transform(x, basis, g)
+            transform_kernel.fused_transform(x, basis, g)
         finally:
             launch.interpret = interpret
 
     return SimpleNamespace(
         Spectrum=Spectrum,
         transform=transform,  # the autograd.Function
-        kernel=transform_kernel.transform,  # one launch: (out, projection, grad)
-        custom_op=library.transform,  # what torch.compile sees
+        kernel=transform_kernel.fused_transform,  # one launch: (out, projection, grad)
+        custom_op=library.transform_op,  # what torch.compile sees
         using=using,  # one backend for a block
         through_jit=through_jit,
     )

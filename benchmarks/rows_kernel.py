@@ -1,4 +1,4 @@
-"""What does the mixed-batch kernel alone (serving/ops/rows_kernel.transform_rows) cost per launch, in each launch shape,
+"""What does the mixed-batch kernel alone (serving/ops/rows_kernel.fused_transform_rows) cost per launch, in each launch shape,
 as a decode step runs it: back to back in a CUDA graph, each row of the batch on its own adapter?
 
     python benchmarks/rows_kernel.py [--rows 64,256,1024] [--d 2048] [--ranks 16,128] [--out results/rows_kernel.json]
@@ -32,7 +32,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.serving.ops import rows_kernel
 
     return SimpleNamespace(
-        kernel=rows_kernel.transform_rows,  # (a, bases, tables, ids, shape=...) → [out per layer]
+        kernel=rows_kernel.fused_transform_rows,  # (a, bases, tables, ids, shape=...) → [out per layer]
         launch_shape=rows_kernel.launch_shape,  # (n, d, members, width) → the default shape
         torch_rows=transform_rows,  # (a, basis, g per row) → out: the torch ops
     )

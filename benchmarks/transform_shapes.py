@@ -1,4 +1,4 @@
-"""Which launch shape of the training transform's kernel (kernels.transform, forward and backward) is fastest?
+"""Which launch shape of the training transform's kernel (transform_kernel.fused_transform, forward and backward) is fastest?
 
     python benchmarks/transform_shapes.py [--n 4096] [--d 2048] [--ranks 16,64] [--grid 16,32/4/64/3]
         [--out results/transform_shapes.json] [--write-shapes]
@@ -32,7 +32,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.ops import transform_kernel
 
     return SimpleNamespace(
-        kernel=transform_kernel.transform,  # (out, projection, grad); shape= launches it at a given shape
+        kernel=transform_kernel.fused_transform,  # (out, projection, grad); shape= launches it at a given shape
         chosen=lambda r: transform_kernel.launch_shape(transform_kernel.padded_rank(r)),
         padded_rank=transform_kernel.padded_rank,
         shapes_file=Path(transform_kernel.__file__).parent / "launch_shapes.json",  # the table it reads

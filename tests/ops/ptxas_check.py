@@ -54,7 +54,7 @@ def report_fold(n: int, width: int, members: int, outputs: int = 1) -> tuple[tup
 
 
 def report_transform(width: int, reduce: int, band: int) -> tuple[tuple, str]:
-    """kernels.transform's kernel as launch_shape launches it for a padded rank (bf16 activations), its
+    """transform_kernel.fused_transform's kernel as launch_shape launches it for a padded rank (bf16 activations), its
     forward pass (reduce 0) or backward pass (reduce 1), a diagonal (band 0) or a band of that half-width."""
     shape = block_n, warps, columns, stages = kernels.launch_shape(width)
     constants = dict(

@@ -32,15 +32,15 @@ def test_the_ops_pass_torch_librarys_checks(band, with_shift):
         g = valid_part(band_case(21, 40, 6, band, torch.float32, seed=2)[2])
     a.requires_grad_(True)
     g.requires_grad_(True)
-    torch.library.opcheck(transform_op.transform, (a, basis, g, shift if with_shift else None, True))
+    torch.library.opcheck(transform_op.transform_op, (a, basis, g, shift if with_shift else None, True))
     projection = torch.randn(21, kernels.padded_rank(6), device=DEVICE)
-    torch.library.opcheck(transform_op.transform_backward, (a.detach(), basis, g.detach(), projection))
+    torch.library.opcheck(transform_op.transform_backward_op, (a.detach(), basis, g.detach(), projection))
 
 
 def test_the_op_and_its_gradients_match_the_fp64_reference():
     a, basis, g, shift = case(37, 48, 5, torch.float32, seed=4)
     x, w = a.clone().requires_grad_(True), g.clone().requires_grad_(True)
-    out, projection = transform_op.transform(x, basis, w, shift, True)
+    out, projection = transform_op.transform_op(x, basis, w, shift, True)
     weights = torch.linspace(-1, 1, 48, device=DEVICE)
     (out * weights).square().sum().backward()
     x64, w64 = a.double().requires_grad_(True), g.double().requires_grad_(True)
@@ -88,9 +88,9 @@ def test_compiled_training_through_the_op_matches_eager_gradients(monkeypatch):
     eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     calls = []
-    original = kernels.transform
+    original = kernels.fused_transform
     monkeypatch.setattr(
-        kernels, "transform", lambda *a, **k: calls.append(k.get("saved") is None) or original(*a, **k)
+        kernels, "fused_transform", lambda *a, **k: calls.append(k.get("saved") is None) or original(*a, **k)
     )
     with using("transform"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss.backward()

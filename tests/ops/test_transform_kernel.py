@@ -46,7 +46,7 @@ def reference(a, basis, g, shift=None):
 @pytest.mark.parametrize("with_shift", [False, True])
 def test_forward_matches_reference(dtype, n, d, r, with_shift):
     a, basis, g, shift = case(n, d, r, dtype)
-    out, projection, dg = kernels.transform(a, basis, g, shift if with_shift else None)
+    out, projection, dg = kernels.fused_transform(a, basis, g, shift if with_shift else None)
     expected, expected_projection = reference(a, basis, g, shift if with_shift else None)
     tol = TOLERANCE[dtype] * 4
     assert out.dtype == dtype and out.shape == a.shape and dg is None
@@ -62,7 +62,7 @@ def test_backward_mode_reduces_dg_across_rows(dtype, n, d, r):
     a, basis, g, _ = case(n, d, r, dtype, seed=1)
     saved = torch.zeros(n, kernels.padded_rank(r), device=DEVICE)
     saved[:, :r] = torch.randn(n, r, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    grad_a, along, dg = kernels.transform(a, basis, g, saved=saved)
+    grad_a, along, dg = kernels.fused_transform(a, basis, g, saved=saved)
     expected_grad, expected_along = reference(a, basis, g)
     tol = TOLERANCE[dtype] * 4
     torch.testing.assert_close(grad_a.double(), expected_grad, rtol=tol, atol=tol)
@@ -84,7 +84,7 @@ def test_band_forward_mixes_by_m_or_its_transpose(dtype, n, d, r, w, transposed)
     """out = a + (P T) Bᵀ with T = M (backward) or Mᵀ (forward), M dense from its diagonals; entries of C
     outside M (row j − o out of range) are ignored."""
     a, basis, bands, shift = band_case(n, d, r, w, dtype)
-    out, projection, grad = kernels.transform(a, basis, bands, shift, transposed=transposed)
+    out, projection, grad = kernels.fused_transform(a, basis, bands, shift, transposed=transposed)
     dense = band_to_dense(valid_part(bands)).double()
     mix = dense.T if transposed else dense
     expected_projection = a.double() @ basis.double() - shift.double()
@@ -102,7 +102,7 @@ def test_band_backward_reduces_the_band_of_q_transpose_p(dtype, n, d, r, w):
     a, basis, bands, _ = band_case(n, d, r, w, dtype, seed=1)
     saved = torch.zeros(n, kernels.padded_rank(r), device=DEVICE)
     saved[:, :r] = torch.randn(n, r, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    grad_a, along, grad = kernels.transform(a, basis, bands, saved=saved)
+    grad_a, along, grad = kernels.fused_transform(a, basis, bands, saved=saved)
     assert along is None
     q = a.double() @ basis.double()
     expected_grad_a = a.double() + (q @ band_to_dense(valid_part(bands)).double()) @ basis.double().T
@@ -195,7 +195,7 @@ def test_the_cached_launch_reuses_the_compiled_kernel_only_for_the_same_speciali
     storage = torch.randn(70 * 96 + 1, device="cuda").to(torch.bfloat16)
     unaligned = storage[1:].view(70, 96).copy_(a)  # 2 bytes past an aligned address
     for x in (a, a.clone(), unaligned, unaligned):
-        out, _, _ = kernels.transform(x, basis, g)
+        out, _, _ = kernels.fused_transform(x, basis, g)
         expected, _ = reference(x, basis, g)
         torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)
     assert len(asked) == len(launch.compiled) == 2

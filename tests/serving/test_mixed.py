@@ -50,7 +50,7 @@ def launches(monkeypatch):
     """The layer count of each launch of the mixed-batch kernel: n for the unfolded kernel, ("folded", n)
     for the expansion after a folded GEMM."""
     counts = []
-    unfolded, expand = rows_kernels.transform_rows, fold_kernels.expand_rows
+    unfolded, expand = rows_kernels.fused_transform_rows, fold_kernels.expand_rows
 
     def counted(a, bases, *args, **kwargs):
         counts.append(len(bases))
@@ -60,7 +60,7 @@ def launches(monkeypatch):
         counts.append(("folded", len(expansions)))
         return expand(h, x, expansions, *args, **kwargs)
 
-    monkeypatch.setattr(rows_kernels, "transform_rows", counted)
+    monkeypatch.setattr(rows_kernels, "fused_transform_rows", counted)
     monkeypatch.setattr(fold_kernels, "expand_rows", counted_expand)
     return counts
 

@@ -44,7 +44,7 @@ def test_mixed_batch_kernel_gathers_each_rows_g_for_every_layer_of_the_launch(
     ids = torch.randint(0, 7, (shape[0],), generator=g_).to(DEVICE)
     shifts = [torch.randn(r, generator=g_).to(DEVICE) for r in ranks] if with_shift else None
     launch = None if split is None else (16, split, 32, 4, shared)  # rows, column blocks, step, warps, shared
-    outs = rows_kernels.transform_rows(a, bases, tables, ids, shifts, shape=launch)
+    outs = rows_kernels.fused_transform_rows(a, bases, tables, ids, shifts, shape=launch)
     assert len(outs) == len(ranks)
     for m, out in enumerate(outs):
         projection = a.double() @ bases[m].double() - (0 if shifts is None else shifts[m].double())
@@ -59,11 +59,13 @@ def test_mixed_batch_kernel_refuses_what_it_cannot_serve():
     a, basis, _, _ = case(4, 16, 4, torch.float32)
     table = torch.zeros(3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 3 layers"):
-        rows_kernels.transform_rows(
+        rows_kernels.fused_transform_rows(
             a, [basis] * 4, [table] * 4, torch.zeros(4, dtype=torch.long, device=DEVICE)
         )
     with pytest.raises(ValueError, match="3 adapter rows for a batch of 4"):
-        rows_kernels.transform_rows(a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE))
+        rows_kernels.fused_transform_rows(
+            a, [basis], [table], torch.zeros(3, dtype=torch.long, device=DEVICE)
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (launch_shape's GPU shapes)")
@@ -79,7 +81,7 @@ def test_mixed_batch_kernel_in_its_default_shapes_on_cuda(n, rank):
     ]
     tables = [torch.randn(n, rank, device="cuda", generator=g_) * 0.5 for _ in range(3)]
     ids = torch.randperm(n, device="cuda", generator=g_)
-    outs = rows_kernels.transform_rows(a, bases, tables, ids)
+    outs = rows_kernels.fused_transform_rows(a, bases, tables, ids)
     for m, out in enumerate(outs):
         rows = tables[m].double()[ids]
         expected = a.double() + ((a.double() @ bases[m].double()) * rows) @ bases[m].double().T
@@ -100,7 +102,7 @@ def test_mixed_batch_kernel_sharing_its_projection_replays_in_a_cuda_graph():
 
     def launches():
         return [
-            rows_kernels.transform_rows(a, bases[: 1 + i], tables[: 1 + i], ids, shape=s)
+            rows_kernels.fused_transform_rows(a, bases[: 1 + i], tables[: 1 + i], ids, shape=s)
             for i, s in enumerate(shapes)
         ]
 

@@ -73,7 +73,7 @@ def transform_rows(
 
     Costs what one adapter costs: the per-row coefficients mix the projection, (B, …, r), before the second
     GEMM, whose epilogue adds a (addmm). The mix is in fp32 at least. Plain differentiable torch ops, the
-    reference of the mixed-batch kernel (serving/ops/rows_kernel.transform_rows, which a served batch takes
+    reference of the mixed-batch kernel (serving/ops/rows_kernel.fused_transform_rows, which a served batch takes
     on CUDA: serving/mixed.py).
     """
     basis = basis.to(a.dtype)

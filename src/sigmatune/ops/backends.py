@@ -40,15 +40,15 @@ class FusedTransform(Backend):
         return kind and transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
 
     def forward_pass(self, a, basis, coefficients, shift, structure):
-        out, projection, _ = transform_kernel.transform(a, basis, coefficients, shift, transposed=True)
+        out, projection, _ = transform_kernel.fused_transform(a, basis, coefficients, shift, transposed=True)
         return out, projection  # P fp32, padded to the kernel's width
 
     def backward_pass(self, grad, basis, coefficients, saved, structure):
-        grad_a, _, grad_c = transform_kernel.transform(grad, basis, coefficients, saved=saved)
+        grad_a, _, grad_c = transform_kernel.fused_transform(grad, basis, coefficients, saved=saved)
         return grad_a, grad_c
 
     def compiled(self, a, basis, coefficients, shift, structure):
-        return library.transform(a, basis, coefficients, shift, True)[0]
+        return library.transform_op(a, basis, coefficients, shift, True)[0]
 
 
 class TritonGemms(Gemms):

@@ -157,7 +157,7 @@ def padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def transform(
+def fused_transform(
     a: torch.Tensor,
     basis: torch.Tensor,
     coefficients: torch.Tensor,

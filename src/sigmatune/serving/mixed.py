@@ -6,7 +6,7 @@ no gradient, not compiling: a served prefill or decode step) it computes
 
     input side:  base(x + ((x V_S) ⊙ G[ids]) V_Sᵀ)      output side:  y + (((y − b) U_S) ⊙ G[ids]) U_Sᵀ
 
-with each row's g gathered from the bank's table G inside the kernel (ops/rows_kernel.transform_rows); anything
+with each row's g gathered from the bank's table G inside the kernel (ops/rows_kernel.fused_transform_rows); anything
 else (CPU, full-spectrum or banded tables, training through a bank) takes the torch ops with one gather
 per layer (SpectralLinear.forward_rows).
 
@@ -179,7 +179,7 @@ class MixedBatch:
         elif len(group) > 1:
             bases = [self.shared.input_basis(m, self.layers[m], x.dtype) for m in group]
             outs, outputs = (
-                rows_kernel.transform_rows(x, bases, tables, self.ids, disabled=self.disabled),
+                rows_kernel.fused_transform_rows(x, bases, tables, self.ids, disabled=self.disabled),
                 0,
             )  # every member's input
             first = layer.base_layer(outs[0])
@@ -193,12 +193,14 @@ class MixedBatch:
         basis = self.shared.stored_basis(name, layer, x.dtype)
         if layer.side == "input":
             return layer.base_layer(
-                rows_kernel.transform_rows(x, [basis], [table], self.ids, disabled=self.disabled)[0]
+                rows_kernel.fused_transform_rows(x, [basis], [table], self.ids, disabled=self.disabled)[0]
             )
         y = layer.base_layer(x)
         shift = F.output_shift(bias_of(layer.base_layer), layer.sigma_basis)
         shifts = None if shift is None else [shift.float()]
-        return rows_kernel.transform_rows(y, [basis], [table], self.ids, shifts, disabled=self.disabled)[0]
+        return rows_kernel.fused_transform_rows(
+            y, [basis], [table], self.ids, shifts, disabled=self.disabled
+        )[0]
 
     def _fused(self, x: torch.Tensor, table: torch.Tensor) -> bool:
         return (

@@ -134,7 +134,7 @@ def serves(a: torch.Tensor, rank: int, disabled: frozenset[str] = frozenset()) -
     return ready and switches.enabled("rows", disabled)
 
 
-def transform_rows(
+def fused_transform_rows(
     a: torch.Tensor,
     bases: list[torch.Tensor],
     tables: list[torch.Tensor],
