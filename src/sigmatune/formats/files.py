@@ -165,10 +165,10 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """Read a JSON object of at most max_bytes from path; any problem is an AdapterFileError naming the file."""
     path = Path(path)
     _check_regular_file(path)
-    if path.stat().st_size > max_bytes:
+    size = path.stat().st_size
+    if size > max_bytes:
         raise AdapterFileError(
-            path,
-            f"is {_mib(path.stat().st_size)}, more than the {_mib(max_bytes)} a file of this kind may be",
+            path, f"is {_mib(size)}, more than the {_mib(max_bytes)} a file of this kind may be"
         )
     try:
         with open(path, "rb") as handle:

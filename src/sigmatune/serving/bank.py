@@ -42,7 +42,6 @@ from ..model.sigma_model import SigmaModel
 from ..ops import switches
 from .folded import Folds
 from .mixed import MixedBatch, SharedInputs
-from .ops import fold_kernel
 from .tables import ScaleTables
 
 BASE = "base"  # the name of row 0
@@ -60,9 +59,8 @@ class AdapterBank:
         disable_kernels=(),
     ):
         self.model = model
-        self.disabled_kernels = switches.checked(
-            disable_kernels
-        )  # beside the environment's (ops/switches.py)
+        # kernels turned off for this bank, beside the environment's (ops/switches.py)
+        self.disabled_kernels = switches.checked(disable_kernels)
         self.layers = model.spectral_layers()  # name → SpectralLinear
         if not self.layers:
             raise ValueError(
@@ -248,9 +246,10 @@ class AdapterBank:
         """From the next served forward on, fold each group's projections into its first layer's GEMM
         (folded.py): those layers' base weights (q's, k's and v's; o's; down's) become views of one buffer
         per group, with the same values, so the model computes as before; the serving engine folds its
-        bank. unfold() undoes it. Not where the bank's kernels exclude "fold" (ops/switches.py)."""
+        bank. unfold() undoes it. A forward folds nothing while the bank's kernels exclude "fold"
+        (ops/switches.py: MixedBatch asks)."""
         with self._lock:
-            self._folds.on = fold_kernel.enabled(self.disabled_kernels)
+            self._folds.on = True
 
     def unfold(self) -> None:
         """Undo fold(): every folded layer's weight its own storage again (the same values)."""
