@@ -3,6 +3,5 @@
 # Instruct) on the default task (BIG-bench qa_wikidata) on CPU, printing scores before and after.
 # Arguments go to `sigmatune train`, e.g. `bash scripts/train.sh --steps 300 --rank full`.
 set -euo pipefail
-export SIGMATUNE_STARTED="${SIGMATUNE_STARTED:-$(date +%s.%N)}"  # the job's time table counts the set-up too
 . "$(dirname "$0")/setup.sh" cli
-sigmatune train "$@"
+sigmatune train --setup-seconds "$SECONDS" "$@"  # the job's time table counts the set-up too

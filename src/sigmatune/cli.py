@@ -20,6 +20,7 @@ import os
 import re
 import sys
 
+from .core import progress
 from .training import settings
 from .version import __version__
 
@@ -38,6 +39,13 @@ def _rank(text: str) -> int | str:
 
 def _lr(text: str) -> float | str:
     return text if text == "auto" else _number(float, text, "a number or 'auto'")
+
+
+def _seconds(text: str) -> float:
+    seconds = _number(float, text, "a number of seconds")
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ≥ 0")
+    return seconds
 
 
 def _number(kind, text: str, wanted: str):
@@ -67,7 +75,8 @@ def _train(args) -> dict:
     from .training import job
 
     fields = {f.name for f in dataclasses.fields(settings.TrainSettings)}
-    return job.train(settings.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+    chosen = settings.TrainSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    return job.train(chosen, setup_seconds=args.setup_seconds)
 
 
 def _compress(args) -> None:
@@ -101,10 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigmatune", description="Fine-tune and use singular-value adapters."
     )
     parser.add_argument("--version", action="version", version=f"sigmatune {__version__}")
+    parser.add_argument(
+        "--progress-seconds",
+        type=_seconds,
+        metavar="S",
+        help="without a terminal, a progress line at most S seconds apart (default: 15; 0: every tenth)",
+    )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     command = subcommands.add_parser("train", help="fine-tune a model's singular values on a task")
     _train_arguments(command)
+    command.add_argument(
+        "--setup-seconds",
+        type=_seconds,
+        metavar="S",
+        help="seconds spent before the job (scripts/train.sh's set-up): the time table's first phase",
+    )
     command.set_defaults(run=_train)
 
     command = subcommands.add_parser("eval", help="held-out loss and exact match of a saved adapter")
@@ -209,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.progress_seconds is not None:
+        progress.report_every(args.progress_seconds)
     try:
         args.run(args)
     except KeyboardInterrupt:

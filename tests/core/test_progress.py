@@ -6,7 +6,18 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
+from sigmatune.core import progress
 from sigmatune.core.progress import Progress
+
+
+@pytest.fixture
+def every():
+    """report_every for one test, the default restored after it."""
+    previous = progress.report_every(progress.EVERY)
+    yield progress.report_every
+    progress.report_every(previous)
 
 
 def test_short_work_prints_nothing(capsys):
@@ -17,8 +28,8 @@ def test_short_work_prints_nothing(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_long_work_prints_plain_lines_with_the_count_and_the_time_left(capsys, monkeypatch):
-    monkeypatch.setenv("SIGMATUNE_PROGRESS_SECONDS", "1")  # a line a tenth of the work, 0.1 s apart at least
+def test_long_work_prints_plain_lines_with_the_count_and_the_time_left(capsys, every):
+    every(1)  # a line a tenth of the work, 0.1 s apart at least
     bar = Progress(10, "work", "steps")
     for step in range(10):
         time.sleep(0.12)
@@ -32,8 +43,8 @@ def test_long_work_prints_plain_lines_with_the_count_and_the_time_left(capsys, m
     assert "\r" not in "".join(lines)  # no bar drawing
 
 
-def test_lines_come_every_so_many_seconds_when_tenths_take_longer(capsys, monkeypatch):
-    monkeypatch.setenv("SIGMATUNE_PROGRESS_SECONDS", "0.2")
+def test_lines_come_every_so_many_seconds_when_tenths_take_longer(capsys, every):
+    every(0.2)
     bar = Progress(1000, "download", "B", unit_scale=True)
     for _ in range(3):
         time.sleep(0.25)
@@ -46,10 +57,16 @@ def test_lines_come_every_so_many_seconds_when_tenths_take_longer(capsys, monkey
     ), lines
 
 
-def test_hidden_progress_prints_nothing(capsys, monkeypatch):
-    monkeypatch.setenv("SIGMATUNE_PROGRESS_SECONDS", "0")
+def test_hidden_progress_prints_nothing(capsys, every):
+    every(0)
     bar = Progress(3, "quiet", show=False)
     for _ in range(3):
         bar.update()
     bar.close()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan")])
+def test_a_negative_or_missing_interval_is_refused(seconds, every):
+    with pytest.raises(ValueError, match="seconds ≥ 0"):
+        every(seconds)

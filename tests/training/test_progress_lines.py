@@ -17,9 +17,13 @@ SOURCE = str(Path(__file__).resolve().parents[2] / "src")
 
 def sigmatune(*args: str) -> subprocess.CompletedProcess:
     """A real `python -m sigmatune` run whose stderr is a pipe; lines as often as the work allows."""
-    env = {**os.environ, "PYTHONPATH": SOURCE, "SIGMATUNE_PROGRESS_SECONDS": "0"}
+    env = {**os.environ, "PYTHONPATH": SOURCE}
     return subprocess.run(
-        [sys.executable, "-m", "sigmatune", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "sigmatune", "--progress-seconds", "0", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 

@@ -193,12 +193,16 @@ def test_cli_commands_in_process(workspace, tmp_path, capsys):
         "--lr",
         "0.05",
         "--no-packing",
+        "--setup-seconds",
+        "12.34",
         "--output-dir",
         str(out),
     ]
     assert main(args) == 0
     assert "held-out loss" in capsys.readouterr().out and (out / WEIGHTS_NAME).exists()
-    recorded = json.loads((out / SUMMARY_NAME).read_text())["settings"]
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["seconds"]["setup"] == 12.3
+    recorded = summary["settings"]
     assert (recorded["rank"], recorded["structure"], recorded["lr"], recorded["packing"]) == (
         4,
         "diagonal",

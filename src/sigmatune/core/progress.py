@@ -5,19 +5,19 @@ then, so that a job without a terminal is never silent for minutes:
     held-out loss: 8/16 batches (50%) after 31 s, ~31 s left
 
 A line comes when another tenth of the work is done (at least EVERY/10 s after the last line), or EVERY
-seconds after the last line; a phase shorter than EVERY/10 s prints nothing. EVERY is 15 s, or
-$SIGMATUNE_PROGRESS_SECONDS.
+seconds after the last line; a phase shorter than EVERY/10 s prints nothing. EVERY is 15 s unless
+report_every(seconds) set another (`sigmatune --progress-seconds S <command>` does).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from tqdm.auto import tqdm
 
-EVERY = 15.0  # seconds between plain lines at the most
+EVERY = 15.0  # seconds between plain lines at the most, unless report_every set another
+_every = EVERY
 
 
 class Progress:
@@ -50,7 +50,7 @@ class Progress:
         self.plain = show is None and not terminal
         self.total, self.desc, self.unit, self.scaled = total, desc, unit, unit_scale
         self.n = self.reported = self.first = initial
-        self.every = _seconds()
+        self.every = _every
         self.started = self.last = time.monotonic()
         self.postfix: dict[str, object] = {}
         self.lines = 0
@@ -95,10 +95,11 @@ class Progress:
         return tqdm.format_sizeof(n) if self.scaled else str(n)
 
 
-def _seconds() -> float:
-    """EVERY, or $SIGMATUNE_PROGRESS_SECONDS where it is a number ≥ 0."""
-    try:
-        seconds = float(os.environ.get("SIGMATUNE_PROGRESS_SECONDS", EVERY))
-    except ValueError:
-        return EVERY
-    return seconds if seconds >= 0 else EVERY
+def report_every(seconds: float) -> float:
+    """Plain lines at most this many seconds apart (0: as often as a tenth of the work allows) for every
+    Progress made from now on; returns the previous setting."""
+    global _every
+    if not seconds >= 0:
+        raise ValueError(f"progress lines need a number of seconds ≥ 0 between them, got {seconds}")
+    previous, _every = _every, float(seconds)
+    return previous

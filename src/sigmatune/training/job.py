@@ -11,9 +11,7 @@ in the output folder and the last checkpoint stay as they were.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -38,16 +36,16 @@ from .summary import SUMMARY_NAME
 from .tokens import encode
 
 
-def train(settings: TrainSettings) -> dict:
+def train(settings: TrainSettings, setup_seconds: float | None = None) -> dict:
     """Run the job end to end; returns (and saves) the summary with scores before and after. The output
-    folder is locked meanwhile (output_lock.py): a second run into it is refused."""
+    folder is locked meanwhile (output_lock.py): a second run into it is refused. setup_seconds: the time
+    spent before the job (scripts/train.sh's set-up), the time table's first phase."""
     config = settings.sigma_config()  # bad settings fail here, before any download
     with output_lock(settings.output_dir):
-        return _train(settings, config)
+        return _train(settings, config, Phases(setup_seconds))
 
 
-def _train(settings: TrainSettings, config) -> dict:
-    clock = Phases()
+def _train(settings: TrainSettings, config, clock: Phases) -> dict:
     resumed = _checkpoint_to_resume(settings)
     torch.manual_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
@@ -116,16 +114,12 @@ def _train(settings: TrainSettings, config) -> dict:
 
 
 class Phases:
-    """Wall seconds per phase of the job; with $SIGMATUNE_STARTED (a Unix time, set by scripts/train.sh
-    before it installs anything) the time before the job started counts as its first phase, "setup"."""
+    """Wall seconds per phase of the job; setup_seconds (the time before it, given by scripts/train.sh)
+    counts as its first phase, "setup"."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+    def __init__(self, setup_seconds: float | None = None):
+        self.seconds: dict[str, float] = {} if setup_seconds is None else {"setup": round(setup_seconds, 1)}
         self.last = time.perf_counter()
-        started = os.environ.get("SIGMATUNE_STARTED")
-        with contextlib.suppress(ValueError):
-            if started and 0 <= time.time() - float(started) < 86400:
-                self.seconds["setup"] = round(time.time() - float(started), 1)
 
     def lap(self, phase: str) -> float:
         """The seconds since the last lap, kept as this phase's."""
