@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ RUNS = {
     "svd_methods": ("svd_methods", [*TINY, "--batch", "1", "--out", "{out}"]),
     "serve": ("serve", [*SERVE, "--timed", "1", "--peft", "", "--resident", "4", "--out", "{out}"]),
     "profile_serve": ("profile_serve", [*SERVE, "--top", "3"]),
+    "before_after": ("before_after", ["--before", str(ROOT), "--phases", "eager,serve", "--budget", "1e9", "--rows", "frozen:0,sigmatune:16", "--train-args", shlex.join(TRAIN), "--serve-args", shlex.join([*SERVE, "--timed", "1", "--resident", "4"]), "--out", "{out}"]),
     "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
     "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
     "quality classify": ("quality", ["classify", "--device", "cpu", "--encoder", "{tmp}/encoder", "--data", "{tmp}/split.jsonl", "--rows", "head:0::0,sigmatune:full:multiplicative:0.01", "--epochs", "1", "--batch", "4", "--compress", "8", "--calibrate", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
@@ -131,6 +133,8 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
     assert rows, output[-4000:]
     if run.startswith("quality"):  # a row that failed is recorded with an infinite loss: none may have
         assert all(row["eval_loss"] < float("inf") for row in rows), output[-4000:]
+    if run == "before_after":  # each phase compared the two checkouts (here both this one)
+        assert {row["phase"] for row in rows} == {"eager", "serve"}, output[-4000:]
     if run == "quality classify":  # and `report` drew the plot
         assert out.with_suffix(".png").stat().st_size > 0
 
