@@ -29,7 +29,7 @@ from ..core.updates import update_rule
 from ..core.weights import compute_dtype, linear_shape
 from ..formats.adapter_file import write_adapter
 from ..formats.model_card import write_model_card
-from ..ops import switches  # backends: importing it registers ops/'s fast paths with core's op
+from ..ops import switches  # importing ops registers its fast paths with core's op (ops/__init__.py)
 from . import bases, exchange
 from . import compress as compression
 from .forward import TrainerForward, installed_forward, refuse_adapter_ids

@@ -3,3 +3,5 @@ that turns them off (switches.py, SIGMATUNE_DISABLE_KERNELS): the fused Triton t
 its torch.library op in library, launched by launch), the band kernels (band_kernel). backends.py registers
 them. The serving kernels are serving/ops/'s.
 """
+
+from . import backends  # noqa: F401  importing the package registers the fast paths with core's op
