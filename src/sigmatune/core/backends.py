@@ -19,16 +19,16 @@ does). using(name) makes every call take one backend (tests, benchmarks).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 NOTHING_DISABLED: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Call:
-    """What a backend needs to know to say whether it serves a call."""
+class Call(NamedTuple):
+    """What a backend needs to know to say whether it serves a call (a tuple: made and hashed on every
+    eager layer call, so as cheap as Python allows)."""
 
     device: str  # "cuda", "cpu", ...
     dtype: torch.dtype  # of a (autocast's, where it is on)
@@ -40,11 +40,26 @@ class Call:
 
     @staticmethod
     def of(a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED) -> Call:
-        device = a.device.type
+        device = "cuda" if a.is_cuda else a.device.type  # is_cuda: no torch.device made
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
         band = structure.width(coefficients)
         return Call(
             device, dtype, basis.shape[1], structure.name, band, torch.compiler.is_compiling(), disabled
+        )
+
+    @staticmethod
+    def eager(
+        a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED
+    ) -> Call:
+        """Call.of for a call its caller has seen is neither traced nor under autocast (core/linear.py)."""
+        return Call(
+            "cuda" if a.is_cuda else a.device.type,
+            a.dtype,
+            basis.shape[1],
+            structure.name,
+            structure.width(coefficients),
+            False,
+            disabled,
         )
 
 
