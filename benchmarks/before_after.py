@@ -21,7 +21,6 @@ the two versions' ratios to their own frozen / base row, device. Each version's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -50,7 +49,7 @@ def commands(phase: str, args) -> tuple[str, list[str], str, str]:
 def run_version(checkout: Path, script: str, arguments: list[str], out: Path, limit_s: float) -> list[dict]:
     """One version's script on its own sources; its rows (those it wrote before a time limit, if one came)."""
     benchmarks = checkout / "benchmarks"
-    if "--previous" in _help(benchmarks, script):  # an older serve.py also ran the previous engine's rows
+    if '"--previous"' in (benchmarks / script).read_text():  # an older serve.py also ran the previous engine
         arguments = [*arguments, "--previous", ""]
     env = {**os.environ, "PYTHONPATH": str(checkout / "src"), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, script, *arguments, "--out", str(out)]
@@ -58,15 +57,7 @@ def run_version(checkout: Path, script: str, arguments: list[str], out: Path, li
         subprocess.run(command, cwd=benchmarks, env=env, timeout=limit_s, check=False)
     except subprocess.TimeoutExpired:
         print(f"{checkout} {script}: stopped at its limit of {limit_s:.0f} s (its rows so far are kept)")
-    return json.loads(out.read_text()) if out.exists() else []
-
-
-def _help(benchmarks: Path, script: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(benchmarks.parent / "src")}
-    done = subprocess.run(
-        [sys.executable, script, "--help"], cwd=benchmarks, env=env, capture_output=True, text=True
-    )
-    return done.stdout
+    return common.load_rows(out)
 
 
 def compare(phase: str, before: list[dict], after: list[dict], speed: str, ratio: str) -> list[dict]:

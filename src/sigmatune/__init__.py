@@ -46,9 +46,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'sigmatune' has no attribute {name!r}")
-    importlib.import_module(
-        ".ops", __name__
-    )  # registers the fast paths with the method's op (ops/__init__.py)
+    # ops/ registers the fast paths with the method's op when imported (ops/__init__.py)
+    importlib.import_module(".ops", __name__)
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value  # found directly from now on
     return value

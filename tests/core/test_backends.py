@@ -99,13 +99,13 @@ def test_every_structure_has_a_backend_that_runs_it_and_the_torch_one_runs_every
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES))
-def test_the_eager_call_is_the_call_outside_autocast_and_compile(structure):
-    """core/linear.py makes Call.eager (it has checked there is no autocast and no trace): the same Call as
-    Call.of, so both find one cached choice; under autocast Call.of takes autocast's dtype."""
+def test_the_plain_call_is_the_call_outside_autocast_and_compile(structure):
+    """core/linear.py makes Call.of(..., plain=True) (it has checked there is no autocast and no trace): the
+    same Call as without plain, so both find one cached choice; under autocast Call.of takes autocast's dtype."""
     kind = structure_of(structure, KINDS[structure])
     a, basis = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
     coefficients = kind.initial(torch.zeros(kind.shape(3)))
-    eager = Call.eager(a, basis, coefficients, kind, frozenset({"band"}))
+    eager = Call.of(a, basis, coefficients, kind, frozenset({"band"}), plain=True)
     assert eager == Call.of(a, basis, coefficients, kind, frozenset({"band"}))
     assert eager == Call(
         "cpu", torch.float64, 3, structure, kind.width(coefficients), False, frozenset({"band"})

@@ -39,28 +39,20 @@ class Call(NamedTuple):
     disabled: frozenset[str] = NOTHING_DISABLED  # kernels the caller turned off (ops/switches.py)
 
     @staticmethod
-    def of(a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED) -> Call:
-        device = "cuda" if a.is_cuda else a.device.type  # is_cuda: no torch.device made
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
-        band = structure.width(coefficients)
-        return Call(
-            device, dtype, basis.shape[1], structure.name, band, torch.compiler.is_compiling(), disabled
-        )
-
-    @staticmethod
-    def eager(
-        a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED
+    def of(
+        a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED, plain=False
     ) -> Call:
-        """Call.of for a call its caller has seen is neither traced nor under autocast (core/linear.py)."""
-        return Call(
-            "cuda" if a.is_cuda else a.device.type,
-            a.dtype,
-            basis.shape[1],
-            structure.name,
-            structure.width(coefficients),
-            False,
-            disabled,
-        )
+        """The call for a (N, d), its basis (d, r) and coefficients of the structure. plain: the caller has
+        checked there is neither autocast nor a trace (core/linear.py, the eager hot path), so neither is
+        asked again."""
+        device = "cuda" if a.is_cuda else a.device.type  # is_cuda: no torch.device made
+        dtype, compiling = a.dtype, False
+        if not plain:
+            if torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+            compiling = torch.compiler.is_compiling()
+        band = structure.width(coefficients)
+        return Call(device, dtype, basis.shape[1], structure.name, band, compiling, disabled)
 
 
 class Backend:

@@ -73,7 +73,9 @@ def adapted_linear(
     ):
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    call = Call.eager(flat, basis, coefficients, structure, disabled)  # not compiling, no autocast: checked
+    call = Call.of(
+        flat, basis, coefficients, structure, disabled, plain=True
+    )  # no autocast, no trace: checked
     backend = choose(call)
     if backend.by_ops(call):
         out = _diagonal_by_ops(flat, weight, bias, basis, coefficients, input_side)  # (N, out)
