@@ -5,6 +5,7 @@ two at a time (a CPU run proves nothing about speed; it only has to finish)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -41,8 +42,7 @@ RUNS = {
     "before_after": ("before_after", ["--before", str(ROOT), "--phases", "eager,serve", "--budget", "1e9", "--rows", "frozen:0,sigmatune:16", "--train-args", shlex.join(TRAIN), "--serve-args", shlex.join([*SERVE, "--timed", "1", "--resident", "4"]), "--out", "{out}"]),
     "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
     "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
-    "quality classify": ("quality", ["classify", "--device", "cpu", "--encoder", "{tmp}/encoder", "--data", "{tmp}/split.jsonl", "--rows", "head:0::0,sigmatune:full:multiplicative:0.01", "--epochs", "1", "--batch", "4", "--compress", "8", "--calibrate", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
-    "quality causal": ("quality", ["causal", "--device", "cpu", "--model", "{tmp}/chat", "--rows", "sigmatune:16:multiplicative:0.01", "--steps", "2", "--heldout", "4", "--out", "{out}"]),
+    "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
 }  # fmt: skip
 
 
@@ -67,15 +67,15 @@ def tiny_encoder(folder: Path) -> Path:
     return folder
 
 
-def classify_split(path: Path) -> Path:
-    """A classify split as `quality.py export-data` writes it: 8 training and 4 held-out examples."""
-    rows = [
-        {"split": "train" if i < 8 else "heldout", "passage": f"the river was born in city {i}",
-         "claim": "the claim is true" if i % 3 else "the fact is not false", "label": i % 3}
-        for i in range(12)
-    ]  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+def suite_items(folder: Path) -> Path:
+    """Items of the suite's sentiment and spam tasks as `quality.py prepare` writes them: 12 of each class."""
+    folder.mkdir(parents=True)
+    tasks = {"sentiment": ["negative", "neutral", "positive"], "spam": ["ham", "spam"]}
+    for task, labels in tasks.items():
+        rows = [[f"the claim {i} is {label}", label, f"group {i}"] for i in range(12) for label in labels]
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        (folder / f"{task}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def runs(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("benchmarks")
     if any(run.startswith("quality") for run in selected):
         tiny_encoder(tmp / "encoder")
-        classify_split(tmp / "split.jsonl")
+        suite_items(tmp / "items")
         save_tiny_chat_model(tmp / "chat", ["Q: Who? A: someone", "The capital of France is Paris."])
     env = {
         **os.environ,
@@ -131,12 +131,28 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
     results = json.loads(out.read_text())
     rows = results if isinstance(results, list) else results["rows"]
     assert rows, output[-4000:]
-    if run.startswith("quality"):  # a row that failed is recorded with an infinite loss: none may have
-        assert all(row["eval_loss"] < float("inf") for row in rows), output[-4000:]
+    if run == "quality":  # no row failed (a failed one has no loss), lr auto ran on both seeds, the rows'
+        # keys are the ones other tools read, and `report` drew the plot
+        assert all(row["eval_loss"] is not None for row in rows), output[-4000:]
+        auto = [(r["task"], r["seed"]) for r in rows if r["lr"] == "auto"]
+        assert sorted(auto) == [(t, s) for t in ("sentiment", "spam") for s in (0, 0, 1, 1)], output[-4000:]
+        keys = {
+            "task",
+            "model",
+            "method",
+            "structure",
+            "band",
+            "rank",
+            "lr",
+            "seed",
+            "trainable",
+            "eval_loss",
+        }
+        keys |= {"accuracy", "recipe", "step_ratio"}
+        assert all(set(r) - {"lr_chosen"} == keys for r in rows), rows[0]
+        assert out.with_suffix(".png").stat().st_size > 0
     if run == "before_after":  # each phase compared the two checkouts (here both this one)
         assert {row["phase"] for row in rows} == {"eager", "serve"}, output[-4000:]
-    if run == "quality classify":  # and `report` drew the plot
-        assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_the_readme_lists_every_script_and_its_latest_results():

