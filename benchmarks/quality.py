@@ -18,6 +18,9 @@ on); the other seeds repeat each method's best seed-0 lr; a sigmatune row also r
 (the rule `sigmatune train` uses: training/settings.LEARNING_RATES). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
+A run resumes: a row already in --out is not run again; --budget S starts no row after S seconds (a GPU
+command has a time limit), so calling it again goes on where it stopped.
+
 Rows (results/quality.json, merged by task, model, method, structure, band, rank, lr, seed, recipe) have exactly
 the keys task, model, method, structure, band, rank, lr (a number, or "auto", then also lr_chosen), seed,
 trainable, eval_loss, accuracy, recipe, step_ratio (null: a step's cost is train_step.py's). What else a run
@@ -26,9 +29,11 @@ measured (device, wall time, step ms, macro-F1, loss curve, an error) goes to re
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,17 +96,20 @@ def method_of(row: dict) -> Method:
 def run_rows(rows: list[dict], args) -> list[dict]:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
     files after every row. With --workers, shares of the rows run in that many processes."""
+    finished = {tuple(r.get(k) for k in KEY) for r in common.load_rows(args.out)}
+    rows = [r for r in rows if tuple(r.get(k) for k in KEY) not in finished]  # (a run resumed)
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
-    from quality_suite.loops import minilm_path, run
+    from quality_suite.loops import run
 
     device = common.pick_device(args.device)
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
     done, data = [], {}
-    for row in rows:
+    for count, row in enumerate(rows):
+        if time.time() > args.deadline:
+            print(f"stopped at --budget: {len(rows) - count} rows left (run again to go on)", flush=True)
+            break
         task = TASKS[row["task"]]
-        if task.model == "minilm" and models["minilm"] is None:
-            models["minilm"] = minilm_path()
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
         lr = row["lr_chosen"] if row["lr"] == "auto" else row["lr"]
@@ -159,13 +167,14 @@ def run_in_workers(rows: list[dict], args) -> list[dict]:
         common.merge_rows(args.out, rows_out, KEY)
         common.merge_rows(details_path(args.out), details, KEY)
         done += rows_out
+    shutil.rmtree(folder)
     return done
 
 
 def forwarded(args) -> list[str]:
     """The options a worker takes from its parent."""
     options = ["--device", args.device, "--causal-model", args.causal_model, "--limit", args.limit]
-    options += ["--causal-steps", str(args.causal_steps)]
+    options += ["--causal-steps", str(args.causal_steps), "--deadline", str(args.deadline)]
     options += ["--encoder", args.encoder] if args.encoder else []
     return options + (["--items", str(args.items)] if args.items else [])
 
@@ -184,6 +193,7 @@ def sweep(args) -> None:
 
     seeds = common.ints(args.seeds)
     tasks = [TASKS[name] for name in args.tasks.split(",")]
+    resolve_models(args, {t.model for t in tasks})
     plan = {
         t.name: [parse_method(m) for m in args.methods.split(",")] if args.methods else default_methods(t)
         for t in tasks
@@ -223,6 +233,18 @@ def sweep(args) -> None:
                 row for seed in seeds if seed != 0 for row in [row_of(t, m, best, seed), *auto(t, m, seed)]
             ]
     run_rows(later, args)
+
+
+def resolve_models(args, families: set[str]) -> None:
+    """The models' folders, made here (once: a worker would race the others to make them)."""
+    from quality_suite.loops import minilm_path
+
+    if "minilm" in families and not args.encoder:
+        args.encoder = str(minilm_path())
+    if "smollm2" in families and args.causal_model == "smollm2":
+        from sigmatune.hub.loading import smollm2_path
+
+        args.causal_model = str(smollm2_path())
 
 
 def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
@@ -423,7 +445,12 @@ def main() -> None:
         "--limit", default="", help="TRAIN,HELDOUT examples per task (default: the task's; a quick check)"
     )
     options.add_argument("--travel", help="prepare: a cache folder to carry to a GPU machine")
+    options.add_argument(
+        "--budget", type=float, default=1e9, help="run: start no row after this many seconds"
+    )
+    options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     args = options.parse_args()
+    args.deadline = args.deadline or time.time() + args.budget
     if args.command == "prepare":
         prepare(args)
     elif args.command == "work":
