@@ -30,6 +30,7 @@ measured (device, wall time, step ms, macro-F1, loss curve, an error) goes to re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -405,14 +406,15 @@ def prepare(args) -> None:
     """Every task's items built into the cache (printing each split's size); --travel DIR: a cache folder with
     them and MiniLM in fp16 (~45 MB) to carry to a machine without the registries (SIGMATUNE_CACHE=DIR)."""
     from quality_suite.loops import minilm_path
-    from quality_suite.tasks import items
+    from quality_suite.tasks import ITEMS_SHA256, items, items_path
 
     folder = Path(args.travel) / "data" / "quality" if args.travel else args.items
     for task in TASKS.values():
         train, heldout = split(task, folder=folder)
-        print(
-            f"{task.name}: {len(items(task, folder)):,} items → {len(train):,} train, {len(heldout):,} held out"
-        )
+        digest = hashlib.sha256(items_path(task, folder).read_bytes()).hexdigest()
+        same = "the suite's" if digest == ITEMS_SHA256[task.name] else f"NOT the suite's: sha256 {digest}"
+        count = len(items(task, folder))
+        print(f"{task.name}: {count:,} items ({same}) → {len(train):,} train, {len(heldout):,} held out")
     if args.travel:
         from transformers import AutoModel, AutoTokenizer
 

@@ -5,6 +5,7 @@ causal model of the installed peft."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -58,10 +59,12 @@ def test_an_analogy_never_leaks_a_held_out_pair_through_its_exemplar(tmp_path):
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_each_task_builds_from_its_registry_source(name, tmp_path):
-    """From the registries (downloaded once into the cache, checked by sha256): enough items, every class
-    present on both sides, short inputs."""
+    """From the registries (downloaded once into the cache, checked by sha256): the suite's items to the byte,
+    enough of them, every class present on both sides, short inputs."""
     task = tasks.TASKS[name]
     train, heldout = tasks.split(task, 0, tmp_path)
+    built = hashlib.sha256(tasks.items_path(task, tmp_path).read_bytes()).hexdigest()
+    assert built == tasks.ITEMS_SHA256[name]  # the very items the suite's results were measured on
     assert len(train) >= min(task.train, 3000) and len(heldout) == task.heldout
     if task.labels:
         assert {i.target for i in train} == set(task.labels) and {i.target for i in heldout} <= set(

@@ -225,15 +225,32 @@ TASKS = {
 }  # fmt: skip
 
 
+# the sha256 of each task's items file as built from its sources (Python 3.11): a build that differs (another
+# parser's reading of a mail, say) is another task, whose losses do not compare with these
+ITEMS_SHA256 = {
+    "sentiment": "b61298141a651e4f88b45229f247554ca79bf1d7c1834399f922bdecf1765561",
+    "supersense": "2a813d8dbaa28f4794871bfac1a22176e6c9a64bb897ca93610806bcba922f15",
+    "era": "2e7cb31fd0dc9dbb8881fd7fbdfd4ba35f5b3469127e564b7e597be62b97bf9c",
+    "pronounce": "de38414d3ff4879911dfc71d6f269dd9c26dc8e74a32c91a5d28e67994c3c61f",
+    "analogy": "59ed8d077eb0c4209bcb4a2a8fb2ad964133966887be7d3811b125dfd1514414",
+    "spam": "0d70a4fb194a697f0047c6a82cdb6fd470d194fce3a4c0788e301fc940de4c80",
+}
+
+
+def items_path(task: SuiteTask, folder: Path | None = None) -> Path:
+    from sigmatune.core.config import cache_root
+
+    return (folder or cache_root() / "data" / "quality") / f"{task.name}.jsonl.gz"
+
+
 # ---- items, once; the seeded split ------------------------------------------------------------------------
 
 
 def items(task: SuiteTask, folder: Path | None = None) -> list[Item]:
     """A task's items, built once into folder (default: the cache's data/quality) as <task>.jsonl.gz."""
-    from sigmatune.core.config import cache_root
     from sigmatune.formats.files import atomic_write_bytes
 
-    path = (folder or cache_root() / "data" / "quality") / f"{task.name}.jsonl.gz"
+    path = items_path(task, folder)
     if not path.exists():
         lines = "".join(json.dumps(list(item)) + "\n" for item in task.build())
         path.parent.mkdir(parents=True, exist_ok=True)
