@@ -119,7 +119,8 @@ def run_rows(rows: list[dict], args) -> list[dict]:
             measured = run(
                 task, method_of(row), lr, row["seed"], data[task.name], models, device, args.causal_steps
             )
-        except (FloatingPointError, RuntimeError) as err:  # a diverging lr is a result, not a crash
+        except (FloatingPointError, RuntimeError, ValueError) as err:  # a diverging lr (or a peer this peft
+            # lacks) is a result, not a crash
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
             measured = dict(
                 trainable=None, eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300]
@@ -320,6 +321,7 @@ def report(rows: list[dict], plot: Path | None) -> str:
     lines = []
     ratios: dict[str, list[float]] = {}
     shares: dict[str, list[float]] = {}
+    table: dict[str, dict[str, tuple[float, float]]] = {}  # label → task → (loss ×, parameters × LoRA r16)
     for task in tasks:
         anchor = best.get((task, "lora r16"))
         lines += [
@@ -335,6 +337,7 @@ def report(rows: list[dict], plot: Path | None) -> str:
             share = b["trainable"] / anchor["trainable"] if anchor and anchor["trainable"] else math.nan
             ratios.setdefault(label, []).append(ratio)
             shares.setdefault(label, []).append(share)
+            table.setdefault(label, {})[task] = (ratio, share)
             accuracy = f"{100 * b['accuracy']:.1f}%" if b["accuracy"] is not None else "—"
             sweep = ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in sorted(b["sweep"].items()))
             lines.append(
@@ -353,6 +356,7 @@ def report(rows: list[dict], plot: Path | None) -> str:
             f"| {label} | {len(ratios[label])} | {sum(shares[label]) / len(shares[label]):.2%} | "
             f"{sum(ratios[label]) / len(ratios[label]):.3f} |"
         )
+    lines += ["", *tiers(table, tasks)]
     devices = sorted(
         {r.get("device", "?") for r in common.load_rows(details_path(plot.with_suffix(".json")))}
         if plot
@@ -362,6 +366,45 @@ def report(rows: list[dict], plot: Path | None) -> str:
     if plot is not None:
         draw(ratios, shares, plot)
     return text
+
+
+TIERS = (0.01, 0.05, 0.25)  # shares of LoRA r16's parameters (on each task)
+
+
+def tiers(table: dict[str, dict[str, tuple[float, float]]], tasks: list[str]) -> list[str]:
+    """Within each tier (≤ 1%, 5%, 25% of LoRA r16's parameters on every task): sigmatune's best configuration
+    at lr "auto" (by the mean loss ratio over the tasks) against every peer in the tier at its best lr: each
+    one's mean, and the tasks sigmatune's is lower on."""
+    lines = [
+        "### the tiers: sigmatune at lr auto against every peer within the same share of LoRA r16's parameters",
+        "",
+        "| tier | sigmatune (lr auto) | its mean × | peer | its mean × | tasks sigmatune is lower on |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def fits(label: str, tier: float) -> bool:
+        per_task = table[label]
+        return len(per_task) == len(tasks) and all(share <= tier for _, share in per_task.values())
+
+    def mean(label: str) -> float:
+        return sum(ratio for ratio, _ in table[label].values()) / len(tasks)
+
+    for tier in TIERS:
+        ours = [k for k in table if k.endswith("(lr auto)") and fits(k, tier)]
+        peers = [k for k in table if not k.startswith(("sigmatune", "none")) and fits(k, tier)]
+        if not ours:
+            lines.append(f"| ≤ {tier:.0%} | — | | | | |")
+            continue
+        best = min(ours, key=mean)
+        for peer in sorted(peers, key=mean) or ["—"]:
+            if peer == "—":
+                lines.append(f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | — | | |")
+                continue
+            won = sum(table[best][t][0] < table[peer][t][0] for t in tasks)
+            lines.append(
+                f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | {peer} | {mean(peer):.3f} | {won} of {len(tasks)} |"
+            )
+    return lines
 
 
 def draw(ratios: dict[str, list[float]], shares: dict[str, list[float]], plot: Path) -> None:

@@ -112,3 +112,22 @@ def test_every_method_adapts_an_encoder_and_a_causal_model(method):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
         hidden.float().pow(2).mean().backward()
         assert any(p.grad is not None for p in params), method
+
+
+def test_the_report_compares_sigmatune_at_lr_auto_with_each_peer_in_its_tier():
+    import quality
+
+    def row(task, method, rank, lr, loss, trainable, structure=None, seed=0):
+        return dict(task=task, model="minilm", method=method, structure=structure, band=None, rank=rank, lr=lr,
+                    seed=seed, recipe=None, trainable=trainable, eval_loss=loss, accuracy=None, step_ratio=None)  # fmt: skip
+
+    rows = []
+    for task, ours, ia3 in (("a", 0.9, 1.0), ("b", 1.1, 1.0)):
+        rows += [row(task, "lora", 16, lr, 1.0 + abs(lr - 1e-3), 1000) for lr in (3e-4, 1e-3, 3e-3)]
+        rows += [row(task, "lora", 16, 1e-3, 1.2, 1000, seed=1)]  # the best lr's mean over seeds: 1.1
+        rows += [row(task, "ia3", None, 1e-2, ia3 * 1.1, 30)]
+        rows += [row(task, "sigmatune", "full", "auto", ours * 1.1, 20, "diagonal")]
+    text = quality.report(rows, None)
+    assert "| lora r16 | 1,000 | 100.00% | 0.001 | 2 | 1.1000 | 1.000 |" in text
+    assert "| ≤ 5% | sigmatune full (lr auto) | 1.000 | ia3 | 1.000 | 1 of 2 |" in text
+    assert "| ≤ 1% | — |" in text  # nothing of sigmatune's fits 1%
