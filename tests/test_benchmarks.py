@@ -42,7 +42,7 @@ RUNS = {
     "before_after": ("before_after", ["--before", str(ROOT), "--phases", "eager,serve", "--budget", "1e9", "--rows", "frozen:0,sigmatune:16", "--train-args", shlex.join(TRAIN), "--serve-args", shlex.join([*SERVE, "--timed", "1", "--resident", "4"]), "--out", "{out}"]),
     "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
     "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
-    "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
+    "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
 }  # fmt: skip
 
 
@@ -151,6 +151,8 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
         keys |= {"accuracy", "recipe", "step_ratio"}
         assert all(set(r) - {"lr_chosen"} == keys for r in rows), rows[0]
         assert out.with_suffix(".png").stat().st_size > 0
+        printed = [line for line in output.splitlines() if line.startswith('{"task"')]
+        assert len(printed) == len(rows), output[-4000:]  # the second run resumed: it ran no row again
     if run == "before_after":  # each phase compared the two checkouts (here both this one)
         assert {row["phase"] for row in rows} == {"eager", "serve"}, output[-4000:]
 
