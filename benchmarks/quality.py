@@ -65,15 +65,26 @@ KEY = ("task", "model", "method", "structure", "band", "rank", "lr", "seed", "re
 ROW_KEYS = (*KEY[:7], "lr_chosen", "seed", "trainable", "eval_loss", "accuracy", "recipe", "step_ratio")
 
 
+RANKED = {"lora", "vera", "lokr", "tinylora", "c3a", "psoft", "eigentune"}  # methods whose size is given
+
+
 def parse_method(spec: str) -> Method:
-    """A --methods entry → a Method (see the module's docstring)."""
+    """A --methods entry → a Method (see the module's docstring); a clear error for one that is not."""
     if spec in RECIPES:
         return RECIPES[spec]
     name, *rest = spec.split(":")
-    if name == "sigmatune":
-        rank = rest[0] if rest else "full"
-        return sigmatune(rank if rank == "full" else int(rank), *rest[1:2], *map(int, rest[2:3]))
-    return Method(name, int(rest[0]) if rest else None)
+    try:
+        if name == "sigmatune":
+            rank = rest[0] if rest else "full"
+            return sigmatune(rank if rank == "full" else int(rank), *rest[1:2], *map(int, rest[2:3]))
+        if name not in LRS or (name in RANKED) != bool(rest):
+            raise ValueError
+        return Method(name, int(rest[0]) if rest else None)
+    except ValueError:
+        raise SystemExit(
+            f"--methods: {spec!r} is not a method; give none, full, ia3, road, {', '.join(f'{m}:R' for m in sorted(RANKED))}, "
+            "sigmatune:RANK[:STRUCTURE[:BAND]] or a recipe (default, quality, fast)"
+        ) from None
 
 
 def default_methods(task) -> list[Method]:
@@ -94,18 +105,25 @@ def method_of(row: dict) -> Method:
 # ---- running rows (in this process, or in --workers processes) ---------------------------------------------
 
 
-def run_rows(rows: list[dict], args) -> list[dict]:
+def run_rows(rows: list[dict], args) -> None:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
-    files after every row. With --workers, shares of the rows run in that many processes."""
-    finished = {tuple(r.get(k) for k in KEY) for r in common.load_rows(args.out)}
-    rows = [r for r in rows if tuple(r.get(k) for k in KEY) not in finished]  # (a run resumed)
+    files after every row. A row already there is not run again (a run resumed), nor one that is the same run
+    as a row there (same_run). A diverging lr, or a peer the installed peft lacks, is a result; any other
+    failure of a row (out of memory, say) is printed and the row left for the next run. With --workers, shares
+    of the rows run in that many processes."""
+    device = common.pick_device(args.device)
+    finished = {resume_key(r) for r in common.load_rows(args.out)}
+    rows = [r for r in rows if resume_key(r) not in finished]
+    for row in rows:
+        if (measured := same_run(row, args.out)) is not None:
+            record(row, measured, device, args.out)
+    rows = [r for r in rows if same_run(r, args.out) is None]
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
     from quality_suite.loops import run
 
-    device = common.pick_device(args.device)
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
-    done, data = [], {}
+    data = {}
     for count, row in enumerate(rows):
         if time.time() > args.deadline:
             print(f"stopped at --budget: {len(rows) - count} rows left (run again to go on)", flush=True)
@@ -113,64 +131,88 @@ def run_rows(rows: list[dict], args) -> list[dict]:
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        lr = row["lr_chosen"] if row["lr"] == "auto" else row["lr"]
         started = time.perf_counter()
         try:
             measured = run(
-                task, method_of(row), lr, row["seed"], data[task.name], models, device, args.causal_steps
-            )
-        except (FloatingPointError, RuntimeError, ValueError) as err:  # a diverging lr (or a peer this peft
-            # lacks) is a result, not a crash
+                task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
+                device, args.causal_steps,
+            )  # fmt: skip
+        except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
-            measured = dict(
-                trainable=None, eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300]
-            )
-        scores = {k: measured.get(k) for k in ("trainable", "eval_loss", "accuracy")}
-        result = {k: v for k, v in {**row, **scores, "step_ratio": None}.items() if k in ROW_KEYS}
-        details = {
-            **row,
-            **measured,
-            "device": common.device_name(device),
-            "run_s": round(time.perf_counter() - started, 1),
-        }
-        common.merge_rows(args.out, [result], KEY)
-        common.merge_rows(details_path(args.out), [details], KEY)
-        print(json.dumps({k: v for k, v in details.items() if k != "curve"}), flush=True)
-        done.append(result)
-    return done
+            measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
+        except (
+            RuntimeError,
+            MemoryError,
+        ) as err:  # out of memory, ...: not a result; the next run retries it
+            print(f"{row}: NOT RUN {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            continue
+        record(row, measured | {"run_s": round(time.perf_counter() - started, 1)}, device, args.out)
 
 
-def run_in_workers(rows: list[dict], args) -> list[dict]:
+def record(row: dict, measured: dict, device, out: Path) -> None:
+    """A row's scores into out (exactly ROW_KEYS) and all it measured into the details file beside it."""
+    scores = {k: measured.get(k) for k in ("trainable", "eval_loss", "accuracy")}
+    result = {k: v for k, v in {**row, **scores, "step_ratio": None}.items() if k in ROW_KEYS}
+    details = {**row, **measured, "device": common.device_name(device)}
+    common.merge_rows(out, [result], KEY)
+    common.merge_rows(details_path(out), [details], KEY)
+    print(json.dumps({k: v for k, v in details.items() if k != "curve"}), flush=True)
+
+
+def resume_key(row: dict) -> tuple:
+    """What makes a row done: its KEY, and for lr "auto" the lr the rule chose (a changed rule runs it again)."""
+    return (*(row.get(k) for k in KEY), row.get("lr_chosen"))
+
+
+def same_run(row: dict, out: Path) -> dict | None:
+    """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
+    (from the details file), with same_run_as naming the lr; else None."""
+    if row["lr"] != "auto":
+        return None
+
+    def twin(r: dict) -> bool:
+        same = all(r.get(k) == row[k] for k in KEY if k != "lr")
+        return same and r["lr"] == row["lr_chosen"] and r.get("eval_loss") is not None
+
+    run = next((r for r in common.load_rows(details_path(out)) if twin(r)), None)
+    if run is None:
+        return None
+    keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
+    return {k: run[k] for k in keep if k in run} | {"same_run_as": run["lr"]}
+
+
+def run_in_workers(rows: list[dict], args) -> None:
     """rows dealt round-robin to args.workers processes of this script (`work`), each into its own results
-    files; merged here when all are done (a row a worker finished is kept even if another fails)."""
+    files, merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
+    finished) and when they are done; a worker that failed stops the sweep after the merge, loudly."""
     folder = Path(tempfile.mkdtemp(prefix="quality-workers-", dir=args.out.parent))
-    procs = []
+    procs = {}
     for w in range(args.workers):
         share = rows[w :: args.workers]
         if not share:
             continue
         (folder / f"rows{w}.json").write_text(json.dumps(share))
-        command = [
-            sys.executable,
-            __file__,
-            "work",
-            str(folder / f"rows{w}.json"),
-            "--out",
-            str(folder / f"out{w}.json"),
-        ]
-        command += forwarded(args)
-        procs.append(subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-    for proc in procs:
-        proc.wait()
-    done = []
-    for w in range(args.workers):
-        rows_out = common.load_rows(folder / f"out{w}.json")
-        details = common.load_rows(details_path(folder / f"out{w}.json"))
-        common.merge_rows(args.out, rows_out, KEY)
-        common.merge_rows(details_path(args.out), details, KEY)
-        done += rows_out
+        command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
+        command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
+        procs[w] = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while any(proc.poll() is None for proc in procs.values()):
+        time.sleep(10)
+        merge_workers(folder, procs, args.out)
+    merge_workers(folder, procs, args.out)
     shutil.rmtree(folder)
-    return done
+    failed = {w: proc.returncode for w, proc in procs.items() if proc.returncode}
+    if failed:
+        raise SystemExit(
+            f"quality workers failed (worker: exit code) {failed}; the rows they finished are in {args.out}"
+        )
+
+
+def merge_workers(folder: Path, procs: dict, out: Path) -> None:
+    """The rows the workers have written so far, merged into out (and their details beside it)."""
+    for w in procs:
+        common.merge_rows(out, common.load_rows(folder / f"out{w}.json"), KEY)
+        common.merge_rows(details_path(out), common.load_rows(details_path(folder / f"out{w}.json")), KEY)
 
 
 def forwarded(args) -> list[str]:
@@ -189,38 +231,28 @@ def details_path(out: Path) -> Path:
 
 
 def sweep(args) -> None:
-    """Seed 0 at each method's LRS (and lr "auto" for sigmatune), one more lr past an edge that wins, then the
-    other seeds at each method's best seed-0 lr (and "auto")."""
+    """Seed 0 at each method's LRS, one more lr past an edge that wins (twice at most), the other seeds at each
+    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (LEARNING_RATES: the rule
+    `sigmatune train` uses; where that lr was run on the seed, the row is that run)."""
     from sigmatune.training.settings import LEARNING_RATES
 
     seeds = common.ints(args.seeds)
     tasks = [TASKS[name] for name in args.tasks.split(",")]
-    resolve_models(args, {t.model for t in tasks})
     plan = {
         t.name: [parse_method(m) for m in args.methods.split(",")] if args.methods else default_methods(t)
         for t in tasks
     }
-
-    def auto(task, method, seed) -> list[dict]:
-        if method.method != "sigmatune":
-            return []
-        return [{**row_of(task, method, "auto", seed), "lr_chosen": LEARNING_RATES[method.structure]}]
-
-    first = [
-        row
-        for t in tasks
-        for m in plan[t.name]
-        for row in [row_of(t, m, lr, 0) for lr in LRS[m.method]] + auto(t, m, 0)
-    ]
-    run_rows(first, args)
-    for _ in range(2):  # one lr further where the best is at an edge of the sweep (twice at most)
-        further = []
-        for t in tasks:
-            for m in plan[t.name]:
-                swept = seed0(common.load_rows(args.out), t.name, m)
-                beyond = next_lr(swept)
-                if beyond is not None:
-                    further.append(row_of(t, m, beyond, 0))
+    resolve_models(args, {t.model for t in tasks})
+    for t in tasks:  # the items, built here once (not by every worker)
+        split(t, 0, args.items, *common.ints(args.limit))
+    run_rows([row_of(t, m, lr, 0) for t in tasks for m in plan[t.name] for lr in LRS[m.method]], args)
+    for _ in range(2):
+        further = [
+            row_of(t, m, lr, 0)
+            for t in tasks
+            for m in plan[t.name]
+            if (lr := next_lr(seed0(common.load_rows(args.out), t.name, m))) is not None
+        ]
         if not further:
             break
         run_rows(further, args)
@@ -228,13 +260,18 @@ def sweep(args) -> None:
     for t in tasks:
         for m in plan[t.name]:
             swept = seed0(common.load_rows(args.out), t.name, m)
-            if not swept:
-                continue
-            best = min(swept, key=lambda r: r["eval_loss"])["lr"]
-            later += [
-                row for seed in seeds if seed != 0 for row in [row_of(t, m, best, seed), *auto(t, m, seed)]
-            ]
+            if swept:
+                best = min(swept, key=lambda r: r["eval_loss"])["lr"]
+                later += [row_of(t, m, best, seed) for seed in seeds if seed != 0]
     run_rows(later, args)
+    auto = [
+        {**row_of(t, m, "auto", seed), "lr_chosen": LEARNING_RATES[m.structure]}
+        for t in tasks
+        for m in plan[t.name]
+        if m.method == "sigmatune"
+        for seed in seeds
+    ]
+    run_rows(auto, args)
 
 
 def resolve_models(args, families: set[str]) -> None:
@@ -496,6 +533,12 @@ def main() -> None:
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     args = options.parse_args()
     args.deadline = args.deadline or time.time() + args.budget
+    quick = args.limit or args.causal_steps != CAUSAL_STEPS or args.causal_model != "smollm2" or args.encoder
+    if args.command == "run" and quick and args.out == common.RESULTS / "quality.json":
+        raise SystemExit(
+            "--limit, --causal-steps, --causal-model and --encoder change what a row measures: write such a run "
+            "elsewhere with --out FILE (results/quality.json holds the suite's own rows)"
+        )
     if args.command == "prepare":
         prepare(args)
     elif args.command == "work":

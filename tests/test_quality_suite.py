@@ -131,3 +131,13 @@ def test_the_report_compares_sigmatune_at_lr_auto_with_each_peer_in_its_tier():
     assert "| lora r16 | 1,000 | 100.00% | 0.001 | 2 | 1.1000 | 1.000 |" in text
     assert "| ≤ 5% | sigmatune full (lr auto) | 1.000 | ia3 | 1.000 | 1 of 2 |" in text
     assert "| ≤ 1% | — |" in text  # nothing of sigmatune's fits 1%
+
+
+def test_a_method_that_is_not_one_is_refused_by_name():
+    import quality
+
+    assert quality.parse_method("lora:4") == methods.Method("lora", 4)
+    assert quality.parse_method("sigmatune:full:band:2") == methods.sigmatune("full", "band", 2)
+    for spec in ("lora", "ia3:4", "loraa:16", "sigmatune:many"):
+        with pytest.raises(SystemExit, match=rf"--methods: '{spec}' is not a method; give none, full"):
+            quality.parse_method(spec)

@@ -6,7 +6,7 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   adapter at the row's lr; 2 epochs of the training split, batch 32, ≤ 128 tokens; held-out cross-entropy and
   accuracy.
 - causal (SmolLM2): sigmatune's own training loop (training/job.fit, the main job's) on the answer tokens,
-  CAUSAL_STEPS × CAUSAL_BATCH; held-out loss per answer token (training/job.score) and exact match of greedy
+  CAUSAL_STEPS × CAUSAL_BATCH, ≤ CAUSAL_TOKENS tokens; held-out loss per answer token (training/job.score) and exact match of greedy
   answers (a classification task's accuracy, its labels being the answers).
 """
 
@@ -30,8 +30,8 @@ from quality_suite.tasks import Item, SuiteTask
 
 HEAD_LR = 2e-3
 EPOCHS, BATCH, MAX_TOKENS = 2, 32, 128
-CAUSAL_STEPS, CAUSAL_BATCH, CAUSAL_EXACT = 200, 16, 100
-WARMUP = 0.06  # share of the steps with a linear warm-up
+CAUSAL_STEPS, CAUSAL_BATCH, CAUSAL_EXACT, CAUSAL_TOKENS = 200, 16, 100, 384
+WARMUP = 0.05  # share of the steps with a linear warm-up (the main job's)
 ENCODER_TARGETS = ["query", "key", "value", "dense"]  # all linear layers of each encoder block
 ENCODER_FEEDFORWARD = r".*layer\.\d+\.output\.dense"  # the FFN's down-projection (a regex: IA3 scales it
 # on the input side)
@@ -112,10 +112,10 @@ def run(
 class Classifier(nn.Module):
     """Encoder (possibly adapted) → mean over real tokens → linear head."""
 
-    def __init__(self, encoder: nn.Module, classes: int):
+    def __init__(self, encoder: nn.Module, head: nn.Linear):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, classes)
+        self.head = head
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         hidden = self.encoder(
@@ -131,8 +131,11 @@ def run_encoder(task: SuiteTask, method: Method, lr: float, seed: int, data, fol
     train, heldout = data
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32).to(device)
+    head = nn.Linear(
+        encoder.config.hidden_size, len(task.labels)
+    )  # before adapt: the same head for every method
     adapted = adapt(encoder, method, ENCODER_TARGETS, ENCODER_FEEDFORWARD)
-    model = Classifier(adapted, len(task.labels)).to(device)
+    model = Classifier(adapted, head).to(device)
     params = trainable(adapted)
     groups = [{"params": model.head.parameters(), "lr": HEAD_LR}]
     groups += [{"params": params, "lr": lr}] if params else []
@@ -218,6 +221,8 @@ def run_causal(
         lr=lr or 1.0,  # (none: nothing trains, any valid lr)
         steps=steps,
         batch_size=CAUSAL_BATCH,
+        max_length=CAUSAL_TOKENS,  # every prompt whole (the longest, a mail: 376 tokens with its answer)
+        warmup=WARMUP,
         heldout=len(heldout),
         eval_accuracy=min(len(heldout), CAUSAL_EXACT),
         seed=seed,

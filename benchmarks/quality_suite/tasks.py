@@ -79,6 +79,8 @@ class SuiteTask:
     build: Callable[[], Iterator[Item]]
     train: int  # training examples drawn (the first of the shuffled training groups)
     heldout: int  # held-out examples
+    heldout_per_group: int | None = None  # at most this many held-out examples of one group (a long speech)
+    pairs: bool = False  # groups are "a b|c d": held out by (c, d), and (a, b) must not be a held-out pair
 
 
 def source(name: str) -> Path:
@@ -180,8 +182,9 @@ def analogy() -> Iterator[Item]:
 
 
 def spam() -> Iterator[Item]:
-    """A mail's subject and the start of its plain text (≤ 40 words) → spam or ham; mailing-list tags such as
-    "[SAdev]" are cut from the subject (they name the list, so the class); one item per distinct subject."""
+    """A mail's subject and the start of its plain text (≤ 40 words, 240 characters) → spam or ham; mailing-list
+    tags such as "[SAdev]" are cut from the subject (they name the list, so the class); one item per distinct
+    subject, grouped by the body's first 20 words (a campaign sends one body under many subjects)."""
     seen = set()
     with tarfile.open(source("spamassassin")) as package:
         for member in sorted(package.getmembers(), key=lambda m: m.name):
@@ -199,8 +202,12 @@ def spam() -> Iterator[Item]:
             body = message.get_body(("plain", "html"))
             raw = (body.get_payload(decode=True) or b"") if body else b""  # bytes: many charsets are wrong
             words = re.sub(r"<[^>]+>", " ", raw.decode("utf-8", errors="replace")).split()[:40]
+            start = " ".join(words)[:240]
             label = "spam" if mail["group"].startswith("spam") else "ham"
-            yield Item(f"Subject: {subject}\n{' '.join(words)}", label, subject.lower())
+            campaign = " ".join(words[:20]).lower() if len(words) >= 10 else subject.lower()
+            yield Item(
+                f"Subject: {subject}\n{start}", label, campaign
+            )  # one mail sent under many subjects: one group
 
 
 TASKS = {
@@ -208,14 +215,14 @@ TASKS = {
     for t in (
         SuiteTask("sentiment", "minilm", ("negative", "neutral", "positive"), None, sentiment, 4000, 1000),
         SuiteTask("supersense", "minilm", tuple(SUPERSENSES.values()), None, supersense, 4000, 1000),
-        SuiteTask("era", "minilm", tuple(name for _, name in ERAS), None, era, 4000, 1000),
+        SuiteTask("era", "minilm", tuple(name for _, name in ERAS), None, era, 4000, 1000, heldout_per_group=20),
         SuiteTask(
             "pronounce", "smollm2", None, "Spell the word's pronunciation in ARPAbet phones. Reply with the "
             "phones only.", pronounce, 4000, 300,
         ),
         SuiteTask(
             "analogy", "smollm2", None, "Complete the analogy with one word. Reply with the word only.",
-            analogy, 4000, 300,
+            analogy, 4000, 300, pairs=True,
         ),
         SuiteTask(
             "spam", "smollm2", ("ham", "spam"), "Is this email spam or ham? Reply with one word: spam or ham.",
@@ -233,7 +240,7 @@ ITEMS_SHA256 = {
     "era": "2e7cb31fd0dc9dbb8881fd7fbdfd4ba35f5b3469127e564b7e597be62b97bf9c",
     "pronounce": "de38414d3ff4879911dfc71d6f269dd9c26dc8e74a32c91a5d28e67994c3c61f",
     "analogy": "59ed8d077eb0c4209bcb4a2a8fb2ad964133966887be7d3811b125dfd1514414",
-    "spam": "0d70a4fb194a697f0047c6a82cdb6fd470d194fce3a4c0788e301fc940de4c80",
+    "spam": "f126eb6f672724bc29c8b135c122c5919f7e958f83a424a8f33382c769314cd0",
 }
 
 
@@ -267,34 +274,29 @@ def split(
     train: int | None = None,
     heldout: int | None = None,
 ) -> tuple[list[Item], list[Item]]:
-    """(train, held-out): groups in a seeded order go to the held-out side until it has task.heldout items,
-    the rest to training (the first task.train of them after a seeded shuffle). An analogy's group is "a b|c d":
-    it is held out by its (c, d) pair, and no item that names a held-out pair as its exemplar (a, b) is kept
-    on either side (the answer would leak through it)."""
-    every = items(task, folder)
+    """(train, held-out): groups in a seeded order go to the held-out side until it has task.heldout items (or
+    heldout; at most task.heldout_per_group of each, a seeded sample), the rest to training (the first
+    task.train, or train, after a seeded shuffle). With task.pairs a group is "a b|c d", held out by its (c, d)
+    pair, and no item that names a held-out pair as its exemplar (a, b) is kept on either side."""
+    rng = random.Random(seed)
     train_size, heldout_size = train or task.train, heldout or task.heldout
+    cap = task.heldout_per_group or heldout_size
     groups: dict[str, list[Item]] = {}
-    for item in every:
-        groups.setdefault(item.group.split("|")[-1], []).append(item)
+    for item in items(task, folder):
+        groups.setdefault(item.group.partition("|")[2] if task.pairs else item.group, []).append(item)
     order = sorted(groups)
-    random.Random(seed).shuffle(order)
+    rng.shuffle(order)
     held: set[str] = set()
 
-    def kept(keys: list[str]) -> list[Item]:  # leaving out items whose exemplar pair is held out
-        return [
-            i for k in keys for i in groups[k] if "|" not in i.group or i.group.partition("|")[0] not in held
-        ]
+    def kept(keys) -> list[Item]:  # leaving out items whose exemplar pair is held out
+        return [i for k in keys for i in groups[k] if not task.pairs or i.group.partition("|")[0] not in held]
 
-    exemplars = {i.group.partition("|")[0] for i in every if "|" in i.group}
-    count = 0  # held-out items so far
     for key in order:
-        if count >= heldout_size:
+        if sum(min(len(kept([k])), cap) for k in held) >= heldout_size:
             break
         held.add(key)
-        count = len(kept(list(held))) if key in exemplars else count + len(groups[key])
-
-    train, heldout = kept([k for k in order if k not in held]), kept([k for k in order if k in held])
-    rng = random.Random(seed + 1)
-    rng.shuffle(train)
-    rng.shuffle(heldout)
-    return train[:train_size], heldout[:heldout_size]
+    training = kept(k for k in order if k not in held)
+    testing = [i for k in order if k in held for i in rng.sample(kept([k]), min(len(kept([k])), cap))]
+    rng.shuffle(training)
+    rng.shuffle(testing)
+    return training[:train_size], testing[:heldout_size]

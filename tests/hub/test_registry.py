@@ -59,13 +59,15 @@ def test_registry_file_downloads_once_and_checks_sha256(index, isolated_cache):
 
 def test_npm_file_downloads_once_and_checks_sha256(index, isolated_cache):
     downloads = isolated_cache.parent / "downloads"
-    with pytest.raises(RuntimeError, match=r"demo-1\.0\.tgz .* has sha256 .* expected 0000: refused"):
+    with pytest.raises(RuntimeError, match=r"scope-demo-1\.0\.tgz .* has sha256 .* expected 0000: refused"):
         npm_file("@scope/demo", "1.0", "0000")
     assert not list(downloads.iterdir())  # nothing half-written is left
     path = npm_file("@scope/demo", "1.0", index)
-    assert path == downloads / "demo-1.0.tgz" and path.read_bytes() == b"payload " * 1000
+    assert (
+        path == downloads / "scope-demo-1.0.tgz" and path.read_bytes() == b"payload " * 1000
+    )  # npm pack's name
     assert npm_file("@scope/demo", "1.0", "not checked again") == path
     with pytest.raises(
-        RuntimeError, match=r"could not download demo-2\.0\.tgz .*npm pack @scope/demo@2\.0.*put it at"
+        RuntimeError, match=r"could not download scope-demo-2\.0\.tgz .*npm pack @scope/demo@2\.0.*put it at"
     ):
         npm_file("@scope/demo", "2.0", index)

