@@ -44,7 +44,7 @@ from pathlib import Path
 import common
 import torch
 from quality_suite.loops import CAUSAL_STEPS
-from quality_suite.methods import FULL, NONE, PEERS, RECIPES, SIGMATUNE, Method, sigmatune
+from quality_suite.methods import FULL, NONE, PEERS, RANKED, RECIPES, SIGMATUNE, Method, sigmatune
 from quality_suite.tasks import TASKS, split
 
 LRS = {  # method → the 3 learning rates seed 0 sweeps
@@ -63,9 +63,6 @@ LRS = {  # method → the 3 learning rates seed 0 sweeps
 }
 KEY = ("task", "model", "method", "structure", "band", "rank", "lr", "seed", "recipe")
 ROW_KEYS = (*KEY[:7], "lr_chosen", "seed", "trainable", "eval_loss", "accuracy", "recipe", "step_ratio")
-
-
-RANKED = {"lora", "vera", "lokr", "tinylora", "c3a", "psoft", "eigentune"}  # methods whose size is given
 
 
 def parse_method(spec: str) -> Method:
@@ -113,11 +110,16 @@ def run_rows(rows: list[dict], args) -> None:
     of the rows run in that many processes."""
     device = common.pick_device(args.device)
     finished = {resume_key(r) for r in common.load_rows(args.out)}
-    rows = [r for r in rows if resume_key(r) not in finished]
+    details = common.load_rows(details_path(args.out))
+    waiting = []
     for row in rows:
-        if (measured := same_run(row, args.out)) is not None:
+        if resume_key(row) in finished:
+            continue
+        if (measured := same_run(row, details)) is not None:
             record(row, measured, device, args.out)
-    rows = [r for r in rows if same_run(r, args.out) is None]
+        else:
+            waiting.append(row)
+    rows = waiting
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
     from quality_suite.loops import run
@@ -140,12 +142,11 @@ def run_rows(rows: list[dict], args) -> None:
         except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
             measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
-        except (
-            RuntimeError,
-            MemoryError,
-        ) as err:  # out of memory, ...: not a result; the next run retries it
+        except (RuntimeError, MemoryError) as err:
+            # out of memory, ...: not a result; the next run retries it
             print(f"{row}: NOT RUN {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         record(row, measured | {"run_s": round(time.perf_counter() - started, 1)}, device, args.out)
 
@@ -165,9 +166,9 @@ def resume_key(row: dict) -> tuple:
     return (*(row.get(k) for k in KEY), row.get("lr_chosen"))
 
 
-def same_run(row: dict, out: Path) -> dict | None:
+def same_run(row: dict, details: list[dict]) -> dict | None:
     """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
-    (from the details file), with same_run_as naming the lr; else None."""
+    (from the details rows), with same_run_as naming the lr; else None."""
     if row["lr"] != "auto":
         return None
 
@@ -175,7 +176,7 @@ def same_run(row: dict, out: Path) -> dict | None:
         same = all(r.get(k) == row[k] for k in KEY if k != "lr")
         return same and r["lr"] == row["lr_chosen"] and r.get("eval_loss") is not None
 
-    run = next((r for r in common.load_rows(details_path(out)) if twin(r)), None)
+    run = next((r for r in details if twin(r)), None)
     if run is None:
         return None
     keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
@@ -247,22 +248,25 @@ def sweep(args) -> None:
         split(t, 0, args.items, *common.ints(args.limit))
     run_rows([row_of(t, m, lr, 0) for t in tasks for m in plan[t.name] for lr in LRS[m.method]], args)
     for _ in range(2):
+        done = common.load_rows(args.out)
         further = [
             row_of(t, m, lr, 0)
             for t in tasks
             for m in plan[t.name]
-            if (lr := next_lr(seed0(common.load_rows(args.out), t.name, m))) is not None
+            if (lr := next_lr(seed0(done, t.name, m))) is not None
         ]
         if not further:
             break
         run_rows(further, args)
-    later = []
-    for t in tasks:
-        for m in plan[t.name]:
-            swept = seed0(common.load_rows(args.out), t.name, m)
-            if swept:
-                best = min(swept, key=lambda r: r["eval_loss"])["lr"]
-                later += [row_of(t, m, best, seed) for seed in seeds if seed != 0]
+    done = common.load_rows(args.out)
+    later = [
+        row_of(t, m, best_lr(swept), seed)
+        for t in tasks
+        for m in plan[t.name]
+        if (swept := seed0(done, t.name, m))
+        for seed in seeds
+        if seed != 0
+    ]
     run_rows(later, args)
     auto = [
         {**row_of(t, m, "auto", seed), "lr_chosen": LEARNING_RATES[m.structure]}
@@ -305,12 +309,17 @@ def next_lr(swept: list[dict]) -> float | None:
     lrs = sorted({r["lr"] for r in swept})
     if len(lrs) < 2 or 0.0 in lrs:
         return None
-    best = min(swept, key=lambda r: r["eval_loss"])["lr"]
+    best = best_lr(swept)
     if best == lrs[0]:
         return one_three(lrs[0] / 3.1)
     if best == lrs[-1] and lrs[-1] < 0.3:
         return one_three(lrs[-1] * 3.4)
     return None
+
+
+def best_lr(rows: list[dict]) -> float | str:
+    """The lr of the row with the lowest held-out loss."""
+    return min(rows, key=lambda r: r["eval_loss"])["lr"]
 
 
 def one_three(value: float) -> float:
@@ -335,7 +344,7 @@ def best_rows(rows: list[dict]) -> dict[tuple, dict]:
     best = {}
     for (task, label), group in groups.items():
         swept = [r for r in group if r["seed"] == 0]
-        lr = min(swept or group, key=lambda r: r["eval_loss"])["lr"]
+        lr = best_lr(swept or group)
         chosen = [r for r in group if r["lr"] == lr]
         mean = {k: _mean([r[k] for r in chosen]) for k in ("eval_loss", "accuracy")}
         best[task, label] = dict(
@@ -356,8 +365,6 @@ def report(rows: list[dict], plot: Path | None) -> str:
     best = best_rows(rows)
     tasks = sorted({task for task, _ in best})
     lines = []
-    ratios: dict[str, list[float]] = {}
-    shares: dict[str, list[float]] = {}
     table: dict[str, dict[str, tuple[float, float]]] = {}  # label → task → (loss ×, parameters × LoRA r16)
     for task in tasks:
         anchor = best.get((task, "lora r16"))
@@ -372,8 +379,6 @@ def report(rows: list[dict], plot: Path | None) -> str:
                 continue
             ratio = b["eval_loss"] / anchor["eval_loss"] if anchor else math.nan
             share = b["trainable"] / anchor["trainable"] if anchor and anchor["trainable"] else math.nan
-            ratios.setdefault(label, []).append(ratio)
-            shares.setdefault(label, []).append(share)
             table.setdefault(label, {})[task] = (ratio, share)
             accuracy = f"{100 * b['accuracy']:.1f}%" if b["accuracy"] is not None else "—"
             sweep = ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in sorted(b["sweep"].items()))
@@ -388,11 +393,9 @@ def report(rows: list[dict], plot: Path | None) -> str:
         "| method | tasks | mean × LoRA r16 params | mean × LoRA r16 loss |",
         "|---|---|---|---|",
     ]
-    for label in sorted(ratios, key=lambda k: sum(ratios[k]) / len(ratios[k])):
-        lines.append(
-            f"| {label} | {len(ratios[label])} | {sum(shares[label]) / len(shares[label]):.2%} | "
-            f"{sum(ratios[label]) / len(ratios[label]):.3f} |"
-        )
+    means = {label: suite_mean(per_task) for label, per_task in table.items()}  # (loss ×, parameters ×)
+    for label, (ratio, share) in sorted(means.items(), key=lambda kv: kv[1][0]):
+        lines.append(f"| {label} | {len(table[label])} | {share:.2%} | {ratio:.3f} |")
     lines += ["", *tiers(table, tasks)]
     devices = sorted(
         {r.get("device", "?") for r in common.load_rows(details_path(plot.with_suffix(".json")))}
@@ -401,8 +404,14 @@ def report(rows: list[dict], plot: Path | None) -> str:
     )
     text = "\n".join(lines) + (f"\n\nDevice: {', '.join(devices)}.\n" if devices else "\n")
     if plot is not None:
-        draw(ratios, shares, plot)
+        draw(means, plot)
     return text
+
+
+def suite_mean(per_task: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(loss ×, parameters × LoRA r16), each a mean over the tasks."""
+    ratios, shares = zip(*per_task.values(), strict=True)
+    return sum(ratios) / len(ratios), sum(shares) / len(shares)
 
 
 TIERS = (0.01, 0.05, 0.25)  # shares of LoRA r16's parameters (on each task)
@@ -433,10 +442,9 @@ def tiers(table: dict[str, dict[str, tuple[float, float]]], tasks: list[str]) ->
             lines.append(f"| ≤ {tier:.0%} | — | | | | |")
             continue
         best = min(ours, key=mean)
-        for peer in sorted(peers, key=mean) or ["—"]:
-            if peer == "—":
-                lines.append(f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | — | | |")
-                continue
+        if not peers:
+            lines.append(f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | — | | |")
+        for peer in sorted(peers, key=mean):
             won = sum(table[best][t][0] < table[peer][t][0] for t in tasks)
             lines.append(
                 f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | {peer} | {mean(peer):.3f} | {won} of {len(tasks)} |"
@@ -444,7 +452,7 @@ def tiers(table: dict[str, dict[str, tuple[float, float]]], tasks: list[str]) ->
     return lines
 
 
-def draw(ratios: dict[str, list[float]], shares: dict[str, list[float]], plot: Path) -> None:
+def draw(means: dict[str, tuple[float, float]], plot: Path) -> None:
     """Mean held-out loss × LoRA r16 against mean trainable parameters × LoRA r16 (log x), with the frontier."""
     import matplotlib
 
@@ -453,9 +461,7 @@ def draw(ratios: dict[str, list[float]], shares: dict[str, list[float]], plot: P
 
     figure, axis = plt.subplots(figsize=(8, 5))
     points = []
-    for label in ratios:
-        x = sum(shares[label]) / len(shares[label])
-        y = sum(ratios[label]) / len(ratios[label])
+    for label, (y, x) in means.items():
         if not (x > 0 and math.isfinite(y)):
             continue
         points.append((x, y))

@@ -244,6 +244,6 @@ def run_causal(
         eval_loss=result.loss,
         accuracy=result.accuracy,
         wall_s=round(wall, 1),
-        step_ms=round(1e3 * wall / max(len(history), 1), 2) if history else None,
+        step_ms=round(1e3 * wall / len(history), 2) if history else None,
         curve=[round(v, 4) for v in history[::10]],
     )

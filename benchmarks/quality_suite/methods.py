@@ -61,6 +61,15 @@ SIGMATUNE = [
     sigmatune("full", "band", 16),
     sigmatune(32, "dense"),
 ]
+RANKED = {
+    "lora",
+    "vera",
+    "lokr",
+    "tinylora",
+    "c3a",
+    "psoft",
+    "eigentune",
+}  # methods whose size (rank) is given
 NONE = Method("none")  # the head alone (encoder) or the base model (causal): the floor every row must beat
 FULL = Method("full")  # every weight trains: where it is cheap (the encoder)
 

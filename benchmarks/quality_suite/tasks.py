@@ -291,12 +291,19 @@ def split(
     def kept(keys) -> list[Item]:  # leaving out items whose exemplar pair is held out
         return [i for k in keys for i in groups[k] if not task.pairs or i.group.partition("|")[0] not in held]
 
+    count = 0  # held-out items so far (with pairs, recounted: a new held-out pair drops items held before)
     for key in order:
-        if sum(min(len(kept([k])), cap) for k in held) >= heldout_size:
+        if count >= heldout_size:
             break
         held.add(key)
+        count = (
+            sum(min(len(kept([k])), cap) for k in held) if task.pairs else count + min(len(groups[key]), cap)
+        )
     training = kept(k for k in order if k not in held)
-    testing = [i for k in order if k in held for i in rng.sample(kept([k]), min(len(kept([k])), cap))]
+    testing = []
+    for key in (k for k in order if k in held):  # a seeded sample of at most cap items of each
+        group = kept([key])
+        testing += rng.sample(group, min(len(group), cap))
     rng.shuffle(training)
     rng.shuffle(testing)
     return training[:train_size], testing[:heldout_size]

@@ -73,9 +73,8 @@ def adapted_linear(
     ):
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    call = Call.of(
-        flat, basis, coefficients, structure, disabled, plain=True
-    )  # no autocast, no trace: checked
+    # plain: neither autocast nor a trace, checked above
+    call = Call.of(flat, basis, coefficients, structure, disabled, plain=True)
     backend = choose(call)
     if backend.by_ops(call):
         out = _diagonal_by_ops(flat, weight, bias, basis, coefficients, input_side)  # (N, out)
