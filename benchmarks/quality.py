@@ -14,7 +14,7 @@ full; STRUCTURE diagonal, band or dense), and the README's recipes default, qual
 every one of them (quality_suite.methods.PEERS + SIGMATUNE).
 
 The sweep: seed 0 runs each method at the 3 learning rates of LRS (and one more beyond an edge the best lands
-on); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every seed
+on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every seed
 (the rule `sigmatune train` uses: training/settings.LEARNING_RATES). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
@@ -61,6 +61,7 @@ LRS = {  # method → the 3 learning rates seed 0 sweeps
     "sigmatune": [3e-3, 1e-2, 3e-2],
     "none": [0.0],
 }
+EXTEND = 2  # lrs a method may run past its LRS, where its best keeps landing on an edge
 KEY = ("task", "model", "method", "structure", "band", "rank", "lr", "seed", "recipe")
 ROW_KEYS = (*KEY[:7], "lr_chosen", "seed", "trainable", "eval_loss", "accuracy", "recipe", "step_ratio")
 
@@ -232,7 +233,7 @@ def details_path(out: Path) -> Path:
 
 
 def sweep(args) -> None:
-    """Seed 0 at each method's LRS, one more lr past an edge that wins (twice at most), the other seeds at each
+    """Seed 0 at each method's LRS, one more lr past an edge that wins (EXTEND at most), the other seeds at each
     method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (LEARNING_RATES: the rule
     `sigmatune train` uses; where that lr was run on the seed, the row is that run)."""
     from sigmatune.training.settings import LEARNING_RATES
@@ -247,13 +248,13 @@ def sweep(args) -> None:
     for t in tasks:  # the items, built here once (not by every worker)
         split(t, 0, args.items, *common.ints(args.limit))
     run_rows([row_of(t, m, lr, 0) for t in tasks for m in plan[t.name] for lr in LRS[m.method]], args)
-    for _ in range(2):
+    while True:  # (each method EXTEND lrs past its sweep at most: a resumed run goes no further)
         done = common.load_rows(args.out)
         further = [
             row_of(t, m, lr, 0)
             for t in tasks
             for m in plan[t.name]
-            if (lr := next_lr(seed0(done, t.name, m))) is not None
+            if (lr := next_lr(seed0(done, t.name, m), LRS[m.method])) is not None
         ]
         if not further:
             break
@@ -303,11 +304,12 @@ def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
     ]
 
 
-def next_lr(swept: list[dict]) -> float | None:
-    """The next lr of the 1-3-10 series past the end of the sweep where its best is, or None (the best is
-    inside, or there is no lr to sweep)."""
+def next_lr(swept: list[dict], planned: list[float]) -> float | None:
+    """The next lr of the 1-3-10 series past the end of the sweep where its best is, or None: the best is
+    inside, there is no lr to sweep, or EXTEND lrs beyond the planned ones were run already."""
     lrs = sorted({r["lr"] for r in swept})
-    if len(lrs) < 2 or 0.0 in lrs:
+    beyond = [lr for lr in lrs if not min(planned) <= lr <= max(planned)]
+    if len(lrs) < 2 or 0.0 in lrs or len(beyond) >= EXTEND:
         return None
     best = best_lr(swept)
     if best == lrs[0]:

@@ -141,3 +141,17 @@ def test_a_method_that_is_not_one_is_refused_by_name():
     for spec in ("lora", "ia3:4", "loraa:16", "sigmatune:many"):
         with pytest.raises(SystemExit, match=rf"--methods: '{spec}' is not a method; give none, full"):
             quality.parse_method(spec)
+
+
+def test_the_sweep_goes_past_an_edge_that_wins_twice_at_most():
+    import quality
+
+    planned = [1e-3, 3e-3, 1e-2]
+
+    def swept(*lrs):  # the lowest loss at the smallest lr
+        return [dict(lr=lr, eval_loss=lr) for lr in lrs]
+
+    assert quality.next_lr(swept(*planned), planned) == 3e-4
+    assert quality.next_lr(swept(3e-4, *planned), planned) == 1e-4
+    assert quality.next_lr(swept(1e-4, 3e-4, *planned), planned) is None  # a resumed run goes no further
+    assert quality.next_lr([dict(lr=lr, eval_loss=-lr) for lr in planned], planned) == 3e-2
