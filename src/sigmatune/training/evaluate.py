@@ -28,8 +28,26 @@ class Score:
 
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over labelled tokens, their count). Logits are computed only from the first
-    position that predicts a label on, when the model supports logits_to_keep (saves the output head)."""
+    """(mean cross-entropy over labelled tokens, their count)."""
+    logits, kept = _predictions(model, batch)
+    count = int((kept != IGNORE).sum())
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE)
+    return loss, count
+
+
+def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over each row's labelled tokens (B,), their count per row (B,)): a batch whose
+    rows belong to different adapters (model/together.py) is a sum of per-adapter losses."""
+    logits, kept = _predictions(model, batch)
+    losses = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return losses.view(kept.shape).sum(dim=1), (kept != IGNORE).sum(dim=1)
+
+
+def _predictions(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V), the labels they predict (B, K)). Logits are computed only from the first position
+    that predicts a label on, when the model supports logits_to_keep (saves the output head)."""
     labels = batch["labels"]
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     labelled = (targets != IGNORE).any(dim=0).nonzero()
@@ -40,10 +58,7 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
         logits = model(**kwargs).logits  # (B, K, V)
     else:
         logits = model(**kwargs).logits[:, start:-1]
-    kept = targets[:, start:]  # (B, K)
-    count = int((kept != IGNORE).sum())
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE)
-    return loss, count
+    return logits, targets[:, start:]
 
 
 @torch.no_grad()

@@ -1,0 +1,155 @@
+"""Several adapters of one model trained at once: one forward, each batch row through its own adapter.
+
+K adapters with the same structure, update rule and directions in every layer (one config: a learning-rate
+sweep's candidates, many users' fine-tunes) are stacked, layer by layer, into one trained tensor
+
+    C  (K, *shape)      row k: adapter k's vector (g or δ (K, r), a band's diagonals (K, 2b+1, r), M (K, r, r))
+
+and a forward with one adapter index per batch row, ids (B,), computes in every layer
+
+    table = spread(rule(C, σ_S))       (K, R …)   every adapter's coefficients over the stored columns
+    y     = forward_rows(x, table[ids])            each row b with adapter ids[b]'s, as a served mixed batch
+
+so the backward accumulates each adapter's gradient from its own rows (the gather's backward is a
+scatter-add over ids: no loop over adapters), and a sum of per-adapter losses gives every adapter the
+gradient of its own loss: K adapters trained together are each trained alone on their rows.
+
+Each adapter's vector stays a view of its row of C while they train together, so saving or scoring one
+adapter then (set_adapter, save_pretrained) sees its current values; at the end each gets its own copy back.
+C is a parameter of its layer (`sigma_bank`), so model.parameters() — an optimizer, DDP — finds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.layer import SpectralLinear
+from ..core.structures.registry import structure_of
+
+BANK = "sigma_bank"  # the stacked tensor's name in each layer
+
+
+class Together:
+    """K adapters of a SigmaModel trained in one batch (see the module docstring). Use it as a context:
+
+    with Together(model, ["a", "b"]) as together:
+        together.rows(ids)            # (B,) adapter index per batch row, before each forward
+        loss = ...; loss.backward()   # the gradients land in together.banks()
+    """
+
+    def __init__(self, model, names: list[str]):
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"Together needs distinct adapter names, got {names!r}")
+        missing = [n for n in names if n not in model.peft_config]
+        if missing:
+            raise KeyError(f"no adapter {missing[0]!r} in this model (have: {list(model.peft_config)})")
+        self.names = list(names)
+        self.layers: dict[str, SpectralLinear] = {
+            name: layer for name, layer in model.spectral_layers().items() if names[0] in layer.sigma_adapters
+        }
+        for name, layer in self.layers.items():
+            _check_alike(name, layer, self.names)
+        self._ids: torch.Tensor | None = None
+        self._trainable: dict[str, bool] = {}
+
+    def __enter__(self) -> Together:
+        for name, layer in self.layers.items():
+            adapters = [layer.sigma_adapters[n] for n in self.names]
+            if hasattr(layer, BANK):
+                raise ValueError(f"layer {name!r} already trains adapters together; leave that block first")
+            self._trainable.setdefault(name, adapters[0].vector.requires_grad)
+            bank = nn.Parameter(torch.stack([a.vector.detach() for a in adapters]))  # (K, *shape)
+            layer.register_parameter(BANK, bank)
+            for k, adapter in enumerate(adapters):  # a view of row k: shares its storage
+                adapter.vector = nn.Parameter(bank.data[k], requires_grad=False)
+            layer.serve_rows(_Rows(self, layer, adapters[0]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, layer in self.layers.items():
+            layer.serve_rows(None)
+            bank = getattr(layer, BANK)
+            for k, n in enumerate(self.names):
+                copy = bank.detach()[k].clone()
+                layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name])
+            delattr(layer, BANK)
+        self._ids = None
+
+    def rows(self, ids: torch.Tensor) -> None:
+        """The adapter of each batch row for the next forwards: ids (B,) indices into self.names."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(self.names))):
+            raise ValueError(f"ids must be one adapter index in [0, {len(self.names)}) per batch row")
+        self._ids = ids
+
+    def banks(self) -> dict[str, nn.Parameter]:
+        """Layer name → its stacked tensor C (K, *shape): what an optimizer steps."""
+        return {name: getattr(layer, BANK) for name, layer in self.layers.items()}
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+
+class _Rows:
+    """A layer's server while adapters train together: the table of every adapter's coefficients over the
+    stored columns, gathered per batch row (forward_rows)."""
+
+    def __init__(self, together: Together, layer: SpectralLinear, adapter):
+        self.together, self.rule, self.positions = together, adapter.rule, adapter.positions
+        self.sigma = layer.sigma_at(adapter.positions)  # (r,)
+        self.target, self.source, shape = _placement(adapter, layer.stored_rank)
+        self.shape = shape  # one adapter's coefficients over the stored columns
+        band = adapter.structure.name == "band"
+        self.structure = structure_of("band", (shape[0] - 1) // 2) if band else adapter.structure
+
+    def __call__(self, layer: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
+        ids = self.together._ids
+        if ids is None:
+            raise ValueError("call Together.rows(ids) (one adapter index per batch row) before the forward")
+        if x.shape[0] != len(ids):
+            raise ValueError(f"the batch has {x.shape[0]} rows but rows() was given {len(ids)} adapter ids")
+        bank = getattr(layer, BANK)  # (K, *shape)
+        scales = self.rule.scales(bank, self.sigma)  # g = δ / σ for additive: σ over the last dimension
+        table = scales if self.source is None else _spread(scales, self.target, self.source, self.shape)
+        return layer.forward_rows(x, table[ids.to(x.device)], self.structure)
+
+
+def _placement(adapter, stored: int):
+    """Where each entry of an adapter's tensor lands in its spread over the `stored` columns: (target,
+    source, spread shape) — flat indices — or (None, None, shape) when the spread is the tensor itself."""
+    if adapter.positions is None:
+        return None, None, tuple(adapter.vector.shape)
+    probe = torch.arange(1, adapter.vector.numel() + 1, dtype=torch.float64, device=adapter.vector.device)
+    spread = adapter.spread(probe.view(adapter.vector.shape), stored)  # entry i + 1 where entry i lands
+    flat = spread.flatten()
+    target = flat.nonzero().squeeze(1)
+    return target, flat[target].long() - 1, tuple(spread.shape)
+
+
+def _spread(scales: torch.Tensor, target, source, shape) -> torch.Tensor:
+    """Every adapter's coefficients (K, *own) over the stored columns (K, *shape), zero elsewhere."""
+    flat = scales.reshape(len(scales), -1)
+    out = flat.new_zeros(len(scales), torch.Size(shape).numel())
+    return out.index_copy(1, target, flat[:, source]).view(len(scales), *shape)
+
+
+def _check_alike(layer_name: str, layer: SpectralLinear, names: list[str]) -> None:
+    """Adapters train together in one layer only with the same directions, structure and update rule."""
+    first = layer.sigma_adapters[names[0]]
+    for name in names[1:]:
+        if name not in layer.sigma_adapters:
+            raise ValueError(f"adapter {name!r} does not adapt layer {layer_name!r} as {names[0]!r} does")
+        other = layer.sigma_adapters[name]
+        differs = (
+            "directions" if not torch.equal(other.indices, first.indices) else
+            "structure" if repr(other.structure) != repr(first.structure) else
+            "update rule" if other.rule.name != first.rule.name else None
+        )  # fmt: skip
+        if differs:
+            raise ValueError(
+                f"adapters {names[0]!r} and {name!r} differ in their {differs} in layer {layer_name!r}: "
+                "only adapters of one config (rank, structure, band, update, targets) train together"
+            )
+    if layer.merged_adapter is not None:
+        raise ValueError(f"layer {layer_name!r} holds a merged adapter: unmerge() first")

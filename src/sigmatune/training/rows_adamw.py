@@ -1,0 +1,67 @@
+"""AdamW over stacked adapters: one learning rate per leading row, each row clipped by its own norm.
+
+Adapters trained together (model/together.py) live as rows of one tensor per layer, C (K, …). Row k is
+adapter k, so what the loop does to one adapter's parameters it does here to row k of every tensor:
+
+    n_k      = ‖(∂L_k/∂C_l[k])_l‖₂ over all layers l           each adapter's own gradient norm
+    clip_k   = min(1, max_norm / (n_k + 1e-6))                  as torch.nn.utils.clip_grad_norm_
+    m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) g²              torch.optim.AdamW's moments
+    C[k] ← C[k] − lr_k · (m̂ / (√v̂ + ε))[k],   lr_k = lr · scale_k
+
+with torch.optim.AdamW's bias corrections and no weight decay (the loop's), so each row takes the steps it
+would take alone. A row whose scale is 0 (an adapter that stopped) does not move.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowsAdamW(torch.optim.Optimizer):
+    """AdamW over tensors whose leading dimension is K adapters; `scales` (K,) multiplies the group's lr
+    per row (an adapter's own learning rate ÷ lr)."""
+
+    def __init__(self, params, scales: torch.Tensor, lr=1.0, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.scales = scales.double()  # (K,)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = group["lr"] * self.scales.to(p.device) / (1 - beta1**step)  # (K,)
+                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+                p.sub_((m / denom) * _per_row(step_size.to(p.dtype), p))
+
+
+def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip each row's gradient (row k of every tensor's .grad together) to max_norm, as
+    clip_grad_norm_ clips one adapter's; returns the norms before clipping (K,), NaN for a row whose
+    gradient is not finite (that row is left to the caller)."""
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    squares = torch.stack([g.double().square().reshape(len(g), -1).sum(dim=1) for g in grads]).sum(dim=0)
+    norms = squares.sqrt()  # (K,)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(_per_row(factor.to(g.dtype), g))
+    return norms
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(K,) → (K, 1, …) to broadcast over a tensor (K, …)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))

@@ -1,0 +1,211 @@
+"""Several adapters trained at once (model/together.py, training/together_loop.py): K adapters in one batch
+are each the adapter trained alone on its rows — the forward, the gradients and whole runs, in fp64, for
+every structure and both update rules; a member that fails stops alone; a resumed run ends where an
+uninterrupted one does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import sigmatune.training.loop as loop
+from sigmatune import SigmaConfig, get_sigma_model
+from sigmatune.formats import checkpoint
+from sigmatune.hub.loading import load_model
+from sigmatune.model.together import Together
+from sigmatune.training.data import Example, Task, load_task
+from sigmatune.training.settings import TrainSettings
+from sigmatune.training.together_loop import Member, fit_together
+from tests.models import randomize, save_tiny_chat_model, tiny_llama, token_batch
+
+CONFIGS = {
+    "diagonal": SigmaConfig(rank=6, svd="exact"),
+    "additive": SigmaConfig(rank="full", svd="exact", update="additive"),
+    "band": SigmaConfig(rank=6, structure="band", band=1, svd="exact"),
+    "dense": SigmaConfig(rank=5, structure="dense", svd="exact"),
+}
+PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(80)]
+
+
+def three_adapters(config: SigmaConfig, wider: SigmaConfig | None = None):
+    """A tiny fp64 Llama with adapters a, b, c of `config`, random; with `wider`, an adapter of it first,
+    so the layers store more directions than a, b and c use (their positions are a subset)."""
+    model = get_sigma_model(tiny_llama(dtype=torch.float64), wider or config, "wide" if wider else "a")
+    for name in ["b", "c"] + (["a"] if wider else []):
+        model.add_adapter(name, config)
+    for seed, name in enumerate("abc"):
+        model.set_adapter(name)
+        randomize(model, seed=seed, scale=0.2)
+    return model
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("subset", [False, True], ids=["all-stored", "subset"])
+def test_a_mixed_batch_is_each_adapter_alone_values_and_gradients(kind, subset):
+    wider = dataclasses.replace(CONFIGS[kind], rank=8) if subset and kind != "additive" else None
+    model = three_adapters(CONFIGS[kind], wider)
+    tokens, ids = token_batch(batch=6), torch.tensor([0, 1, 2, 2, 0, 1])
+    alone = {}
+    for k, name in enumerate("abc"):
+        model.set_adapter(name)
+        out = model(input_ids=tokens[ids == k]).logits
+        out.square().sum().backward()
+        grads = {n: layer.sigma_adapters[name].vector.grad for n, layer in model.spectral_layers().items()}
+        alone[name] = out.detach(), {n: g for n, g in grads.items() if g is not None}
+        model.zero_grad(set_to_none=True)
+    with Together(model, list("abc")) as together:
+        together.rows(ids)
+        out = model(input_ids=tokens).logits
+        out.square().sum().backward()
+        banks = together.banks()
+        assert banks.keys() == alone["a"][1].keys()
+        for k, name in enumerate("abc"):
+            torch.testing.assert_close(out[ids == k], alone[name][0], rtol=1e-10, atol=1e-10)
+            for layer, bank in banks.items():
+                torch.testing.assert_close(bank.grad[k], alone[name][1][layer], rtol=1e-10, atol=1e-10)
+
+
+def test_adapters_see_their_rows_of_the_bank_and_get_their_own_copies_back():
+    model = three_adapters(CONFIGS["band"])
+    layer = next(iter(model.spectral_layers().values()))
+    before = layer.sigma_adapters["b"].vector.detach().clone()
+    with Together(model, list("abc")) as together:
+        bank = together.banks()[next(iter(model.spectral_layers()))]
+        with torch.no_grad():
+            bank[1].add_(1.0)
+        torch.testing.assert_close(layer.sigma_adapters["b"].vector, before + 1)  # a view of row 1
+        assert not layer.sigma_adapters["b"].vector.requires_grad
+    assert not hasattr(layer, "sigma_bank")
+    vector = layer.sigma_adapters["b"].vector
+    torch.testing.assert_close(vector, before + 1)
+    assert vector.data_ptr() != layer.sigma_adapters["a"].vector.data_ptr() + 0 * vector.numel()
+    model.set_adapter("b")
+    assert vector.requires_grad and not layer.sigma_adapters["a"].vector.requires_grad
+
+
+def test_adapters_of_different_configs_or_a_missing_forward_are_refused():
+    model = three_adapters(CONFIGS["diagonal"])
+    model.add_adapter("band", dataclasses.replace(CONFIGS["band"], rank=6))
+    with pytest.raises(ValueError, match="differ in their structure"):
+        Together(model, ["a", "band"])
+    with pytest.raises(KeyError, match="no adapter 'zz'"):
+        Together(model, ["a", "zz"])
+    with Together(model, ["a", "b"]), pytest.raises(ValueError, match=r"Together\.rows"):
+        model(input_ids=token_batch(batch=2))
+    with Together(model, ["a", "b"]) as together:
+        together.rows(torch.tensor([0, 1, 1]))
+        with pytest.raises(ValueError, match="2 rows but rows\\(\\) was given 3"):
+            model(input_ids=token_batch(batch=2))
+        with pytest.raises(ValueError, match="one adapter index in \\[0, 2\\)"):
+            together.rows(torch.tensor([0, 2]))
+
+
+# ---- whole runs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("together")
+    save_tiny_chat_model(folder / "model", [f"{r['input']} {r['output']}" for r in PARITY] + ["system user"])
+    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in PARITY))
+    model, tokenizer = load_model(str(folder / "model"), torch.float64, torch.device("cpu"))
+    return folder, model, tokenizer
+
+
+def members_of(folder, config_kind: str, lrs, seeds, steps=(6, 6, 6)) -> list[Member]:
+    task = load_task(str(folder / "parity.jsonl"), heldout=10, seed=0)
+    base = TrainSettings(batch_size=4, steps=6, warmup=0.2, save_every=0, packing=False)
+    return [
+        Member(f"m{k}", task, dataclasses.replace(base, lr=lr, seed=seed, steps=n))
+        for k, (lr, seed, n) in enumerate(zip(lrs, seeds, steps, strict=True))
+    ]
+
+
+def trained_alone(chat, config, member: Member) -> dict[str, torch.Tensor]:
+    _, base, tokenizer = chat
+    model = get_sigma_model(base, config)
+    loop.fit(model, tokenizer, member.task, member.settings, torch.device("cpu"), packed=False)
+    vectors = {
+        n: layer.sigma_adapters["default"].vector.detach().clone()
+        for n, layer in model.spectral_layers().items()
+    }
+    model.unload()
+    return vectors
+
+
+def trained_together(chat, config, members: list[Member], **options):
+    _, base, tokenizer = chat
+    model = get_sigma_model(base, config, members[0].name)
+    for member in members[1:]:
+        model.add_adapter(member.name, config)
+    try:
+        outcome = fit_together(model, tokenizer, members, torch.device("cpu"), **options)
+        vectors = {
+            m.name: {
+                n: layer.sigma_adapters[m.name].vector.detach().clone()
+                for n, layer in model.spectral_layers().items()
+            }
+            for m in members
+        }
+    finally:
+        model.unload()
+    return outcome, vectors
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_run_of_three_adapters_ends_where_three_runs_alone_end(chat, kind):
+    members = members_of(chat[0], kind, lrs=(0.05, 0.02, 0.1), seeds=(0, 0, 3), steps=(6, 4, 6))
+    outcome, together = trained_together(chat, CONFIGS[kind], members)
+    assert not outcome.failed and [len(outcome.histories[m.name]) for m in members] == [6, 4, 6]
+    for member in members:
+        alone = trained_alone(chat, CONFIGS[kind], member)
+        for layer, vector in alone.items():
+            torch.testing.assert_close(together[member.name][layer], vector, rtol=1e-9, atol=1e-11)
+        assert float(max(v.abs().max() for v in alone.values())) > 1e-3  # they did train
+
+
+def test_a_member_whose_data_gives_nan_stops_alone_and_the_others_finish(chat):
+    folder = chat[0]
+    members = members_of(folder, "diagonal", lrs=(0.05, 0.05, 0.05), seeds=(0, 1, 2))
+    empty = [Example(None, [""])] * 20  # empty lines of text: one token (the end), no label to predict: 0/0
+    members[1] = Member("m1", Task("empty", None, empty, empty, "test"), members[1].settings)
+    outcome, together = trained_together(chat, CONFIGS["diagonal"], members)
+    assert (
+        list(outcome.failed) == ["m1"]
+        and "adapter 'm1': the training loss became nan at step 1" in outcome.failed["m1"]
+    )
+    for member in (members[0], members[2]):
+        alone = trained_alone(chat, CONFIGS["diagonal"], member)
+        for layer, vector in alone.items():
+            torch.testing.assert_close(together[member.name][layer], vector, rtol=1e-9, atol=1e-11)
+
+
+def test_a_run_cut_short_resumes_to_the_uninterrupted_result(chat, tmp_path, monkeypatch):
+    import sigmatune.training.together_loop as together_loop
+
+    members = members_of(chat[0], "band", lrs=(0.05, 0.02, 0.1), seeds=(0, 1, 2))
+    members = [Member(m.name, m.task, dataclasses.replace(m.settings, save_every=2)) for m in members]
+    whole, expected = trained_together(chat, CONFIGS["band"], members)
+    real, calls = together_loop.row_losses, [0]
+
+    def crash_at_step_4(*args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(together_loop, "row_losses", crash_at_step_4)
+    path = tmp_path / checkpoint.CHECKPOINT_NAME
+    with pytest.raises(KeyboardInterrupt):
+        trained_together(chat, CONFIGS["band"], members, path=path)
+    monkeypatch.undo()
+    saved = checkpoint.load(path)
+    assert saved.step == 2
+    resumed, vectors = trained_together(chat, CONFIGS["band"], members, path=path, resumed=saved)
+    assert resumed.histories == whole.histories and not resumed.failed
+    for member in members:
+        for layer, vector in expected[member.name].items():
+            torch.testing.assert_close(vectors[member.name][layer], vector, rtol=1e-12, atol=1e-14)
