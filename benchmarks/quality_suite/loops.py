@@ -5,8 +5,8 @@ cosine: training/loop.lr_factor), clipping and evaluation.
 - encoder (MiniLM): mean-pooled last hidden state → a linear head, trained in every row at HEAD_LR beside the
   adapter at the row's lr; 2 epochs of the training split, batch 32, ≤ 128 tokens; held-out cross-entropy and
   accuracy.
-- causal (SmolLM2): sigmatune's own training loop (training/job.fit, the main job's) on the answer tokens,
-  CAUSAL_STEPS × CAUSAL_BATCH, ≤ CAUSAL_TOKENS tokens; held-out loss per answer token (training/job.score) and exact match of greedy
+- causal (SmolLM2): sigmatune's own training loop (training/loop.fit, the main job's) on the answer tokens,
+  CAUSAL_STEPS × CAUSAL_BATCH, ≤ CAUSAL_TOKENS tokens; held-out loss per answer token (training/scores.score) and exact match of greedy
   answers (a classification task's accuracy, its labels being the answers).
 """
 
@@ -45,7 +45,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.core.config import cache_root
     from sigmatune.formats.files import staged_folder
     from sigmatune.hub import loading, registry
-    from sigmatune.training import data, job, loop, settings
+    from sigmatune.training import data, loop, scores, settings
 
     return SimpleNamespace(
         cache_root=cache_root,
@@ -55,8 +55,8 @@ def internals() -> SimpleNamespace:
         load_model=loading.load_model,
         Example=data.Example,
         Task=data.Task,
-        fit=job.fit,  # the main job's training loop
-        score=job.score,  # its held-out loss and exact match
+        fit=loop.fit,  # the main job's training loop
+        score=scores.score,  # its held-out loss and exact match
         lr_factor=loop.lr_factor,  # warm-up then cosine
         TrainSettings=settings.TrainSettings,
     )
@@ -99,7 +99,7 @@ def run(
     causal_steps: int = CAUSAL_STEPS,
 ) -> dict:
     """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}; raises FloatingPointError when the
-    loss is not finite (a diverging lr: the caller records it; job.fit raises it too)."""
+    loss is not finite (a diverging lr: the caller records it; loop.fit raises it too)."""
     torch.manual_seed(seed)
     if task.model == "minilm":
         return run_encoder(task, method, lr, seed, data, models["minilm"], device)

@@ -38,7 +38,10 @@ def _rank(text: str) -> int | str:
 
 
 def _lr(text: str) -> float | str:
-    return text if text == "auto" else _number(float, text, "a number or 'auto'")
+    """A number, "auto", or a comma-separated sweep (kept as text: TrainSettings checks it)."""
+    if text == "auto" or "," in text:
+        return text
+    return _number(float, text, "a number, 'auto' or numbers separated by commas")
 
 
 def _seconds(text: str) -> float:

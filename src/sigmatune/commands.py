@@ -26,7 +26,8 @@ from .hub.loading import DEFAULT_MODEL, load_model
 from .model.exchange import record_of
 from .model.sigma_model import SigmaModel
 from .training.data import load_task
-from .training.job import SUMMARY_NAME, base_score, format_score, score
+from .training.job import SUMMARY_NAME
+from .training.scores import base_score, format_score, score
 from .training.settings import TrainSettings
 from .training.summary import read_summary, settings_of
 from .training.tokens import example_batches, prompt_batch

@@ -15,6 +15,7 @@ import torch
 
 import sigmatune.training.job
 import sigmatune.training.loop
+import sigmatune.training.scores
 from sigmatune import SigmaModel, read_adapter
 from sigmatune.cli import main
 from sigmatune.formats.adapter_file import WEIGHTS_NAME
@@ -167,7 +168,7 @@ def test_the_base_models_score_is_kept_for_the_next_run(workspace, tmp_path, cap
     first = train(settings(workspace, tmp_path / "a", steps=2))
     assert "an earlier run" not in capsys.readouterr().err
     scored = []
-    monkeypatch.setattr(sigmatune.training.job, "heldout_loss", lambda *a: scored.append(a) or 0.0)
+    monkeypatch.setattr(sigmatune.training.scores, "heldout_loss", lambda *a: scored.append(a) or 0.0)
     second = train(settings(workspace, tmp_path / "b", steps=2))
     assert "an earlier run" in capsys.readouterr().err
     assert second["before"] == first["before"] and len(scored) == 1  # only the adapted model was scored

@@ -39,7 +39,9 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak learning rate, or "auto" (the quality sweep's: 1e-2 diagonal, 3e-3 band)
+    lr: float | str = (
+        "auto"  # peak learning rate, "auto" (1e-2 diagonal, 3e-3 band), or "a,b,c": one adapter per lr trained together, the best kept
+    )
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -53,6 +55,7 @@ class TrainSettings:
     save_every: int = 50  # write a checkpoint every this many steps (0 = never) into the output folder
     resume: bool = False  # continue the interrupted run whose checkpoint is in the output folder
     packing: bool = True  # each batch as one row, the prompt prefix its examples share once (exact: checked)
+    manifest: str = ""  # a .jsonl of adapters to train together, one {"name", "data", ...settings} a line
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_length", "heldout", "eval_accuracy", "save_every"):
@@ -68,8 +71,14 @@ class TrainSettings:
                 f"--max-length {self.max_length} leaves no answer token to learn from (the loss would be 0/0); "
                 "it must be at least 2 (the default is 128)"
             )
-        if self.lr != "auto" and (isinstance(self.lr, (bool, str)) or not 0 < self.lr < 10):
+        if isinstance(self.lr, str) and self.lr != "auto":
+            self.lr_candidates()  # a comma-separated list, checked
+        elif self.lr != "auto" and (isinstance(self.lr, bool) or not 0 < self.lr < 10):
             raise ValueError(f"lr must be a positive learning rate below 10 or 'auto', got {self.lr!r}")
+        if self.manifest and self.lr_candidates():
+            raise ValueError(
+                "--manifest and a sweep of --lr values cannot be combined: give each manifest line its own lr"
+            )
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup!r}")
 
@@ -94,6 +103,25 @@ class TrainSettings:
             changes["lr"] = LEARNING_RATES.get(structure, LEARNING_RATES["diagonal"])
         return dataclasses.replace(self, **changes)
 
+    def lr_candidates(self) -> list[float] | None:
+        """The learning rates of a sweep (lr "a,b,c": at least two, each positive, below 10), else None."""
+        if not isinstance(self.lr, str) or self.lr == "auto":
+            return None
+        try:
+            rates = [float(part) for part in self.lr.split(",")]
+        except ValueError:
+            rates = []
+        if len(rates) < 2 or len(set(rates)) < len(rates) or not all(0 < r < 10 for r in rates):
+            raise ValueError(
+                f"lr must be a learning rate, 'auto', or at least two different ones separated by commas "
+                f"(a sweep, e.g. 3e-3,1e-2,3e-2), each positive and below 10; got {self.lr!r}"
+            )
+        return rates
+
+    def trains_several(self) -> bool:
+        """Whether this job trains several adapters at once: a sweep of learning rates, or a manifest."""
+        return bool(self.manifest) or self.lr_candidates() is not None
+
     def is_resolved(self) -> bool:
         return "auto" not in (self.rank, self.structure, self.lr)
 
@@ -116,7 +144,7 @@ class TrainSettings:
 
 # the settings a resumed run must share with the interrupted one to end with the same numbers
 TRAJECTORY = ("model", "data", "rank", "targets", "update", "structure", "band", "lr", "steps", "batch_size")
-TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed", "packing")
+TRAJECTORY += ("max_length", "heldout", "warmup", "dtype", "seed", "packing", "manifest")
 
 
 # the JSON types each setting's annotation allows (a bool is no number here, a number no bool)

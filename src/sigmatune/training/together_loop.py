@@ -50,10 +50,11 @@ class Outcome:
 
 
 def fit_together(
-    model, tokenizer, members: list[Member], device, path: Path | None = None, resumed=None
+    model, tokenizer, members: list[Member], device, path: Path | None = None, resumed=None, recorded=None
 ) -> Outcome:
     """Train the members' adapters of `model` together; with a checkpoint path, a checkpoint every
-    save_every steps (the first member's setting); `resumed` (checkpoint.load's) continues one."""
+    save_every steps (the first member's setting), holding `recorded` (the job's settings) beside the
+    members'; `resumed` (checkpoint.load's) continues one."""
     names = [m.name for m in members]
     orders = [
         batch_order(len(m.task.train), m.settings.batch_size, m.settings.steps, m.settings.seed)
@@ -106,7 +107,7 @@ def fit_together(
                 and step % members[0].settings.save_every == 0
                 and step < steps
             ):
-                checkpoint.save(path, model, optimizer, _state(step, members, outcome))
+                checkpoint.save(path, model, optimizer, _state(step, members, outcome, recorded))
             shown = {m.name: outcome.histories[m.name][-1] for m in members if outcome.histories[m.name]}
             bar.set_postfix(**{n: f"{v:.3f}" for n, v in list(shown.items())[:6]})  # each adapter's loss
             bar.update()
@@ -183,10 +184,12 @@ def _encoded(tokenizer, members: list[Member], orders) -> list[dict[int, Encoded
     return out
 
 
-def _state(step: int, members: list[Member], outcome: Outcome) -> checkpoint.Checkpoint:
-    """The run state a checkpoint keeps: every member's settings, history and failure."""
+def _state(step: int, members: list[Member], outcome: Outcome, recorded) -> checkpoint.Checkpoint:
+    """The run state a checkpoint keeps: the job's settings, and every member's settings, history and
+    failure."""
     settings = {
         "steps": max(m.settings.steps for m in members),
+        **(recorded or {}),  # the job's steps, when given: at least every member's
         "adapters": {
             m.name: {
                 "settings": dataclasses.asdict(m.settings),

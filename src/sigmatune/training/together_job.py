@@ -1,0 +1,213 @@
+"""The job that trains several adapters at once on one base model (together_loop.py), in two forms:
+
+sweep     --lr a,b,c: one adapter per learning rate, all on the same batches; each is scored on the
+          held-out split, the one with the lowest held-out loss is saved as the adapter (output_dir), and
+          training_summary.json records every candidate's scores ("candidates") and the lr chosen.
+manifest  --manifest jobs.jsonl, one {"name": ..., "data": ..., and any of MEMBER_SETTINGS} a line: one
+          adapter per line, each on its own data with its own settings (the job's for the rest), each
+          saved in output_dir/<name>/ with its own training_summary.json; the job's summary (every
+          adapter's scores, and why any failed) in output_dir/training_summary.json.
+
+An adapter that fails (a NaN or Inf: too high an lr, bad data) stops alone, with a message naming it; the
+others train on and are saved. Checkpoints and --resume work as in the one-adapter job (job.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from ..formats.adapter_file import write_adapter
+from ..formats.checkpoint import CHECKPOINT_NAME
+from ..formats.files import atomic_write_json
+from ..formats.model_card import write_model_card
+from ..model.exchange import record_of
+from ..model.sigma_model import get_sigma_model
+from .data import load_task
+from .loop import log
+from .scores import base_score, format_score, score
+from .settings import TrainSettings
+from .setup import Phases, prepared
+from .summary import SUMMARY_NAME
+from .together_loop import Member, fit_together
+
+MEMBER_SETTINGS = ("lr", "steps", "batch_size", "seed", "warmup", "max_length", "heldout", "eval_accuracy")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name anywhere, an adapter name (no ".")
+
+
+def train(settings: TrainSettings, config, clock: Phases) -> dict:
+    """The sweep or the manifest job, end to end (see the module docstring); returns the job's summary."""
+    entries = read_manifest(settings) if settings.manifest else None  # bad lines fail before any loading
+    settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
+    members = _manifest_members(settings, entries) if entries else _sweep_members(settings)
+    clock.lap("model and data")
+    sigma_model = get_sigma_model(model, config, members[0].name)
+    for member in members[1:]:
+        sigma_model.add_adapter(member.name, config)
+    sigma_model.set_adapter(members[0].name)
+    trainable = sigma_model.get_nb_trainable_parameters()[0]
+    log(f"{len(members)} adapters of {trainable:,} trainable numbers each, trained together")
+    clock.lap("bases")
+    before = {
+        m.name: base_score(sigma_model, tokenizer, m.task, m.settings, device, dtype, False) for m in members
+    }
+    clock.lap("score before")
+    checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
+    if resumed is not None:
+        log(f"resuming at step {resumed.step} from {checkpoints}")
+    recorded = dataclasses.asdict(settings)
+    outcome = fit_together(sigma_model, tokenizer, members, device, checkpoints, resumed, recorded)
+    train_seconds = clock.lap("training")
+    for message in outcome.failed.values():
+        log(message)
+    after = {}
+    for member in members:
+        if member.name not in outcome.failed:
+            sigma_model.set_adapter(member.name)
+            after[member.name] = score(sigma_model, tokenizer, member.task, member.settings, device)
+            log(f"{member.name}: {format_score(before[member.name])} → {format_score(after[member.name])}")
+    clock.lap("score after")
+    if not after:
+        raise FloatingPointError(
+            "every adapter failed, nothing was saved: " + " ".join(outcome.failed.values())
+        )
+
+    def summary_of(member: Member) -> dict:
+        """What the one-adapter job records, for one member."""
+        return {
+            "settings": dataclasses.asdict(member.settings),
+            "task": _task_record(member.task),
+            "device": str(device),
+            "trainable_parameters": trainable,
+            "before": dataclasses.asdict(before[member.name]),
+            "after": dataclasses.asdict(after[member.name]) if member.name in after else None,
+            "loss_history": outcome.histories[member.name],
+            "failed": outcome.failed.get(member.name),
+        }
+
+    records = {m.name: summary_of(m) for m in members}
+    out = Path(settings.output_dir)
+    if entries:
+        for name in after:
+            _save(sigma_model, name, out / name, records[name])
+        summary = {"settings": recorded, "device": str(device), "adapters": records}
+    else:
+        best = min(after, key=lambda name: after[name].loss)
+        log(f"kept {best}: the lowest held-out loss of the {len(members)} learning rates")
+        chosen = next(m for m in members if m.name == best)
+        summary = {**records[best], "chosen_lr": chosen.settings.lr, "candidates": list(records.values())}
+        summary["settings"] = {**recorded, "lr": settings.lr}  # the sweep, as asked
+        _save(sigma_model, best, out, summary)
+    clock.lap("saving")
+    summary.update(
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(clock.total(), 1),
+        seconds=clock.seconds,
+        resumed_from_step=resumed.step if resumed else None,
+    )
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    checkpoints.unlink(missing_ok=True)
+    _print_table(records)
+    return summary
+
+
+def _sweep_members(settings: TrainSettings) -> list[Member]:
+    task = load_task(settings.data, settings.heldout, settings.seed)
+    log(
+        f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
+    )
+    return [
+        Member(f"lr_{lr:g}".replace(".", "p"), task, dataclasses.replace(settings, lr=lr, manifest=""))
+        for lr in settings.lr_candidates()
+    ]
+
+
+def _manifest_members(settings: TrainSettings, entries: list[dict]) -> list[Member]:
+    members = []
+    for entry in entries:
+        own = {key: entry[key] for key in MEMBER_SETTINGS if key in entry}
+        if own.get("steps", 0) > settings.steps:
+            raise ValueError(
+                f"{settings.manifest}: adapter {entry['name']!r} asks for {own['steps']} steps, more than the "
+                f"job's --steps {settings.steps}: raise --steps (the most any adapter takes)"
+            )
+        member_settings = dataclasses.replace(settings, data=entry["data"], manifest="", **own)
+        if member_settings.lr == "auto" or isinstance(member_settings.lr, str):
+            raise ValueError(f"{settings.manifest}: adapter {entry['name']!r} needs one learning rate")
+        task = load_task(member_settings.data, member_settings.heldout, member_settings.seed)
+        log(
+            f"{entry['name']}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
+        )
+        members.append(Member(entry["name"], task, member_settings))
+    return members
+
+
+def read_manifest(settings: TrainSettings) -> list[dict]:
+    """The manifest's entries, each checked: a name (a folder name, unique), a data file (relative to the
+    manifest's folder) and settings of MEMBER_SETTINGS only."""
+    path = Path(settings.manifest).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--manifest {path}: no such file (one JSON object a line: name, data, settings)")
+    entries, names = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{where}: not JSON ({str(err)[:80]})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or "data" not in entry:
+            raise ValueError(
+                f'{where}: each line is {{"name": ..., "data": ..., and any of {MEMBER_SETTINGS}}}'
+            )
+        unknown = set(entry) - {"name", "data", *MEMBER_SETTINGS}
+        if unknown:
+            raise ValueError(
+                f"{where}: {sorted(unknown)} cannot differ between adapters; allowed: {MEMBER_SETTINGS}"
+            )
+        if not NAME.fullmatch(entry["name"]) or entry["name"] in names:
+            raise ValueError(
+                f"{where}: name {entry['name']!r} must be unique, of letters, digits, '_' and '-'"
+            )
+        names.add(entry["name"])
+        data = Path(str(entry["data"])).expanduser()
+        entry["data"] = str(data if data.is_absolute() or ":" in str(data) else path.parent / data)
+        dataclasses.replace(settings, **{k: entry[k] for k in MEMBER_SETTINGS if k in entry})  # checked here
+        entries.append(entry)
+    if not entries:
+        raise ValueError(f"--manifest {path} lists no adapter")
+    return entries
+
+
+def _save(sigma_model, name: str, directory: Path, summary: dict) -> None:
+    """One adapter, its training_summary.json and its model card, into directory."""
+    record = record_of(sigma_model, name, False)
+    write_adapter(directory, record)
+    atomic_write_json(directory / SUMMARY_NAME, summary)
+    write_model_card(directory, record, summary)
+
+
+def _task_record(task) -> dict:
+    return {
+        "name": task.name,
+        "source": task.source,
+        "instruction": task.instruction,
+        "train": len(task.train),
+        "heldout": len(task.heldout),
+    }
+
+
+def _print_table(records: dict) -> None:
+    print(f"\n{'adapter':<20}{'lr':>10}{'before':>10}{'after':>10}  exact match")
+    for name, r in records.items():
+        after = r["after"]
+        if after is None:
+            print(f"{name:<20}{r['settings']['lr']:>10g}{r['before']['loss']:>10.4f}{'failed':>10}")
+            continue
+        accuracy = "" if after["accuracy"] is None else f"{100 * after['accuracy']:.1f}%"
+        print(
+            f"{name:<20}{r['settings']['lr']:>10g}{r['before']['loss']:>10.4f}{after['loss']:>10.4f}  {accuracy}"
+        )

@@ -1,0 +1,116 @@
+"""`sigmatune train --lr a,b,c` (a sweep: the best of three adapters trained together is kept) and
+`sigmatune train --manifest` (many adapters, each on its own data, in one job), on a tiny chat model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import sigmatune.training.together_loop as together_loop
+from sigmatune import SigmaModel, read_adapter
+from sigmatune.cli import main
+from sigmatune.hub.loading import load_model
+from sigmatune.training.job import SUMMARY_NAME
+from tests.models import save_tiny_chat_model
+
+PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(120)]
+NEXT = [{"input": f"What follows {n}?", "output": str(n + 1)} for n in range(120)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("together_job")
+    texts = [f"{r['input']} {r['output']}" for r in PARITY + NEXT] + ["system user assistant"]
+    save_tiny_chat_model(folder / "model", texts)
+    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in PARITY))
+    (folder / "next.jsonl").write_text("\n".join(json.dumps(r) for r in NEXT))
+    return folder
+
+
+def train(workspace, out, *extra) -> dict:
+    common = [
+        "--model",
+        str(workspace / "model"),
+        "--data",
+        str(workspace / "parity.jsonl"),
+        "--rank",
+        "full",
+    ]
+    common += ["--steps", "12", "--heldout", "20", "--eval-accuracy", "5", "--output-dir", str(out)]
+    assert main(["train", *common, *extra]) in (0, None)
+    return json.loads((out / SUMMARY_NAME).read_text())
+
+
+def test_a_sweep_keeps_the_lr_with_the_lowest_heldout_loss(workspace, tmp_path, capsys):
+    summary = train(workspace, tmp_path / "out", "--lr", "0.003,0.1,0.03")
+    candidates = summary["candidates"]
+    assert [c["settings"]["lr"] for c in candidates] == [0.003, 0.1, 0.03]
+    assert all(len(c["loss_history"]) == 12 and c["failed"] is None for c in candidates)
+    best = min(candidates, key=lambda c: c["after"]["loss"])
+    assert summary["chosen_lr"] == best["settings"]["lr"] and summary["after"] == best["after"]
+    assert summary["settings"]["lr"] == "0.003,0.1,0.03"
+    assert len({c["after"]["loss"] for c in candidates}) == 3  # three different adapters
+    assert "kept lr_" in capsys.readouterr().err
+    model, _ = load_model(str(workspace / "model"))
+    loaded = SigmaModel.from_pretrained(model, tmp_path / "out")  # the kept one, where the job puts one
+    assert read_adapter(tmp_path / "out").config.rank == "full"
+    assert any(
+        float(layer.sigma_adapters["default"].vector.abs().max()) > 0
+        for layer in loaded.spectral_layers().values()
+    )
+
+
+def test_a_manifest_trains_one_adapter_per_line_and_a_failing_one_stops_alone(
+    workspace, tmp_path, monkeypatch
+):
+    lines = [
+        {"name": "parity", "data": "parity.jsonl", "lr": 0.1},
+        {"name": "next", "data": str(workspace / "next.jsonl"), "lr": 0.05, "steps": 8, "seed": 3},
+        {"name": "broken", "data": "parity.jsonl", "lr": 0.1},
+    ]
+    manifest = workspace / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    real = together_loop._backward
+
+    def broken_at_step_3(model, tokenizer, members, orders, encoded, active, step, *rest):
+        losses = real(model, tokenizer, members, orders, encoded, active, step, *rest)
+        return [math.nan if step == 3 and k == 2 else loss for k, loss in enumerate(losses)]
+
+    monkeypatch.setattr(together_loop, "_backward", broken_at_step_3)
+    out = tmp_path / "many"
+    summary = train(workspace, out, "--manifest", str(manifest))
+    adapters = summary["adapters"]
+    assert [len(adapters[n]["loss_history"]) for n in ("parity", "next", "broken")] == [12, 8, 2]
+    assert "adapter 'broken': the training loss became nan at step 3" in adapters["broken"]["failed"]
+    assert adapters["broken"]["after"] is None and not (out / "broken").exists()
+    for name, data in (("parity", "parity.jsonl"), ("next", "next.jsonl")):
+        saved = json.loads((out / name / SUMMARY_NAME).read_text())
+        assert saved["after"]["loss"] < saved["before"]["loss"] and saved["settings"]["data"].endswith(data)
+        assert read_adapter(out / name).config.rank == "full"
+    assert adapters["next"]["settings"]["seed"] == 3 and adapters["next"]["settings"]["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"name": "a"}', "each line is"),
+        ('{"name": "a.b", "data": "parity.jsonl"}', "must be unique, of letters"),
+        ('{"name": "a", "data": "parity.jsonl", "rank": 4}', "cannot differ between adapters"),
+        ('{"name": "a", "data": "parity.jsonl", "steps": 99}', "raise --steps"),
+        ("not json", "not JSON"),
+    ],
+)
+def test_a_bad_manifest_line_is_refused_by_name(workspace, tmp_path, capsys, line, message):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(line)
+    assert main(["train", "--model", str(workspace / "model"), "--manifest", str(manifest), "--lr", "0.1",
+                 "--steps", "12", "--output-dir", str(tmp_path / "o")]) == 1  # fmt: skip
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_values_are_checked(tmp_path, capsys):
+    for lrs, message in (("0.1,0.1", "at least two different"), ("0.1,x", "at least two different")):
+        assert main(["train", "--lr", lrs, "--output-dir", str(tmp_path)]) == 1
+        assert message in capsys.readouterr().err
