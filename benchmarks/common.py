@@ -27,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = {
     "1.1b": (2048, 5632, 22, 32, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
+    "135m": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M's shape (the default job's model)
     "tiny": (64, 160, 2, 4, 2, 512),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all 7 linear types

@@ -51,14 +51,15 @@ class Together:
         for name, layer in self.layers.items():
             _check_alike(name, layer, self.names)
         self._ids: torch.Tensor | None = None
-        self._trainable: dict[str, bool] = {}
+        self._trainable: dict[tuple[str, str], bool] = {}  # (layer, adapter) → its requires_grad before
 
     def __enter__(self) -> Together:
         for name, layer in self.layers.items():
             adapters = [layer.sigma_adapters[n] for n in self.names]
             if hasattr(layer, BANK):
                 raise ValueError(f"layer {name!r} already trains adapters together; leave that block first")
-            self._trainable.setdefault(name, adapters[0].vector.requires_grad)
+            for n, adapter in zip(self.names, adapters, strict=True):
+                self._trainable[name, n] = adapter.vector.requires_grad
             bank = nn.Parameter(torch.stack([a.vector.detach() for a in adapters]))  # (K, *shape)
             layer.register_parameter(BANK, bank)
             for k, adapter in enumerate(adapters):  # a view of row k: shares its storage
@@ -72,7 +73,7 @@ class Together:
             bank = getattr(layer, BANK)
             for k, n in enumerate(self.names):
                 copy = bank.detach()[k].clone()
-                layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name])
+                layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name, n])
             delattr(layer, BANK)
         self._ids = None
 
