@@ -14,6 +14,7 @@ from .version import __version__
 _EXPORTS = {
     "AdapterBank": "serving.bank",
     "AdapterFileError": "formats.files",
+    "AdapterIdsCollator": "training.collator",
     "AdapterRecord": "formats.adapter_file",
     "AutoSigmaModelForCausalLM": "model.auto",
     "BaseModelMismatchError": "formats.base_check",
@@ -23,6 +24,8 @@ _EXPORTS = {
     "SigmaConfig": "core.config",
     "SigmaModel": "model.sigma_model",
     "SpectralLinear": "core.layer",
+    "RowsAdamW": "training.rows_adamw",
+    "Together": "model.together",
     "get_eigentune_model": "model.eigentune_compat",
     "get_sigma_model": "model.sigma_model",
     "read_adapter": "formats.adapter_file",
@@ -39,8 +42,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model.auto import AutoSigmaModelForCausalLM
     from .model.eigentune_compat import EigenTuneConfig, EigenTunedLayer, get_eigentune_model
     from .model.sigma_model import SigmaModel, get_sigma_model
+    from .model.together import Together
     from .serving.bank import AdapterBank
     from .training.callbacks import SaveAdapterCallback
+    from .training.collator import AdapterIdsCollator
+    from .training.rows_adamw import RowsAdamW
 
 
 def __getattr__(name: str):
@@ -60,15 +66,18 @@ def __dir__() -> list[str]:
 __all__ = [  # _EXPORTS and __version__ (a test checks they agree)
     "AdapterBank",
     "AdapterFileError",
+    "AdapterIdsCollator",
     "AdapterRecord",
     "AutoSigmaModelForCausalLM",
     "BaseModelMismatchError",
     "EigenTuneConfig",
     "EigenTunedLayer",
+    "RowsAdamW",
     "SaveAdapterCallback",
     "SigmaConfig",
     "SigmaModel",
     "SpectralLinear",
+    "Together",
     "__version__",
     "get_eigentune_model",
     "get_sigma_model",

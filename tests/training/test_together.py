@@ -209,3 +209,52 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(chat, tmp_path, mon
     for member in members:
         for layer, vector in expected[member.name].items():
             torch.testing.assert_close(vectors[member.name][layer], vector, rtol=1e-12, atol=1e-14)
+
+
+# ---- the HF Trainer ---------------------------------------------------------------------------------------
+
+
+class Tagged(torch.utils.data.Dataset):
+    """Token rows, each tagged with the adapter that learns it: "a" learns i, i+3, …; "b" learns i, i+5, …"""
+
+    def __init__(self, rows: int = 32, length: int = 12):
+        self.rows = [(torch.arange(length) * (3 if i % 2 else 5) + i) % 96 for i in range(rows)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i], "adapter": "a" if i % 2 else "b"}
+
+
+@pytest.mark.parametrize("own_optimizer", [False, True], ids=["trainer-adamw", "rows-adamw"])
+def test_the_hf_trainer_trains_adapters_together_from_a_collator_of_adapter_ids(tmp_path, own_optimizer):
+    from transformers import Trainer, TrainingArguments
+
+    from sigmatune import AdapterIdsCollator, RowsAdamW
+
+    model = get_sigma_model(tiny_llama(), CONFIGS["diagonal"], "a")
+    for name in ("b", "idle"):
+        model.add_adapter(name, CONFIGS["diagonal"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=0.3,
+        lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, remove_unused_columns=False,
+    )  # fmt: skip
+    with Together(model, ["a", "b", "idle"]) as together:
+        optimizers = (RowsAdamW(together.banks().values(), torch.tensor([0.3, 0.3, 0.3])), None)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=Tagged(), data_collator=AdapterIdsCollator(),
+            optimizers=optimizers if own_optimizer else (None, None),
+        )  # fmt: skip
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.95 * losses[0], losses
+    layers = model.spectral_layers().values()
+    for name in ("a", "b"):
+        assert max(float(layer.sigma_adapters[name].vector.abs().max()) for layer in layers) > 1e-3
+    assert all(
+        float(layer.sigma_adapters["idle"].vector.abs().max()) == 0 for layer in layers
+    )  # no rows of its own
+    with pytest.raises(ValueError, match="train several adapters on a mixed batch"):
+        model(input_ids=token_batch(batch=2), adapter_ids=[0, 1])  # outside the block: refused

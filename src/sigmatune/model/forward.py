@@ -3,8 +3,10 @@
 The Trainer reads forward's signature twice: on the model, to keep the batch columns the model takes
 (here: the base model's arguments), and on the class, to find the label arguments (here: `labels`).
 TrainerForward answers both; a forward that a trainer installs over it (TRL's fused LM head) runs on the base
-model (installed_forward). A mixed batch (`adapter_ids`) is not the model's to serve: an AdapterBank
-over it serves one (serving/bank.py), so the model refuses the argument instead of ignoring it.
+model (installed_forward). A mixed batch (`adapter_ids`) is the model's only while
+adapters train together (together.py: a collator puts each row's adapter index in the batch, as the HF
+Trainer passes it); otherwise an AdapterBank over it serves one (serving/bank.py), so the model refuses the
+argument instead of ignoring it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class _BaseForward:
         self._owner = owner
 
     def __call__(self, *args, **kwargs):
+        together = getattr(self._owner, "training_together", None)
+        if together is not None and kwargs.get("adapter_ids") is not None:
+            together.rows(kwargs.pop("adapter_ids"))
         refuse_adapter_ids(kwargs)
         return self._owner.base_model(*args, **kwargs)
 
@@ -71,5 +76,6 @@ def refuse_adapter_ids(kwargs: dict) -> None:
     if kwargs.pop("adapter_ids", None) is not None:
         raise ValueError(
             "adapter_ids needs an AdapterBank: bank = sigmatune.AdapterBank(model) (or AdapterBank.over(base, "
-            "config)), add adapters to it, then call bank(input_ids, adapter_ids=...) or bank.generate(...)"
+            "config)), add adapters to it, then call bank(input_ids, adapter_ids=...) or bank.generate(...); "
+            "to train several adapters on a mixed batch, call the model inside `with Together(model, names):`"
         )

@@ -44,7 +44,7 @@ class Together:
         missing = [n for n in names if n not in model.peft_config]
         if missing:
             raise KeyError(f"no adapter {missing[0]!r} in this model (have: {list(model.peft_config)})")
-        self.names = list(names)
+        self.model, self.names = model, list(names)
         self.layers: dict[str, SpectralLinear] = {
             name: layer for name, layer in model.spectral_layers().items() if names[0] in layer.sigma_adapters
         }
@@ -65,6 +65,7 @@ class Together:
             for k, adapter in enumerate(adapters):  # a view of row k: shares its storage
                 adapter.vector = nn.Parameter(bank.data[k], requires_grad=False)
             layer.serve_rows(_Rows(self, layer, adapters[0]))
+        self.model.training_together = self  # model(..., adapter_ids=ids) calls rows(ids) (forward.py)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,9 +77,13 @@ class Together:
                 layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name, n])
             delattr(layer, BANK)
         self._ids = None
+        self.model.training_together = None
 
-    def rows(self, ids: torch.Tensor) -> None:
-        """The adapter of each batch row for the next forwards: ids (B,) indices into self.names."""
+    def rows(self, ids) -> None:
+        """The adapter of each batch row for the next forwards: ids (B,) indices into self.names, or the
+        adapters' names."""
+        if not isinstance(ids, torch.Tensor) and all(isinstance(i, str) for i in ids):
+            ids = [self.index(name) for name in ids]
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(self.names))):
             raise ValueError(f"ids must be one adapter index in [0, {len(self.names)}) per batch row")
@@ -89,6 +94,8 @@ class Together:
         return {name: getattr(layer, BANK) for name, layer in self.layers.items()}
 
     def index(self, name: str) -> int:
+        if name not in self.names:
+            raise KeyError(f"adapter {name!r} does not train in this block (these do: {self.names})")
         return self.names.index(name)
 
 
