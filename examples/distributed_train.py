@@ -5,6 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 examples/distributed_train.py --mode ddp
     python examples/distributed_train.py                    # one process, the same global batches
     ... --resume ADAPTER                                    # continue from a saved adapter
+    ... --adapters 3                                        # 3 adapters trained together (example i: i mod 3)
 
 Every rank builds the same model; the SVD bases are computed once on rank 0 and broadcast. Each step
 takes a global batch (the same examples whatever the number of processes), each rank its slice, in
@@ -23,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from sigmatune import SigmaConfig, SigmaModel, get_sigma_model
+from sigmatune import RowsAdamW, SigmaConfig, SigmaModel, Together, get_sigma_model
 from sigmatune.hub.loading import load_model
 from sigmatune.training.data import load_task
 from sigmatune.training.distributed import distribute, gradient_sync, leave, split
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--output", default="sigmatune-distributed")
     parser.add_argument("--resume", help="start from a saved adapter (written by any number of processes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapters", type=int, default=0, help="train this many adapters together (0: one)")
     args = parser.parse_args()
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -70,11 +72,18 @@ def main() -> None:
         sigma = SigmaModel.from_pretrained(model, args.resume, is_trainable=True)
     else:  # the SVD runs on rank 0 and is broadcast
         structure = dict(structure="band", band=args.band) if args.band else {}
-        sigma = get_sigma_model(model, SigmaConfig(rank=rank_setting, **structure), progress=rank == 0)
+        config = SigmaConfig(rank=rank_setting, **structure)
+        sigma = get_sigma_model(model, config, "a0" if args.adapters else "default", progress=rank == 0)
+        for k in range(1, args.adapters):
+            sigma.add_adapter(f"a{k}", config)
     report_bases(sigma, world, rank)
+    together = Together(sigma, [f"a{k}" for k in range(args.adapters)]).__enter__() if args.adapters else None
     runner = distribute(sigma, args.mode, world, args.dtype, device)
     params = [p for p in sigma.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    if together is None:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    else:
+        optimizer = RowsAdamW(params, torch.full((args.adapters,), args.lr))
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if args.dtype == "bfloat16" and args.mode == "ddp"
@@ -93,6 +102,8 @@ def main() -> None:
                     k: v.to(device)
                     for k, v in collate([examples[i] for i in chunk], tokenizer.pad_token_id).items()
                 }
+                if together is not None:  # example i trains adapter i mod K, whichever rank holds it
+                    together.rows(torch.tensor([i % args.adapters for i in chunk], device=device))
                 mean, count = token_loss(runner, batch)
                 loss = mean * count / tokens * world  # ranks average gradients: × world gives the global mean
                 loss.backward()
@@ -104,6 +115,8 @@ def main() -> None:
             dist.all_reduce(total)
         if rank == 0:
             print(f"step {step}: loss {float(total):.4f}", flush=True)
+    if together is not None:
+        together.__exit__(None, None, None)  # each adapter its own vectors again
     sigma.save_pretrained(args.output)  # every rank gathers its shards; rank 0 writes
     if world > 1:
         leave()  # barrier, destroy the process group, exit without destructors (they can hang: see leave)

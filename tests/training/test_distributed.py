@@ -137,6 +137,22 @@ def test_a_band_trains_on_two_processes_what_one_process_trains(job, band_refere
         torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_adapters_trained_together_on_two_processes_are_what_one_process_trains(job, mode):
+    run(job, 1, "together-reference", "--adapters", "3", "--accumulate", "2")
+    run(job, 2, f"together-{mode}", "--adapters", "3", "--mode", mode, "--accumulate", "2")
+    for k in range(3):
+        reference, trained = (
+            vectors(job / "together-reference" / f"a{k}"),
+            vectors(job / f"together-{mode}" / f"a{k}"),
+        )
+        assert trained.keys() == reference.keys() and any(float(v.abs().max()) > 0 for v in trained.values())
+        for name, vector in reference.items():
+            torch.testing.assert_close(trained[name], vector, rtol=1e-5, atol=1e-6)
+    first, second = vectors(job / "together-reference" / "a0"), vectors(job / "together-reference" / "a1")
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # each adapter learned from its own rows
+
+
 def test_accelerate_launch_trains_what_one_process_trains(job, reference):
     pytest.importorskip("accelerate")
     out = run(job, 2, "accelerate", "--mode", "ddp", "--accumulate", "2", launcher="accelerate")

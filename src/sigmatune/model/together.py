@@ -71,9 +71,10 @@ class Together:
     def __exit__(self, *exc) -> None:
         for name, layer in self.layers.items():
             layer.serve_rows(None)
-            bank = getattr(layer, BANK)
+            bank = getattr(layer, BANK).detach()
+            bank = bank.full_tensor() if hasattr(bank, "full_tensor") else bank  # FSDP2 shards its rows
             for k, n in enumerate(self.names):
-                copy = bank.detach()[k].clone()
+                copy = bank[k].clone()
                 layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name, n])
             delattr(layer, BANK)
         self._ids = None

@@ -9,7 +9,8 @@ adapter k, so what the loop does to one adapter's parameters it does here to row
     C[k] ← C[k] − lr_k · (m̂ / (√v̂ + ε))[k],   lr_k = lr · scale_k
 
 with torch.optim.AdamW's bias corrections and no weight decay (the loop's), so each row takes the steps it
-would take alone. A row whose scale is 0 (an adapter that stopped) does not move.
+would take alone. A row whose scale is 0 (an adapter that stopped) does not move. Under FSDP2 the tensors
+are sharded by rows (DTensors): the per-row factors are sharded alike.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class RowsAdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = group["lr"] * self.scales.to(p.device) / (1 - beta1**step)  # (K,)
+                step_size = group["lr"] * self.scales / (1 - beta1**step)  # (K,)
                 denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-                p.sub_((m / denom) * _per_row(step_size.to(p.dtype), p))
+                p.sub_((m / denom) * _per_row(step_size, p))
 
 
 def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -54,14 +55,38 @@ def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
         return torch.zeros(0)
-    squares = torch.stack([g.double().square().reshape(len(g), -1).sum(dim=1) for g in grads]).sum(dim=0)
-    norms = squares.sqrt()  # (K,)
+    squares = sum(_local(g).double().square().reshape(len(_local(g)), -1).sum(dim=1) for g in grads)
+    norms = _all_rows(squares, grads[0]).sqrt()  # (K,)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
-        g.mul_(_per_row(factor.to(g.dtype), g))
+        g.mul_(_per_row(factor, g))
     return norms
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(K,) → (K, 1, …) to broadcast over a tensor (K, …)."""
-    return values.view(-1, *([1] * (like.dim() - 1)))
+    """(K,) → (K, 1, …) in like's dtype and device, to broadcast over like (K, …); a DTensor sharded as like
+    is when like is one."""
+    rows = values.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    if _is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(rows, like.device_mesh, like.placements)
+    return rows
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _all_rows(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row values (K,) of every process, from this process's rows of tensors sharded as `like`."""
+    if not _is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements).full_tensor()
