@@ -112,6 +112,22 @@ def sweep_seconds(base, rank, tokens: tuple[int, int], steps: int, cache: str) -
         model.unload()
 
 
+def rows_of(measured: dict, args, tokens, rank, device: str) -> list[dict]:
+    """The results rows measured so far: each K against the one adapter's step in its mode."""
+    rows = []
+    for (mode, adapters), entry in measured.items():
+        if adapters is None or (mode, None) not in measured:
+            continue
+        one = statistics.median(measured[mode, None]["times"])
+        step = statistics.median(entry["times"])
+        rows.append(
+            dict(shape=args.shape, adapters=adapters, rows=tokens[0], length=tokens[1], mode=mode, rank=rank,
+                 step_ms=round(step, 2), one_ms=round(one, 2), ratio_vs_one=round(step / one, 3),
+                 peak_gib=round(entry["peak"], 2), device=device)
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     options = common.parser(__doc__, out="train_many.json")
     options.add_argument("--shape", choices=common.SHAPES, default="1.1b")
@@ -149,19 +165,10 @@ def main() -> None:
                     entry["peak"] = max(entry["peak"], peak)
                     label = "one" if adapters is None else f"K={adapters}"
                     print(f"{mode} {label} round {turn + 1}: {statistics.median(times):.2f} ms", flush=True)
+                    common.merge_rows(args.out, rows_of(measured, args, tokens, rank, name), row_key)  # kept
     finally:
         model.unload()
-    rows = []
-    for (mode, adapters), entry in measured.items():
-        if adapters is None:
-            continue
-        one = statistics.median(measured[mode, None]["times"])
-        step = statistics.median(entry["times"])
-        rows.append(
-            dict(shape=args.shape, adapters=adapters, rows=tokens[0], length=tokens[1], mode=mode, rank=rank,
-                 step_ms=round(step, 2), one_ms=round(one, 2), ratio_vs_one=round(step / one, 3),
-                 peak_gib=round(entry["peak"], 2), device=name)
-        )  # fmt: skip
+    rows = rows_of(measured, args, tokens, rank, name)
     if args.sweep:
         sweep = common.batch_shape(args.sweep_tokens)
         del base
