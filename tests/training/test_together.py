@@ -258,3 +258,62 @@ def test_the_hf_trainer_trains_adapters_together_from_a_collator_of_adapter_ids(
     )  # no rows of its own
     with pytest.raises(ValueError, match="train several adapters on a mixed batch"):
         model(input_ids=token_batch(batch=2), adapter_ids=[0, 1])  # outside the block: refused
+
+
+# ---- compiled, quantized bases, bf16 ------------------------------------------------------------------------
+
+
+def mixed_forward_and_grads(model, tokens, ids, run=None):
+    """(logits, {layer: bank gradient}) of one mixed-batch forward and backward inside a Together block."""
+    with Together(model, list("abc")) as together:
+        together.rows(ids)
+        out = (model if run is None else run)(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        return out.logits.detach(), {n: b.grad.clone() for n, b in together.banks().items()}
+
+
+def test_a_compiled_model_trains_adapters_together_as_the_eager_one():
+    model = three_adapters(dataclasses.replace(CONFIGS["band"], svd="exact"))
+    model.float()
+    tokens, ids = token_batch(batch=6), torch.tensor([2, 0, 1, 1, 0, 2])
+    eager, eager_grads = mixed_forward_and_grads(model, tokens, ids)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits, grads = mixed_forward_and_grads(model, tokens, ids, compiled)
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_adapters_train_together_on_a_quantized_base_as_each_alone():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    base = tiny_llama()
+    quantize_(base, Int8WeightOnlyConfig())
+    model = get_sigma_model(base, SigmaConfig(rank=4, svd="exact"), "a")
+    for name in "bc":
+        model.add_adapter(name, SigmaConfig(rank=4, svd="exact"))
+    for seed, name in enumerate("abc"):
+        model.set_adapter(name)
+        randomize(model, seed=seed, scale=0.2)
+    tokens, ids = token_batch(batch=3), torch.tensor([0, 1, 2])
+    mixed, _ = mixed_forward_and_grads(model, tokens, ids)
+    for k, name in enumerate("abc"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            alone = model(input_ids=tokens[k : k + 1]).logits
+        torch.testing.assert_close(mixed[k : k + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_in_bf16_a_mixed_batch_is_each_adapter_alone_within_its_rounding():
+    model = three_adapters(CONFIGS["diagonal"])
+    reference, _ = mixed_forward_and_grads(model, token_batch(batch=3), torch.tensor([0, 1, 2]))
+    model.to(torch.bfloat16)
+    mixed, grads = mixed_forward_and_grads(model, token_batch(batch=3), torch.tensor([0, 1, 2]))
+    for k, name in enumerate("abc"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            alone = model(input_ids=token_batch(batch=3)[k : k + 1]).logits
+        torch.testing.assert_close(mixed[k : k + 1].float(), alone.float(), rtol=2e-2, atol=2e-2)
+    assert (mixed.double() - reference).abs().max() < 0.1 * reference.abs().max()
+    assert all(torch.isfinite(g).all() and float(g.abs().max()) > 0 for g in grads.values())
