@@ -124,10 +124,10 @@ def members_of(folder, config_kind: str, lrs, seeds, steps=(6, 6, 6)) -> list[Me
     ]
 
 
-def trained_alone(chat, config, member: Member) -> dict[str, torch.Tensor]:
+def trained_alone(chat, config, member: Member, packed=False) -> dict[str, torch.Tensor]:
     _, base, tokenizer = chat
     model = get_sigma_model(base, config)
-    loop.fit(model, tokenizer, member.task, member.settings, torch.device("cpu"), packed=False)
+    loop.fit(model, tokenizer, member.task, member.settings, torch.device("cpu"), packed=packed)
     vectors = {
         n: layer.sigma_adapters["default"].vector.detach().clone()
         for n, layer in model.spectral_layers().items()
@@ -155,13 +155,15 @@ def trained_together(chat, config, members: list[Member], **options):
     return outcome, vectors
 
 
-@pytest.mark.parametrize("kind", CONFIGS)
-def test_a_run_of_three_adapters_ends_where_three_runs_alone_end(chat, kind):
+@pytest.mark.parametrize(
+    "kind, packed", [*((kind, False) for kind in CONFIGS), ("diagonal", True), ("band", True)]
+)
+def test_a_run_of_three_adapters_ends_where_three_runs_alone_end(chat, kind, packed):
     members = members_of(chat[0], kind, lrs=(0.05, 0.02, 0.1), seeds=(0, 0, 3), steps=(6, 4, 6))
-    outcome, together = trained_together(chat, CONFIGS[kind], members)
+    outcome, together = trained_together(chat, CONFIGS[kind], members, packed=packed)
     assert not outcome.failed and [len(outcome.histories[m.name]) for m in members] == [6, 4, 6]
     for member in members:
-        alone = trained_alone(chat, CONFIGS[kind], member)
+        alone = trained_alone(chat, CONFIGS[kind], member, packed)
         for layer, vector in alone.items():
             torch.testing.assert_close(together[member.name][layer], vector, rtol=1e-9, atol=1e-11)
         assert float(max(v.abs().max() for v in alone.values())) > 1e-3  # they did train

@@ -113,6 +113,38 @@ def packed_loss(model: nn.Module, packed: Packed) -> tuple[torch.Tensor, int]:
     return loss, int(packed.targets.numel())
 
 
+def packed_row_losses(
+    model: nn.Module, batches: list[list[Encoded]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over each batch's labelled tokens (R,), their count (R,)) with every batch
+    packed into a row of its own (pack()), the rows right-padded to the longest: R batches of adapters
+    trained together (together_loop.py) in one forward, each row's loss the one packed_loss gives it alone.
+    A padding token sees the prefix and the padding before it (no query sees nothing); the logits are
+    computed at the positions any row predicts from."""
+    packs = [pack(batch) for batch in batches]
+    width = max(p.tokens for p in packs)
+    ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(packs), width), dtype=torch.long)
+    segments = torch.full((len(packs), width), -2, dtype=torch.long)  # -2: padding
+    for row, p in enumerate(packs):
+        ids[row, : p.tokens], positions[row, : p.tokens] = p.input_ids[0], p.position_ids[0]
+        segments[row, : p.tokens] = p.segments
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    masks = torch.cat([block_mask(s, dtype) for s in segments.to(device)])  # (R, 1, T, T)
+    keep = torch.unique(torch.cat([p.predictors for p in packs]))  # sorted positions any row predicts from
+    logits = model(
+        input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=masks,
+        logits_to_keep=keep.to(device), use_cache=False,
+    ).logits  # (R, len(keep), V)  # fmt: skip
+    sums = []
+    for row, p in enumerate(packs):
+        at = torch.searchsorted(keep, p.predictors).to(device)  # where its predictors sit among `keep`
+        losses = nn.functional.cross_entropy(logits[row, at].float(), p.targets.to(device), reduction="sum")
+        sums.append(losses)
+    counts = torch.tensor([p.targets.numel() for p in packs], device=device)
+    return torch.stack(sums), counts
+
+
 def can_pack(model: nn.Module) -> bool:
     """Whether the model's attention takes a custom mask as it is (eager or SDPA, no sliding window: a
     window would have to be in the mask)."""

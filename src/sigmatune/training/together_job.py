@@ -26,12 +26,13 @@ from ..formats.model_card import write_model_card
 from ..model.exchange import record_of
 from ..model.sigma_model import get_sigma_model
 from .data import load_task
-from .loop import log
+from .loop import log, use_packing
 from .scores import base_score, format_score, score
 from .settings import TrainSettings
 from .setup import Phases, prepared
 from .summary import SUMMARY_NAME
 from .together_loop import Member, fit_together
+from .tokens import encode
 
 MEMBER_SETTINGS = ("lr", "steps", "batch_size", "seed", "warmup", "max_length", "heldout", "eval_accuracy")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name anywhere, an adapter name (no ".")
@@ -47,6 +48,9 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     for member in members[1:]:
         sigma_model.add_adapter(member.name, config)
     sigma_model.set_adapter(members[0].name)
+    first = members[0]
+    sample = [encode(tokenizer, first.task.instruction, e, settings.max_length) for e in first.task.train[:8]]
+    packed = use_packing(sigma_model, sample, tokenizer, settings, device)  # each member's batch a row
     trainable = sigma_model.get_nb_trainable_parameters()[0]
     log(f"{len(members)} adapters of {trainable:,} trainable numbers each, trained together")
     clock.lap("bases")
@@ -58,7 +62,7 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     if resumed is not None:
         log(f"resuming at step {resumed.step} from {checkpoints}")
     recorded = dataclasses.asdict(settings)
-    outcome = fit_together(sigma_model, tokenizer, members, device, checkpoints, resumed, recorded)
+    outcome = fit_together(sigma_model, tokenizer, members, device, checkpoints, resumed, recorded, packed)
     train_seconds = clock.lap("training")
     for message in outcome.failed.values():
         log(message)
@@ -66,7 +70,7 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     for member in members:
         if member.name not in outcome.failed:
             sigma_model.set_adapter(member.name)
-            after[member.name] = score(sigma_model, tokenizer, member.task, member.settings, device)
+            after[member.name] = score(sigma_model, tokenizer, member.task, member.settings, device, packed)
             log(f"{member.name}: {format_score(before[member.name])} → {format_score(after[member.name])}")
     clock.lap("score after")
     if not after:

@@ -29,6 +29,7 @@ from ..model.together import Together
 from .data import Task
 from .evaluate import row_losses
 from .loop import batch_order, lr_factor
+from .packing import fits, packed_row_losses
 from .rows_adamw import RowsAdamW, clip_rows
 from .settings import TrainSettings
 from .tokens import Encoded, collate, encode
@@ -50,11 +51,20 @@ class Outcome:
 
 
 def fit_together(
-    model, tokenizer, members: list[Member], device, path: Path | None = None, resumed=None, recorded=None
+    model,
+    tokenizer,
+    members: list[Member],
+    device,
+    path: Path | None = None,
+    resumed=None,
+    recorded=None,
+    packed: bool = False,
 ) -> Outcome:
     """Train the members' adapters of `model` together; with a checkpoint path, a checkpoint every
     save_every steps (the first member's setting), holding `recorded` (the job's settings) beside the
-    members'; `resumed` (checkpoint.load's) continues one."""
+    members'; `resumed` (checkpoint.load's) continues one. `packed`: each member's batch packed into a
+    row of its own (packing.packed_row_losses; loop.use_packing says whether the model computes it
+    exactly), else the members' examples padded, a row each."""
     names = [m.name for m in members]
     orders = [
         batch_order(len(m.task.train), m.settings.batch_size, m.settings.steps, m.settings.seed)
@@ -75,7 +85,9 @@ def fit_together(
             active = [
                 k for k, m in enumerate(members) if m.name not in outcome.failed and step <= m.settings.steps
             ]
-            losses = _backward(model, tokenizer, members, orders, encoded, active, step, device, together)
+            losses = _backward(
+                model, tokenizer, members, orders, encoded, active, step, device, together, packed
+            )
             for k in active:
                 if not math.isfinite(losses[k]):
                     _fail(
@@ -116,23 +128,26 @@ def fit_together(
     return outcome
 
 
-def _backward(model, tokenizer, members, orders, encoded, active, step, device, together) -> list[float]:
+def _backward(
+    model, tokenizer, members, orders, encoded, active, step, device, together, packed
+) -> list[float]:
     """Each active member's loss on its batch of this step (NaN for a member whose batch holds no answer
     token), the gradients of their sum in the banks; the members' losses by index (NaN if inactive)."""
-    examples: list[Encoded] = []
-    ids: list[int] = []
-    for k in active:
-        batch = [encoded[k][i] for i in orders[k][step - 1]]
-        examples += batch
-        ids += [k] * len(batch)
+    batches = {k: [encoded[k][i] for i in orders[k][step - 1]] for k in active}
     losses = [math.nan] * len(members)
-    if not examples:
+    if not batches:
         return losses
-    row_ids = torch.tensor(ids, device=device)
-    together.rows(row_ids)
-    batch = {key: value.to(device) for key, value in collate(examples, tokenizer.pad_token_id).items()}
-    sums, counts = row_losses(model, batch)
-    per_member = torch.zeros(len(members), device=device).index_add(0, row_ids, sums)
+    if packed and all(fits(batch) for batch in batches.values()):
+        row_ids = torch.tensor(list(batches), device=device)  # one packed row per member
+        together.rows(row_ids)
+        sums, counts = packed_row_losses(model, list(batches.values()), tokenizer.pad_token_id, device)
+    else:
+        row_ids = torch.tensor([k for k, batch in batches.items() for _ in batch], device=device)
+        together.rows(row_ids)
+        examples = [e for batch in batches.values() for e in batch]
+        batch = {key: value.to(device) for key, value in collate(examples, tokenizer.pad_token_id).items()}
+        sums, counts = row_losses(model, batch)
+    per_member = torch.zeros(len(members), device=device).index_add(0, row_ids, sums.float())
     counted = torch.zeros(len(members), device=device).index_add(0, row_ids, counts.float())
     mean = per_member / counted  # 0/0 = NaN: a member's batch with no answer token
     values = mean.tolist()
