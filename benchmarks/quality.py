@@ -188,7 +188,9 @@ def run_in_workers(rows: list[dict], args) -> None:
     """rows dealt round-robin to args.workers processes of this script (`work`), each into its own results
     files, merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
     finished) and when they are done; a worker that failed stops the sweep after the merge, loudly."""
-    folder = Path(tempfile.mkdtemp(prefix="quality-workers-", dir=args.out.parent))
+    folder = Path(
+        tempfile.mkdtemp(prefix="quality-workers-")
+    )  # not beside --out: a GPU run's $OUT takes 8 files
     procs = {}
     for w in range(args.workers):
         share = rows[w :: args.workers]
