@@ -153,7 +153,9 @@ def main() -> None:
     if any(tokens[0] % k for k in counts):
         raise SystemExit(f"--tokens {args.tokens}: the rows must divide among every K of {counts}")
     measured: dict[tuple[str, int | None], dict] = {}
+    start = time.perf_counter()
     model = wrapped(base, rank, max(counts), cache)
+    print(f"{max(counts)} adapters added in {time.perf_counter() - start:.1f} s", flush=True)
     try:
         for turn in range(args.rounds):
             for mode in args.modes.split(","):

@@ -12,16 +12,23 @@ from .weights import is_linear, linear_shape
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer by its module name; a SpectralLinear counts as one (its insides do not)."""
-    layers, wrapped = {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in wrapped):
-            continue
+    """Every linear layer by its module name, in named_modules() order; a SpectralLinear counts as one and
+    is not walked into (its adapters, thousands of modules in a model with many, are not layers)."""
+    layers, seen = {}, set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in seen:  # a module reached twice counts once, as in named_modules()
+            return
+        seen.add(id(module))
+        if isinstance(module, SpectralLinear) or is_linear(module):
+            layers[name] = module
         if isinstance(module, SpectralLinear):
-            wrapped.append(name)
-            layers[name] = module
-        elif is_linear(module):
-            layers[name] = module
+            return
+        for child_name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
     return layers
 
 

@@ -118,8 +118,8 @@ class SigmaModel(nn.Module):
             raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         for layer in self.spectral_layers().values():
             layer.set_adapter(adapter_name if adapter_name in layer.sigma_adapters else None)
-        self.active_adapter = adapter_name
-        self._refresh_trainable()
+        previous, self.active_adapter = self.active_adapter, adapter_name
+        self._refresh_trainable({previous, adapter_name} - {None})
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left without any adapter get their original module back."""
@@ -155,7 +155,7 @@ class SigmaModel(nn.Module):
             layer.disabled_kernels = self._disabled_kernels
 
     def spectral_layers(self) -> dict[str, SpectralLinear]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLinear)}
+        return {n: m for n, m in linear_layers(self.base_model).items() if isinstance(m, SpectralLinear)}
 
     # ---- parameters -------------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class SigmaModel(nn.Module):
         exchange.reader(source)(self, model_id, adapter_name, full_precision_state_dict, basis_config)
         if not is_trainable:
             self._frozen_adapters.add(adapter_name)
-        self._refresh_trainable()
+        self._refresh_trainable({adapter_name})
 
     @classmethod
     def from_eigentune(cls, model: nn.Module, path: str | Path, **options) -> SigmaModel:
@@ -366,13 +366,15 @@ class SigmaModel(nn.Module):
             self._unwrap_empty()
             raise
         self.peft_config[adapter_name] = config
-        self._refresh_trainable()
+        self._refresh_trainable({adapter_name})
 
-    def _refresh_trainable(self) -> None:
+    def _refresh_trainable(self, names: set[str]) -> None:
+        """The named adapters' vectors train if active and not loaded for inference (only those names: a
+        model with many adapters adds one in time independent of how many it has)."""
         for layer in self.spectral_layers().values():
-            for name, adapter in layer.sigma_adapters.items():
+            for name in names & layer.sigma_adapters.keys():
                 train = name == self.active_adapter and name not in self._frozen_adapters
-                adapter.vector.requires_grad_(train)
+                layer.sigma_adapters[name].vector.requires_grad_(train)
 
     def _float_dtype(self) -> torch.dtype | None:
         """The dtype of the base model's float parameters (embeddings, norms): what a quantized layer
