@@ -54,9 +54,12 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     trainable = sigma_model.get_nb_trainable_parameters()[0]
     log(f"{len(members)} adapters of {trainable:,} trainable numbers each, trained together")
     clock.lap("bases")
-    before = {
-        m.name: base_score(sigma_model, tokenizer, m.task, m.settings, device, dtype, False) for m in members
-    }
+    scored = {}  # the base model's score, once per task and split
+    for m in members:
+        key = (id(m.task), m.settings.max_length)
+        if key not in scored:
+            scored[key] = base_score(sigma_model, tokenizer, m.task, m.settings, device, dtype, packed)
+    before = {m.name: scored[id(m.task), m.settings.max_length] for m in members}
     clock.lap("score before")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
     if resumed is not None:
