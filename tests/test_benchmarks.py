@@ -31,6 +31,7 @@ KERNEL = ["--device", "cpu", "--d", "64"]
 # folder with the inputs)
 RUNS = {
     "train_step": ("train_step", [*TRAIN, "--rows", "frozen:0,sigmatune:full", "--out", "{out}"]),
+    "train_many": ("train_many", [*TINY, "--tokens", "4x8", "--adapters", "2,4", "--warmup", "1", "--steps", "1", "--sweep", "--sweep-shape", "tiny", "--sweep-tokens", "1x8", "--sweep-steps", "1", "--out", "{out}"]),
     "profile_step": ("profile_step", [*TRAIN, "--rank", "16", "--top", "3", "--saved"]),
     "quantized": ("quantized", [*TRAIN, "--rows", "bf16:frozen:0,ao-int8:sigmatune:16", "--out", "{out}"]),
     "layer_overhead": ("layer_overhead", [*KERNEL, "--n", "32", "--rank", "16", "--calls", "1", "--repeats", "1", "--out", "{out}"]),
@@ -153,6 +154,17 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
         assert out.with_suffix(".png").stat().st_size > 0
         printed = [line for line in output.splitlines() if line.startswith('{"task"')]
         assert len(printed) == len(rows), output[-4000:]  # the second run resumed: it ran no row again
+    if run == "train_many":  # exactly the keys other tools read; each K in each mode, and the sweep
+        assert all(
+            tuple(row) == ("adapters", "rows", "mode", "step_ms", "ratio_vs_one", "device") for row in rows
+        )
+        assert {(r["adapters"], r["mode"]) for r in rows} == {
+            (2, "eager"),
+            (4, "eager"),
+            (2, "compiled"),
+            (4, "compiled"),
+            (3, "sweep"),
+        }
     if run == "before_after":  # each phase compared the two checkouts (here both this one)
         assert {row["phase"] for row in rows} == {"eager", "serve"}, output[-4000:]
 

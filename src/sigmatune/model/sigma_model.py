@@ -6,9 +6,8 @@
     model = SigmaModel.from_pretrained(base, "out")
     plain = model.merge_and_unload()   # the base model's own class, weights merged
 
-The base model is adapted in place: each target layer is replaced by a SpectralLinear that wraps
-it, and unload() puts the original layer objects back. Files in and out go through exchange.py; a
-mixed batch (every row its own adapter) is served by an AdapterBank over the model, not by it.
+The base model is adapted in place (each target layer wrapped by a SpectralLinear; unload() puts the originals
+back). Files go through exchange.py; a mixed batch is an AdapterBank's to serve, a Together block's to train.
 """
 
 from __future__ import annotations
@@ -369,8 +368,7 @@ class SigmaModel(nn.Module):
         self._refresh_trainable({adapter_name})
 
     def _refresh_trainable(self, names: set[str]) -> None:
-        """The named adapters' vectors train if active and not loaded for inference (only those names: a
-        model with many adapters adds one in time independent of how many it has)."""
+        """The named adapters' vectors train if active and not loaded for inference (only those: fast with many)."""
         for layer in self.spectral_layers().values():
             for name in names & layer.sigma_adapters.keys():
                 train = name == self.active_adapter and name not in self._frozen_adapters
