@@ -30,6 +30,7 @@ from sigmatune.training.data import load_task
 from sigmatune.training.distributed import distribute, gradient_sync, leave, split
 from sigmatune.training.evaluate import token_loss
 from sigmatune.training.loop import batch_order
+from sigmatune.training.rows_adamw import clip_rows
 from sigmatune.training.tokens import collate, encode
 
 
@@ -108,6 +109,8 @@ def main() -> None:
                 loss = mean * count / tokens * world  # ranks average gradients: × world gives the global mean
                 loss.backward()
                 total += float(loss.detach()) / world
+        if together is not None:
+            clip_rows(params, 1.0)  # each adapter clipped by its own gradient norm (rows sharded under FSDP2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # each rank holds its share of the global mean

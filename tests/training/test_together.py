@@ -103,6 +103,35 @@ def test_adapters_of_different_configs_or_a_missing_forward_are_refused():
             together.rows(torch.tensor([0, 2]))
 
 
+def test_adapters_of_other_layers_are_refused_in_either_order_and_a_failed_entry_leaves_nothing_behind():
+    model = get_sigma_model(tiny_llama(), SigmaConfig(rank=4, target_modules=["q_proj"]), "q")
+    model.add_adapter("qv", SigmaConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    for names in (["q", "qv"], ["qv", "q"]):
+        with pytest.raises(ValueError, match=r"adapts layer .*v_proj.* does not"):
+            Together(model, names)
+    model.add_adapter("q2", SigmaConfig(rank=4, target_modules=["q_proj"]))
+    model.add_adapter("qv2", SigmaConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    with Together(model, ["qv", "qv2"]):  # an outer block holds the q and v layers
+        with pytest.raises(ValueError, match="already trains adapters together"):
+            Together(model, ["q", "q2"]).__enter__()
+        for layer in model.spectral_layers().values():  # the inner block undid what it had done
+            assert all(not callable(getattr(a, "vector", None)) for a in layer.sigma_adapters.values())
+            assert "q" not in layer.sigma_adapters or layer.sigma_adapters["q"].vector._base is None
+    assert all(not hasattr(layer, "sigma_bank") for layer in model.spectral_layers().values())
+
+
+def test_after_the_block_only_the_active_adapter_trains():
+    model = three_adapters(CONFIGS["diagonal"])
+    model.set_adapter("a")
+    with Together(model, list("abc")):
+        model.set_adapter("b")  # inside the block: takes effect after it
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".sigma_adapters.b." in n for n in trainable)
+    model.set_adapter("c")
+    assert all(".sigma_adapters.c." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert model.training_together is None
+
+
 # ---- whole runs ---------------------------------------------------------------------------------------
 
 

@@ -100,6 +100,10 @@ def test_a_manifest_trains_one_adapter_per_line_and_a_failing_one_stops_alone(
         ('{"name": "a", "data": "parity.jsonl", "rank": 4}', "cannot differ between adapters"),
         ('{"name": "a", "data": "parity.jsonl", "steps": 99}', "raise --steps"),
         ("not json", "not JSON"),
+        ('{"name": "a", "data": "parity.jsonl", "warmup": "0.1"}', "warmup is '0.1', not a float"),
+        ('{"name": "a", "data": "parity.jsonl", "seed": "3"}', "seed is '3', not a int"),
+        ('{"name": "a", "data": "parity.jsonl", "lr": "0.1"}', "is not one learning rate"),
+        ('{"name": "a", "data": 7}', "is not a file name"),
     ],
 )
 def test_a_bad_manifest_line_is_refused_by_name(workspace, tmp_path, capsys, line, message):
@@ -111,6 +115,42 @@ def test_a_bad_manifest_line_is_refused_by_name(workspace, tmp_path, capsys, lin
 
 
 def test_sweep_values_are_checked(tmp_path, capsys):
-    for lrs, message in (("0.1,0.1", "at least two different"), ("0.1,x", "at least two different")):
+    for lrs, message in (("0.1,0.1", "at least two different"), ("0.1,x", "at least two different"),
+                         ("0.001,0.0010000001", "first 6 digits")):  # fmt: skip
         assert main(["train", "--lr", lrs, "--output-dir", str(tmp_path)]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_a_manifest_job_resumes_only_with_the_same_adapters_and_settings(workspace, tmp_path, monkeypatch):
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    lines = [
+        {"name": "a", "data": str(workspace / "parity.jsonl"), "lr": 0.1},
+        {"name": "b", "data": str(workspace / "next.jsonl")},
+    ]
+    write = lambda: manifest.write_text("\n".join(json.dumps(line) for line in lines))  # noqa: E731
+    write()
+    real, calls = together_loop.row_losses, [0]
+
+    def crash_at_step_6(*args):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    options = ["--manifest", str(manifest), "--save-every", "4", "--no-packing", "--lr", "0.05"]
+    common = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "parity.jsonl"), "--rank", "full", "--steps", "12", "--heldout", "20",
+              "--eval-accuracy", "5", "--output-dir", str(out), *options]  # fmt: skip
+    monkeypatch.setattr(together_loop, "row_losses", crash_at_step_6)
+    assert main(common) == 130  # interrupted after the checkpoint of step 4
+    monkeypatch.undo()
+    lines[0]["lr"] = 0.001  # an edited manifest: refused
+    write()
+    assert main([*common, "--resume"]) == 1
+    lines[0]["lr"] = 0.1
+    write()
+    summary = train(workspace, out, *options, "--resume")
+    straight = train(workspace, tmp_path / "straight", *options)
+    assert summary["resumed_from_step"] == 4
+    assert {n: a["loss_history"] for n, a in summary["adapters"].items()} == {
+        n: a["loss_history"] for n, a in straight["adapters"].items()
+    }

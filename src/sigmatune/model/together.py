@@ -14,8 +14,10 @@ so the backward accumulates each adapter's gradient from its own rows (the gathe
 scatter-add over ids: no loop over adapters), and a sum of per-adapter losses gives every adapter the
 gradient of its own loss: K adapters trained together are each trained alone on their rows.
 
-Each adapter's vector stays a view of its row of C while they train together, so saving or scoring one
-adapter then (set_adapter, save_pretrained) sees its current values; at the end each gets its own copy back.
+Each adapter's vector stays a view of its row of C while they train together, so saving one adapter then
+(save_pretrained) writes its current values; at the end each gets its own copy back. Inside the block every
+forward routes rows by the last ids given (rows(), or the adapter_ids of the call): to score one adapter
+alone, leave the block (or give all rows its index).
 C is a parameter of its layer (`sigma_bank`), so model.parameters() — an optimizer, DDP — finds it.
 """
 
@@ -45,40 +47,53 @@ class Together:
         if missing:
             raise KeyError(f"no adapter {missing[0]!r} in this model (have: {list(model.peft_config)})")
         self.model, self.names = model, list(names)
-        self.layers: dict[str, SpectralLinear] = {
-            name: layer for name, layer in model.spectral_layers().items() if names[0] in layer.sigma_adapters
-        }
-        for name, layer in self.layers.items():
-            _check_alike(name, layer, self.names)
+        self.layers: dict[str, SpectralLinear] = {}
+        for name, layer in model.spectral_layers().items():
+            present = [n for n in names if n in layer.sigma_adapters]
+            if present and len(present) < len(names):
+                absent = next(n for n in names if n not in layer.sigma_adapters)
+                raise ValueError(
+                    f"adapter {present[0]!r} adapts layer {name!r} and {absent!r} does not: only adapters of "
+                    "one config (rank, structure, band, update, targets) train together"
+                )
+            if present:
+                _check_alike(name, layer, self.names)
+                self.layers[name] = layer
         self._ids: torch.Tensor | None = None
-        self._trainable: dict[tuple[str, str], bool] = {}  # (layer, adapter) → its requires_grad before
+        self._entered: list[str] = []  # the layers whose adapters are stacked now
 
     def __enter__(self) -> Together:
-        for name, layer in self.layers.items():
-            adapters = [layer.sigma_adapters[n] for n in self.names]
-            if hasattr(layer, BANK):
-                raise ValueError(f"layer {name!r} already trains adapters together; leave that block first")
-            for n, adapter in zip(self.names, adapters, strict=True):
-                self._trainable[name, n] = adapter.vector.requires_grad
-            bank = nn.Parameter(torch.stack([a.vector.detach() for a in adapters]))  # (K, *shape)
-            layer.register_parameter(BANK, bank)
-            for k, adapter in enumerate(adapters):  # a view of row k: shares its storage
-                adapter.vector = nn.Parameter(bank.data[k], requires_grad=False)
-            layer.serve_rows(_Rows(self, layer, adapters[0]))
+        try:
+            for name, layer in self.layers.items():
+                if hasattr(layer, BANK):
+                    raise ValueError(
+                        f"layer {name!r} already trains adapters together; leave that block first"
+                    )
+                adapters = [layer.sigma_adapters[n] for n in self.names]
+                bank = nn.Parameter(torch.stack([a.vector.detach() for a in adapters]))  # (K, *shape)
+                layer.register_parameter(BANK, bank)
+                self._entered.append(name)
+                for k, adapter in enumerate(adapters):  # a view of row k: shares its storage
+                    adapter.vector = nn.Parameter(bank.data[k], requires_grad=False)
+                layer.serve_rows(_Rows(self, layer, adapters[0]))
+        except BaseException:
+            self.__exit__()  # the layers stacked so far get their adapters back
+            raise
         self.model.training_together = self  # model(..., adapter_ids=ids) calls rows(ids) (forward.py)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, layer in self.layers.items():
+        for name in self._entered:
+            layer = self.layers[name]
             layer.serve_rows(None)
             bank = getattr(layer, BANK).detach()
             bank = bank.full_tensor() if hasattr(bank, "full_tensor") else bank  # FSDP2 shards its rows
             for k, n in enumerate(self.names):
-                copy = bank[k].clone()
-                layer.sigma_adapters[n].vector = nn.Parameter(copy, requires_grad=self._trainable[name, n])
+                layer.sigma_adapters[n].vector = nn.Parameter(bank[k].clone())
             delattr(layer, BANK)
-        self._ids = None
+        self._entered, self._ids = [], None
         self.model.training_together = None
+        self.model._refresh_trainable(set(self.names))  # the active adapter trains, as before the block
 
     def rows(self, ids) -> None:
         """The adapter of each batch row for the next forwards: ids (B,) indices into self.names, or the

@@ -8,8 +8,9 @@ example's adapter into the batch.
         trainer.train()
 
 The batch's `adapter_ids` reach SigmaModel.forward, which routes every row through its own adapter. With the
-Trainer's own AdamW all adapters share one learning rate and one gradient clip (max_grad_norm over all of
-them); RowsAdamW and clip_rows give each its own, as `sigmatune train --lr a,b,c` does.
+Trainer's own AdamW all adapters share one learning rate; RowsAdamW gives each its own. The Trainer's loss is
+the mean over the whole mixed batch and max_grad_norm clips all adapters together; together_loop.py (what
+`sigmatune train --lr a,b,c` runs) gives each adapter its own rows' mean loss and its own clip.
 """
 
 from __future__ import annotations

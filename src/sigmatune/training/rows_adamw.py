@@ -55,7 +55,7 @@ def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
         return torch.zeros(0)
-    squares = sum(_local(g).double().square().reshape(len(_local(g)), -1).sum(dim=1) for g in grads)
+    squares = sum(_local(g).double().square().flatten(1).sum(dim=1) for g in grads)  # this process's rows
     norms = _all_rows(squares, grads[0]).sqrt()  # (K,)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
@@ -89,4 +89,7 @@ def _all_rows(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return local
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, like.device_mesh, like.placements).full_tensor()
+    rows = like.shape[0]  # shards may be uneven (K not a multiple of the processes), some even empty
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=(rows,), stride=(1,)
+    ).full_tensor()

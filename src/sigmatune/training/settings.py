@@ -111,10 +111,12 @@ class TrainSettings:
             rates = [float(part) for part in self.lr.split(",")]
         except ValueError:
             rates = []
-        if len(rates) < 2 or len(set(rates)) < len(rates) or not all(0 < r < 10 for r in rates):
+        distinct = len({f"{r:g}" for r in rates}) == len(rates)  # each names an adapter (lr_<rate>)
+        if len(rates) < 2 or not distinct or not all(0 < r < 10 for r in rates):
             raise ValueError(
                 f"lr must be a learning rate, 'auto', or at least two different ones separated by commas "
-                f"(a sweep, e.g. 3e-3,1e-2,3e-2), each positive and below 10; got {self.lr!r}"
+                f"(a sweep, e.g. 3e-3,1e-2,3e-2; different in their first 6 digits), each positive and below 10; "
+                f"got {self.lr!r}"
             )
         return rates
 

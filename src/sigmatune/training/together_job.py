@@ -28,8 +28,8 @@ from ..model.sigma_model import get_sigma_model
 from .data import load_task
 from .loop import log, use_packing
 from .scores import base_score, format_score, score
-from .settings import TrainSettings
-from .setup import Phases, prepared
+from .settings import TRAJECTORY, TrainSettings, from_record
+from .setup import Phases, fit_to_model, prepared
 from .summary import SUMMARY_NAME
 from .together_loop import Member, fit_together
 from .tokens import encode
@@ -40,9 +40,16 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name anywhere, 
 
 def train(settings: TrainSettings, config, clock: Phases) -> dict:
     """The sweep or the manifest job, end to end (see the module docstring); returns the job's summary."""
+    if settings.manifest:  # one spelling of its path, whatever the folder a resumed run starts in
+        settings = dataclasses.replace(settings, manifest=str(Path(settings.manifest).expanduser().resolve()))
     entries = read_manifest(settings) if settings.manifest else None  # bad lines fail before any loading
     settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
-    members = _manifest_members(settings, entries) if entries else _sweep_members(settings)
+    if entries:
+        members = _manifest_members(settings, entries, lambda s: fit_to_model(model, s, device))
+    else:
+        members = _sweep_members(settings)
+    if resumed is not None:
+        _check_same_members(resumed, members)
     clock.lap("model and data")
     sigma_model = get_sigma_model(model, config, members[0].name)
     for member in members[1:]:
@@ -131,18 +138,12 @@ def _sweep_members(settings: TrainSettings) -> list[Member]:
     ]
 
 
-def _manifest_members(settings: TrainSettings, entries: list[dict]) -> list[Member]:
+def _manifest_members(settings: TrainSettings, entries: list[dict], fitted) -> list[Member]:
+    """One member per manifest entry: the job's settings with the entry's own, fitted to the model."""
     members = []
     for entry in entries:
         own = {key: entry[key] for key in MEMBER_SETTINGS if key in entry}
-        if own.get("steps", 0) > settings.steps:
-            raise ValueError(
-                f"{settings.manifest}: adapter {entry['name']!r} asks for {own['steps']} steps, more than the "
-                f"job's --steps {settings.steps}: raise --steps (the most any adapter takes)"
-            )
-        member_settings = dataclasses.replace(settings, data=entry["data"], manifest="", **own)
-        if member_settings.lr == "auto" or isinstance(member_settings.lr, str):
-            raise ValueError(f"{settings.manifest}: adapter {entry['name']!r} needs one learning rate")
+        member_settings = fitted(dataclasses.replace(settings, data=entry["data"], manifest="", **own))
         task = load_task(member_settings.data, member_settings.heldout, member_settings.seed)
         log(
             f"{entry['name']}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
@@ -180,13 +181,51 @@ def read_manifest(settings: TrainSettings) -> list[dict]:
                 f"{where}: name {entry['name']!r} must be unique, of letters, digits, '_' and '-'"
             )
         names.add(entry["name"])
-        data = Path(str(entry["data"])).expanduser()
-        entry["data"] = str(data if data.is_absolute() or ":" in str(data) else path.parent / data)
-        dataclasses.replace(settings, **{k: entry[k] for k in MEMBER_SETTINGS if k in entry})  # checked here
+        if not isinstance(entry["data"], str):
+            raise ValueError(f"{where}: data {entry['data']!r:.60} is not a file name or a bigbench: task")
+        data = Path(entry["data"]).expanduser()
+        entry["data"] = str(data if data.is_absolute() or ":" in entry["data"] else path.parent / data)
+        _check_entry(settings, entry, where)
         entries.append(entry)
     if not entries:
         raise ValueError(f"--manifest {path} lists no adapter")
     return entries
+
+
+def _check_entry(settings: TrainSettings, entry: dict, where: str) -> None:
+    """An entry's own settings: each of its setting's type (as a summary's are read) and range, one
+    learning rate, no more steps than the job's."""
+    own = {key: entry[key] for key in MEMBER_SETTINGS if key in entry}
+    if isinstance(own.get("lr"), str):
+        raise ValueError(f"{where}: lr {own['lr']!r} is not one learning rate (a number)")
+    try:
+        from_record({**dataclasses.asdict(settings), **own, "manifest": ""})
+    except ValueError as err:
+        raise ValueError(f"{where}: {str(err).removeprefix('settings.')}") from None
+    if own.get("steps", 0) > settings.steps:
+        raise ValueError(
+            f"{where}: adapter {entry['name']!r} asks for {own['steps']} steps, more than the job's --steps "
+            f"{settings.steps}: raise --steps (the most any adapter takes)"
+        )
+
+
+def _check_same_members(resumed, members: list[Member]) -> None:
+    """A resumed run trains the same adapters with the same settings, each (the job's were checked)."""
+    saved = resumed.settings.get("adapters", {})
+    if not isinstance(saved, dict) or set(saved) != {m.name for m in members}:
+        raise ValueError(
+            f"--resume: the checkpoint trained the adapters {sorted(saved)}, not {[m.name for m in members]}; "
+            "resume with the same manifest or learning rates"
+        )
+    for member in members:
+        before = saved[member.name].get("settings", {}) if isinstance(saved[member.name], dict) else {}
+        now = dataclasses.asdict(member.settings)
+        differ = [f"{f} {before.get(f)!r} → {now[f]!r}" for f in TRAJECTORY if before.get(f) != now[f]]
+        if differ:
+            raise ValueError(
+                f"--resume: adapter {member.name!r} was trained with other settings ({'; '.join(differ)}); "
+                "resume with the same manifest"
+            )
 
 
 def _save(sigma_model, name: str, directory: Path, summary: dict) -> None:
