@@ -109,15 +109,18 @@ def test_adapters_of_other_layers_are_refused_in_either_order_and_a_failed_entry
     for names in (["q", "qv"], ["qv", "q"]):
         with pytest.raises(ValueError, match=r"adapts layer .*v_proj.* does not"):
             Together(model, names)
-    model.add_adapter("q2", SigmaConfig(rank=4, target_modules=["q_proj"]))
-    model.add_adapter("qv2", SigmaConfig(rank=4, target_modules=["q_proj", "v_proj"]))
-    with Together(model, ["qv", "qv2"]):  # an outer block holds the q and v layers
+    for name, targets in (("v", ["v_proj"]), ("v2", ["v_proj"]), ("qv2", ["q_proj", "v_proj"])):
+        model.add_adapter(name, SigmaConfig(rank=4, target_modules=targets))
+    layers = model.spectral_layers()
+    with Together(model, ["v", "v2"]):  # an outer block holds the v layers
+        inner = Together(model, ["qv", "qv2"])  # stacks layer 0's q, then fails at its v
         with pytest.raises(ValueError, match="already trains adapters together"):
-            Together(model, ["q", "q2"]).__enter__()
-        for layer in model.spectral_layers().values():  # the inner block undid what it had done
-            assert all(not callable(getattr(a, "vector", None)) for a in layer.sigma_adapters.values())
-            assert "q" not in layer.sigma_adapters or layer.sigma_adapters["q"].vector._base is None
-    assert all(not hasattr(layer, "sigma_bank") for layer in model.spectral_layers().values())
+            inner.__enter__()
+        q0 = layers["model.layers.0.self_attn.q_proj"]
+        assert not hasattr(q0, "sigma_bank") and q0._row_scales is None  # undone
+        assert q0.sigma_adapters["qv"].vector._base is None  # its own tensor again, not a view of a bank
+        assert hasattr(layers["model.layers.0.self_attn.v_proj"], "sigma_bank")  # the outer block's, kept
+    assert all(not hasattr(layer, "sigma_bank") for layer in layers.values())
 
 
 def test_after_the_block_only_the_active_adapter_trains():

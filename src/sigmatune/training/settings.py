@@ -39,9 +39,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = (
-        "auto"  # peak learning rate, "auto" (1e-2 diagonal, 3e-3 band), or "a,b,c": one adapter per lr trained together, the best kept
-    )
+    lr: float | str = "auto"  # peak lr, "auto" (1e-2 diagonal, 3e-3 band), or "a,b,c": a sweep, best kept
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
