@@ -28,24 +28,39 @@ class RowsAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every tensor that has a gradient, as torch's foreach AdamW takes it: a few launches
+        over all of them (many small kernels would cost more than the math), then the per-row step sizes."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self._state_of(p) for p in params]
+            grads = [p.grad for p in params]
+            ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            for state in states:
                 state["step"] += 1
-                step = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = group["lr"] * self.scales / (1 - beta1**step)  # (K,)
-                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-                p.sub_((m / denom) * _per_row(step_size, p))
+            steps = [float(state["step"]) for state in states]
+            torch._foreach_lerp_(ms, grads, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+            denoms = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
+            torch._foreach_add_(denoms, group["eps"])
+            updates = torch._foreach_div(ms, denoms)
+            kinds = [(step, p.dtype, p.dim()) for p, step in zip(params, steps, strict=True)]
+            sizes = {}  # the per-row step sizes (K, 1, …), once per kind of tensor
+            for kind, p in zip(kinds, params, strict=True):
+                if kind not in sizes:
+                    sizes[kind] = _per_row(group["lr"] * self.scales / (1 - beta1 ** kind[0]), p)
+            torch._foreach_mul_(updates, [sizes[kind] for kind in kinds])
+            torch._foreach_sub_(params, updates)
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
 
 
 def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -58,8 +73,11 @@ def clip_rows(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     squares = sum(_local(g).double().square().flatten(1).sum(dim=1) for g in grads)  # this process's rows
     norms = _all_rows(squares, grads[0]).sqrt()  # (K,)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    rows: dict[tuple, torch.Tensor] = {}
     for g in grads:
-        g.mul_(_per_row(factor, g))
+        if (g.dtype, g.dim()) not in rows:
+            rows[g.dtype, g.dim()] = _per_row(factor, g)  # (K, 1, …): once per kind of tensor
+    torch._foreach_mul_(grads, [rows[g.dtype, g.dim()] for g in grads])
     return norms
 
 
