@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sigmatune.training.loop as loop
+import sigmatune.training.together_loop as together_loop
 from sigmatune import SigmaConfig, get_sigma_model
 from sigmatune.formats import checkpoint
 from sigmatune.hub.loading import load_model
@@ -217,21 +218,24 @@ def test_a_member_whose_data_gives_nan_stops_alone_and_the_others_finish(chat):
             torch.testing.assert_close(together[member.name][layer], vector, rtol=1e-9, atol=1e-11)
 
 
-def test_a_run_cut_short_resumes_to_the_uninterrupted_result(chat, tmp_path, monkeypatch):
-    import sigmatune.training.together_loop as together_loop
-
-    members = members_of(chat[0], "band", lrs=(0.05, 0.02, 0.1), seeds=(0, 1, 2))
-    members = [Member(m.name, m.task, dataclasses.replace(m.settings, save_every=2)) for m in members]
-    whole, expected = trained_together(chat, CONFIGS["band"], members)
+def crash_at_call(monkeypatch, call: int) -> None:
+    """Interrupt a run (KeyboardInterrupt) at its call-th padded loss: step `call` of a run without packing."""
     real, calls = together_loop.row_losses, [0]
 
-    def crash_at_step_4(*args):
+    def row_losses(*args):
         calls[0] += 1
-        if calls[0] == 4:
+        if calls[0] == call:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(together_loop, "row_losses", crash_at_step_4)
+    monkeypatch.setattr(together_loop, "row_losses", row_losses)
+
+
+def test_a_run_cut_short_resumes_to_the_uninterrupted_result(chat, tmp_path, monkeypatch):
+    members = members_of(chat[0], "band", lrs=(0.05, 0.02, 0.1), seeds=(0, 1, 2))
+    members = [Member(m.name, m.task, dataclasses.replace(m.settings, save_every=2)) for m in members]
+    whole, expected = trained_together(chat, CONFIGS["band"], members)
+    crash_at_call(monkeypatch, 4)
     path = tmp_path / checkpoint.CHECKPOINT_NAME
     with pytest.raises(KeyboardInterrupt):
         trained_together(chat, CONFIGS["band"], members, path=path)

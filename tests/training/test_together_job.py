@@ -14,6 +14,7 @@ from sigmatune.cli import main
 from sigmatune.hub.loading import load_model
 from sigmatune.training.job import SUMMARY_NAME
 from tests.models import save_tiny_chat_model
+from tests.training.test_together import crash_at_call
 
 PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(120)]
 NEXT = [{"input": f"What follows {n}?", "output": str(n + 1)} for n in range(120)]
@@ -129,18 +130,10 @@ def test_a_manifest_job_resumes_only_with_the_same_adapters_and_settings(workspa
     ]
     write = lambda: manifest.write_text("\n".join(json.dumps(line) for line in lines))  # noqa: E731
     write()
-    real, calls = together_loop.row_losses, [0]
-
-    def crash_at_step_6(*args):
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt
-        return real(*args)
-
     options = ["--manifest", str(manifest), "--save-every", "4", "--no-packing", "--lr", "0.05"]
     common = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "parity.jsonl"), "--rank", "full", "--steps", "12", "--heldout", "20",
               "--eval-accuracy", "5", "--output-dir", str(out), *options]  # fmt: skip
-    monkeypatch.setattr(together_loop, "row_losses", crash_at_step_6)
+    crash_at_call(monkeypatch, 6)
     assert main(common) == 130  # interrupted after the checkpoint of step 4
     monkeypatch.undo()
     lines[0]["lr"] = 0.001  # an edited manifest: refused
