@@ -60,6 +60,7 @@ SIGMATUNE = [
     sigmatune("full", "band", 1),
     sigmatune("full", "band", 16),
     sigmatune(32, "dense"),
+    sigmatune("full", "diag_rank1"),  # an experiment (issue 40): the diagonal plus a rank-1 term
 ]
 RANKED = {
     "lora",

@@ -27,7 +27,8 @@ LEARNING_RATES = {
     "diagonal": 1e-2,
     "band": 3e-3,
     "dense": 3e-3,
-}  # lr "auto": the sweep's best (dense: not swept, the band's)
+    "diag_rank1": 3e-3,
+}  # lr "auto": the sweep's best (dense, diag_rank1: not swept, the band's)
 
 
 @dataclass
