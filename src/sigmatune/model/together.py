@@ -120,7 +120,7 @@ class _Rows:
     stored columns, gathered per batch row (forward_rows)."""
 
     def __init__(self, together: Together, layer: SpectralLinear, adapter):
-        self.together, self.rule, self.positions = together, adapter.rule, adapter.positions
+        self.together, self.rule = together, adapter.rule
         self.sigma = layer.sigma_at(adapter.positions)  # (r,)
         self.target, self.source, shape = _placement(adapter, layer.stored_rank)
         self.shape = shape  # one adapter's coefficients over the stored columns
@@ -161,9 +161,7 @@ def _spread(scales: torch.Tensor, target, source, shape) -> torch.Tensor:
 def _check_alike(layer_name: str, layer: SpectralLinear, names: list[str]) -> None:
     """Adapters train together in one layer only with the same directions, structure and update rule."""
     first = layer.sigma_adapters[names[0]]
-    for name in names[1:]:
-        if name not in layer.sigma_adapters:
-            raise ValueError(f"adapter {name!r} does not adapt layer {layer_name!r} as {names[0]!r} does")
+    for name in names[1:]:  # each adapts this layer (Together's __init__ checked)
         other = layer.sigma_adapters[name]
         differs = (
             "directions" if not torch.equal(other.indices, first.indices) else

@@ -60,6 +60,15 @@ class Task:
     heldout: list[Example]
     source: str  # where the data came from, and its license
 
+    def described(self) -> str:
+        """What a job says of the task it loaded."""
+        return f"{len(self.train)} train / {len(self.heldout)} held-out examples from {self.source}"
+
+    def record(self) -> dict:
+        """The task as training_summary.json records it."""
+        return dict(name=self.name, source=self.source, instruction=self.instruction, train=len(self.train),
+                    heldout=len(self.heldout))  # fmt: skip
+
 
 def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
     """A task by spec: "bigbench:<task>[/<subtask>]", or a path to a .jsonl/.json/.csv/.txt file."""

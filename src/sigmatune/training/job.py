@@ -46,9 +46,7 @@ def train(settings: TrainSettings, setup_seconds: float | None = None) -> dict:
 def _train(settings: TrainSettings, config, clock: Phases) -> dict:
     settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
     task = load_task(settings.data, settings.heldout, settings.seed)
-    log(
-        f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
-    )
+    log(f"task {task.name}: {task.described()}")
     clock.lap("model and data")
     sigma_model = get_sigma_model(model, config)
     sigma_model.print_trainable_parameters()
@@ -76,13 +74,7 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
     clock.lap("saving")
     summary = {
         "settings": dataclasses.asdict(settings),
-        "task": {
-            "name": task.name,
-            "source": task.source,
-            "instruction": task.instruction,
-            "train": len(task.train),
-            "heldout": len(task.heldout),
-        },
+        "task": task.record(),
         "device": str(device),
         "trainable_parameters": sigma_model.get_nb_trainable_parameters()[0],
         "before": dataclasses.asdict(before),

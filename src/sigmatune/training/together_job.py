@@ -92,7 +92,7 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
         """What the one-adapter job records, for one member."""
         return {
             "settings": dataclasses.asdict(member.settings),
-            "task": _task_record(member.task),
+            "task": member.task.record(),
             "device": str(device),
             "trainable_parameters": trainable,
             "before": dataclasses.asdict(before[member.name]),
@@ -129,9 +129,7 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
 
 def _sweep_members(settings: TrainSettings) -> list[Member]:
     task = load_task(settings.data, settings.heldout, settings.seed)
-    log(
-        f"task {task.name}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
-    )
+    log(f"task {task.name}: {task.described()}")
     return [
         Member(f"lr_{lr:g}".replace(".", "p"), task, dataclasses.replace(settings, lr=lr, manifest=""))
         for lr in settings.lr_candidates()
@@ -145,9 +143,7 @@ def _manifest_members(settings: TrainSettings, entries: list[dict], fitted) -> l
         own = {key: entry[key] for key in MEMBER_SETTINGS if key in entry}
         member_settings = fitted(dataclasses.replace(settings, data=entry["data"], manifest="", **own))
         task = load_task(member_settings.data, member_settings.heldout, member_settings.seed)
-        log(
-            f"{entry['name']}: {len(task.train)} train / {len(task.heldout)} held-out examples from {task.source}"
-        )
+        log(f"{entry['name']}: {task.described()}")
         members.append(Member(entry["name"], task, member_settings))
     return members
 
@@ -234,16 +230,6 @@ def _save(sigma_model, name: str, directory: Path, summary: dict) -> None:
     write_adapter(directory, record)
     atomic_write_json(directory / SUMMARY_NAME, summary)
     write_model_card(directory, record, summary)
-
-
-def _task_record(task) -> dict:
-    return {
-        "name": task.name,
-        "source": task.source,
-        "instruction": task.instruction,
-        "train": len(task.train),
-        "heldout": len(task.heldout),
-    }
 
 
 def _print_table(records: dict) -> None:

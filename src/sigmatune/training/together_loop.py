@@ -106,10 +106,11 @@ def fit_together(
             optimizer.scales = _learning_rates(members, active, outcome, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            finite = _finite_rows(banks)  # (K,): one check of every bank, not one per member and bank
             for k in active:
                 if members[k].name in outcome.failed:
                     continue
-                if not all(torch.isfinite(bank[k]).all() for bank in banks):
+                if not finite[k]:
                     _fail(outcome, members[k], f"a trained value became NaN or Inf at step {step}", banks, k)
                 else:
                     outcome.histories[members[k].name].append(round(losses[k], 4))
@@ -157,6 +158,15 @@ def _backward(
     for k in active:
         losses[k] = values[k]
     return losses
+
+
+def _finite_rows(banks) -> list[bool]:
+    """Whether each row (adapter) holds finite values in every bank."""
+    return (
+        torch.stack([torch.isfinite(bank.detach()).flatten(1).all(dim=1) for bank in banks])
+        .all(dim=0)
+        .tolist()
+    )
 
 
 def _learning_rates(members, active, outcome, step) -> torch.Tensor:
