@@ -106,14 +106,15 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     if entries:
         for name in after:
             _save(sigma_model, name, out / name, records[name])
+            atomic_write_json(out / name / SUMMARY_NAME, records[name])
         summary = {"settings": recorded, "device": str(device), "adapters": records}
     else:
         best = min(after, key=lambda name: after[name].loss)
         log(f"kept {best}: the lowest held-out loss of the {len(members)} learning rates")
         chosen = next(m for m in members if m.name == best)
         summary = {**records[best], "chosen_lr": chosen.settings.lr, "candidates": list(records.values())}
-        summary["settings"] = {**recorded, "lr": settings.lr}  # the sweep, as asked
-        _save(sigma_model, best, out, summary)
+        summary["settings"] = recorded  # the sweep, as asked
+        _save(sigma_model, best, out, summary)  # its summary, with the timings, written below
     clock.lap("saving")
     summary.update(
         train_seconds=round(train_seconds, 1),
@@ -225,10 +226,9 @@ def _check_same_members(resumed, members: list[Member]) -> None:
 
 
 def _save(sigma_model, name: str, directory: Path, summary: dict) -> None:
-    """One adapter, its training_summary.json and its model card, into directory."""
+    """One adapter and its model card (with the scores `summary` records) into directory."""
     record = record_of(sigma_model, name, False)
     write_adapter(directory, record)
-    atomic_write_json(directory / SUMMARY_NAME, summary)
     write_model_card(directory, record, summary)
 
 
