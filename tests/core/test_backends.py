@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sigmatune import SigmaConfig
+from sigmatune.core import transform as F
 from sigmatune.core.backends import BACKENDS, Call
 from sigmatune.core.structures.registry import STRUCTURES, structure_of
 from sigmatune.core.updates import update_rule
@@ -112,3 +113,53 @@ def test_the_plain_call_is_the_call_outside_autocast_and_compile(structure):
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert Call.of(a.float(), basis, coefficients, kind).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "tokens", [16, 5]
+)  # a multiple of the kernel's rows per program (interpreted), and not
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("backend", [b.name for b in BACKENDS])
+def test_every_backend_computes_rows_as_each_block_alone(backend, structure, shifted, tokens, dtype):
+    """transform_rows (adapters trained together): leading row b with its own coefficients C[b] is transform()
+    of that row with C[b] alone, by the fp64 torch reference — values, and the gradients of the input and of
+    every C[b], each from its own rows only."""
+    kind = structure_of(structure, KINDS[structure])
+    r, d, blocks = 5, 12, 3
+    generator = torch.Generator().manual_seed(7)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    basis = torch.linalg.qr(draw(d, r))[0]
+    coefficients = torch.stack([kind.initial(draw(*kind.shape(r)) * 0.3) for _ in range(blocks)])
+    a, upstream = draw(blocks, tokens, d), draw(blocks, tokens, d)
+    shift = draw(r) if shifted else None
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    call = Call.of(a[0].to(DEVICE, dtype), basis.to(DEVICE, dtype), coefficients[0], kind, rows=True)
+    if not next(b for b in BACKENDS if b.name == backend).can_run(call):
+        pytest.skip(f"{backend} cannot run {structure} rows in {dtype} here")
+    inputs = a.to(DEVICE, dtype).clone().requires_grad_(True)
+    rows = coefficients.to(DEVICE, wide).clone().requires_grad_(True)
+    with using(backend):
+        on = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+        out = F.transform_rows(inputs, basis.to(DEVICE, dtype), rows, on(shift), kind)
+        (out.double() * upstream.to(DEVICE)).sum().backward()
+    a64, c64 = a.clone().requires_grad_(True), coefficients.clone().requires_grad_(True)
+    with using("torch"):
+        expected = torch.stack(
+            [F.transform(a64[b], basis, c64[b], shift, structure=kind) for b in range(blocks)]
+        )
+    (expected * upstream).sum().backward()
+    tol = TOLERANCE[dtype]
+    relative = lambda got, want: float((got.detach().cpu().double() - want).norm() / want.norm())  # noqa: E731
+    assert relative(out, expected.detach()) < tol
+    assert relative(inputs.grad, a64.grad) < tol
+    assert relative(rows.grad, c64.grad) < 5 * tol
+    for b in range(blocks):  # each block's coefficients from its own rows: not the others' gradient
+        assert relative(rows.grad[b], c64.grad[b]) < 5 * tol
+
+
+def test_rows_refuse_a_batch_whose_rows_do_not_match_the_coefficients():
+    a, basis = torch.randn(3, 4, 8), torch.linalg.qr(torch.randn(8, 2))[0]
+    with pytest.raises(ValueError, match="3 leading rows of the input but coefficients for 2"):
+        F.transform_rows(a, basis, torch.zeros(2, 2))

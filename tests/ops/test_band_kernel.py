@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from sigmatune.core import transform as F
+from sigmatune.core.backends import named
 from sigmatune.core.structures import band
 from sigmatune.core.structures.band import valid_part
+from sigmatune.core.structures.diagonal import Diagonal
 from sigmatune.ops import band_kernel as band_kernels
 from sigmatune.ops import transform_kernel as kernels
 from sigmatune.ops.backends import using
@@ -50,6 +52,30 @@ def test_grad_matches_the_band_of_q_transpose_p(dtype, n, r, w):
     expected = band.band_grad(q.double(), p.double(), w)
     assert grad.dtype == torch.float32 and grad.shape == (2 * w + 1, r)
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-4 * n**0.5)
+
+
+@pytest.mark.parametrize("blocks, units, w", [(1, 3, 0), (3, 2, 0), (2, 5, 1)])
+def test_grad_per_block_sums_each_blocks_own_rows(blocks, units, w):
+    """tokens > 0 (adapters trained together): one gradient per block of rows, each over its rows only —
+    the row groups never straddle two blocks (5 units: a group size of 1 or 5 units, not 2)."""
+    tokens = units * band_kernels.BLOCK_N
+    p, q, _ = case(blocks * tokens, 9, w, torch.float32, seed=2)
+    grad = band_kernels.grad(q, p, w, tokens)
+    assert grad.dtype == torch.float32 and grad.shape == (blocks, 2 * w + 1, 9)
+    for b in range(blocks):
+        own = slice(b * tokens, (b + 1) * tokens)
+        expected = band.band_grad(q[own].double(), p[own].double(), w)
+        torch.testing.assert_close(grad[b].double(), expected, rtol=1e-5, atol=1e-4 * tokens**0.5)
+
+
+def test_the_gemm_path_takes_the_per_block_grad_for_a_wide_diagonal():
+    """Rows over more directions than torch's product serves (r > 256): TritonGemms' rows_grad by the kernel
+    equals the torch one."""
+    tokens, r = 2 * band_kernels.BLOCK_N, 272
+    g = torch.Generator().manual_seed(6)
+    q, p = (torch.randn(3, tokens, r, generator=g).to(DEVICE) for _ in range(2))
+    kernel = named("band").rows_grad(Diagonal(), q, p, torch.zeros(3, r, device=DEVICE))
+    torch.testing.assert_close(kernel, (q.double() * p.double()).sum(dim=1).float(), rtol=1e-5, atol=1e-4)
 
 
 def test_the_gemm_path_uses_them_and_matches_the_torch_mixes():

@@ -71,6 +71,34 @@ def test_backward_mode_reduces_dg_across_rows(dtype, n, d, r):
     torch.testing.assert_close(dg.double(), expected_dg, rtol=tol, atol=tol * n**0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks, d, r", [(1, 24, 5), (3, 40, 16), (4, 33, 20)])
+def test_rows_give_each_block_its_own_g_and_its_own_gradient(dtype, blocks, d, r):
+    """tokens > 0 (adapters trained together): each block of `tokens` rows is one call of its own g, forward
+    and backward, and dg holds one row per block, summed over that block's rows only."""
+    tokens = 2 * kernels.rows_block(r)
+    a, basis, _, shift = case(blocks * tokens, d, r, dtype, seed=3)
+    g = torch.randn(blocks, r, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out, projection, _ = kernels.fused_transform(a, basis, g, shift, transposed=True, tokens=tokens)
+    grad_a, _, dg = kernels.fused_transform(a, basis, g, saved=projection, tokens=tokens)
+    tol = TOLERANCE[dtype] * 4
+    assert dg.shape == (blocks, r) and dg.dtype == torch.float32
+    for b in range(blocks):
+        own = slice(b * tokens, (b + 1) * tokens)
+        expected, expected_projection = reference(a[own], basis, g[b], shift)
+        torch.testing.assert_close(out[own].double(), expected, rtol=tol, atol=tol)
+        expected_grad, expected_along = reference(a[own], basis, g[b])
+        torch.testing.assert_close(grad_a[own].double(), expected_grad, rtol=tol, atol=tol)
+        expected_dg = (expected_along * expected_projection).sum(0)
+        torch.testing.assert_close(dg[b].double(), expected_dg, rtol=tol, atol=tol * tokens**0.5)
+
+
+def test_rows_refuse_blocks_the_programs_do_not_tile():
+    a, basis, _, _ = case(30, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="no multiple of the kernel's"):
+        kernels.fused_transform(a, basis, torch.zeros(2, 4, device=DEVICE), tokens=15)
+
+
 def band_case(n, d, r, w, dtype, seed=0):
     a, basis, _, shift = case(n, d, r, dtype, seed)
     bands = torch.randn(2 * w + 1, r, generator=torch.Generator().manual_seed(seed + 7)) * 0.3
@@ -204,10 +232,11 @@ def test_the_cached_launch_reuses_the_compiled_kernel_only_for_the_same_speciali
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton (and its ptxas)")
 def test_the_training_transforms_launch_shapes_keep_their_tiles_in_registers():
     """The transform kernel as launch_shape launches it for every padded rank, forward and backward, a
-    diagonal and a band, compiled for sm_90 in a process without the interpreter: no spills."""
+    diagonal and a band (and a diagonal per block of rows), compiled for sm_90 in a process without the
+    interpreter: no spills."""
     cases = [
         ["transform", w, reduce, band] for w in (16, 32, 64, 128) for reduce in (0, 1) for band in (0, 2)
-    ]
+    ] + [["transform", w, reduce, 0, 1] for w in (64, 128) for reduce in (0, 1)]
     for case, (shape, spilled, report) in zip(cases, spills(cases), strict=True):
         assert spilled == 0, (case, shape, report)
 

@@ -1,11 +1,14 @@
 """The method's one op, and the backends that compute it: every fast path is one Backend in BACKENDS.
 
     transform:  out = a + ((a B − c) Mᵀ) Bᵀ        a (N, d), B (d, r), c (r,) or none, M = diag(g) or a band
+    by rows:    the same with one set of coefficients per block of N / n consecutive rows, C (n, *shape)
 
 Semantics of a Backend (checked against core/transform.py's GEMMs and the fp64 reference by
 tests/core/test_backends.py, values and gradients):
     forward_pass(a, B, C, c, S) → (out in a's dtype, saved)     C: the coefficients of structure S, fp32
     backward_pass(dout, B, C, saved, S) → (dout + ((dout B) M) Bᵀ, dC in fp32, C's shape)
+    rows=True: C (n, *shape), row i of a with C[i // (N / n)] (adapters trained together); dC (n, *shape),
+               each block's sum over its own rows only
     compiled(a, B, C, c, S) → out, one node for torch.compile, or None to let it trace the passes
     by_ops(call) → whether an eager plain nn.Linear takes four torch ops (core/linear.py) instead of one
                    autograd node around the passes
@@ -37,14 +40,21 @@ class Call(NamedTuple):
     band: int | None  # its half-width as a band: 0 for a diagonal, None where it is no band
     compiling: bool  # traced by torch.compile
     disabled: frozenset[str] = NOTHING_DISABLED  # kernels the caller turned off (ops/switches.py)
+    rows: bool = False  # one set of coefficients per block of rows (the Semantics' rows=True)
 
     @staticmethod
     def of(
-        a: torch.Tensor, basis: torch.Tensor, coefficients, structure, disabled=NOTHING_DISABLED, plain=False
+        a: torch.Tensor,
+        basis: torch.Tensor,
+        coefficients,
+        structure,
+        disabled=NOTHING_DISABLED,
+        plain=False,
+        rows=False,
     ) -> Call:
-        """The call for a (N, d), its basis (d, r) and coefficients of the structure. plain: the caller has
-        checked there is neither autocast nor a trace (core/linear.py, the eager hot path), so neither is
-        asked again."""
+        """The call for a (N, d), its basis (d, r) and coefficients of the structure (one block's, for
+        rows). plain: the caller has checked there is neither autocast nor a trace (core/linear.py, the
+        eager hot path), so neither is asked again."""
         device = "cuda" if a.is_cuda else a.device.type  # is_cuda: no torch.device made
         dtype, compiling = a.dtype, False
         if not plain:
@@ -52,7 +62,7 @@ class Call(NamedTuple):
                 dtype = torch.get_autocast_dtype(device)
             compiling = torch.compiler.is_compiling()
         band = structure.width(coefficients)
-        return Call(device, dtype, basis.shape[1], structure.name, band, compiling, disabled)
+        return Call(device, dtype, basis.shape[1], structure.name, band, compiling, disabled, rows)
 
 
 class Backend:
@@ -67,10 +77,10 @@ class Backend:
         """Whether it can compute the call at all, chosen or not (using() asks this): by default, supports."""
         return self.supports(call)
 
-    def forward_pass(self, a, basis, coefficients, shift, structure):
+    def forward_pass(self, a, basis, coefficients, shift, structure, rows=False):
         raise NotImplementedError
 
-    def backward_pass(self, grad, basis, coefficients, saved, structure):
+    def backward_pass(self, grad, basis, coefficients, saved, structure, rows=False):
         raise NotImplementedError
 
     def compiled(self, a, basis, coefficients, shift, structure):

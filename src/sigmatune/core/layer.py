@@ -226,10 +226,11 @@ class SpectralLinear(nn.Module):
         """The layer on a mixed batch by torch ops: leading row b of x with the coefficients rows[b] of
         `structure` (default: g (B, R), or bands (B, 2w+1, R), by their dimension: a serving table's)."""
         structure = structure or (Diagonal() if rows.dim() == 2 else structure_of("band", half_width(rows)))
+        basis, off = self.sigma_basis, self.disabled_kernels
         if self.side == "input":
-            return self.base_layer(F.transform_rows(x, self.sigma_basis, rows, None, structure))
-        shift = F.output_shift(bias_of(self.base_layer), self.sigma_basis)
-        return F.transform_rows(self.base_layer(x), self.sigma_basis, rows, shift, structure)
+            return self.base_layer(F.transform_rows(x, basis, rows, None, structure, off))
+        shift = F.output_shift(bias_of(self.base_layer), basis)
+        return F.transform_rows(self.base_layer(x), basis, rows, shift, structure, off)
 
     @torch.no_grad()
     def lora_factors(

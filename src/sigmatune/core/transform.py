@@ -27,7 +27,7 @@ import contextlib
 import torch
 
 from .backends import NOTHING_DISABLED, Backend, Call, choose, register
-from .structures.base import Structure
+from .structures.base import Structure, wide
 from .structures.diagonal import Diagonal
 
 DIAGONAL = Diagonal()
@@ -58,7 +58,7 @@ def transform(
         out = backend.compiled(flat.to(call.dtype), basis.to(call.dtype), g, shift, structure)
         if out is not None:
             return out.view(a.shape)
-    return _Transform.apply(flat, basis, g, shift, backend, structure).view(a.shape)
+    return _Transform.apply(flat, basis, g, shift, backend, structure, False).view(a.shape)
 
 
 def transform_rows(
@@ -67,22 +67,38 @@ def transform_rows(
     rows: torch.Tensor,
     shift: torch.Tensor | None = None,
     structure: Structure = DIAGONAL,
+    disabled: frozenset[str] = NOTHING_DISABLED,
 ):
     """transform() with one set of coefficients per leading row: a (B, …, d), rows (B, r) of g — a
     mixed-adapter batch — or (B, …) of `structure`'s (bands: (B, 2w+1, r)).
 
-    Costs what one adapter costs: the per-row coefficients mix the projection, (B, …, r), before the second
-    GEMM, whose epilogue adds a (addmm). The mix is in fp32 at least. Plain differentiable torch ops, the
-    reference of the mixed-batch kernel (serving/ops/rows_kernel.fused_transform_rows, which a served batch takes
-    on CUDA: serving/mixed.py).
+    Costs what one adapter costs: the per-row coefficients mix the projection (B, …, r) between the two
+    GEMMs, in fp32 at least. Differentiable in a and rows, each leading row's coefficients getting the
+    gradient of its own tokens only (for g: Σ over row b's tokens of Q ⊙ P): the chosen backend's passes
+    with rows=True (the GEMMs below; the fused kernel for a diagonal). A served batch on CUDA takes the
+    mixed-batch kernel instead (serving/ops/rows_kernel.fused_transform_rows, checked against this).
     """
+    if a.shape[0] != rows.shape[0]:
+        raise ValueError(f"{a.shape[0]} leading rows of the input but coefficients for {rows.shape[0]}")
+    flat = a.reshape(-1, a.shape[-1])  # (N, d): leading row b is flat's block b of N / B rows
+    if flat.shape[0] == 0:
+        return a
+    call = Call.of(flat, basis, rows[0], structure, disabled, rows=True)
+    if call.compiling:  # inductor differentiates the plain ops and fuses the mix itself
+        return rows_by_ops(flat.to(call.dtype), basis, rows, shift, structure).view(a.shape)
+    backend = choose(call)
+    return _Transform.apply(flat, basis, rows, shift, backend, structure, True).view(a.shape)
+
+
+def rows_by_ops(a: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor, shift, structure: Structure):
+    """transform_rows on a 2-D a (N, d) by plain differentiable ops, autograd's backward: what torch.compile
+    traces."""
     basis = basis.to(a.dtype)
-    projected = a @ basis  # (B, …, r)
+    projection = a @ basis  # (N, r)
     if shift is not None:
-        projected = projected - shift.to(a.dtype)
-    scaled = structure.mix(projected, rows, transposed=True)  # (B, …, r), in fp32 (or fp64)
-    flat = a.reshape(-1, a.shape[-1])
-    return torch.addmm(flat, scaled.to(a.dtype).reshape(flat.shape[0], -1), basis.T).view(a.shape)
+        projection = projection - shift.to(a.dtype)
+    mixed = structure.mix(by_block(projection, rows), rows, transposed=True)  # (B, N / B, r), fp32 at least
+    return torch.addmm(a, mixed.to(a.dtype).view_as(projection), basis.T)
 
 
 def adapt_input(x, basis, g, disabled=NOTHING_DISABLED, structure: Structure = DIAGONAL) -> torch.Tensor:
@@ -103,28 +119,30 @@ def output_shift(bias: torch.Tensor | None, basis: torch.Tensor) -> torch.Tensor
 
 
 class _Transform(torch.autograd.Function):
-    """transform() on a 2-D a, saving only what the backend's backward pass needs (the projection).
-    Computed in a's dtype (autocast's, when on); the coefficients and their gradient in fp32."""
+    """transform() (or, rows, transform_rows()) on a 2-D a, saving only what the backend's backward pass
+    needs (the projection). Computed in a's dtype (autocast's, when on); the coefficients and their gradient
+    in fp32."""
 
     @staticmethod
-    def forward(ctx, a, basis, coefficients, shift, backend: Backend, structure: Structure):
-        ctx.backend, ctx.structure, ctx.input_dtype = backend, structure, a.dtype
+    def forward(ctx, a, basis, coefficients, shift, backend: Backend, structure: Structure, rows: bool):
+        ctx.backend, ctx.structure, ctx.input_dtype, ctx.rows = backend, structure, a.dtype, rows
         device = a.device.type
         autocast = torch.is_autocast_enabled(device)
         if autocast:  # compute in autocast's dtype, as the base linear layer does
             a = a.to(torch.get_autocast_dtype(device))
         basis = basis.to(a.dtype)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():  # as backward
-            out, saved = backend.forward_pass(a, basis, coefficients, shift, structure)
+            out, saved = backend.forward_pass(a, basis, coefficients, shift, structure, rows)
         ctx.save_for_backward(saved, basis, coefficients)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         saved, basis, coefficients = ctx.saved_tensors
-        grad_a, grad_c = ctx.backend.backward_pass(grad_out, basis, coefficients, saved, ctx.structure)
+        backend, structure = ctx.backend, ctx.structure
+        grad_a, grad_c = backend.backward_pass(grad_out, basis, coefficients, saved, structure, ctx.rows)
         grad_c = grad_c.to(coefficients.dtype) if ctx.needs_input_grad[2] else None
-        return grad_a.to(ctx.input_dtype), None, grad_c, None, None, None
+        return grad_a.to(ctx.input_dtype), None, grad_c, None, None, None, None
 
 
 class Gemms(Backend):
@@ -140,28 +158,50 @@ class Gemms(Backend):
     def by_ops(self, call: Call) -> bool:
         return call.structure == "diagonal"  # four torch ops whose backward autograd runs in C++ (linear.py)
 
-    def forward_pass(self, a, basis, coefficients, shift, structure: Structure):
+    def forward_pass(self, a, basis, coefficients, shift, structure: Structure, rows=False):
         """(out, P) by GEMMs: P = aB − c (N, r) in a's dtype; out = a + (P ⊙ g) Bᵀ = a + P (B diag(g))ᵀ (g
-        folded into the basis), or a + (P Mᵀ) Bᵀ with the structure's mix summed in fp32."""
+        folded into the basis), or a + (P Mᵀ) Bᵀ with the structure's mix summed in fp32; rows: each block
+        of P mixed by its own coefficients (rows_mix)."""
         projection = a @ basis  # (N, r)
         if shift is not None:
             projection = projection - shift.to(a.dtype)
+        if rows:
+            mixed = self.rows_mix(
+                structure, by_block(projection, coefficients), coefficients, transposed=True
+            )
+            return torch.addmm(a, mixed.view_as(projection), basis.T), projection
         if structure.elementwise:
             return torch.addmm(a, projection, scaled_basis(basis, coefficients).T), projection
         mixed = self.mix(structure, projection, coefficients, transposed=True).to(a.dtype)  # P Mᵀ
         return torch.addmm(a, mixed, basis.T), projection
 
-    def backward_pass(self, grad, basis, coefficients, saved, structure: Structure):
-        """(da, dC) with Q = dout B: da = dout + (Q M) Bᵀ (for g: (Q ⊙ g) Bᵀ); dC = the structure's
-        gradient of Σ (P Mᵀ) ⊙ Q (for g: Σ_rows Q ⊙ P)."""
+    def backward_pass(self, grad, basis, coefficients, saved, structure: Structure, rows=False):
+        """(da, dC) with Q = dout B: da = dout + (Q M) Bᵀ (for g: (Q ⊙ g) Bᵀ), the GEMM adding onto dout;
+        dC = the structure's gradient of Σ (P Mᵀ) ⊙ Q (for g: Σ_rows Q ⊙ P; rows: each block's own)."""
         basis = basis.to(grad.dtype)
         along = grad @ basis  # Q (N, r)
+        if rows:
+            blocks = by_block(along, coefficients)  # (B, N / B, r)
+            back = self.rows_mix(structure, blocks, coefficients, transposed=False)  # Q M, per block
+            grad_a = torch.addmm(grad, back.view_as(along), basis.T)
+            return grad_a, self.rows_grad(structure, blocks, by_block(saved, coefficients), coefficients)
         if structure.elementwise:
             grad_a = torch.addmm(grad, along, scaled_basis(basis, coefficients).T)
         else:
             back = self.mix(structure, along, coefficients, transposed=False).to(grad.dtype)  # Q M
             grad_a = torch.addmm(grad, back, basis.T)
         return grad_a, self.grad(structure, along, saved, coefficients)
+
+    def rows_mix(self, structure: Structure, p, coefficients, transposed: bool):
+        """P's blocks (B, N / B, r) each mixed by its own coefficients, in p's dtype: a diagonal's g rounded
+        to it first (as scaled_basis rounds the one g), another structure's mix summed in fp32."""
+        if structure.elementwise:
+            return p * coefficients.to(p.dtype)[:, None, :]
+        return structure.mix(p, coefficients, transposed).to(p.dtype)
+
+    def rows_grad(self, structure: Structure, q, p, coefficients):
+        """dC (B, *shape) in fp32 at least, for q and p as blocks (B, N / B, r): block_grad."""
+        return block_grad(structure, q, p, coefficients)
 
     def mix(self, structure: Structure, p, coefficients, transposed: bool):
         """P Mᵀ (transposed) or P M in fp32: the structure's own."""
@@ -176,6 +216,24 @@ class Gemms(Backend):
 
 GEMMS = Gemms()
 register(GEMMS, last=True)
+
+
+def by_block(p: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """P (N, r) as (B, N / B, r): one block per set of coefficients."""
+    return p.view(len(coefficients), -1, p.shape[-1])
+
+
+def block_grad(structure: Structure, q: torch.Tensor, p: torch.Tensor, coefficients: torch.Tensor):
+    """dC (B, *shape) fp32 for coefficients per block: ⟨Q, mix(P, C)⟩'s gradient in each block's C, q and p
+    (B, N / B, r). A diagonal's is Σ over the block's rows of Q ⊙ P; any other structure's is its mix's
+    vector-Jacobian product (exact, whatever the structure)."""
+    if structure.elementwise:  # the products in q's dtype, summed in fp32 at least
+        return (q * p.to(q.dtype)).sum(dim=1, dtype=torch.promote_types(q.dtype, torch.float32))
+    q, p = wide(q, p)
+    with torch.enable_grad():
+        c = coefficients.detach().to(p.dtype).requires_grad_()
+        mixed = structure.mix(p, c, transposed=True)
+        return torch.autograd.grad(mixed, c, q.to(mixed.dtype))[0]
 
 
 def scaled_basis(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,8 @@ class Together:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(self.names))):
             raise ValueError(f"ids must be one adapter index in [0, {len(self.names)}) per batch row")
-        self._ids = ids
+        layer = next(iter(self.layers.values()), None)  # on the layers' device once, not once per layer
+        self._ids = ids if layer is None else ids.to(layer.sigma_basis.device, non_blocking=True)
 
     def banks(self) -> dict[str, nn.Parameter]:
         """Layer name → its stacked tensor C (K, *shape): what an optimizer steps."""

@@ -2,7 +2,8 @@
 model package imports it). The order they are tried in, most specific first:
 
     transform   the fused Triton kernel, one launch a direction (CUDA, r ≤ 128, a band of w ≤ 16);
-                under torch.compile the torch.library op of library.py, one node inductor launches itself
+                under torch.compile the torch.library op of library.py, one node inductor launches itself;
+                per-row coefficients (adapters trained together) for a diagonal, eager
     band        the GEMMs, their band mixes and reductions as Triton kernels (CUDA, w ≤ 16: wide bands,
                 and the full spectrum's dg)
     torch       core's GEMMs and torch ops (every call)
@@ -21,7 +22,7 @@ __all__ = [
     "TritonGemms",
     "using",
 ]  # using(name): one backend for a block (tests, benchmarks)
-from ..core.transform import Gemms
+from ..core.transform import GEMMS, Gemms
 from . import band_kernel, library, switches, transform_kernel
 
 KERNEL_STRUCTURES = ("diagonal", "band")  # what the kernels take: g, or a band's column-aligned diagonals
@@ -36,15 +37,24 @@ class FusedTransform(Backend):
         return call.device == "cuda" and self.can_run(call) and switches.enabled(self.name, call.disabled)
 
     def can_run(self, call: Call) -> bool:
-        kind = call.structure in KERNEL_STRUCTURES
-        return kind and transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
+        kind = call.structure == "diagonal" if call.rows else call.structure in KERNEL_STRUCTURES
+        traced = call.rows and call.compiling  # no torch.library op takes rows: inductor traces the GEMMs
+        return kind and not traced and transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
 
-    def forward_pass(self, a, basis, coefficients, shift, structure):
-        out, projection, _ = transform_kernel.fused_transform(a, basis, coefficients, shift, transposed=True)
+    def forward_pass(self, a, basis, coefficients, shift, structure, rows=False):
+        tokens = _tokens(a, basis, coefficients) if rows else 0
+        if tokens is None:  # blocks of rows the kernel's programs do not tile: the GEMMs
+            return GEMMS.forward_pass(a, basis, coefficients, shift, structure, rows)
+        kernel = transform_kernel.fused_transform
+        out, projection, _ = kernel(a, basis, coefficients, shift, transposed=True, tokens=tokens)
         return out, projection  # P fp32, padded to the kernel's width
 
-    def backward_pass(self, grad, basis, coefficients, saved, structure):
-        grad_a, _, grad_c = transform_kernel.fused_transform(grad, basis, coefficients, saved=saved)
+    def backward_pass(self, grad, basis, coefficients, saved, structure, rows=False):
+        tokens = _tokens(grad, basis, coefficients) if rows else 0  # as the forward pass decided
+        if tokens is None:
+            return GEMMS.backward_pass(grad, basis, coefficients, saved, structure, rows)
+        kernel = transform_kernel.fused_transform
+        grad_a, _, grad_c = kernel(grad, basis, coefficients, saved=saved, tokens=tokens)
         return grad_a, grad_c
 
     def compiled(self, a, basis, coefficients, shift, structure):
@@ -52,8 +62,8 @@ class FusedTransform(Backend):
 
 
 class TritonGemms(Gemms):
-    """core's GEMMs, with a band's mixes and reductions (and a wide diagonal's dg) as Triton kernels:
-    one pass over the projection each, summed in fp32 (band_kernel.py)."""
+    """core's GEMMs, with a band's mixes and reductions (and a wide diagonal's dg, also per block of rows) as
+    Triton kernels: one pass over the projection each, summed in fp32 (band_kernel.py)."""
 
     name = "band"
 
@@ -62,7 +72,9 @@ class TritonGemms(Gemms):
 
     def can_run(self, call: Call) -> bool:
         here = call.device == "cuda" or transform_kernel.INTERPRET
-        kind = call.structure in KERNEL_STRUCTURES and call.band <= transform_kernel.MAX_BAND
+        kind = (
+            call.structure in KERNEL_STRUCTURES and call.band <= transform_kernel.MAX_BAND and not call.rows
+        )
         return transform_kernel.triton is not None and here and kind
 
     def mix(self, structure, p, coefficients, transposed: bool):
@@ -76,6 +88,19 @@ class TritonGemms(Gemms):
                 else band_kernel.grad(q, p, 0)[0]
             )
         return band_kernel.grad(q, p, structure.width(coefficients))
+
+    def rows_grad(self, structure, q, p, coefficients):
+        _, tokens, r = q.shape  # a diagonal's (rows: can_run)
+        if tokens % band_kernel.BLOCK_N or r <= 256:  # small r: torch's product and sum
+            return super().rows_grad(structure, q, p, coefficients)
+        return band_kernel.grad(q.view(-1, r), p.view(-1, r), 0, tokens)[:, 0]
+
+
+def _tokens(a, basis, coefficients) -> int | None:
+    """The kernel's `tokens` for a call by rows: the rows per block where the kernel's programs tile them
+    (one block's rows each), else None."""
+    tokens = a.shape[0] // len(coefficients)
+    return tokens if tokens % transform_kernel.rows_block(basis.shape[1]) == 0 else None
 
 
 register(TritonGemms())

@@ -84,17 +84,23 @@ def mix(p: torch.Tensor, c: torch.Tensor, transposed: bool = False) -> torch.Ten
     return out
 
 
-def grad(q: torch.Tensor, p: torch.Tensor, w: int) -> torch.Tensor:
-    """dC (2w+1, r) fp32 with dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j] (zero where row j − o is outside M)."""
+def grad(q: torch.Tensor, p: torch.Tensor, w: int, tokens: int = 0) -> torch.Tensor:
+    """dC (2w+1, r) fp32 with dC[w+o, j] = Σ_rows Q[:, j−o] P[:, j] (zero where row j − o is outside M);
+    tokens > 0 (a multiple of BLOCK_N): one dC per block of that many rows, (n / tokens, 2w+1, r)."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     p = p if p.stride(-1) == 1 else p.contiguous()
     n, r = p.shape
     rows = rows_per_group(n, r)
+    if tokens:  # groups that never straddle two blocks: the largest multiple of BLOCK_N dividing tokens
+        units = tokens // BLOCK_N
+        rows = BLOCK_N * max(k for k in range(1, min(units, rows // BLOCK_N) + 1) if units % k == 0)
     groups = triton.cdiv(n, rows)
     partial = torch.empty((groups, 2 * w + 1, r), device=p.device, dtype=torch.float32)
     arguments = (q, p, partial, n, r, q.stride(0), p.stride(0), rows)
     constants = dict(WIDTH=w, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J)
     _launch(_grad_kernel, _launch_grad, (groups, triton.cdiv(r, BLOCK_J)), arguments, constants)
+    if tokens:
+        return partial.view(n // tokens, -1, 2 * w + 1, r).sum(dim=1)
     return partial.sum(dim=0)
 
 

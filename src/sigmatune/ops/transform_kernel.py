@@ -89,9 +89,9 @@ if triton is not None:
     @triton.jit
     def _transform_kernel(
         A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
-        N, D, R,  # sizes
+        N, D, R, TOKENS,  # sizes; TOKENS: rows per coefficient row (ROWS)
         stride_a, stride_out, stride_b,
-        HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDTH: tl.constexpr, MIX: tl.constexpr,  # band half-width w; MIX 0: ⊙ g, 1: P Mᵀ, 2: P M
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -113,7 +113,11 @@ if triton is not None:
                 inside = (column >= 0) & (column < R) & rank_ok
                 saved = tl.load(SAVED + rows[:, None] * BLOCK_R + column[None, :], mask=keep & inside[None, :], other=0.0)
                 tl.store(PARTIAL + (pid * (2 * WIDTH + 1) + t) * BLOCK_R + column, tl.sum(projection * saved, axis=0), mask=inside)
-        if MIX == 0:
+        if ROWS:  # g per row: the row of G of each row's block (a diagonal)
+            owner = rows // TOKENS
+            g = tl.load(G + owner[:, None] * R + ranks[None, :], mask=keep & rank_ok[None, :], other=0.0)
+            scaled = projection * g.to(tl.float32)  # (BN, BR) fp32
+        elif MIX == 0:
             g = tl.load(G + ranks, mask=rank_ok, other=0.0).to(tl.float32)
             scaled = projection * g[None, :]  # (BN, BR) fp32
         else:  # the tile T[k, i] of Mᵀ (MIX 1: M[i, k]) or M (MIX 2: M[k, i]), gathered from C
@@ -152,6 +156,11 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "default"
 
 
+def rows_block(r: int) -> int:
+    """The rows each program of the transform owns at rank r: a per-row call's blocks must be multiples."""
+    return launch_shape(padded_rank(r))[0]
+
+
 def padded_rank(r: int) -> int:
     """The rank the kernel computes with: a power of two, at least 16 (tl.dot's smallest side)."""
     return max(16, triton.next_power_of_2(r))
@@ -166,6 +175,7 @@ def fused_transform(
     transposed: bool = False,
     launch=None,
     shape: tuple[int, int, int, int] | None = None,
+    tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(out, projection, grad) for a 2-D a (N, d) and a basis (d, r) in a's dtype, with coefficients g (r,)
     or a band C (2w+1, r):
@@ -178,16 +188,21 @@ def fused_transform(
     projection[:, j−o] saved[:, j]). `launch` (grid, arguments, constants, warps, stages) launches the kernel:
     by default the cached launcher (eager calls); library.py passes one that torch.compile can trace.
     `shape`: (rows per program, warps, columns per step, stages), by default launch_shape's (benchmarks
-    sweep others).
+    sweep others). `tokens` > 0: a diagonal per block of that many rows, g (n / tokens, r), grad in its
+    shape, each block's sum over its own rows (`rows_block` must divide tokens: one block per program).
     """
     n, d = a.shape
     # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them
     r = int(basis.shape[1])
-    diagonal = coefficients.dim() == 1
+    diagonal = tokens > 0 or coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
     width, block_n, warps, stages, constants = _setup(
-        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape
+        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape, tokens > 0
     )
+    if tokens and tokens % block_n:
+        raise ValueError(
+            f"{tokens} rows per coefficient row is no multiple of the kernel's {block_n} (rows_block)"
+        )
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
     # the kernel reads C's rows at stride r
@@ -204,11 +219,13 @@ def fused_transform(
     arguments = (
         a, basis, coefficients, coefficients if shift is None else shift, out, projection,
         projection if saved is None else saved, partial,
-        n, d, r, a.stride(0), out.stride(0), basis.stride(0),
+        n, d, r, max(tokens, 1), a.stride(0), out.stride(0), basis.stride(0),
     )  # fmt: skip
     (launch or _launch_transform)((programs,), arguments, constants, warps, stages)
     if saved is None:
         return out, projection, None
+    if tokens:  # each program's rows are one block's: sum the block's programs
+        return out, None, partial.view(len(coefficients), -1, width).sum(dim=1)[:, :r]
     grad = partial.sum(dim=0)  # (2w+1, width)
     if diagonal:
         return out, None, grad[0] if r == width else grad[0, :r]
@@ -225,13 +242,14 @@ def _setup(
     backward: bool,
     transposed: bool,
     shape: tuple[int, int, int, int] | None,
+    rows: bool = False,
 ):
     """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
     once."""
     width = padded_rank(r)
     block_n, warps, columns, stages = shape or launch_shape(width)
     constants = dict(
-        HAS_SHIFT=shifted, REDUCE=backward, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        HAS_SHIFT=shifted, REDUCE=backward, ROWS=rows, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),
         BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns,
     )  # fmt: skip
