@@ -55,11 +55,11 @@ def report_fold(n: int, width: int, members: int, outputs: int = 1) -> tuple[tup
 
 def report_transform(width: int, reduce: int, band: int, rows: int = 0) -> tuple[tuple, str]:
     """transform_kernel.fused_transform's kernel as launch_shape launches it for a padded rank (bf16 activations), its
-    forward pass (reduce 0) or backward pass (reduce 1), a diagonal (band 0) or a band of that half-width; rows 1:
-    a diagonal per block of rows (adapters trained together)."""
+    forward pass (reduce 0) or backward pass (reduce 1), a diagonal (band 0) or a band of that half-width; rows 1
+    or 2: a diagonal per block of rows (adapters trained together), blocks that tile the programs or any."""
     shape = block_n, warps, columns, stages = kernels.launch_shape(width)
     constants = dict(
-        HAS_SHIFT=False, REDUCE=bool(reduce), ROWS=bool(rows), PRECISION="tf32", UPCAST=False, WIDTH=band,
+        HAS_SHIFT=False, REDUCE=bool(reduce), ROWS=rows, PRECISION="tf32", UPCAST=False, WIDTH=band,
         MIX=0 if band == 0 else 1 + reduce, BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns,
     )  # fmt: skip
     pointers = {"A": "*bf16", "B": "*bf16", "G": "*fp32", "C": "*fp32", "OUT": "*bf16"}

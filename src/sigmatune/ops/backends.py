@@ -22,7 +22,7 @@ __all__ = [
     "TritonGemms",
     "using",
 ]  # using(name): one backend for a block (tests, benchmarks)
-from ..core.transform import GEMMS, Gemms
+from ..core.transform import Gemms
 from . import band_kernel, library, switches, transform_kernel
 
 KERNEL_STRUCTURES = ("diagonal", "band")  # what the kernels take: g, or a band's column-aligned diagonals
@@ -42,17 +42,13 @@ class FusedTransform(Backend):
         return kind and not traced and transform_kernel.serves(call.device, call.dtype, call.rank, call.band)
 
     def forward_pass(self, a, basis, coefficients, shift, structure, rows=False):
-        tokens = _tokens(a, basis, coefficients) if rows else 0
-        if tokens is None:  # blocks of rows the kernel's programs do not tile: the GEMMs
-            return GEMMS.forward_pass(a, basis, coefficients, shift, structure, rows)
+        tokens = len(a) // len(coefficients) if rows else 0  # rows of a per set of coefficients
         kernel = transform_kernel.fused_transform
         out, projection, _ = kernel(a, basis, coefficients, shift, transposed=True, tokens=tokens)
         return out, projection  # P fp32, padded to the kernel's width
 
     def backward_pass(self, grad, basis, coefficients, saved, structure, rows=False):
-        tokens = _tokens(grad, basis, coefficients) if rows else 0  # as the forward pass decided
-        if tokens is None:
-            return GEMMS.backward_pass(grad, basis, coefficients, saved, structure, rows)
+        tokens = len(grad) // len(coefficients) if rows else 0
         kernel = transform_kernel.fused_transform
         grad_a, _, grad_c = kernel(grad, basis, coefficients, saved=saved, tokens=tokens)
         return grad_a, grad_c
@@ -94,13 +90,6 @@ class TritonGemms(Gemms):
         if tokens % band_kernel.BLOCK_N or r <= 256:  # small r: torch's product and sum
             return super().rows_grad(structure, q, p, coefficients)
         return band_kernel.grad(q.view(-1, r), p.view(-1, r), 0, tokens)[:, 0]
-
-
-def _tokens(a, basis, coefficients) -> int | None:
-    """The kernel's `tokens` for a call by rows: the rows per block where the kernel's programs tile them
-    (one block's rows each), else None."""
-    tokens = a.shape[0] // len(coefficients)
-    return tokens if tokens % transform_kernel.rows_block(basis.shape[1]) == 0 else None
 
 
 register(TritonGemms())

@@ -91,6 +91,7 @@ if triton is not None:
         A, B, G, C, OUT, PROJ, SAVED, PARTIAL,  # pointers
         N, D, R, TOKENS,  # sizes; TOKENS: rows per coefficient row (ROWS)
         stride_a, stride_out, stride_b,
+        # ROWS 0: one g; 1: g per block of TOKENS rows, each program's rows in one block; 2: blocks of any length
         HAS_SHIFT: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDTH: tl.constexpr, MIX: tl.constexpr,  # band half-width w; MIX 0: ⊙ g, 1: P Mᵀ, 2: P M
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -107,7 +108,10 @@ if triton is not None:
         keep = row_ok[:, None]  # all BLOCK_R columns: those past R hold zeros
         if not REDUCE:  # the forward pass's P, saved for backward (backward's Q is not kept)
             tl.store(PROJ + rows[:, None] * BLOCK_R + ranks[None, :], projection, mask=keep)
-        if REDUCE:  # partial gradient for these rows, diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
+        if REDUCE and ROWS == 2:  # blocks the programs do not tile: each row's Q ⊙ P_saved, summed per block after
+            saved = tl.load(SAVED + rows[:, None] * BLOCK_R + ranks[None, :], mask=keep, other=0.0)
+            tl.store(PARTIAL + rows[:, None] * BLOCK_R + ranks[None, :], projection * saved, mask=keep)
+        elif REDUCE:  # partial gradient for these rows, diagonal t = w + o: Σ_rows Q[:, j − o] P_saved[:, j]
             for t in tl.static_range(0, 2 * WIDTH + 1):  # by k = j − o: Σ_rows Q[:, k] P_saved[:, k + o] at j = k + o
                 column = ranks + (t - WIDTH)  # j = k + o
                 inside = (column >= 0) & (column < R) & rank_ok
@@ -156,11 +160,6 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "default"
 
 
-def rows_block(r: int) -> int:
-    """The rows each program of the transform owns at rank r: a per-row call's blocks must be multiples."""
-    return launch_shape(padded_rank(r))[0]
-
-
 def padded_rank(r: int) -> int:
     """The rank the kernel computes with: a power of two, at least 16 (tl.dot's smallest side)."""
     return max(16, triton.next_power_of_2(r))
@@ -189,28 +188,27 @@ def fused_transform(
     by default the cached launcher (eager calls); library.py passes one that torch.compile can trace.
     `shape`: (rows per program, warps, columns per step, stages), by default launch_shape's (benchmarks
     sweep others). `tokens` > 0: a diagonal per block of that many rows, g (n / tokens, r), grad in its
-    shape, each block's sum over its own rows (`rows_block` must divide tokens: one block per program).
+    shape, each block's sum over its own rows (per program where the programs' rows tile the blocks, else
+    each row's products, summed per block afterwards).
     """
     n, d = a.shape
     # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them
     r = int(basis.shape[1])
     diagonal = tokens > 0 or coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
+    rows = 0 if not tokens else 1 if tokens % (shape or launch_shape(padded_rank(r)))[0] == 0 else 2
     width, block_n, warps, stages, constants = _setup(
-        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape, tokens > 0
+        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape, rows
     )
-    if tokens and tokens % block_n:
-        raise ValueError(
-            f"{tokens} rows per coefficient row is no multiple of the kernel's {block_n} (rows_block)"
-        )
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
     # the kernel reads C's rows at stride r
     coefficients = coefficients if coefficients.is_contiguous() else coefficients.contiguous()
     out = torch.empty_like(a)
     programs = -(-n // block_n)
-    # forward: P is written, the partial sums are not (P stands in for them: an output, not an input)
-    if saved is None:
+    # forward: P is written, the partial sums are not (P stands in for them: an output, not an input); a
+    # backward pass over blocks of any length (rows 2) writes each row's products, summed per block below
+    if saved is None or rows == 2:
         projection = partial = torch.empty((n, width), device=a.device, dtype=torch.float32)
     else:  # backward: the partial sums are written, Q is not (the partial sums stand in for it)
         # zeros: a band's columns j < o (whose row j − o is outside M) are never written
@@ -224,7 +222,7 @@ def fused_transform(
     (launch or _launch_transform)((programs,), arguments, constants, warps, stages)
     if saved is None:
         return out, projection, None
-    if tokens:  # each program's rows are one block's: sum the block's programs
+    if tokens:  # per program (each in one block) or per row: sum each block's
         return out, None, partial.view(len(coefficients), -1, width).sum(dim=1)[:, :r]
     grad = partial.sum(dim=0)  # (2w+1, width)
     if diagonal:
@@ -242,7 +240,7 @@ def _setup(
     backward: bool,
     transposed: bool,
     shape: tuple[int, int, int, int] | None,
-    rows: bool = False,
+    rows: int = 0,
 ):
     """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
     once."""
