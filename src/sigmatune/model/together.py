@@ -12,7 +12,9 @@ and a forward with one adapter index per batch row, ids (B,), computes in every 
 
 so the backward accumulates each adapter's gradient from its own rows (the gather's backward is a
 scatter-add over ids: no loop over adapters), and a sum of per-adapter losses gives every adapter the
-gradient of its own loss: K adapters trained together are each trained alone on their rows.
+gradient of its own loss: K adapters trained together are each trained alone on their rows. forward_rows is
+the op's per-row call (core/transform.transform_rows): a chosen backend's passes, the fused kernel for a
+diagonal on CUDA.
 
 Each adapter's vector stays a view of its row of C while they train together, so saving one adapter then
 (save_pretrained) writes its current values; at the end each gets its own copy back. Inside the block every
