@@ -81,10 +81,14 @@ def test_every_backend_computes_the_reference(backend, structure, update, side, 
     expected = x64 @ reference(linear, layer, vector64, side).T + linear.bias.detach()
     (expected * upstream).sum().backward()
     tol = TOLERANCE[dtype]
-    relative = lambda got, want: float((got.detach().cpu().double() - want).norm() / want.norm())  # noqa: E731
     assert relative(out, expected.detach()) < tol
     assert relative(inputs.grad, x64.grad) < tol
     assert relative(vector.grad, vector64.grad) < 5 * tol
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖, got on any device and in any dtype, want fp64 on the CPU."""
+    return float((got.detach().cpu().double() - want).norm() / want.norm())
 
 
 def vector_structure(layer):
@@ -151,7 +155,6 @@ def test_every_backend_computes_rows_as_each_block_alone(backend, structure, shi
         )
     (expected * upstream).sum().backward()
     tol = TOLERANCE[dtype]
-    relative = lambda got, want: float((got.detach().cpu().double() - want).norm() / want.norm())  # noqa: E731
     assert relative(out, expected.detach()) < tol
     assert relative(inputs.grad, a64.grad) < tol
     assert relative(rows.grad, c64.grad) < 5 * tol
