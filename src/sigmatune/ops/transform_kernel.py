@@ -15,8 +15,13 @@ accumulation); the mix is P ⊙ g, or P T with the r × r tile of T gathered fro
 masked: nothing dense is built on the host); pass 2 streams the rows again (mostly from L2) and writes
 out = a + (P T) Bᵀ. Every product accumulates in fp32; g and C stay fp32; out has a's dtype.
 
-Its forward for a mixed-adapter batch (each row on its own adapter, for serving) is
-serving/ops/rows_kernel.py's, built from this file's two tiles (project_tile, add_expanded_tile).
+Adapters trained together (transform_rows, ROWS): a diagonal per block of TOKENS consecutive rows, G (blocks, r),
+each row's g loaded by its block; backward's dG (blocks, r) from each block's rows only — per program where
+each program's rows lie in one block (ROWS 1), else each row's Q ⊙ P_saved written and summed per block (ROWS 2).
+
+A served mixed-adapter batch's forward (decode rows, a gather from the adapters' tables inside, layers sharing an
+input in one launch) is serving/ops/rows_kernel.py's, built from this file's two tiles (project_tile,
+add_expanded_tile).
 """
 
 from __future__ import annotations
