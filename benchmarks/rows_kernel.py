@@ -28,13 +28,16 @@ ADAPTERS = 1024
 
 def internals() -> SimpleNamespace:
     """The sigmatune internals this script times, in one place."""
-    from sigmatune.core.transform import transform_rows
+    from sigmatune.core.transform import DIAGONAL, rows_by_ops
     from sigmatune.serving.ops import rows_kernel
 
     return SimpleNamespace(
         kernel=rows_kernel.fused_transform_rows,  # (a, bases, tables, ids, shape=...) → [out per layer]
         launch_shape=rows_kernel.launch_shape,  # (n, d, members, width) → the default shape
-        torch_rows=transform_rows,  # (a, basis, g per row) → out: the torch ops
+        torch_rows=lambda a, basis, g: rows_by_ops(
+            a, basis, g, None, DIAGONAL
+        ),  # (a (N, d), basis, g per row):
+        # the torch ops (transform_rows would take the training kernel on CUDA)
     )
 
 

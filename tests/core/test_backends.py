@@ -162,6 +162,12 @@ def test_every_backend_computes_rows_as_each_block_alone(backend, structure, shi
         assert relative(rows.grad[b], c64.grad[b]) < 5 * tol
 
 
+def test_rows_of_an_empty_batch_are_a_new_empty_tensor():
+    a, basis = torch.randn(0, 4, 8), torch.linalg.qr(torch.randn(8, 2))[0]
+    out = F.transform_rows(a, basis, torch.zeros(0, 2))
+    assert out.shape == a.shape and out is not a  # not the input itself (an autograd alias)
+
+
 def test_rows_refuse_a_batch_whose_rows_do_not_match_the_coefficients():
     a, basis = torch.randn(3, 4, 8), torch.linalg.qr(torch.randn(8, 2))[0]
     with pytest.raises(ValueError, match="3 leading rows of the input but coefficients for 2"):

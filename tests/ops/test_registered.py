@@ -18,8 +18,8 @@ import torch
 from sigmatune.core.backends import BACKENDS, Call, choose
 from sigmatune.core.structures.registry import structure_of
 assert [b.name for b in BACKENDS] == ["transform", "band", "torch"], BACKENDS
-def chosen(rank, structure, band):
-    call = Call("cuda", torch.bfloat16, rank, structure, band, False)
+def chosen(rank, structure, band, rows=False):
+    call = Call("cuda", torch.bfloat16, rank, structure, band, False, rows=rows)
     backend = choose(call)
     return backend.name, backend.by_ops(call)
 assert chosen(16, "diagonal", 0) == ("transform", False)
@@ -27,6 +27,9 @@ assert chosen(64, "band", 1) == ("transform", False)
 assert chosen(2048, "band", 1) == ("band", False)
 assert chosen(2048, "diagonal", 0) == ("band", True)  # the full spectrum: four torch ops
 assert chosen(16, "dense", None) == ("torch", False)
+assert chosen(16, "diagonal", 0, rows=True)[0] == "transform"  # adapters trained together: the fused kernel
+assert chosen(2048, "diagonal", 0, rows=True)[0] == "band"  # its per-row dg by the band grad kernel
+assert chosen(64, "band", 1, rows=True)[0] == "torch"
 print("ok")
 """
 

@@ -96,6 +96,14 @@ def test_rows_give_each_block_its_own_g_and_its_own_gradient(dtype, blocks, d, r
         torch.testing.assert_close(dg[b].double(), expected_dg, rtol=tol, atol=tol * tokens**0.5)
 
 
+def test_rows_refuse_coefficients_that_are_no_diagonal_per_block():
+    a, basis, _, _ = case(12, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"g \(blocks, r\) for 12 rows in blocks of 4, got \(3, 3, 4\)"):
+        kernels.fused_transform(a, basis, torch.zeros(3, 3, 4, device=DEVICE), tokens=4)  # a band per block
+    with pytest.raises(ValueError, match="in blocks of 5"):
+        kernels.fused_transform(a, basis, torch.zeros(3, 4, device=DEVICE), tokens=5)  # 15 rows, not 12
+
+
 def band_case(n, d, r, w, dtype, seed=0):
     a, basis, _, shift = case(n, d, r, dtype, seed)
     bands = torch.randn(2 * w + 1, r, generator=torch.Generator().manual_seed(seed + 7)) * 0.3

@@ -8,7 +8,7 @@ tests/core/test_backends.py, values and gradients):
     forward_pass(a, B, C, c, S) → (out in a's dtype, saved)     C: the coefficients of structure S, fp32
     backward_pass(dout, B, C, saved, S) → (dout + ((dout B) M) Bᵀ, dC in fp32, C's shape)
     rows=True: C (n, *shape), row i of a with C[i // (N / n)] (adapters trained together); dC (n, *shape),
-               each block's sum over its own rows only
+               each block's sum over its own rows only (under torch.compile rows take plain ops, not a backend)
     compiled(a, B, C, c, S) → out, one node for torch.compile, or None to let it trace the passes
     by_ops(call) → whether an eager plain nn.Linear takes four torch ops (core/linear.py) instead of one
                    autograd node around the passes

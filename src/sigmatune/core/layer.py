@@ -221,12 +221,17 @@ class SpectralLinear(nn.Module):
         return F.adapt_output(base(x), bias_of(base), basis, c, off, structure)
 
     def forward_rows(
-        self, x: torch.Tensor, rows: torch.Tensor, structure: Structure | None = None
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        structure: Structure | None = None,
+        disabled: frozenset[str] = frozenset(),
     ) -> torch.Tensor:
-        """The layer on a mixed batch by torch ops: leading row b of x with the coefficients rows[b] of
-        `structure` (default: g (B, R), or bands (B, 2w+1, R), by their dimension: a serving table's)."""
+        """The layer on a mixed batch (transform_rows: the chosen backend's per-row passes): leading row b of x
+        with the coefficients rows[b] of `structure` (default: g (B, R), or bands (B, 2w+1, R), by their
+        dimension: a serving table's). `disabled`: kernels turned off besides the layer's own."""
         structure = structure or (Diagonal() if rows.dim() == 2 else structure_of("band", half_width(rows)))
-        basis, off = self.sigma_basis, self.disabled_kernels
+        basis, off = self.sigma_basis, self.disabled_kernels | disabled
         if self.side == "input":
             return self.base_layer(F.transform_rows(x, basis, rows, None, structure, off))
         shift = F.output_shift(bias_of(self.base_layer), basis)

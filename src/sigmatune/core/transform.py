@@ -73,16 +73,18 @@ def transform_rows(
     mixed-adapter batch — or (B, …) of `structure`'s (bands: (B, 2w+1, r)).
 
     Costs what one adapter costs: the per-row coefficients mix the projection (B, …, r) between the two
-    GEMMs, in fp32 at least. Differentiable in a and rows, each leading row's coefficients getting the
-    gradient of its own tokens only (for g: Σ over row b's tokens of Q ⊙ P): the chosen backend's passes
-    with rows=True (the GEMMs below; the fused kernel for a diagonal). A served batch on CUDA takes the
-    mixed-batch kernel instead (serving/ops/rows_kernel.fused_transform_rows, checked against this).
+    GEMMs (a diagonal's in a's dtype, g rounded to it as one adapter's is; other structures' in fp32 at least).
+    Differentiable in a and rows (not in the shift: the base's bias is frozen), each leading row's
+    coefficients getting the gradient of its own tokens only (for g: Σ over row b's tokens of Q ⊙ P): the
+    chosen backend's passes with rows=True (the GEMMs below; the fused kernel for a diagonal), or under
+    torch.compile plain ops that inductor differentiates (rows_by_ops). A served batch on CUDA takes the
+    mixed-batch kernel instead where it can (serving/ops/rows_kernel.fused_transform_rows, checked against this).
     """
     if a.shape[0] != rows.shape[0]:
         raise ValueError(f"{a.shape[0]} leading rows of the input but coefficients for {rows.shape[0]}")
     flat = a.reshape(-1, a.shape[-1])  # (N, d): leading row b is flat's block b of N / B rows
     if flat.shape[0] == 0:
-        return a
+        return a.clone()
     call = Call.of(flat, basis, rows[0], structure, disabled, rows=True)
     if call.compiling:  # inductor differentiates the plain ops and fuses the mix itself
         return rows_by_ops(flat.to(call.dtype), basis, rows, shift, structure).view(a.shape)

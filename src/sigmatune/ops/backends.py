@@ -68,9 +68,8 @@ class TritonGemms(Gemms):
 
     def can_run(self, call: Call) -> bool:
         here = call.device == "cuda" or transform_kernel.INTERPRET
-        kind = (
-            call.structure in KERNEL_STRUCTURES and call.band <= transform_kernel.MAX_BAND and not call.rows
-        )
+        kind = call.structure == "diagonal" if call.rows else call.structure in KERNEL_STRUCTURES
+        kind = kind and call.band <= transform_kernel.MAX_BAND  # rows: a wide diagonal's per-row dg
         return transform_kernel.triton is not None and here and kind
 
     def mix(self, structure, p, coefficients, transposed: bool):

@@ -199,12 +199,18 @@ def fused_transform(
     n, d = a.shape
     # the kernel is specialised on the rank and the band: traced with dynamic shapes, int() guards them
     r = int(basis.shape[1])
+    if tokens and (coefficients.dim() != 2 or n != len(coefficients) * tokens):
+        raise ValueError(
+            f"rows: g (blocks, r) for {n} rows in blocks of {tokens}, got {tuple(coefficients.shape)}"
+        )
     diagonal = tokens > 0 or coefficients.dim() == 1
     band = 0 if diagonal else int(half_width(coefficients))
-    rows = 0 if not tokens else 1 if tokens % (shape or launch_shape(padded_rank(r)))[0] == 0 else 2
     width, block_n, warps, stages, constants = _setup(
-        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape, rows
+        r, band, diagonal, a.dtype, shift is not None, saved is not None, transposed, shape, tokens > 0
     )
+    rows = constants["ROWS"]
+    if rows and saved is not None and tokens % block_n:  # backward, blocks the programs' rows do not tile
+        rows, constants = 2, {**constants, "ROWS": 2}
     a = a if a.stride(-1) == 1 else a.contiguous()
     basis = basis if basis.is_contiguous() else basis.contiguous()
     # the kernel reads C's rows at stride r
@@ -245,14 +251,14 @@ def _setup(
     backward: bool,
     transposed: bool,
     shape: tuple[int, int, int, int] | None,
-    rows: int = 0,
+    rows: bool = False,
 ):
     """(padded rank, rows per program, warps, stages, the kernel's constants) of one kind of call, worked out
-    once."""
+    once (rows: ROWS 1; a backward pass over blocks its programs do not tile makes it 2)."""
     width = padded_rank(r)
     block_n, warps, columns, stages = shape or launch_shape(width)
     constants = dict(
-        HAS_SHIFT=shifted, REDUCE=backward, ROWS=rows, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        HAS_SHIFT=shifted, REDUCE=backward, ROWS=int(rows), PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET, WIDTH=band, MIX=0 if diagonal else (1 if transposed else 2),
         BLOCK_R=width, BLOCK_N=block_n, BLOCK_D=columns,
     )  # fmt: skip

@@ -156,7 +156,7 @@ class MixedBatch:
     def forward(self, name: str, layer: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
         table = self.tables[name]
         if not self._fused(x, table):
-            return layer.forward_rows(x, table.index_select(0, self.ids))
+            return layer.forward_rows(x, table.index_select(0, self.ids), disabled=self.disabled)
         done = self._pending.pop(name, None)
         if done is not None and done[0] is x:  # a group's first member computed this one's input (or output)
             return done[1] if done[2] else layer.base_layer(done[1])
