@@ -15,7 +15,7 @@ every one of them (quality_suite.methods.PEERS + SIGMATUNE).
 
 The sweep: seed 0 runs each method at the 3 learning rates of LRS (and one more beyond an edge the best lands
 on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every seed
-(the rule `sigmatune train` uses: training/settings.LEARNING_RATES). --workers N runs N processes side by side
+(the rule `sigmatune train` uses: training/settings.auto_lr). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
 A run resumes: a row already in --out is not run again; --budget S starts no row after S seconds (a GPU
@@ -236,9 +236,9 @@ def details_path(out: Path) -> Path:
 
 def sweep(args) -> None:
     """Seed 0 at each method's LRS, one more lr past an edge that wins (EXTEND at most), the other seeds at each
-    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (LEARNING_RATES: the rule
+    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (auto_lr: the rule
     `sigmatune train` uses; where that lr was run on the seed, the row is that run)."""
-    from sigmatune.training.settings import LEARNING_RATES
+    from sigmatune.training.settings import auto_lr
 
     seeds = common.ints(args.seeds)
     tasks = [TASKS[name] for name in args.tasks.split(",")]
@@ -272,7 +272,7 @@ def sweep(args) -> None:
     ]
     run_rows(later, args)
     auto = [
-        {**row_of(t, m, "auto", seed), "lr_chosen": LEARNING_RATES[m.structure]}
+        {**row_of(t, m, "auto", seed), "lr_chosen": auto_lr(m.structure, m.band or 0)}
         for t in tasks
         for m in plan[t.name]
         if m.method == "sigmatune"
@@ -309,6 +309,8 @@ def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
 def next_lr(swept: list[dict], planned: list[float]) -> float | None:
     """The next lr of the 1-3-10 series past the end of the sweep where its best is, or None: the best is
     inside, there is no lr to sweep, or EXTEND lrs beyond the planned ones were run already."""
+    from sigmatune.training.settings import one_three
+
     lrs = sorted({r["lr"] for r in swept})
     beyond = [lr for lr in lrs if not min(planned) <= lr <= max(planned)]
     if len(lrs) < 2 or 0.0 in lrs or len(beyond) >= EXTEND:
@@ -324,13 +326,6 @@ def next_lr(swept: list[dict], planned: list[float]) -> float | None:
 def best_lr(rows: list[dict]) -> float | str:
     """The lr of the row with the lowest held-out loss."""
     return min(rows, key=lambda r: r["eval_loss"])["lr"]
-
-
-def one_three(value: float) -> float:
-    """The 1-3-10 series' value nearest value on a log scale: 0.0026 → 0.003, 0.0095 → 0.01."""
-    exponent = math.floor(math.log10(value))
-    candidates = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
-    return float(f"{min(candidates, key=lambda c: abs(math.log(c / value))):.1g}")
 
 
 # ---- the report --------------------------------------------------------------------------------------------

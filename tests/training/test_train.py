@@ -26,7 +26,7 @@ from sigmatune.training.data import Example
 from sigmatune.training.evaluate import normalize
 from sigmatune.training.job import SUMMARY_NAME, train
 from sigmatune.training.loop import batch_order, lr_factor
-from sigmatune.training.settings import TrainSettings
+from sigmatune.training.settings import TrainSettings, auto_lr, one_three
 from sigmatune.training.tokens import IGNORE, encode
 from tests.models import save_tiny_chat_model, tiny_tokenizer, vectors
 
@@ -117,6 +117,19 @@ def test_auto_settings_take_the_devices_recipe():
     assert TrainSettings().on_device(cpu, 576).is_resolved() and not TrainSettings().is_resolved()
     with pytest.raises(ValueError, match="lr must be"):
         TrainSettings(lr="fast")
+
+
+def test_lr_auto_divides_the_diagonals_lr_by_the_numbers_per_direction():
+    """A band's 2b+1 numbers sum into each direction's update: lr auto is the diagonal's over 2b+1, on the
+    1-3-10 series; the matrix structures keep their own."""
+    lrs = {
+        b: TrainSettings(structure="band", band=b).on_device(torch.device("cpu"), 576).lr
+        for b in (1, 2, 4, 16)
+    }
+    assert lrs == {1: 3e-3, 2: 3e-3, 4: 1e-3, 16: 3e-4}
+    assert auto_lr("diagonal") == 1e-2 and auto_lr("band", 4) == one_three(1e-2 / 9) == 1e-3
+    assert auto_lr("dense") == auto_lr("diag_rank1") == 3e-3
+    assert [one_three(v) for v in (0.0026, 0.0095, 0.0011, 0.02)] == [3e-3, 1e-2, 1e-3, 3e-2]
 
 
 def test_normalize_for_exact_match():
