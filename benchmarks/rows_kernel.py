@@ -28,16 +28,14 @@ ADAPTERS = 1024
 
 def internals() -> SimpleNamespace:
     """The sigmatune internals this script times, in one place."""
-    from sigmatune.core.transform import DIAGONAL, rows_by_ops
+    from sigmatune.core.transform import DIAGONAL, GEMMS
     from sigmatune.serving.ops import rows_kernel
 
     return SimpleNamespace(
         kernel=rows_kernel.fused_transform_rows,  # (a, bases, tables, ids, shape=...) → [out per layer]
         launch_shape=rows_kernel.launch_shape,  # (n, d, members, width) → the default shape
-        torch_rows=lambda a, basis, g: rows_by_ops(
-            a, basis, g, None, DIAGONAL
-        ),  # (a (N, d), basis, g per row):
-        # the torch ops (transform_rows would take the training kernel on CUDA)
+        # (a (N, d), basis, g per row) → out: the torch ops (transform_rows takes the training kernel on CUDA)
+        torch_rows=lambda a, basis, g: GEMMS.forward_pass(a, basis, g, None, DIAGONAL, rows=True)[0],
     )
 
 

@@ -77,7 +77,7 @@ def transform_rows(
     Differentiable in a and rows (not in the shift: the base's bias is frozen), each leading row's
     coefficients getting the gradient of its own tokens only (for g: Σ over row b's tokens of Q ⊙ P): the
     chosen backend's passes with rows=True (the GEMMs below; the fused kernel for a diagonal), or under
-    torch.compile plain ops that inductor differentiates (rows_by_ops). A served batch on CUDA takes the
+    torch.compile the GEMMs' forward as plain ops that inductor differentiates. A served batch on CUDA takes the
     mixed-batch kernel instead where it can (serving/ops/rows_kernel.fused_transform_rows, checked against this).
     """
     if a.shape[0] != rows.shape[0]:
@@ -86,21 +86,11 @@ def transform_rows(
     if flat.shape[0] == 0:
         return a.clone()
     call = Call.of(flat, basis, rows[0], structure, disabled, rows=True)
-    if call.compiling:  # inductor differentiates the plain ops and fuses the mix itself
-        return rows_by_ops(flat.to(call.dtype), basis, rows, shift, structure).view(a.shape)
+    if call.compiling:  # the GEMMs' forward as plain ops: inductor differentiates them and fuses the mix
+        flat, basis = flat.to(call.dtype), basis.to(call.dtype)
+        return GEMMS.forward_pass(flat, basis, rows, shift, structure, rows=True)[0].view(a.shape)
     backend = choose(call)
     return _Transform.apply(flat, basis, rows, shift, backend, structure, True).view(a.shape)
-
-
-def rows_by_ops(a: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor, shift, structure: Structure):
-    """transform_rows on a 2-D a (N, d) by plain differentiable ops, autograd's backward: what torch.compile
-    traces."""
-    basis = basis.to(a.dtype)
-    projection = a @ basis  # (N, r)
-    if shift is not None:
-        projection = projection - shift.to(a.dtype)
-    mixed = structure.mix(by_block(projection, rows), rows, transposed=True)  # (B, N / B, r), fp32 at least
-    return torch.addmm(a, mixed.to(a.dtype).view_as(projection), basis.T)
 
 
 def adapt_input(x, basis, g, disabled=NOTHING_DISABLED, structure: Structure = DIAGONAL) -> torch.Tensor:
@@ -202,8 +192,16 @@ class Gemms(Backend):
         return structure.mix(p, coefficients, transposed).to(p.dtype)
 
     def rows_grad(self, structure: Structure, q, p, coefficients):
-        """dC (B, *shape) in fp32 at least, for q and p as blocks (B, N / B, r): block_grad."""
-        return block_grad(structure, q, p, coefficients)
+        """dC (B, *shape) in fp32 at least for coefficients per block, q and p as blocks (B, N / B, r): the
+        gradient of ⟨Q, mix(P, C)⟩ in each block's C. A diagonal's is Σ over the block's rows of Q ⊙ P; any
+        other structure's is its mix's vector-Jacobian product (exact, whatever the structure)."""
+        if structure.elementwise:  # the products in q's dtype, summed in fp32 at least
+            return (q * p.to(q.dtype)).sum(dim=1, dtype=torch.promote_types(q.dtype, torch.float32))
+        q, p = wide(q, p)
+        with torch.enable_grad():
+            c = coefficients.detach().to(p.dtype).requires_grad_()
+            mixed = structure.mix(p, c, transposed=True)
+            return torch.autograd.grad(mixed, c, q.to(mixed.dtype))[0]
 
     def mix(self, structure: Structure, p, coefficients, transposed: bool):
         """P Mᵀ (transposed) or P M in fp32: the structure's own."""
@@ -223,19 +221,6 @@ register(GEMMS, last=True)
 def by_block(p: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """P (N, r) as (B, N / B, r): one block per set of coefficients."""
     return p.view(len(coefficients), -1, p.shape[-1])
-
-
-def block_grad(structure: Structure, q: torch.Tensor, p: torch.Tensor, coefficients: torch.Tensor):
-    """dC (B, *shape) fp32 for coefficients per block: ⟨Q, mix(P, C)⟩'s gradient in each block's C, q and p
-    (B, N / B, r). A diagonal's is Σ over the block's rows of Q ⊙ P; any other structure's is its mix's
-    vector-Jacobian product (exact, whatever the structure)."""
-    if structure.elementwise:  # the products in q's dtype, summed in fp32 at least
-        return (q * p.to(q.dtype)).sum(dim=1, dtype=torch.promote_types(q.dtype, torch.float32))
-    q, p = wide(q, p)
-    with torch.enable_grad():
-        c = coefficients.detach().to(p.dtype).requires_grad_()
-        mixed = structure.mix(p, c, transposed=True)
-        return torch.autograd.grad(mixed, c, q.to(mixed.dtype))[0]
 
 
 def scaled_basis(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

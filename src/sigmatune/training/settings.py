@@ -30,10 +30,8 @@ LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix 
 def auto_lr(structure: str, band: int = 0) -> float:
     """lr "auto": LR_DIRECTION over the trained numbers that sum into one direction's update — 1 for the
     diagonal, a band's 2b+1 (Adam moves each number by about lr a step, so a direction moves by their count
-    times lr) — on the 1-3-10 series: diagonal 1e-2, band 1 3e-3, band 4 1e-3, band 16 3e-4. Measured: on the
-    default job (held-out loss at 1e-3 / 3e-3 / 1e-2: band 4 over the top 128 0.569 / 0.591 / 0.848; band 1
-    best at 3e-3, the diagonal at 1e-2) and on the quality suite's sentiment task (diagonal 3e-2, band 1 1e-2,
-    band 4 3e-3 best: the same ratios one step higher). The matrix structures keep LEARNING_RATES."""
+    times lr) — on the 1-3-10 series: diagonal 1e-2, band 1 3e-3, band 4 1e-3, band 16 3e-4 (the ratios the
+    default job's and the quality suite's sweeps show). The matrix structures keep LEARNING_RATES."""
     if structure in LEARNING_RATES:
         return LEARNING_RATES[structure]
     per_direction = 2 * band + 1 if structure == "band" else 1
