@@ -18,12 +18,23 @@ cache), trainable parameters, seconds to the end of the first step (compile incl
 round-robin N times and the median is over every round's steps, `rounds` listing each round's median: an
 eager step is bound by the host, whose speed drifts), ratio to the frozen step of the same mode, peak
 allocated GiB and its ratio. Rows are merged into results/train_step.json by row_key.
+
+Each sigmatune row also carries `floor_ratio`: the frozen step plus the least time its transform can take on
+this GPU, over the frozen step. Per adapted layer of input width d, adapter width r and band b over N tokens,
+the one-sided transform x' = x + ((x V) C) Vᵀ must move at least
+    bytes = 2 (4 N d + 2 N r)          read x, write x'; read dx', write dx; write and read x V (bf16)
+and compute at least
+    flops = 8 N d r + 6 N r (2b + 1)   x V and its product with Vᵀ, each way; the mix and its gradient
+so it takes at least max(bytes / bandwidth, flops / matmul rate), both measured on the device in the same
+process (`bandwidth_gbs`, `matmul_tflops` in the rows). The transform acts on the smaller side of the layer
+(d = min(in, out); ARCHITECTURE.md's input and output sides). Other rows' floor_ratio is null.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import common
@@ -41,7 +52,7 @@ def row_key(row: dict) -> tuple:
 def rows_for(which: str) -> list[tuple[str, object, str]]:
     """(method, rank, mode) for `all`, one mode's name, or a list of method:rank[:e|c|g]."""
     every = [("frozen", 0), ("sigmatune", 16), ("sigmatune", 64), ("sigmatune", "full"), ("lora", 16)]
-    every += [("sigmatune-band1", "full"), ("sigmatune-band4", 64)]
+    every += [("sigmatune-band1", "full"), ("sigmatune-band4", "full")]
     peers = [(f"eigentune-{b}", r) for b in ("torch", "auto") for r in (16, 64)]
     if which in ("all", *common.MODES.values()):
         modes = list(common.MODES.values()) if which == "all" else [which]
@@ -83,6 +94,7 @@ def main() -> None:
     rows = rows_for(args.rows)
     device = common.pick_device(args.device)
     base = common.build(args.shape, device)
+    speeds = device_speeds(device)
     measured = {}  # (method, rank, mode) → what its rounds gave
     order = list(common.MODES.values())
     ordered = sorted(rows, key=lambda r: (order.index(r[2]), r[0] != "frozen"))
@@ -109,14 +121,59 @@ def main() -> None:
             entry.setdefault("rounds", []).append(statistics.median(times))
             entry["peak"] = max(entry.get("peak", peak), peak)
             print(f"{method} r={rank} {mode} round {turn + 1}: {statistics.median(times):.2f} ms", flush=True)
-            common.merge_rows(args.out, rows_of(measured, args, tokens, common.device_name(device)), row_key)
-    results = rows_of(measured, args, tokens, common.device_name(device))
+            common.merge_rows(
+                args.out, rows_of(measured, args, tokens, common.device_name(device), speeds), row_key
+            )
+    results = rows_of(measured, args, tokens, common.device_name(device), speeds)
     for row in results:
         print(json.dumps(row), flush=True)
+    print(
+        f"floor: {speeds[0] / 1e9:.0f} GB/s, {speeds[1] / 1e12:.0f} TFLOP/s measured on {device}", flush=True
+    )
     print(markdown(common.merge_rows(args.out, results, row_key)))
 
 
-def rows_of(measured: dict, args, tokens: tuple[int, int], device: str) -> list[dict]:
+def device_speeds(device: torch.device) -> tuple[float, float]:
+    """(bytes/s a copy moves, flop/s of a bf16 matmul) on the device: the rates the floor is made of."""
+    size = 2**29 if device.type == "cuda" else 2**22  # elements: 1 GiB of bf16 on a GPU
+    source = torch.randn(size, device=device).bfloat16()
+    target = torch.empty_like(source)
+    copy_s = fastest_seconds(lambda: target.copy_(source))
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device).bfloat16(), torch.randn(n, n, device=device).bfloat16()
+    matmul_s = fastest_seconds(lambda: a @ b)
+    return 2 * 2 * size / copy_s, 2 * n**3 / matmul_s
+
+
+def fastest_seconds(fn, calls: int = 5) -> float:
+    """The fastest of `calls` timed calls after one untimed call (a rate the device can reach)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        common.sync()
+        start = time.perf_counter()
+        fn()
+        common.sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def floor_ms(shape: str, rank, band: int, tokens: int, speeds: tuple[float, float]) -> float:
+    """The least ms the adapter's transforms add to a step (the module docstring's bytes and flops)."""
+    bandwidth, rate = speeds
+    total = 0.0
+    for out, inp, count in common.weight_shapes(shape):
+        d = min(out, inp)  # the side the transform acts on
+        r = d if rank == "full" else min(rank, d)
+        moved = 2 * (4 * tokens * d + 2 * tokens * r)
+        flops = 8 * tokens * d * r + 6 * tokens * r * (2 * band + 1)
+        total += count * max(moved / bandwidth, flops / rate)
+    return 1000 * total
+
+
+def rows_of(
+    measured: dict, args, tokens: tuple[int, int], device: str, speeds: tuple[float, float]
+) -> list[dict]:
     """The results rows of what has been measured so far (ratios to the frozen row of the same mode)."""
     results = []
     for (method, rank, mode), entry in measured.items():
@@ -125,12 +182,18 @@ def rows_of(measured: dict, args, tokens: tuple[int, int], device: str) -> list[
         ref_ms = statistics.median(frozen["times"]) if frozen else float("nan")
         ref_peak = frozen["peak"] if frozen else float("nan")
         init_s, init_warm_s = entry["init"]
+        structure = common.structure_of(method)
+        floor = None
+        if structure:
+            least = floor_ms(args.shape, rank, structure["band"], tokens[0] * tokens[1], speeds)
+            floor = round((ref_ms + least) / ref_ms, 3)
         row = dict(
             shape=args.shape, method=method, rank=rank, compiled=mode != "eager", mode=mode,
-            **common.structure_of(method), tokens=tokens[0] * tokens[1],
+            **structure, tokens=tokens[0] * tokens[1],
             init_s=round(init_s, 3), init_warm_s=None if init_warm_s is None else round(init_warm_s, 3),
             trainable=entry["trainable"], first_step_s=round(entry["first"], 1), step_ms=round(step_ms, 2),
-            ratio_vs_frozen=round(step_ms / ref_ms, 3), peak_gib=round(peak, 2),
+            ratio_vs_frozen=round(step_ms / ref_ms, 3), floor_ratio=floor,
+            bandwidth_gbs=round(speeds[0] / 1e9), matmul_tflops=round(speeds[1] / 1e12, 1), peak_gib=round(peak, 2),
             peak_ratio_vs_frozen=round(peak / ref_peak, 3), device=device,
             compile={"eager": None, "compiled": args.compile, "graphed": "model"}[mode],
             rounds=[round(ms, 2) for ms in entry["rounds"]],
@@ -140,15 +203,16 @@ def rows_of(measured: dict, args, tokens: tuple[int, int], device: str) -> list[
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| device | shape | tokens | method | rank | mode | init s (warm) | trainable | step ms | × frozen | peak GiB | × frozen |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| device | shape | tokens | method | rank | mode | init s (warm) | trainable | step ms | × frozen | floor | peak GiB | × frozen |"
+    lines = [head, "|" + "---|" * 13]
     order = list(common.MODES.values())
     for r in sorted(rows, key=lambda r: (*row_key(r)[4:], r["shape"], order.index(row_key(r)[3]), r["method"] != "frozen", r["method"], str(r["rank"]))):  # fmt: skip
         warm = "" if r["init_warm_s"] is None else f" ({r['init_warm_s']:.2f})"
+        floor = "" if r.get("floor_ratio") is None else f"{r['floor_ratio']:.2f}"
         lines.append(
             f"| {r['device'].removeprefix('NVIDIA ')} | {r['shape']} | {r['tokens']} | {r['method']} | {r['rank']} | "
             f"{row_key(r)[3]} | {r['init_s']:.2f}{warm} | {r['trainable']:,} | {r['step_ms']:.1f} | "
-            f"{r['ratio_vs_frozen']:.2f} | {r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
+            f"{r['ratio_vs_frozen']:.2f} | {floor} | {r['peak_gib']:.2f} | {r['peak_ratio_vs_frozen']:.3f} |"
         )
     return (
         "\n".join(lines)
