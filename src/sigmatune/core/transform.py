@@ -31,6 +31,7 @@ from .structures.base import Structure, wide
 from .structures.diagonal import Diagonal
 
 DIAGONAL = Diagonal()
+SMALL_RANK = 256  # up to this r a diagonal's dg is torch's (a small GEMM; per row block, a product and sum)
 
 
 def transform(
@@ -209,7 +210,7 @@ class Gemms(Backend):
 
     def grad(self, structure: Structure, q, p, coefficients):
         """dC in fp32: the structure's own; a diagonal's Σ_rows q ⊙ p by one small GEMM when r is small."""
-        if structure.elementwise and q.shape[1] <= 256:
+        if structure.elementwise and q.shape[1] <= SMALL_RANK:
             return torch.mm(q.T, p).diagonal()
         return structure.grad(q, p, coefficients)
 

@@ -22,7 +22,7 @@ __all__ = [
     "TritonGemms",
     "using",
 ]  # using(name): one backend for a block (tests, benchmarks)
-from ..core.transform import Gemms
+from ..core.transform import SMALL_RANK, Gemms
 from . import band_kernel, library, switches, transform_kernel
 
 KERNEL_STRUCTURES = ("diagonal", "band")  # what the kernels take: g, or a band's column-aligned diagonals
@@ -79,14 +79,14 @@ class TritonGemms(Gemms):
         if structure.elementwise:
             return (
                 super().grad(structure, q, p, coefficients)
-                if q.shape[1] <= 256
+                if q.shape[1] <= SMALL_RANK
                 else band_kernel.grad(q, p, 0)[0]
             )
         return band_kernel.grad(q, p, structure.width(coefficients))
 
     def rows_grad(self, structure, q, p, coefficients):
         _, tokens, r = q.shape  # a diagonal's (rows: can_run)
-        if tokens % band_kernel.BLOCK_N or r <= 256:  # small r: torch's product and sum
+        if tokens % band_kernel.BLOCK_N or r <= SMALL_RANK:
             return super().rows_grad(structure, q, p, coefficients)
         return band_kernel.grad(q.view(-1, r), p.view(-1, r), 0, tokens)[:, 0]
 
