@@ -78,7 +78,7 @@ def test_every_backend_computes_the_reference(backend, structure, update, side, 
         (out.double() * upstream.to(DEVICE)).sum().backward()
     x64 = x.clone().requires_grad_(True)
     vector64 = vector.detach().cpu().double().requires_grad_(True)
-    expected = x64 @ reference(linear, layer, vector64, side).T + linear.bias.detach()
+    expected = x64 @ reference(linear, layer, vector64, side).T + linear.bias.detach().cpu().double()
     (expected * upstream).sum().backward()
     tol = TOLERANCE[dtype]
     assert relative(out, expected.detach()) < tol

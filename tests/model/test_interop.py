@@ -185,8 +185,12 @@ def test_an_unknown_eigentune_update_or_source_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def seed_package(tmp_path_factory):
-    """The seed package imported from its real wheel, as `eigentune_seed` (0.2.0 owns `eigentune`)."""
-    wheel = registry_file(*SEED_WHEEL)
+    """The seed package imported from its real wheel, as `eigentune_seed` (0.2.0 owns `eigentune`); skipped
+    where the registry cannot be reached and the wheel is not cached (an offline GPU machine)."""
+    try:
+        wheel = registry_file(*SEED_WHEEL)
+    except RuntimeError as err:
+        pytest.skip(f"needs eigentune 0.1.0's wheel from the registry: {err}")
     root = tmp_path_factory.mktemp("seed")
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.namelist():
