@@ -145,7 +145,12 @@ def run_rows(rows: list[dict], args) -> None:
             measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
         except (RuntimeError, MemoryError) as err:
             # out of memory, ...: not a result; the next run retries it
-            print(f"{row}: NOT RUN {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
+            spent = time.perf_counter() - started
+            print(
+                f"{row}: NOT RUN after {spent:.0f} s {type(err).__name__}: {err}"[:600],
+                file=sys.stderr,
+                flush=True,
+            )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
@@ -191,7 +196,8 @@ def run_in_workers(rows: list[dict], args) -> None:
     folder = Path(
         tempfile.mkdtemp(prefix="quality-workers-")
     )  # not beside --out: a GPU run's $OUT takes 8 files
-    procs = {}
+    procs, started = {}, time.time()
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the host's cores shared, not each worker's
     for w in range(args.workers):
         share = rows[w :: args.workers]
         if not share:
@@ -199,11 +205,19 @@ def run_in_workers(rows: list[dict], args) -> None:
         (folder / f"rows{w}.json").write_text(json.dumps(share))
         command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
         command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
-        procs[w] = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+        procs[w] = subprocess.Popen(command, env=env)
     while any(proc.poll() is None for proc in procs.values()):
         time.sleep(10)
         merge_workers(folder, procs, args.out)
     merge_workers(folder, procs, args.out)
+    done = [r for w in procs for r in common.load_rows(details_path(folder / f"out{w}.json"))]
+    busy = sum(r.get("run_s") or 0 for r in done)
+    print(
+        f"{len(done)} of {len(rows)} rows in {time.time() - started:.0f} s by {len(procs)} workers "
+        f"(their rows' run_s sum to {busy:.0f} s; {time.time() - args.deadline + args.budget:.0f} s since the start)",
+        flush=True,
+    )
     shutil.rmtree(folder)
     failed = {w: proc.returncode for w, proc in procs.items() if proc.returncode}
     if failed:
