@@ -20,14 +20,14 @@ eager step is bound by the host, whose speed drifts), ratio to the frozen step o
 allocated GiB and its ratio. Rows are merged into results/train_step.json by row_key.
 
 Each sigmatune row also carries `floor_ratio`: the frozen step plus the least time its transform can take on
-this GPU, over the frozen step. Per adapted layer of input width d, adapter width r and band b over N tokens,
-the one-sided transform x' = x + ((x V) C) Vᵀ must move at least
+this GPU, over the frozen step. Per adapted layer, with d the width of the side the transform acts on (the
+smaller: d = min(in, out), ARCHITECTURE.md's input and output sides), adapter width r, band b and N tokens, the
+one-sided transform x' = x + ((x V) C) Vᵀ must move at least
     bytes = 2 (4 N d + 2 N r)          read x, write x'; read dx', write dx; write and read x V (bf16)
 and compute at least
     flops = 8 N d r + 6 N r (2b + 1)   x V and its product with Vᵀ, each way; the mix and its gradient
 so it takes at least max(bytes / bandwidth, flops / matmul rate), both measured on the device in the same
-process (`bandwidth_gbs`, `matmul_tflops` in the rows). The transform acts on the smaller side of the layer
-(d = min(in, out); ARCHITECTURE.md's input and output sides). Other rows' floor_ratio is null.
+process (`bandwidth_gbs`, `matmul_tflops` in the rows). Other rows' floor_ratio is null.
 """
 
 from __future__ import annotations
