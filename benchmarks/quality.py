@@ -197,7 +197,8 @@ def run_in_workers(rows: list[dict], args) -> None:
         tempfile.mkdtemp(prefix="quality-workers-")
     )  # not beside --out: a GPU run's $OUT takes 8 files
     procs, started = {}, time.time()
-    threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the host's cores shared, not each worker's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // args.workers))  # shared, not each's
     for w in range(args.workers):
         share = rows[w :: args.workers]
         if not share:

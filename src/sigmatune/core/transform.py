@@ -31,7 +31,9 @@ from .structures.base import Structure, wide
 from .structures.diagonal import Diagonal
 
 DIAGONAL = Diagonal()
-SMALL_RANK = 256  # up to this r a diagonal's dg is torch's (a small GEMM; per row block, a product and sum)
+SMALL_RANK = (
+    256  # up to this r a diagonal's dg is the diagonal of one r × r GEMM (ops' band backend: not its kernel)
+)
 
 
 def transform(

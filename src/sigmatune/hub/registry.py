@@ -75,8 +75,12 @@ def _download(url: str, target: Path, sha256: str, index: str, fetch_hint: str) 
     return target
 
 
+class Unreachable(RuntimeError):
+    """The registry could not be reached for a file that is not cached (offline; a refused file is not this)."""
+
+
 def _unreachable(filename: str, index: str, err: Exception, fetch_hint: str, target: Path) -> RuntimeError:
-    return RuntimeError(
+    return Unreachable(
         f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. {fetch_hint}) and put "
         f"it at {target}"
     )
