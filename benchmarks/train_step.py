@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import common
@@ -134,28 +133,16 @@ def main() -> None:
 
 
 def device_speeds(device: torch.device) -> tuple[float, float]:
-    """(bytes/s a copy moves, flop/s of a bf16 matmul) on the device: the rates the floor is made of."""
+    """(bytes/s a copy moves, flop/s of a bf16 matmul) on the device: the rates the floor is made of, each
+    timed as common.host_and_gpu_us times a call (back to back on the GPU, after warm-up calls)."""
     size = 2**29 if device.type == "cuda" else 2**22  # elements: 1 GiB of bf16 on a GPU
     source = torch.randn(size, device=device).bfloat16()
     target = torch.empty_like(source)
-    copy_s = fastest_seconds(lambda: target.copy_(source))
+    copy_us = common.host_and_gpu_us(lambda: target.copy_(source), device, calls=5, repeats=3)[1]
     n = 8192 if device.type == "cuda" else 512
     a, b = torch.randn(n, n, device=device).bfloat16(), torch.randn(n, n, device=device).bfloat16()
-    matmul_s = fastest_seconds(lambda: a @ b)
-    return 2 * 2 * size / copy_s, 2 * n**3 / matmul_s
-
-
-def fastest_seconds(fn, calls: int = 5) -> float:
-    """The fastest of `calls` timed calls after one untimed call (a rate the device can reach)."""
-    fn()
-    times = []
-    for _ in range(calls):
-        common.sync()
-        start = time.perf_counter()
-        fn()
-        common.sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    matmul_us = common.host_and_gpu_us(lambda: a @ b, device, calls=5, repeats=3)[1]
+    return 2 * 2 * size / (copy_us * 1e-6), 2 * n**3 / (matmul_us * 1e-6)
 
 
 def floor_ms(shape: str, rank, band: int, tokens: int, speeds: tuple[float, float]) -> float:

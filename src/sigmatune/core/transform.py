@@ -31,9 +31,8 @@ from .structures.base import Structure, wide
 from .structures.diagonal import Diagonal
 
 DIAGONAL = Diagonal()
-SMALL_RANK = (
-    256  # up to this r a diagonal's dg is the diagonal of one r × r GEMM (ops' band backend: not its kernel)
-)
+# up to this r a diagonal's dg is the diagonal of one r × r GEMM (and, for ops' band backend, not its kernel)
+SMALL_RANK = 256
 
 
 def transform(

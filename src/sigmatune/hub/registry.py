@@ -79,7 +79,7 @@ class Unreachable(RuntimeError):
     """The registry could not be reached for a file that is not cached (offline; a refused file is not this)."""
 
 
-def _unreachable(filename: str, index: str, err: Exception, fetch_hint: str, target: Path) -> RuntimeError:
+def _unreachable(filename: str, index: str, err: Exception, fetch_hint: str, target: Path) -> Unreachable:
     return Unreachable(
         f"could not download {filename} from {index} ({err}); fetch it yourself (e.g. {fetch_hint}) and put "
         f"it at {target}"
