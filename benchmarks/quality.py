@@ -281,7 +281,7 @@ def sweep(args) -> None:
         row_of(t, m, best_lr(swept), seed)
         for t in tasks
         for m in plan[t.name]
-        if (swept := seed0(done, t.name, m))
+        if (swept := [r for r in seed0(done, t.name, m) if r["eval_loss"] is not None])
         for seed in seeds
         if seed != 0
     ]
@@ -309,33 +309,31 @@ def resolve_models(args, families: set[str]) -> None:
 
 
 def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
-    """The seed-0 sweep of a method on a task: its rows at a number lr that finished."""
+    """The seed-0 sweep of a method on a task: its rows at a number lr, a diverged one (no eval_loss) too."""
     return [
-        r
-        for r in rows
-        if r["task"] == task
-        and method_of(r) == method
-        and r["seed"] == 0
-        and r["lr"] != "auto"
-        and r["eval_loss"] is not None
+        r for r in rows if r["task"] == task and method_of(r) == method and r["seed"] == 0 and r["lr"] != "auto"
     ]
 
 
 def next_lr(swept: list[dict], planned: list[float]) -> float | None:
     """The next lr of the 1-3-10 series past the end of the sweep where its best is, or None: the best is
-    inside, there is no lr to sweep, or EXTEND lrs beyond the planned ones were run already."""
+    inside, there is no lr to sweep, EXTEND lrs beyond the planned ones were run already, or the next one was
+    run and diverged (it is an edge too)."""
     from sigmatune.training.settings import one_three
 
-    lrs = sorted({r["lr"] for r in swept})
-    beyond = [lr for lr in lrs if not min(planned) <= lr <= max(planned)]
+    tried = sorted({r["lr"] for r in swept})
+    finished = [r for r in swept if r["eval_loss"] is not None]
+    lrs = sorted({r["lr"] for r in finished})
+    beyond = [lr for lr in tried if not min(planned) <= lr <= max(planned)]
     if len(lrs) < 2 or 0.0 in lrs or len(beyond) >= EXTEND:
         return None
-    best = best_lr(swept)
+    best, further = best_lr(finished), None
     if best == lrs[0]:
-        return one_three(lrs[0] / 3.1)
-    if best == lrs[-1] and lrs[-1] < 0.3:
-        return one_three(lrs[-1] * 3.4)
-    return None
+        further = one_three(lrs[0] / 3.1)
+    elif best == lrs[-1] and lrs[-1] < 0.3:
+        further = one_three(lrs[-1] * 3.4)
+    diverged = further is not None and any(math.isclose(further, lr) for lr in tried)
+    return None if diverged else further
 
 
 def best_lr(rows: list[dict]) -> float | str:

@@ -155,3 +155,5 @@ def test_the_sweep_goes_past_an_edge_that_wins_twice_at_most():
     assert quality.next_lr(swept(3e-4, *planned), planned) == 1e-4
     assert quality.next_lr(swept(1e-4, 3e-4, *planned), planned) is None  # a resumed run goes no further
     assert quality.next_lr([dict(lr=lr, eval_loss=-lr) for lr in planned], planned) == 3e-2
+    diverged = [dict(lr=lr, eval_loss=-lr) for lr in planned] + [dict(lr=3e-2, eval_loss=None)]
+    assert quality.next_lr(diverged, planned) is None  # the lr past the edge diverged: it is the edge
