@@ -287,7 +287,10 @@ def sweep(args) -> None:
     ]
     run_rows(later, args)
     auto = [
-        {**row_of(t, m, "auto", seed), "lr_chosen": auto_lr(m.structure, m.band or 0)}
+        {
+            **row_of(t, m, "auto", seed),
+            "lr_chosen": auto_lr(m.structure, m.band or 0, model_blocks(args, t.model)),
+        }
         for t in tasks
         for m in plan[t.name]
         if m.method == "sigmatune"
@@ -308,10 +311,18 @@ def resolve_models(args, families: set[str]) -> None:
         args.causal_model = str(smollm2_path())
 
 
+def model_blocks(args, family: str) -> int:
+    """The depth of a family's model in blocks (lr auto scales by it), from its folder's config.json."""
+    folder = Path(args.encoder if family == "minilm" else args.causal_model)
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
 def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
     """The seed-0 sweep of a method on a task: its rows at a number lr, a diverged one (no eval_loss) too."""
     return [
-        r for r in rows if r["task"] == task and method_of(r) == method and r["seed"] == 0 and r["lr"] != "auto"
+        r
+        for r in rows
+        if r["task"] == task and method_of(r) == method and r["seed"] == 0 and r["lr"] != "auto"
     ]
 
 

@@ -27,8 +27,9 @@ from sigmatune.training.evaluate import normalize
 from sigmatune.training.job import SUMMARY_NAME, train
 from sigmatune.training.loop import batch_order, lr_factor
 from sigmatune.training.settings import TrainSettings, auto_lr, one_three
+from sigmatune.training.setup import model_blocks
 from sigmatune.training.tokens import IGNORE, encode
-from tests.models import save_tiny_chat_model, tiny_tokenizer, vectors
+from tests.models import save_tiny_chat_model, tiny_llama, tiny_tokenizer, vectors
 
 PARITY = [{"input": f"Is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(150)]
 
@@ -129,6 +130,24 @@ def test_lr_auto_divides_the_diagonals_lr_by_the_numbers_per_direction():
     assert lrs == {1: 3e-3, 2: 3e-3, 4: 1e-3, 16: 3e-4}
     assert auto_lr("diagonal") == 1e-2 and auto_lr("band", 4) == one_three(1e-2 / 9) == 1e-3
     assert auto_lr("dense") == auto_lr("diag_rank1") == 3e-3
+
+
+def test_lr_auto_grows_as_the_model_gets_shallower():
+    """A change per layer compounds over the blocks: lr auto scales by √(30 / blocks) — the best lrs the sweeps
+    show on MiniLM (6 blocks) are 3× SmolLM2's (30) — and a model's depth comes from its config."""
+    minilm = {b: auto_lr("band", b, blocks=6) for b in (1, 4, 16)}
+    assert auto_lr("diagonal", blocks=6) == 3e-2 and minilm == {1: 1e-2, 4: 3e-3, 16: 1e-3}
+    assert (
+        auto_lr("diagonal", blocks=30) == auto_lr("diagonal") == 1e-2
+        and auto_lr("diagonal", blocks=120) == 3e-3
+    )
+    assert auto_lr("dense", blocks=6) == 3e-3  # the matrix structures keep theirs
+    shallow = TrainSettings(rank=64).on_device(torch.device("cpu"), 576, blocks=6)
+    assert shallow.lr == 3e-2
+    with pytest.raises(ValueError, match="at least one block"):
+        auto_lr("diagonal", blocks=0)
+    tiny = tiny_llama()  # its config's depth
+    assert model_blocks(tiny) == tiny.config.num_hidden_layers
     assert [one_three(v) for v in (0.0026, 0.0095, 0.0011, 0.02)] == [3e-3, 1e-2, 1e-3, 3e-2]
 
 

@@ -23,19 +23,25 @@ RECIPES = {
     "gpu": dict(rank="full", structure="diagonal", band=0),  # lr 1e-2: 0.5749 / 65%, 0.5210 / 66%
     "cpu": dict(rank=128, structure="band", band=1),  # lr 3e-3: 0.5684 / 65%, 0.5347 / 65%; 2/3 the CPU time
 }
-LR_DIRECTION = 1e-2  # lr "auto" of the diagonal: one trained number per direction (the quality sweeps' best)
-LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix structures (not swept)
+LR_DIRECTION = 1e-2  # lr "auto" of the diagonal on a model REFERENCE_BLOCKS deep (SmolLM2-135M's best)
+REFERENCE_BLOCKS = 30
+LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix structures (MiniLM's best)
 
 
-def auto_lr(structure: str, band: int = 0) -> float:
-    """lr "auto": LR_DIRECTION over the trained numbers that sum into one direction's update — 1 for the
-    diagonal, a band's 2b+1 (Adam moves each number by about lr a step, so a direction moves by their count
-    times lr) — on the 1-3-10 series: diagonal 1e-2, band 1 3e-3, band 4 1e-3, band 16 3e-4 (the ratios the
-    default job's and the quality suite's sweeps show). The matrix structures keep LEARNING_RATES."""
+def auto_lr(structure: str, band: int = 0, blocks: int = REFERENCE_BLOCKS) -> float:
+    """lr "auto" = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the 1-3-10 series, where n is the count
+    of trained numbers that sum into one direction's update — 1 for the diagonal, a band's 2b+1 (Adam moves
+    each number by about lr a step, so a direction moves by n · lr) — and blocks the model's depth (its
+    transformer blocks: a change per layer compounds over them, so a deeper model takes a smaller one).
+    SmolLM2-135M (30 blocks): diagonal 1e-2, band 1 3e-3, band 4 1e-3, band 16 3e-4; MiniLM (6 blocks): 3e-2,
+    1e-2, 3e-3, 1e-3 — the best lrs the default job's and the quality suite's sweeps show on both. The
+    matrix structures keep LEARNING_RATES."""
     if structure in LEARNING_RATES:
         return LEARNING_RATES[structure]
+    if blocks < 1:
+        raise ValueError(f"a model's depth is at least one block, got {blocks!r}")
     per_direction = 2 * band + 1 if structure == "band" else 1
-    return one_three(LR_DIRECTION / per_direction)
+    return one_three(LR_DIRECTION * math.sqrt(REFERENCE_BLOCKS / blocks) / per_direction)
 
 
 def one_three(value: float) -> float:
@@ -54,7 +60,9 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak lr, "auto" (1e-2; a band 1e-2 / (2b+1)), or "a,b,c": a sweep, best kept
+    lr: float | str = (
+        "auto"  # peak lr, "auto" (1e-2 × √(30 / the model's blocks); a band's over 2b+1), or "a,b,c": a sweep, best kept
+    )
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -95,13 +103,13 @@ class TrainSettings:
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup!r}")
 
-    def on_device(self, device: torch.device, smallest: int) -> TrainSettings:
-        """These settings with "auto" resolved for the device and the smallest min(in, out) of the targeted
-        layers. Rank "auto" takes the device's RECIPES entry (on a CPU the band b = 1 over the top 128
+    def on_device(self, device: torch.device, smallest: int, blocks: int = REFERENCE_BLOCKS) -> TrainSettings:
+        """These settings with "auto" resolved for the device, the smallest min(in, out) of the targeted
+        layers and the model's depth in blocks. Rank "auto" takes the device's RECIPES entry (on a CPU the band b = 1 over the top 128
         singular values, as good as the full spectrum on the default job at about 2/3 of its step time;
         elsewhere the full spectrum; "full" where a layer has fewer), and so does structure "auto" with it;
         beside a rank of the user's, structure "auto" is the diagonal. A band given with structure "auto"
-        makes it a band. lr "auto" is auto_lr's for the structure and band."""
+        makes it a band. lr "auto" is auto_lr's for the structure, band and depth."""
         recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"]
         changes = {}
         if self.rank == "auto":
@@ -113,7 +121,7 @@ class TrainSettings:
             band = band or (recipe["band"] if structure == "band" else 0)
             changes.update(structure=structure, band=band)
         if self.lr == "auto":
-            changes["lr"] = auto_lr(structure, band)
+            changes["lr"] = auto_lr(structure, band, blocks)
         return dataclasses.replace(self, **changes)
 
     def lr_candidates(self) -> list[float] | None:

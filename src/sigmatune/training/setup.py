@@ -16,7 +16,7 @@ from ..formats import checkpoint
 from ..formats.checkpoint import CHECKPOINT_NAME
 from ..hub.loading import load_model
 from .loop import log
-from .settings import TRAJECTORY, TrainSettings
+from .settings import REFERENCE_BLOCKS, TRAJECTORY, TrainSettings
 
 
 def prepared(settings: TrainSettings, config):
@@ -91,14 +91,22 @@ def resolve_auto(model, settings: TrainSettings, config, device: torch.device) -
     """Settings with every "auto" resolved (TrainSettings.on_device), saying what was chosen."""
     shapes = linear_shapes(model)
     smallest = min(min(shapes[name]) for name in find_targets(model, config.target_modules))
-    chosen = settings.on_device(device, smallest)
+    blocks = model_blocks(model)
+    chosen = settings.on_device(device, smallest, blocks)
     structure = f"band b={chosen.band}" if chosen.structure == "band" else chosen.structure
     lr = chosen.lr if isinstance(chosen.lr, str) else f"{chosen.lr:g}"  # a sweep's, as given
     log(
         f"rank {chosen.rank}, {structure}, lr {lr} (the {'auto' if settings.rank == 'auto' else 'default'} "
-        f"choice on {device.type}; a GPU takes the full spectrum, diagonal, lr 1e-2)"
+        f"choice on {device.type} for a model of {blocks} blocks; a GPU takes the full spectrum, diagonal)"
     )
     return chosen
+
+
+def model_blocks(model) -> int:
+    """The model's depth in transformer blocks (its text model's, for a multimodal one); REFERENCE_BLOCKS
+    where its config does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "num_hidden_layers", None) or REFERENCE_BLOCKS
 
 
 def fit_to_model(model, settings: TrainSettings, device: torch.device) -> TrainSettings:
