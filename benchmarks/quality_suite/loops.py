@@ -7,7 +7,9 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   accuracy.
 - causal (SmolLM2): sigmatune's own training loop (training/loop.fit, the main job's) on the answer tokens,
   CAUSAL_STEPS × CAUSAL_BATCH, ≤ CAUSAL_TOKENS tokens; held-out loss per answer token (training/scores.score) and exact match of greedy
-  answers (a classification task's accuracy, its labels being the answers).
+  answers (a classification task's accuracy, its labels being the answers). On a GPU its float32 matmuls
+  run on TF32 tensor cores (what the HF Trainer's tf32=True does): the causal rows are most of the suite's
+  device time, and every method's row runs the same way.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def run_causal(
     task: SuiteTask, method: Method, lr: float, seed: int, data, model_path: str, device, steps: int
 ) -> dict:
     ops = internals()
-    train, heldout = data
+    heldout = data[1]
     settings = ops.TrainSettings(
         model=model_path,
         lr=lr or 1.0,  # (none: nothing trains, any valid lr)
@@ -228,6 +230,16 @@ def run_causal(
         seed=seed,
         device=str(device),
     )
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU (the encoder rows keep full float32)
+    try:
+        return _run_causal(task, method, settings, data, device, ops)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) -> dict:
+    train, heldout = data
     model, tokenizer = ops.load_model(settings.model, torch.float32, device)
     examples = (
         [ops.Example(i.text, [i.target]) for i in train],
