@@ -161,9 +161,9 @@ def test_the_sweep_goes_past_an_edge_that_wins_twice_at_most():
     assert quality.next_lr(diverged, planned) is None  # the lr past the edge diverged: it is the edge
 
 
-def test_the_input_scaled_prototype_trains_one_scale_per_input_channel():
-    """The prototype starts as the plain diagonal (s = 0), adds in_features numbers per adapted layer, and its
-    scales change the output and get gradients."""
+def test_the_input_scaled_prototype_trains_one_scale_per_input_it_reads():
+    """The prototype starts as the plain diagonal (s = 0), adds in_features numbers per distinct input (q, k and v
+    share one, gate and up one), and its scales change the output and get gradients."""
     from quality_suite.loops import DECODER_FEEDFORWARD, DECODER_TARGETS
 
     from sigmatune.core.layer import SpectralLinear
@@ -171,17 +171,20 @@ def test_the_input_scaled_prototype_trains_one_scale_per_input_channel():
     ids = torch.randint(0, 50, (2, 6))
     plain = methods.adapt(tiny_llama(), methods.sigmatune(), DECODER_TARGETS, DECODER_FEEDFORWARD)
     scaled = methods.adapt(tiny_llama(), methods.sigmatune("full", methods.INPUT_SCALED), DECODER_TARGETS, DECODER_FEEDFORWARD)  # fmt: skip
-    layers = [m for m in scaled.modules() if isinstance(m, SpectralLinear)]
+    layers = {name: m for name, m in scaled.named_modules() if isinstance(m, SpectralLinear)}
+    for siblings in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        group = [m for n, m in layers.items() if ".layers.0." in n and n.endswith(siblings)]
+        assert len(group) == len(siblings) and len({id(m.input_scale) for m in group}) == 1
+    inputs = {id(m.input_scale): m.in_features for m in layers.values()}
     extra = sum(p.numel() for p in methods.trainable(scaled)) - sum(
         p.numel() for p in methods.trainable(plain)
     )
-    assert layers and extra == sum(layer.in_features for layer in layers)
+    assert extra == sum(inputs.values()) < sum(m.in_features for m in layers.values())
     torch.testing.assert_close(scaled(input_ids=ids).logits, plain(input_ids=ids).logits)
+    first = next(iter(layers.values()))
     with torch.no_grad():
-        layers[0].input_scale.fill_(0.5)
+        first.input_scale.fill_(0.5)
     logits = scaled(input_ids=ids).logits
     assert not torch.allclose(logits, plain(input_ids=ids).logits)
     logits.pow(2).mean().backward()
-    assert all(
-        layer.input_scale.grad is not None and layer.input_scale.grad.abs().sum() > 0 for layer in layers
-    )
+    assert all(m.input_scale.grad is not None and m.input_scale.grad.abs().sum() > 0 for m in layers.values())
