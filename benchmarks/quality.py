@@ -286,11 +286,9 @@ def sweep(args) -> None:
         if seed != 0
     ]
     run_rows(later, args)
+    blocks = {t.name: task_blocks(args, t.model) for t in tasks}
     auto = [
-        {
-            **row_of(t, m, "auto", seed),
-            "lr_chosen": auto_lr(m.structure, m.band or 0, model_blocks(args, t.model)),
-        }
+        {**row_of(t, m, "auto", seed), "lr_chosen": auto_lr(m.structure, m.band or 0, blocks[t.name])}
         for t in tasks
         for m in plan[t.name]
         if m.method == "sigmatune"
@@ -311,10 +309,13 @@ def resolve_models(args, families: set[str]) -> None:
         args.causal_model = str(smollm2_path())
 
 
-def model_blocks(args, family: str) -> int:
-    """The depth of a family's model in blocks (lr auto scales by it), from its folder's config.json."""
-    folder = Path(args.encoder if family == "minilm" else args.causal_model)
-    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+def task_blocks(args, family: str) -> int:
+    """The depth in blocks of a family's model (lr auto scales by it), as `sigmatune train` reads it."""
+    from transformers import AutoConfig
+
+    from sigmatune.training.setup import model_blocks
+
+    return model_blocks(AutoConfig.from_pretrained(args.encoder if family == "minilm" else args.causal_model))
 
 
 def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:

@@ -42,6 +42,23 @@ def test_help_and_bad_options_import_nothing_heavy():
     assert done.stdout.strip() == "[]"
 
 
+def test_every_train_option_has_its_fields_comment_as_help():
+    """`train --help` takes each option's help from its TrainSettings field's inline comment: a field whose line
+    the formatter wrapped (the comment then on another line) would be listed with none."""
+    import argparse
+    import dataclasses
+
+    from sigmatune import cli
+    from sigmatune.training.settings import TrainSettings
+
+    parser = argparse.ArgumentParser()
+    cli._train_arguments(parser)
+    helps = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    assert set(helps) == {field.name for field in dataclasses.fields(TrainSettings)}
+    bare = [name for name, text in helps.items() if not text.replace("(default: %(default)s)", "").strip()]
+    assert not bare, f"options without help: {bare}"
+
+
 def test_the_public_api_resolves_each_name():
     assert set(sigmatune.__all__) == {*sigmatune._EXPORTS, "__version__"}
     for name in sigmatune.__all__:

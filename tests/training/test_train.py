@@ -130,6 +130,7 @@ def test_lr_auto_divides_the_diagonals_lr_by_the_numbers_per_direction():
     assert lrs == {1: 3e-3, 2: 3e-3, 4: 1e-3, 16: 3e-4}
     assert auto_lr("diagonal") == 1e-2 and auto_lr("band", 4) == one_three(1e-2 / 9) == 1e-3
     assert auto_lr("dense") == auto_lr("diag_rank1") == 3e-3
+    assert [one_three(v) for v in (0.0026, 0.0095, 0.0011, 0.02)] == [3e-3, 1e-2, 1e-3, 3e-2]
 
 
 def test_lr_auto_grows_as_the_model_gets_shallower():
@@ -147,8 +148,7 @@ def test_lr_auto_grows_as_the_model_gets_shallower():
     with pytest.raises(ValueError, match="at least one block"):
         auto_lr("diagonal", blocks=0)
     tiny = tiny_llama()  # its config's depth
-    assert model_blocks(tiny) == tiny.config.num_hidden_layers
-    assert [one_three(v) for v in (0.0026, 0.0095, 0.0011, 0.02)] == [3e-3, 1e-2, 1e-3, 3e-2]
+    assert model_blocks(tiny.config) == tiny.config.num_hidden_layers
 
 
 def test_normalize_for_exact_match():

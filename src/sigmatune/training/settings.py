@@ -60,9 +60,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = (
-        "auto"  # peak lr, "auto" (1e-2 × √(30 / the model's blocks); a band's over 2b+1), or "a,b,c": a sweep, best kept
-    )
+    lr: float | str = "auto"  # peak lr, "auto" (by structure and model depth), or "a,b,c": a sweep, best kept
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -105,11 +103,11 @@ class TrainSettings:
 
     def on_device(self, device: torch.device, smallest: int, blocks: int = REFERENCE_BLOCKS) -> TrainSettings:
         """These settings with "auto" resolved for the device, the smallest min(in, out) of the targeted
-        layers and the model's depth in blocks. Rank "auto" takes the device's RECIPES entry (on a CPU the band b = 1 over the top 128
-        singular values, as good as the full spectrum on the default job at about 2/3 of its step time;
-        elsewhere the full spectrum; "full" where a layer has fewer), and so does structure "auto" with it;
-        beside a rank of the user's, structure "auto" is the diagonal. A band given with structure "auto"
-        makes it a band. lr "auto" is auto_lr's for the structure, band and depth."""
+        layers and the model's depth in blocks. Rank "auto" takes the device's RECIPES entry (on a CPU the
+        band b = 1 over the top 128 singular values, as good as the full spectrum on the default job at about
+        2/3 of its step time; elsewhere the full spectrum; "full" where a layer has fewer), and so does
+        structure "auto" with it; beside a rank of the user's, structure "auto" is the diagonal. A band given
+        with structure "auto" makes it a band. lr "auto" is auto_lr's for the structure, band and depth."""
         recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"]
         changes = {}
         if self.rank == "auto":

@@ -91,7 +91,7 @@ def resolve_auto(model, settings: TrainSettings, config, device: torch.device) -
     """Settings with every "auto" resolved (TrainSettings.on_device), saying what was chosen."""
     shapes = linear_shapes(model)
     smallest = min(min(shapes[name]) for name in find_targets(model, config.target_modules))
-    blocks = model_blocks(model)
+    blocks = model_blocks(model.config)
     chosen = settings.on_device(device, smallest, blocks)
     structure = f"band b={chosen.band}" if chosen.structure == "band" else chosen.structure
     lr = chosen.lr if isinstance(chosen.lr, str) else f"{chosen.lr:g}"  # a sweep's, as given
@@ -102,10 +102,10 @@ def resolve_auto(model, settings: TrainSettings, config, device: torch.device) -
     return chosen
 
 
-def model_blocks(model) -> int:
-    """The model's depth in transformer blocks (its text model's, for a multimodal one); REFERENCE_BLOCKS
-    where its config does not say."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def model_blocks(config) -> int:
+    """A model's depth in transformer blocks, from its config (its text model's, for a multimodal one);
+    REFERENCE_BLOCKS where the config does not say."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "num_hidden_layers", None) or REFERENCE_BLOCKS
 
 
