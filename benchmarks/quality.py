@@ -265,17 +265,7 @@ def sweep(args) -> None:
     for t in tasks:  # the items, built here once (not by every worker)
         split(t, 0, args.items, *common.ints(args.limit))
     run_rows([row_of(t, m, lr, 0) for t in tasks for m in plan[t.name] for lr in LRS[m.method]], args)
-    while True:  # (each method EXTEND lrs past its sweep at most: a resumed run goes no further)
-        done = common.load_rows(args.out)
-        further = [
-            row_of(t, m, lr, 0)
-            for t in tasks
-            for m in plan[t.name]
-            if (lr := next_lr(seed0(done, t.name, m), LRS[m.method])) is not None
-        ]
-        if not further:
-            break
-        run_rows(further, args)
+    extend_sweeps(tasks, plan, args)
     done = common.load_rows(args.out)
     later = [
         row_of(t, m, best_lr(swept), seed)
@@ -295,6 +285,23 @@ def sweep(args) -> None:
         for seed in seeds
     ]
     run_rows(auto, args)
+
+
+def extend_sweeps(tasks: list, plan: dict, args) -> None:
+    """Seed 0 past the edge of each sweep whose best is there, until no best is on an edge (each method runs
+    EXTEND lrs past its LRS at most: a resumed run goes no further) or the --budget is spent (the rows it did
+    not start stay for the next run: run_rows starts none after the deadline, so looping on would spin)."""
+    while time.time() <= args.deadline:
+        done = common.load_rows(args.out)
+        further = [
+            row_of(t, m, lr, 0)
+            for t in tasks
+            for m in plan[t.name]
+            if (lr := next_lr(seed0(done, t.name, m), LRS[m.method])) is not None
+        ]
+        if not further:
+            return
+        run_rows(further, args)
 
 
 def resolve_models(args, families: set[str]) -> None:

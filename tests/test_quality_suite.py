@@ -188,3 +188,33 @@ def test_the_input_scaled_prototype_trains_one_scale_per_input_it_reads():
     assert not torch.allclose(logits, plain(input_ids=ids).logits)
     logits.pow(2).mean().backward()
     assert all(m.input_scale.grad is not None and m.input_scale.grad.abs().sum() > 0 for m in layers.values())
+
+
+def test_the_sweep_stops_extending_at_its_budget(tmp_path, monkeypatch):
+    """Past an edge, the sweep runs EXTEND more lrs while the budget lasts; once it is spent, it starts none and
+    returns (run_rows would start no row, so asking again would spin until the machine's time limit)."""
+    import argparse
+    import time
+
+    import common
+    import quality
+
+    task, method = quality.TASKS["sentiment"], quality.parse_method("lora:4")
+    args = argparse.Namespace(out=tmp_path / "quality.json", deadline=time.time() + 3600)
+    ran = []
+
+    def run_rows(rows, args):  # the lowest loss at the smallest lr: the sweep's best is always at its edge
+        ran.append([r["lr"] for r in rows])
+        assert len(ran) <= quality.EXTEND + 1, "the sweep did not stop"
+        common.merge_rows(args.out, [{**r, "eval_loss": r["lr"]} for r in rows], quality.KEY)
+
+    monkeypatch.setattr(quality, "run_rows", run_rows)
+    run_rows([quality.row_of(task, method, lr, 0) for lr in quality.LRS["lora"]], args)
+    quality.extend_sweeps([task], {task.name: [method]}, args)
+    assert ran[1:] == [[1e-4], [3e-5]]  # EXTEND = 2 lrs below the planned 3e-4
+    (tmp_path / "quality.json").unlink()
+    ran.clear()
+    run_rows([quality.row_of(task, method, lr, 0) for lr in quality.LRS["lora"]], args)
+    args.deadline = time.time() - 1  # the budget spent: no row is started, and the sweep returns
+    quality.extend_sweeps([task], {task.name: [method]}, args)
+    assert len(ran) == 1
