@@ -14,8 +14,8 @@ full; STRUCTURE diagonal, band or dense), and the README's recipes default, qual
 every one of them (quality_suite.methods.PEERS + SIGMATUNE).
 
 The sweep: seed 0 runs each method at the 3 learning rates of LRS (and one more beyond an edge the best lands
-on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every seed
-(the rule `sigmatune train` uses: training/settings.auto_lr). --workers N runs N processes side by side
+on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every
+seed (the probe `sigmatune train` runs: training/lr_probe.py; its losses go to the details). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
 A run resumes: a row already in --out is not run again; --budget S starts no row after S seconds (a GPU
@@ -44,7 +44,17 @@ from pathlib import Path
 import common
 import torch
 from quality_suite.loops import CAUSAL_STEPS
-from quality_suite.methods import FULL, NONE, PEERS, RANKED, RECIPES, SIGMATUNE, Method, sigmatune
+from quality_suite.methods import (
+    FULL,
+    INPUT_SCALED,
+    NONE,
+    PEERS,
+    RANKED,
+    RECIPES,
+    SIGMATUNE,
+    Method,
+    sigmatune,
+)
 from quality_suite.tasks import TASKS, split
 
 LRS = {  # method → the 3 learning rates seed 0 sweeps
@@ -105,25 +115,17 @@ def method_of(row: dict) -> Method:
 
 def run_rows(rows: list[dict], args) -> None:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
-    files after every row. A row already there is not run again (a run resumed), nor one that is the same run
-    as a row there (same_run). A diverging lr, or a peer the installed peft lacks, is a result; any other
+    files after every row. A row already there is not run again (a run resumed). An lr-"auto" row runs the
+    library's probe first (quality_suite.loops.probe); where the sweep ran the lr it chose on the same seed, the
+    row is that run (same_run). A diverging lr, or a peer the installed peft lacks, is a result; any other
     failure of a row (out of memory, say) is printed and the row left for the next run. With --workers, shares
     of the rows run in that many processes."""
     device = common.pick_device(args.device)
-    finished = {resume_key(r) for r in common.load_rows(args.out)}
-    details = common.load_rows(details_path(args.out))
-    waiting = []
-    for row in rows:
-        if resume_key(row) in finished:
-            continue
-        if (measured := same_run(row, details)) is not None:
-            record(row, measured, device, args.out)
-        else:
-            waiting.append(row)
-    rows = waiting
+    finished = finished_keys(args.out)
+    rows = [row for row in rows if resume_key(row) not in finished]
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
-    from quality_suite.loops import run
+    from quality_suite.loops import probe, run
 
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
     data = {}
@@ -134,12 +136,24 @@ def run_rows(rows: list[dict], args) -> None:
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        started = time.perf_counter()
+        started, probed = time.perf_counter(), {}
         try:
-            measured = run(
-                task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
-                device, args.causal_steps,
-            )  # fmt: skip
+            if row["lr"] == "auto":
+                found = probe(
+                    task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
+                )
+                row = {**row, "lr_chosen": found.lr}
+                probe_s = round(time.perf_counter() - started, 1)
+                probed = {
+                    "lr_probe": {f"{lr:g}": loss for lr, loss in found.losses.items()},
+                    "probe_s": probe_s,
+                }
+            measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
+            if measured is None:
+                measured = run(
+                    task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
+                    device, args.causal_steps,
+                )  # fmt: skip
         except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
             measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
@@ -154,7 +168,8 @@ def run_rows(rows: list[dict], args) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        record(row, measured | {"run_s": round(time.perf_counter() - started, 1)}, device, args.out)
+        run_s = round(time.perf_counter() - started, 1)
+        record(row, measured | probed | {"run_s": run_s}, device, args.out)
 
 
 def record(row: dict, measured: dict, device, out: Path) -> None:
@@ -168,8 +183,15 @@ def record(row: dict, measured: dict, device, out: Path) -> None:
 
 
 def resume_key(row: dict) -> tuple:
-    """What makes a row done: its KEY, and for lr "auto" the lr the rule chose (a changed rule runs it again)."""
-    return (*(row.get(k) for k in KEY), row.get("lr_chosen"))
+    return tuple(row.get(k) for k in KEY)
+
+
+def finished_keys(out: Path) -> set[tuple]:
+    """The rows done: one at a number lr in out; one at lr "auto" whose details hold its probe (a row of the
+    rule that came before the probe runs again)."""
+    done = {resume_key(r) for r in common.load_rows(out) if r["lr"] != "auto"}
+    probed = common.load_rows(details_path(out))
+    return done | {resume_key(r) for r in probed if r["lr"] == "auto" and "lr_probe" in r}
 
 
 def same_run(row: dict, details: list[dict]) -> dict | None:
@@ -238,6 +260,7 @@ def forwarded(args) -> list[str]:
     """The options a worker takes from its parent."""
     options = ["--device", args.device, "--causal-model", args.causal_model, "--limit", args.limit]
     options += ["--causal-steps", str(args.causal_steps), "--deadline", str(args.deadline)]
+    options += ["--runs", str(details_path(args.out))]  # the sweep's runs, for same_run
     options += ["--encoder", args.encoder] if args.encoder else []
     return options + (["--items", str(args.items)] if args.items else [])
 
@@ -251,10 +274,8 @@ def details_path(out: Path) -> Path:
 
 def sweep(args) -> None:
     """Seed 0 at each method's LRS, one more lr past an edge that wins (EXTEND at most), the other seeds at each
-    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (auto_lr: the rule
-    `sigmatune train` uses; where that lr was run on the seed, the row is that run)."""
-    from sigmatune.training.settings import auto_lr
-
+    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (lr_probe's choice, as
+    `sigmatune train` makes it; where the sweep ran that lr on the seed, the row is that run)."""
     seeds = common.ints(args.seeds)
     tasks = [TASKS[name] for name in args.tasks.split(",")]
     plan = {
@@ -276,12 +297,12 @@ def sweep(args) -> None:
         if seed != 0
     ]
     run_rows(later, args)
-    blocks = {t.name: task_blocks(args, t.model) for t in tasks}
     auto = [
-        {**row_of(t, m, "auto", seed), "lr_chosen": auto_lr(m.structure, m.band or 0, blocks[t.name])}
+        row_of(t, m, "auto", seed)
         for t in tasks
         for m in plan[t.name]
         if m.method == "sigmatune"
+        and m.structure != INPUT_SCALED  # (a prototype's scales do not train together)
         for seed in seeds
     ]
     run_rows(auto, args)
@@ -314,15 +335,6 @@ def resolve_models(args, families: set[str]) -> None:
         from sigmatune.hub.loading import smollm2_path
 
         args.causal_model = str(smollm2_path())
-
-
-def task_blocks(args, family: str) -> int:
-    """The depth in blocks of a family's model (lr auto scales by it), as `sigmatune train` reads it."""
-    from transformers import AutoConfig
-
-    from sigmatune.training.setup import model_blocks
-
-    return model_blocks(AutoConfig.from_pretrained(args.encoder if family == "minilm" else args.causal_model))
 
 
 def seed0(rows: list[dict], task: str, method: Method) -> list[dict]:
@@ -568,6 +580,7 @@ def main() -> None:
         "--budget", type=float, default=1e9, help="run: start no row after this many seconds"
     )
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
+    options.add_argument("--runs", type=Path, help=argparse.SUPPRESS)  # work: the parent's details file
     args = options.parse_args()
     args.deadline = args.deadline or time.time() + args.budget
     quick = args.limit or args.causal_steps != CAUSAL_STEPS or args.causal_model != "smollm2" or args.encoder

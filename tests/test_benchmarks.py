@@ -43,7 +43,7 @@ RUNS = {
     "before_after": ("before_after", ["--before", str(ROOT), "--phases", "eager,serve", "--budget", "1e9", "--rows", "frozen:0,sigmatune:16", "--train-args", shlex.join(TRAIN), "--serve-args", shlex.join([*SERVE, "--timed", "1", "--resident", "4"]), "--out", "{out}"]),
     "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
     "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
-    "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "24,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
+    "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "64,12", "--workers", "2", "--out", "{out}"], ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "64,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
 }  # fmt: skip
 
 
@@ -69,11 +69,12 @@ def tiny_encoder(folder: Path) -> Path:
 
 
 def suite_items(folder: Path) -> Path:
-    """Items of the suite's sentiment and spam tasks as `quality.py prepare` writes them: 12 of each class."""
+    """Items of the suite's sentiment and spam tasks as `quality.py prepare` writes them: 40 of each class
+    (lr auto's probe needs 64 training examples to spare a slice to score on)."""
     folder.mkdir(parents=True)
     tasks = {"sentiment": ["negative", "neutral", "positive"], "spam": ["ham", "spam"]}
     for task, labels in tasks.items():
-        rows = [[f"the claim {i} is {label}", label, f"group {i}"] for i in range(12) for label in labels]
+        rows = [[f"the claim {i} is {label}", label, f"group {i}"] for i in range(40) for label in labels]
         lines = "".join(json.dumps(row) + "\n" for row in rows)
         (folder / f"{task}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     return folder
@@ -137,6 +138,11 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
         assert all(row["eval_loss"] is not None for row in rows), output[-4000:]
         auto = [(r["task"], r["seed"]) for r in rows if r["lr"] == "auto"]
         assert sorted(auto) == [(t, s) for t in ("sentiment", "spam") for s in (0, 0, 1, 1)], output[-4000:]
+        details = json.loads(out.with_name(out.stem + "_runs.json").read_text())
+        probes = [
+            r["lr_probe"] for r in details if r["lr"] == "auto"
+        ]  # lr auto's probe ran, as the trainer's
+        assert len(probes) == 8 and all(len(p) >= 3 for p in probes), output[-4000:]
         keys = {
             "task",
             "model",

@@ -10,6 +10,9 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   answers (a classification task's accuracy, its labels being the answers). On a GPU its float32 matmuls
   run on TF32 tensor cores (what the HF Trainer's tf32=True does): the causal rows are most of the suite's
   device time, and every method's row runs the same way.
+lr "auto" (probe): the library's range test (training/lr_probe.py) picks the row's lr first — for a causal row the
+very call `sigmatune train` makes; for an encoder row the same choice (lr_probe.choose_lr, probe_split,
+PROBE_SHARE of the steps) over this loop's own short runs, sequential.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import statistics
 import time
 import zipfile
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,7 +51,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.core.config import cache_root
     from sigmatune.formats.files import staged_folder
     from sigmatune.hub import loading, registry
-    from sigmatune.training import data, loop, scores, settings
+    from sigmatune.training import data, loop, lr_probe, scores, settings, setup, tokens
 
     return SimpleNamespace(
         cache_root=cache_root,
@@ -56,11 +60,16 @@ def internals() -> SimpleNamespace:
         registry_file=registry.registry_file,
         load_model=loading.load_model,
         Example=data.Example,
+        encode=tokens.encode,
         Task=data.Task,
         fit=loop.fit,  # the main job's training loop
         score=scores.score,  # its held-out loss and exact match
         lr_factor=loop.lr_factor,  # warm-up then cosine
+        use_packing=loop.use_packing,
         TrainSettings=settings.TrainSettings,
+        auto_lr=settings.auto_lr,  # lr auto's centre
+        model_blocks=setup.model_blocks,
+        lr_probe=lr_probe,
     )
 
 
@@ -108,6 +117,24 @@ def run(
     return run_causal(task, method, lr, seed, data, models["smollm2"], device, causal_steps)
 
 
+def probe(
+    task: SuiteTask, method: Method, seed: int, data, models: dict, device, causal_steps: int = CAUSAL_STEPS
+):
+    """lr "auto" for a row: the lr_probe.Probe (its lr, and every probed lr's loss on its slice)."""
+    torch.manual_seed(seed)
+    if task.model == "minilm":
+        return probe_encoder(task, method, seed, data, models["minilm"], device)
+    return probe_causal(task, method, seed, data, models["smollm2"], device, causal_steps)
+
+
+def centre_lr(method: Method, model_path) -> float:
+    """The probe's centre: the rule's lr for the method's structure on this model's depth."""
+    from transformers import AutoConfig
+
+    blocks = internals().model_blocks(AutoConfig.from_pretrained(model_path))
+    return internals().auto_lr(method.structure, method.band or 0, blocks)
+
+
 # ---- an encoder + a head ----------------------------------------------------------------------------------
 
 
@@ -127,7 +154,17 @@ class Classifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1))  # (B, classes)
 
 
-def run_encoder(task: SuiteTask, method: Method, lr: float, seed: int, data, folder: Path, device) -> dict:
+def run_encoder(
+    task: SuiteTask,
+    method: Method,
+    lr: float,
+    seed: int,
+    data,
+    folder: Path,
+    device,
+    steps: int | None = None,
+) -> dict:
+    """A row's run; with steps, only the first steps batches (a warm-up and cosine over them: a probe's)."""
     from transformers import AutoModel, AutoTokenizer
 
     train, heldout = data
@@ -156,7 +193,7 @@ def run_encoder(task: SuiteTask, method: Method, lr: float, seed: int, data, fol
         for epoch in range(EPOCHS)
         for i in random.Random(seed + epoch).sample(range(len(train)), len(train))
     ]
-    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)][:steps]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: internals().lr_factor(s, len(batches), WARMUP)
     )
@@ -200,6 +237,29 @@ def run_encoder(task: SuiteTask, method: Method, lr: float, seed: int, data, fol
     )
 
 
+def probe_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device):
+    """lr_probe.choose_lr over short runs of this loop: each probed lr trains PROBE_SHARE of a row's steps on the
+    training split less lr_probe.probe_split's slice, and is scored on that slice (a diverging one: None)."""
+    probing, centre = internals().lr_probe, centre_lr(method, folder)
+    train = data[0]
+    parts = probing.probe_split(train)
+    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
+        return probing.Probe(centre, {})
+    steps = max(probing.PROBE_MIN_STEPS, round(probing.PROBE_SHARE * EPOCHS * len(train) // BATCH))
+
+    def trial(lrs: list[float]) -> dict[float, float | None]:
+        losses = {}
+        for lr in lrs:
+            torch.manual_seed(seed)  # each lr from the same head
+            try:
+                losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device, steps)["eval_loss"]
+            except FloatingPointError:
+                losses[lr] = None
+        return losses
+
+    return probing.choose_lr(centre, trial)
+
+
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
     scores = []
     for c in range(classes):
@@ -216,9 +276,30 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 def run_causal(
     task: SuiteTask, method: Method, lr: float, seed: int, data, model_path: str, device, steps: int
 ) -> dict:
+    settings = causal_settings(lr, seed, data[1], model_path, device, steps)
+    with tf32():
+        return _run_causal(task, method, settings, data, device, internals())
+
+
+def probe_causal(task: SuiteTask, method: Method, seed: int, data, model_path: str, device, steps: int):
+    """The probe `sigmatune train` runs for lr auto (lr_probe.probe_lr), on this row's model and task."""
     ops = internals()
-    heldout = data[1]
-    settings = ops.TrainSettings(
+    settings = causal_settings(centre_lr(method, model_path), seed, data[1], model_path, device, steps)
+    with tf32():
+        model, tokenizer = ops.load_model(settings.model, torch.float32, device)
+        dataset = causal_task(task, data)
+        adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
+        sample = [
+            ops.encode(tokenizer, dataset.instruction, e, settings.max_length) for e in dataset.train[:8]
+        ]
+        packed = ops.use_packing(adapted, sample, tokenizer, settings, device)
+        found = ops.lr_probe.probe_lr(adapted, tokenizer, dataset, settings, device, packed)
+    return found or ops.lr_probe.Probe(settings.lr, {})
+
+
+def causal_settings(lr: float, seed: int, heldout: list, model_path: str, device, steps: int):
+    ops = internals()
+    return ops.TrainSettings(
         model=model_path,
         lr=lr or 1.0,  # (none: nothing trains, any valid lr)
         steps=steps,
@@ -230,22 +311,33 @@ def run_causal(
         seed=seed,
         device=str(device),
     )
+
+
+@contextmanager
+def tf32():
+    """TF32 float32 matmuls on a GPU while a causal row runs (the encoder rows keep full float32)."""
     precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # TF32 on a GPU (the encoder rows keep full float32)
+    torch.set_float32_matmul_precision("high")
     try:
-        return _run_causal(task, method, settings, data, device, ops)
+        yield
     finally:
         torch.set_float32_matmul_precision(precision)
 
 
-def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) -> dict:
+def causal_task(task: SuiteTask, data):
+    """A suite task's split as the main job's Task (the answers its examples' outputs)."""
+    ops = internals()
     train, heldout = data
-    model, tokenizer = ops.load_model(settings.model, torch.float32, device)
     examples = (
         [ops.Example(i.text, [i.target]) for i in train],
         [ops.Example(i.text, [i.target]) for i in heldout],
     )
-    dataset = ops.Task(task.name, task.instruction, *examples, source="benchmarks/quality_suite/tasks.py")
+    return ops.Task(task.name, task.instruction, *examples, source="benchmarks/quality_suite/tasks.py")
+
+
+def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) -> dict:
+    model, tokenizer = ops.load_model(settings.model, torch.float32, device)
+    dataset = causal_task(task, data)
     adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
     started = time.perf_counter()
     history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []

@@ -1,7 +1,8 @@
 """The main job: fine-tune a model's singular values on a task, scoring it before and after.
 
-load the model and task → wrap it (get_sigma_model) → score → fit (loop.py) → score → save the adapter
-and a training_summary.json (settings, scores before and after, timings), both written atomically.
+load the model and task → wrap it (get_sigma_model) → score → lr auto's probe (lr_probe.py) → fit (loop.py)
+→ score → save the adapter and a training_summary.json (settings, scores before and after, timings), both
+written atomically.
 
 Nothing is lost on failure: every save_every steps a checkpoint goes into the output folder, and
 `resume` continues it to the same result as a run that never stopped; it must be a run with the same
@@ -23,6 +24,7 @@ from . import together_job
 from .data import load_task
 from .evaluate import Score
 from .loop import fit, log, use_packing
+from .lr_probe import probe_lr
 from .output_lock import output_lock
 from .scores import base_score, format_score, score
 from .settings import TrainSettings
@@ -44,6 +46,7 @@ def train(settings: TrainSettings, setup_seconds: float | None = None) -> dict:
 
 
 def _train(settings: TrainSettings, config, clock: Phases) -> dict:
+    auto_lr = settings.lr == "auto"
     settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
     task = load_task(settings.data, settings.heldout, settings.seed)
     log(f"task {task.name}: {task.described()}")
@@ -65,6 +68,11 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
         before = Score(**resumed.before)
     log(f"before: {format_score(before)}")
     clock.lap("score before")
+    probe = None
+    if auto_lr and resumed is None:  # (a resumed run keeps the lr its checkpoint was trained at)
+        probe = probe_lr(sigma_model, tokenizer, task, settings, device, packed)
+        settings = settings if probe is None else dataclasses.replace(settings, lr=probe.lr)
+        clock.lap("lr probe")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
     history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed, packed)
     train_seconds = clock.lap("training")
@@ -83,6 +91,7 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
         "total_seconds": round(clock.total(), 1),
         "seconds": clock.seconds,
         "resumed_from_step": resumed.step if resumed else None,
+        "lr_probe": None if probe is None else {f"{lr:g}": loss for lr, loss in probe.losses.items()},
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)

@@ -29,7 +29,7 @@ LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix 
 
 
 def auto_lr(structure: str, band: int = 0, blocks: int = REFERENCE_BLOCKS) -> float:
-    """lr "auto" = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the 1-3-10 series, where n is the count
+    """lr "auto"'s centre (the job probes it and its neighbours first: lr_probe.py) = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the 1-3-10 series, where n is the count
     of trained numbers that sum into one direction's update — 1 for the diagonal, a band's 2b+1 (Adam moves
     each number by about lr a step, so a direction moves by n · lr) — and blocks the model's depth (its
     transformer blocks: a change per layer compounds over them, so a deeper model takes a smaller one).
@@ -60,7 +60,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak lr, "auto" (by structure and model depth), or "a,b,c": a sweep, best kept
+    lr: float | str = "auto"  # peak lr, "auto" (a short probe around auto_lr), or "a,b,c": a sweep, best kept
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)

@@ -28,7 +28,11 @@ def prepared(settings: TrainSettings, config):
     device, dtype = resolve_device(settings.device, settings.dtype)
     model, tokenizer = load_model(settings.model, dtype, device)
     if not settings.is_resolved():
+        probed = settings.lr == "auto" and resumed is not None  # lr auto's probe chose the checkpoint's lr
         settings = resolve_auto(model, settings, config, device)
+        settings = (
+            dataclasses.replace(settings, lr=resumed.settings.get("lr", settings.lr)) if probed else settings
+        )
         config = settings.sigma_config()
     settings = fit_to_model(model, settings, device)
     if resumed is not None:
