@@ -32,10 +32,18 @@ def test_default_model_and_data_are_real():
 def test_a_few_steps_of_the_default_job_lower_the_heldout_loss(tmp_path):
     summary = train(TrainSettings(steps=6, heldout=24, eval_accuracy=8, output_dir=str(tmp_path)))
     assert summary["after"]["loss"] < 0.8 * summary["before"]["loss"], summary
-    chosen = {k: summary["settings"][k] for k in ("rank", "structure", "band", "lr")}
-    assert chosen == dict(rank=128, structure="band", band=1, lr=3e-3)  # "auto" on a CPU
+    chosen = {k: summary["settings"][k] for k in ("rank", "structure", "band")}
+    assert chosen == dict(rank=128, structure="band", band=1)  # "auto" on a CPU
+    probed = summary["lr_probe"]  # lr auto: the rule's 3e-3 and its neighbours, probed; one of them kept
+    assert {"0.001", "0.003", "0.01"} <= set(probed) and f"{summary['settings']['lr']:g}" in probed
     assert summary["trainable_parameters"] == 30 * 7 * 3 * 128  # M's 2b + 1 = 3 diagonals, 128 entries each
-    assert set(summary["seconds"]) >= {"model and data", "score before", "training", "score after"}
+    assert set(summary["seconds"]) >= {
+        "model and data",
+        "score before",
+        "lr probe",
+        "training",
+        "score after",
+    }
     assert (tmp_path / WEIGHTS_NAME).exists()
 
 
