@@ -55,7 +55,7 @@ from quality_suite.methods import (
     Method,
     sigmatune,
 )
-from quality_suite.tasks import TASKS, split
+from quality_suite.tasks import RETIRED, TASKS, split
 
 LRS = {  # method → the 3 learning rates seed 0 sweeps
     "lora": [3e-4, 1e-3, 3e-3],
@@ -404,10 +404,14 @@ def _mean(values: list) -> float | None:
 
 def report(rows: list[dict], plot: Path | None) -> str:
     """Per task: every method's best (× LoRA r16's loss, share of its parameters); then the suite: each method's
-    mean loss ratio over the tasks it ran on; and the plot (loss ratio against trainable parameters, log x)."""
-    best = best_rows(rows)
+    mean loss ratio over the tasks it ran on; and the plot (loss ratio against trainable parameters, log x).
+    Rows of a retired task (tasks.RETIRED) are left out, with a line that says why."""
+    retired = {t: sum(r["task"] == t for r in rows) for t in RETIRED if any(r["task"] == t for r in rows)}
+    best = best_rows([r for r in rows if r["task"] not in RETIRED])
     tasks = sorted({task for task, _ in best})
-    lines = []
+    lines = [
+        f"(left out: {count} rows of task {t!r}, retired — {RETIRED[t]})\n" for t, count in retired.items()
+    ]
     table: dict[str, dict[str, tuple[float, float]]] = {}  # label → task → (loss ×, parameters × LoRA r16)
     for task in tasks:
         anchor = best.get((task, "lora r16"))

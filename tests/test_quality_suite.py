@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,11 @@ def test_an_analogy_never_leaks_a_held_out_pair_through_its_exemplar(tmp_path):
         for c, d in pairs
         if (a, b) != (c, d)
     ]
-    write_items(tmp_path, "analogy", rows)
-    train, heldout = tasks.split(tasks.TASKS["analogy"], 0, tmp_path, train=1000, heldout=20)
+    write_items(tmp_path, "analogies", rows)
+    train, heldout = tasks.split(tasks.TASKS["analogies"], 0, tmp_path, train=1000, heldout=20)
     held_pairs = {i.group.split("|")[1] for i in heldout}
     assert len(heldout) == 20 and held_pairs
+    assert max(Counter(i.group.split("|")[1] for i in heldout).values()) == 3  # 3 of a pair: many answers
     assert all(i.group.split("|")[0] not in held_pairs for i in heldout)  # exemplars from training pairs
     mentioned = {p for i in train for p in i.group.split("|")}
     assert not mentioned & held_pairs  # no training item names a held-out pair, as question or exemplar
@@ -129,7 +131,10 @@ def test_the_report_compares_sigmatune_at_lr_auto_with_each_peer_in_its_tier():
         rows += [row(task, "lora", 16, 1e-3, 1.2, 1000, seed=1)]  # the best lr's mean over seeds: 1.1
         rows += [row(task, "ia3", None, 1e-2, ia3 * 1.1, 30)]
         rows += [row(task, "sigmatune", "full", "auto", ours * 1.1, 20, "diagonal")]
-    text = quality.report(rows, None)
+    retired = [{**r, "task": "analogy", "eval_loss": 0.1} for r in rows]  # a retired task's rows: left out
+    text = quality.report(rows + retired, None)
+    assert "(left out: 12 rows of task 'analogy', retired — its held-out split was 30 items" in text
+    assert "### analogy" not in text and "| sigmatune full (lr auto) | 2 |" in text  # 2 tasks, not 3
     assert "| lora r16 | 1,000 | 100.00% | 0.001 | 2 | 1.1000 | 1.000 |" in text
     assert "| ≤ 5% | sigmatune full (lr auto) | 1.000 | ia3 | 1.000 | 1 of 2 |" in text
     assert "| ≤ 1% | — |" in text  # nothing of sigmatune's fits 1%

