@@ -3,15 +3,15 @@
 The structure's rule (settings.auto_lr) names a centre c; its neighbours on the 1-3-10 series, c/3 and 3c, and
 c itself each train for PROBE_SHARE of the job's steps (a warm-up and cosine of their own, on the same batches,
 all three at once: together_loop) on the training examples less a slice, and are scored by their loss on that
-slice. The winner is the smallest lr within PROBE_TOLERANCE of the lowest loss (a short run favours a high lr: on
-the quality suite's supersense task the diagonal's probe put 0.1 a hair ahead of 3e-2, whose full run is 30%
-better). Where the winner is at an edge, one more lr past it is probed (once). The job then trains from the start
-at the winner. Nothing is tuned on the held-out split that the job reports.
+slice. The winner is the smallest lr within PROBE_TOLERANCE of the lowest loss (a short run favours a high lr).
+Where the winner is at an edge, one more lr past it is probed (once). The job then trains from the start at the
+winner. Nothing is tuned on the held-out split that the job reports.
 
 Why not a rule alone: the best lr moves with the task by 3× and more for one structure and model (SmolLM2's
-diagonal: 1e-2 on the default job, 3e-2 or higher on the quality suite's pronunciation task; its losses 15%
-apart), and a rule cannot follow that; a fifth of the steps ranks the lrs the way the full runs do (the quality
-suite's probe rows). It costs about PROBE_SHARE × (3 + 1) of the training on a CPU, less on a GPU.
+diagonal: 1e-2 on the default job, 3e-2 or higher on the quality suite's pronunciation task), which a rule cannot
+follow. How often the probe picks the lr a full sweep would is what the quality suite's lr-auto rows measure
+(benchmarks/quality.py; the probe's losses in results/quality_runs.json). It costs about PROBE_SHARE × (3 + 1) of
+the training on a CPU (every candidate's rows go through the base model), less on a GPU.
 """
 
 from __future__ import annotations
