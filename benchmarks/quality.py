@@ -57,6 +57,8 @@ from quality_suite.methods import (
 )
 from quality_suite.tasks import RETIRED, TASKS, split
 
+from sigmatune.training.lr_probe import PROBE_SHARE
+
 LRS = {  # method → the 3 learning rates seed 0 sweeps
     "lora": [3e-4, 1e-3, 3e-3],
     "ia3": [3e-3, 1e-2, 3e-2],
@@ -144,10 +146,8 @@ def run_rows(rows: list[dict], args) -> None:
                 )
                 row = {**row, "lr_chosen": found.lr}
                 probe_s = round(time.perf_counter() - started, 1)
-                probed = {
-                    "lr_probe": {f"{lr:g}": loss for lr, loss in found.losses.items()},
-                    "probe_s": probe_s,
-                }
+                losses = {f"{lr:g}": loss for lr, loss in found.losses.items()}
+                probed = {"lr_probe": losses, "probe_share": PROBE_SHARE, "probe_s": probe_s}
             measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
             if measured is None:
                 measured = run(
@@ -187,11 +187,11 @@ def resume_key(row: dict) -> tuple:
 
 
 def finished_keys(out: Path) -> set[tuple]:
-    """The rows done: one at a number lr in out; one at lr "auto" whose details hold its probe (a row of the
-    rule that came before the probe runs again)."""
+    """The rows done: one at a number lr in out; one at lr "auto" whose details hold a probe of today's
+    PROBE_SHARE (a row of the rule that came before the probe, or of another share, runs again)."""
     done = {resume_key(r) for r in common.load_rows(out) if r["lr"] != "auto"}
     probed = common.load_rows(details_path(out))
-    return done | {resume_key(r) for r in probed if r["lr"] == "auto" and "lr_probe" in r}
+    return done | {resume_key(r) for r in probed if r["lr"] == "auto" and r.get("probe_share") == PROBE_SHARE}
 
 
 def same_run(row: dict, details: list[dict]) -> dict | None:
