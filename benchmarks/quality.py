@@ -138,7 +138,7 @@ def run_rows(rows: list[dict], args) -> None:
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        started, probed = time.perf_counter(), {}
+        started, probed, measured = time.perf_counter(), {}, None
         try:
             if row["lr"] == "auto":
                 found = probe(
@@ -146,9 +146,8 @@ def run_rows(rows: list[dict], args) -> None:
                 )
                 row = {**row, "lr_chosen": found.lr}
                 probe_s = round(time.perf_counter() - started, 1)
-                losses = {f"{lr:g}": loss for lr, loss in found.losses.items()}
-                probed = {"lr_probe": losses, "probe_share": PROBE_SHARE, "probe_s": probe_s}
-            measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
+                probed = {"lr_probe": found.by_name(), "probe_share": PROBE_SHARE, "probe_s": probe_s}
+                measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
             if measured is None:
                 measured = run(
                     task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
@@ -197,8 +196,6 @@ def finished_keys(out: Path) -> set[tuple]:
 def same_run(row: dict, details: list[dict]) -> dict | None:
     """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
     (from the details rows), with same_run_as naming the lr; else None."""
-    if row["lr"] != "auto":
-        return None
 
     def twin(r: dict) -> bool:
         same = all(r.get(k) == row[k] for k in KEY if k != "lr")

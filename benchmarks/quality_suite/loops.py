@@ -51,7 +51,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.core.config import cache_root
     from sigmatune.formats.files import staged_folder
     from sigmatune.hub import loading, registry
-    from sigmatune.training import data, loop, lr_probe, scores, settings, setup, tokens
+    from sigmatune.training import data, loop, lr_probe, scores, settings, setup
 
     return SimpleNamespace(
         cache_root=cache_root,
@@ -60,12 +60,11 @@ def internals() -> SimpleNamespace:
         registry_file=registry.registry_file,
         load_model=loading.load_model,
         Example=data.Example,
-        encode=tokens.encode,
         Task=data.Task,
         fit=loop.fit,  # the main job's training loop
         score=scores.score,  # its held-out loss and exact match
         lr_factor=loop.lr_factor,  # warm-up then cosine
-        use_packing=loop.use_packing,
+        use_packing_for=loop.use_packing_for,
         TrainSettings=settings.TrainSettings,
         auto_lr=settings.auto_lr,  # lr auto's centre
         model_blocks=setup.model_blocks,
@@ -245,7 +244,7 @@ def probe_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path
     parts = probing.probe_split(train)
     if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
         return probing.Probe(centre, {})
-    steps = max(probing.PROBE_MIN_STEPS, round(probing.PROBE_SHARE * EPOCHS * len(train) // BATCH))
+    steps = probing.probe_steps(EPOCHS * len(train) // BATCH)  # of a row's steps
 
     def trial(lrs: list[float]) -> dict[float, float | None]:
         losses = {}
@@ -289,10 +288,7 @@ def probe_causal(task: SuiteTask, method: Method, seed: int, data, model_path: s
         model, tokenizer = ops.load_model(settings.model, torch.float32, device)
         dataset = causal_task(task, data)
         adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
-        sample = [
-            ops.encode(tokenizer, dataset.instruction, e, settings.max_length) for e in dataset.train[:8]
-        ]
-        packed = ops.use_packing(adapted, sample, tokenizer, settings, device)
+        packed = ops.use_packing_for(adapted, tokenizer, dataset, settings, device)  # as the job judges it
         found = ops.lr_probe.probe_lr(adapted, tokenizer, dataset, settings, device, packed)
     return found or ops.lr_probe.Probe(settings.lr, {})
 

@@ -74,6 +74,8 @@ def test_a_resumed_lr_auto_run_keeps_its_checkpoints_lr(workspace, tmp_path, mon
     assert (out / CHECKPOINT_NAME).exists()
     capsys.readouterr()
     resumed = train(settings(workspace, out, **options, resume=True))
-    assert "probing" not in capsys.readouterr().err  # not probed again
+    log = capsys.readouterr().err
+    assert "probing" not in log  # not probed again: the checkpoint's lr
+    assert f"lr {straight['settings']['lr']:g}: the lr auto's probe chose for the run being resumed" in log
     assert resumed["settings"]["lr"] == straight["settings"]["lr"]
     assert resumed["loss_history"] == straight["loss_history"]

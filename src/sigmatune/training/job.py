@@ -23,14 +23,13 @@ from ..model.sigma_model import get_sigma_model
 from . import together_job
 from .data import load_task
 from .evaluate import Score
-from .loop import fit, log, use_packing
+from .loop import fit, log, use_packing_for
 from .lr_probe import probe_lr
 from .output_lock import output_lock
 from .scores import base_score, format_score, score
 from .settings import TrainSettings
 from .setup import Phases, prepared
 from .summary import SUMMARY_NAME
-from .tokens import encode
 
 
 def train(settings: TrainSettings, setup_seconds: float | None = None) -> dict:
@@ -53,10 +52,7 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
     clock.lap("model and data")
     sigma_model = get_sigma_model(model, config)
     sigma_model.print_trainable_parameters()
-    sample = [
-        encode(tokenizer, task.instruction, e, settings.max_length) for e in task.train[: settings.batch_size]
-    ]
-    packed = use_packing(sigma_model, sample, tokenizer, settings, device)
+    packed = use_packing_for(sigma_model, tokenizer, task, settings, device)
     clock.lap("bases")
     if resumed is not None:
         log(
@@ -91,7 +87,7 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
         "total_seconds": round(clock.total(), 1),
         "seconds": clock.seconds,
         "resumed_from_step": resumed.step if resumed else None,
-        "lr_probe": None if probe is None else {f"{lr:g}": loss for lr, loss in probe.losses.items()},
+        "lr_probe": None if probe is None else probe.by_name(),
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)

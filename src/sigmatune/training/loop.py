@@ -118,6 +118,14 @@ def use_packing(model, batch: list[Encoded], tokenizer, settings: TrainSettings,
     return True
 
 
+def use_packing_for(model, tokenizer, task: Task, settings: TrainSettings, device, examples: int = 0) -> bool:
+    """use_packing judged on the task's first training examples (a batch of settings.batch_size, or `examples`),
+    encoded as the loop encodes them."""
+    first = task.train[: examples or settings.batch_size]
+    sample = [encode(tokenizer, task.instruction, e, settings.max_length) for e in first]
+    return use_packing(model, sample, tokenizer, settings, device)
+
+
 def _backward(loss_of_batch, step: int, path: Path | None) -> torch.Tensor:
     """Loss (loss_of_batch() → (loss, count)) and gradients of one batch; a non-finite loss or running out
     of memory is a clear error."""

@@ -39,13 +39,16 @@ class Probe:
     lr: float  # the winner
     losses: dict[float, float | None]  # every lr probed → its loss on the slice (None: it diverged)
 
+    def by_name(self) -> dict[str, float | None]:
+        """The losses keyed by each lr as written ("0.003"): a JSON object."""
+        return {f"{lr:g}": loss for lr, loss in self.losses.items()}
+
 
 def choose_lr(centre: float, trial: Callable[[list[float]], dict[float, float | None]]) -> Probe:
     """The winner (_winner) among centre and its 1-3-10 neighbours, and, where it is at an edge, the next lr
     past it. trial(lrs) → each lr's loss, None for one that diverged. All diverged: an error."""
     losses = trial([one_three(centre / SERIES_STEP), centre, one_three(centre * SERIES_STEP)])
-    best = _winner(losses)
-    finished = sorted(lr for lr, loss in losses.items() if loss is not None)
+    best, finished = _winner(losses), sorted(_finished(losses))
     if best is not None and len(finished) > 1 and best in (finished[0], finished[-1]):
         beyond = one_three(best / SERIES_STEP if best == finished[0] else best * SERIES_STEP)
         if beyond not in losses and beyond < 10:
@@ -59,13 +62,23 @@ def choose_lr(centre: float, trial: Callable[[list[float]], dict[float, float | 
     return Probe(best, losses)
 
 
+def _finished(losses: dict[float, float | None]) -> dict[float, float]:
+    """The lrs that did not diverge, with their losses."""
+    return {lr: loss for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+
+
 def _winner(losses: dict[float, float | None]) -> float | None:
     """The smallest lr whose loss is within PROBE_TOLERANCE of the lowest; None where every one diverged."""
-    finished = {lr: loss for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+    finished = _finished(losses)
     if not finished:
         return None
     lowest = min(finished.values())
     return min(lr for lr, loss in finished.items() if loss <= lowest * (1 + PROBE_TOLERANCE))
+
+
+def probe_steps(steps: int) -> int:
+    """The steps each candidate trains: PROBE_SHARE of a run's steps, at least PROBE_MIN_STEPS."""
+    return max(PROBE_MIN_STEPS, round(PROBE_SHARE * steps))
 
 
 def probe_split(examples: list) -> tuple[list, list] | None:
@@ -91,7 +104,7 @@ def probe_lr(
         )
         return None
     probe_task = dataclasses.replace(task, train=parts[0], heldout=parts[1])
-    steps = max(PROBE_MIN_STEPS, round(PROBE_SHARE * settings.steps))
+    steps = probe_steps(settings.steps)
     probing = dataclasses.replace(settings, steps=steps, heldout=len(parts[1]), eval_accuracy=0, save_every=0)
     own, config = sigma_model.active_adapter, sigma_model.peft_config[sigma_model.active_adapter]
 

@@ -29,10 +29,11 @@ LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix 
 
 
 def auto_lr(structure: str, band: int = 0, blocks: int = REFERENCE_BLOCKS) -> float:
-    """lr "auto"'s centre (the job probes it and its neighbours first: lr_probe.py) = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the 1-3-10 series, where n is the count
-    of trained numbers that sum into one direction's update — 1 for the diagonal, a band's 2b+1 (Adam moves
-    each number by about lr a step, so a direction moves by n · lr) — and blocks the model's depth (its
-    transformer blocks: a change per layer compounds over them, so a deeper model takes a smaller one).
+    """The centre of lr "auto"'s probe (lr_probe.py) = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the
+    1-3-10 series, where n is the count of trained numbers that sum into one direction's update — 1 for the
+    diagonal, a band's 2b+1 (Adam moves each number by about lr a step, so a direction moves by n · lr) — and
+    blocks the model's depth (its transformer blocks: a change per layer compounds over them, so a deeper
+    model takes a smaller one).
     SmolLM2-135M (30 blocks): diagonal 1e-2, band 1 3e-3, band 4 1e-3, band 16 3e-4; MiniLM (6 blocks): 3e-2,
     1e-2, 3e-3, 1e-3 — the best lrs the default job's and the quality suite's sweeps show on both. The
     matrix structures keep LEARNING_RATES."""
@@ -107,7 +108,8 @@ class TrainSettings:
         band b = 1 over the top 128 singular values, as good as the full spectrum on the default job at about
         2/3 of its step time; elsewhere the full spectrum; "full" where a layer has fewer), and so does
         structure "auto" with it; beside a rank of the user's, structure "auto" is the diagonal. A band given
-        with structure "auto" makes it a band. lr "auto" is auto_lr's for the structure, band and depth."""
+        with structure "auto" makes it a band. lr "auto" becomes auto_lr's for the structure, band and depth:
+        the centre the job's probe starts from (lr_probe.py)."""
         recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"]
         changes = {}
         if self.rank == "auto":

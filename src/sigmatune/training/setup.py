@@ -30,9 +30,9 @@ def prepared(settings: TrainSettings, config):
     if not settings.is_resolved():
         probed = settings.lr == "auto" and resumed is not None  # lr auto's probe chose the checkpoint's lr
         settings = resolve_auto(model, settings, config, device)
-        settings = (
-            dataclasses.replace(settings, lr=resumed.settings.get("lr", settings.lr)) if probed else settings
-        )
+        if probed:
+            settings = dataclasses.replace(settings, lr=resumed.settings.get("lr", settings.lr))
+            log(f"lr {settings.lr:g}: the lr auto's probe chose for the run being resumed")
         config = settings.sigma_config()
     settings = fit_to_model(model, settings, device)
     if resumed is not None:

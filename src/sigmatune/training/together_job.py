@@ -26,13 +26,12 @@ from ..formats.model_card import write_model_card
 from ..model.exchange import record_of
 from ..model.sigma_model import get_sigma_model
 from .data import load_task
-from .loop import log, use_packing
+from .loop import log, use_packing_for
 from .scores import base_score, format_score, score
 from .settings import TRAJECTORY, TrainSettings, from_record
 from .setup import Phases, fit_to_model, prepared
 from .summary import SUMMARY_NAME
 from .together_loop import Member, fit_together
-from .tokens import encode
 
 MEMBER_SETTINGS = ("lr", "steps", "batch_size", "seed", "warmup", "max_length", "heldout", "eval_accuracy")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name anywhere, an adapter name (no ".")
@@ -56,8 +55,9 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
         sigma_model.add_adapter(member.name, config)
     sigma_model.set_adapter(members[0].name)
     first = members[0]
-    sample = [encode(tokenizer, first.task.instruction, e, settings.max_length) for e in first.task.train[:8]]
-    packed = use_packing(sigma_model, sample, tokenizer, settings, device)  # each member's batch a row
+    packed = use_packing_for(
+        sigma_model, tokenizer, first.task, settings, device, 8
+    )  # each member's batch a row
     trainable = sigma_model.get_nb_trainable_parameters()[0]
     log(f"{len(members)} adapters of {trainable:,} trainable numbers each, trained together")
     clock.lap("bases")
