@@ -18,8 +18,9 @@ on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigm
 seed (the probe `sigmatune train` runs: training/lr_probe.py; its losses go to the details). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
-A run resumes: a row already in --out is not run again; --budget S starts no row after S seconds (a GPU
-command has a time limit), so calling it again goes on where it stopped.
+A run resumes: a row already in --out is not run again; --budget S starts no row that would not end within S
+seconds (by the median time of its task's rows so far: a GPU command has a time limit, and a row it cuts is
+time lost), so calling it again goes on where it stopped.
 
 Rows (results/quality.json, merged by task, model, method, structure, band, rank, lr, seed, recipe) have exactly
 the keys task, model, method, structure, band, rank, lr (a number, or "auto", then also lr_chosen), seed,
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,17 +126,21 @@ def run_rows(rows: list[dict], args) -> None:
     of the rows run in that many processes."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
-    rows = [row for row in rows if resume_key(row) not in finished]
+    history = common.load_rows(args.runs or details_path(args.out))
+    left = [row for row in rows if resume_key(row) not in finished]
+    rows = [row for row in left if ends_in_time(row, history, args.deadline)]
+    if len(rows) < len(left):
+        print(f"{len(left) - len(rows)} rows would not end within --budget (run again to go on)", flush=True)
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
     from quality_suite.loops import probe, run
 
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
-    data = {}
-    for count, row in enumerate(rows):
-        if time.time() > args.deadline:
-            print(f"stopped at --budget: {len(rows) - count} rows left (run again to go on)", flush=True)
-            break
+    data, ran = {}, 0
+    for row in rows:
+        if not ends_in_time(row, history, args.deadline):
+            print(f"{row}: left for the next run (it would not end within --budget)", flush=True)
+            continue
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
@@ -169,6 +175,18 @@ def run_rows(rows: list[dict], args) -> None:
             continue
         run_s = round(time.perf_counter() - started, 1)
         record(row, measured | probed | {"run_s": run_s}, device, args.out)
+        ran += 1
+    return ran
+
+
+def ends_in_time(row: dict, history: list[dict], deadline: float) -> bool:
+    """Whether the row, started now, is expected to end by the deadline (a GPU command's time limit would cut
+    it, and its time would be lost): its expected seconds are the median run_s of the finished rows of its task
+    and kind (lr auto: probe and run; a number lr: the run), else of its task; 0 where none ran yet."""
+    same_task = [r for r in history if r["task"] == row["task"] and r.get("run_s")]
+    same_kind = [r for r in same_task if (r["lr"] == "auto") == (row["lr"] == "auto")]
+    expected = statistics.median(r["run_s"] for r in same_kind or same_task) if same_task else 0.0
+    return time.time() + expected <= deadline
 
 
 def record(row: dict, measured: dict, device, out: Path) -> None:
@@ -226,6 +244,7 @@ def run_in_workers(rows: list[dict], args) -> None:
         command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
         command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less held back by each
         procs[w] = subprocess.Popen(command, env=env)
     while any(proc.poll() is None for proc in procs.values()):
         time.sleep(10)
@@ -244,6 +263,7 @@ def run_in_workers(rows: list[dict], args) -> None:
         raise SystemExit(
             f"quality workers failed (worker: exit code) {failed}; the rows they finished are in {args.out}"
         )
+    return len(done)
 
 
 def merge_workers(folder: Path, procs: dict, out: Path) -> None:
@@ -307,9 +327,9 @@ def sweep(args) -> None:
 
 def extend_sweeps(tasks: list, plan: dict, args) -> None:
     """Seed 0 past the edge of each sweep whose best is there, until no best is on an edge (each method runs
-    EXTEND lrs past its LRS at most: a resumed run goes no further) or the --budget is spent (the rows it did
-    not start stay for the next run: run_rows starts none after the deadline, so looping on would spin)."""
-    while time.time() <= args.deadline:
+    EXTEND lrs past its LRS at most: a resumed run goes no further) or a round runs no row (the --budget spent:
+    the rows it did not start stay for the next run; asking again would spin)."""
+    while True:
         done = common.load_rows(args.out)
         further = [
             row_of(t, m, lr, 0)
@@ -317,9 +337,8 @@ def extend_sweeps(tasks: list, plan: dict, args) -> None:
             for m in plan[t.name]
             if (lr := next_lr(seed0(done, t.name, m), LRS[m.method])) is not None
         ]
-        if not further:
+        if not further or not run_rows(further, args):
             return
-        run_rows(further, args)
 
 
 def resolve_models(args, families: set[str]) -> None:
@@ -578,7 +597,10 @@ def main() -> None:
     )
     options.add_argument("--travel", help="prepare: a cache folder to carry to a GPU machine")
     options.add_argument(
-        "--budget", type=float, default=1e9, help="run: start no row after this many seconds"
+        "--budget",
+        type=float,
+        default=1e9,
+        help="run: start no row that would not end within this many seconds",
     )
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     options.add_argument("--runs", type=Path, help=argparse.SUPPRESS)  # work: the parent's details file

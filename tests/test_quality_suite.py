@@ -209,9 +209,12 @@ def test_the_sweep_stops_extending_at_its_budget(tmp_path, monkeypatch):
     ran = []
 
     def run_rows(rows, args):  # the lowest loss at the smallest lr: the sweep's best is always at its edge
+        if time.time() > args.deadline:
+            return 0  # (as the real one: no row would end in time)
         ran.append([r["lr"] for r in rows])
         assert len(ran) <= quality.EXTEND + 1, "the sweep did not stop"
         common.merge_rows(args.out, [{**r, "eval_loss": r["lr"]} for r in rows], quality.KEY)
+        return len(rows)
 
     monkeypatch.setattr(quality, "run_rows", run_rows)
     run_rows([quality.row_of(task, method, lr, 0) for lr in quality.LRS["lora"]], args)
@@ -223,3 +226,27 @@ def test_the_sweep_stops_extending_at_its_budget(tmp_path, monkeypatch):
     args.deadline = time.time() - 1  # the budget spent: no row is started, and the sweep returns
     quality.extend_sweeps([task], {task.name: [method]}, args)
     assert len(ran) == 1
+
+
+def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
+    """A row's expected time is the median run_s of its task's rows of its kind (lr auto: probe and run), else
+    of its task; a row of a task with none yet may start."""
+    import time
+
+    import quality
+
+    history = [
+        {"task": "spam", "lr": 1e-3, "run_s": s}
+        for s in (10.0, 100.0, 30.0)  # median 30
+    ] + [{"task": "spam", "lr": "auto", "run_s": 200.0}, {"task": "era", "lr": 1e-3, "run_s": 5.0}]
+    now = time.time()
+    spam, auto = {"task": "spam", "lr": 3e-3}, {"task": "spam", "lr": "auto"}
+    assert not quality.ends_in_time(spam, history, now + 20)
+    assert quality.ends_in_time(spam, history, now + 40)
+    assert not quality.ends_in_time(auto, history, now + 150)
+    assert quality.ends_in_time(auto, history, now + 250)
+    assert quality.ends_in_time({"task": "pronounce", "lr": 1e-3}, history, now + 1)
+    assert quality.ends_in_time(
+        {"task": "era", "lr": "auto"}, history, now + 6
+    )  # its task's, none of its kind
+    assert not quality.ends_in_time({"task": "era", "lr": "auto"}, history, now + 4)
