@@ -10,9 +10,13 @@ Speed claims are ratios measured side by side in one process on one GPU: a CPU t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
+import os
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,6 +118,40 @@ def weight_shapes(shape: str) -> list[tuple[int, int, int]]:
         counts[out_in] = counts.get(out_in, 0) + per_layer * layers  # q, o; k, v; gate, up
     counts[(hidden, intermediate)] = layers  # down
     return [(out, inp, count) for (out, inp), count in counts.items()]
+
+
+WORKER_ALLOC = {
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"
+}  # processes sharing a GPU hold back less
+
+
+@contextlib.contextmanager
+def mps_daemon():
+    """An MPS control daemon of our own while the block runs (its pipe and log folders in a temp folder, so
+    nothing else on the machine talks to it; the GPU's settings are left alone): yields the environment its
+    clients need (CUDA_MPS_PIPE_DIRECTORY...), or None, with a line saying why, where there is none."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        print("no nvidia-cuda-mps-control on this machine: no MPS", flush=True)
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="mps-") as folder:
+        env = {
+            **os.environ,
+            "CUDA_MPS_PIPE_DIRECTORY": folder + "/pipe",
+            "CUDA_MPS_LOG_DIRECTORY": folder + "/log",
+        }
+        for name in ("pipe", "log"):
+            os.makedirs(env[f"CUDA_MPS_{name.upper()}_DIRECTORY"])
+        started = subprocess.run([control, "-d"], env=env, capture_output=True, text=True)
+        if started.returncode:
+            print(f"MPS did not start: {(started.stderr or started.stdout).strip()}", flush=True)
+            yield None
+            return
+        try:
+            yield env
+        finally:
+            subprocess.run([control], input="quit\n", env=env, text=True, capture_output=True)
 
 
 # ---- timing -----------------------------------------------------------------------------------------------

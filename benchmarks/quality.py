@@ -31,6 +31,7 @@ measured (device, wall time, step ms, macro-F1, loss curve, an error) goes to re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -243,8 +244,8 @@ def run_in_workers(rows: list[dict], args) -> None:
         (folder / f"rows{w}.json").write_text(json.dumps(share))
         command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
         command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less held back by each
+        env = {**common.WORKER_ALLOC, **(args.mps_env or os.environ), "PYTHONUNBUFFERED": "1"}
+        env["OMP_NUM_THREADS"] = threads
         procs[w] = subprocess.Popen(command, env=env)
     while any(proc.poll() is None for proc in procs.values()):
         time.sleep(10)
@@ -602,6 +603,11 @@ def main() -> None:
         default=1e9,
         help="run: start no row that would not end within this many seconds",
     )
+    options.add_argument(
+        "--mps",
+        action="store_true",
+        help="run: the workers under an MPS daemon of the run's own (side_by_side.py)",
+    )
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     options.add_argument("--runs", type=Path, help=argparse.SUPPRESS)  # work: the parent's details file
     args = options.parse_args()
@@ -617,7 +623,8 @@ def main() -> None:
     elif args.command == "work":
         run_rows(json.loads(Path(args.rows).read_text()), args)
     elif args.command == "run":
-        sweep(args)
+        with common.mps_daemon() if args.mps else contextlib.nullcontext() as args.mps_env:
+            sweep(args)
         print(report(common.load_rows(args.out), None))
     else:
         print(report(common.load_rows(args.out), args.out.with_suffix(".png")))

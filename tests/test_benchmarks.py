@@ -42,6 +42,7 @@ RUNS = {
     "profile_serve": ("profile_serve", [*SERVE, "--top", "3"]),
     "before_after": ("before_after", ["--before", str(ROOT), "--phases", "eager,serve", "--budget", "1e9", "--rows", "frozen:0,sigmatune:16", "--train-args", shlex.join(TRAIN), "--serve-args", shlex.join([*SERVE, "--timed", "1", "--resident", "4"]), "--out", "{out}"]),
     "load": ("load", ["--requests", "26", "--concurrency", "2", "--out", "{out}"]),
+    "side_by_side": ("side_by_side", [*TINY, "--workers", "1,2", "--tokens", "2x8", "--warmup", "1", "--steps", "1", "--out", "{out}"]),
     "multi_gpu": ("multi_gpu", ["--device", "cpu", "--warmup", "1", "--steps", "1", "--shapes", "tiny", "--modes", "ddp", "--gpus", "1", "--rank", "16", "--global-batch", "2", "--length", "16", "--out", "{out}"]),
     "quality": ("quality", ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "64,12", "--workers", "2", "--out", "{out}"], ["run", "--device", "cpu", "--tasks", "sentiment,spam", "--methods", "none,lora:1,sigmatune:16,ia3,quality", "--seeds", "0,1", "--encoder", "{tmp}/encoder", "--causal-model", "{tmp}/chat", "--items", "{tmp}/items", "--causal-steps", "2", "--limit", "64,12", "--workers", "2", "--out", "{out}"], ["report", "--out", "{out}"]),
 }  # fmt: skip
