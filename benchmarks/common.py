@@ -205,6 +205,20 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
+def timed_steps(step: Callable[[], object], warmup: int, steps: int) -> tuple[float, float, float]:
+    """Wall-clock times (time.time()) of `steps` calls after `warmup` untimed ones: (start, the host done
+    issuing them, the device done with them)."""
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.time()
+    for _ in range(steps):
+        step()
+    issued = time.time()
+    sync()
+    return start, issued, time.time()
+
+
 def warm_seconds(fn: Callable[[], object]) -> float:
     """Seconds of fn's second call (the first sets up: cuSOLVER's handles, kernels compiled)."""
     fn()

@@ -7,7 +7,6 @@ row of train_step.py by total time (prints; writes no results file).
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import common
@@ -48,15 +47,8 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    common.sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    issued = time.perf_counter() - start
-    common.sync()
-    total = time.perf_counter() - start
+    start, issued, done = common.timed_steps(step, args.warmup, args.steps)
+    issued, total = issued - start, done - start
     print(
         f"per step: the host issues in {1000 * issued / args.steps:.1f} ms, the device is done in "
         f"{1000 * total / args.steps:.1f} ms ({args.steps} steps, no sync between)"

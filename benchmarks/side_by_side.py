@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import common
 import torch
@@ -51,14 +50,7 @@ def work(args) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    common.sync()
-    start = time.time()
-    for _ in range(args.steps):
-        step()
-    common.sync()
-    end = time.time()
+    start, _, end = common.timed_steps(step, args.warmup, args.steps)
     print(json.dumps({"start": start, "end": end, "step_ms": 1e3 * (end - start) / args.steps}), flush=True)
 
 
