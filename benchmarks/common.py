@@ -120,9 +120,10 @@ def weight_shapes(shape: str) -> list[tuple[int, int, int]]:
     return [(out, inp, count) for (out, inp), count in counts.items()]
 
 
-WORKER_ALLOC = {
-    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"
-}  # processes sharing a GPU hold back less
+def worker_env(base: dict | None = None, **values: str) -> dict:
+    """The environment of a worker process sharing the GPU with others: base (default os.environ) with
+    expandable CUDA segments unless base sets the allocator (each process holds back less memory), and values."""
+    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **(base or os.environ), **values}
 
 
 @contextlib.contextmanager
@@ -141,8 +142,8 @@ def mps_daemon():
             "CUDA_MPS_PIPE_DIRECTORY": folder + "/pipe",
             "CUDA_MPS_LOG_DIRECTORY": folder + "/log",
         }
-        for name in ("pipe", "log"):
-            os.makedirs(env[f"CUDA_MPS_{name.upper()}_DIRECTORY"])
+        for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+            os.makedirs(env[key])
         started = subprocess.run([control, "-d"], env=env, capture_output=True, text=True)
         if started.returncode:
             print(f"MPS did not start: {(started.stderr or started.stdout).strip()}", flush=True)

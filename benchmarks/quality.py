@@ -118,13 +118,14 @@ def method_of(row: dict) -> Method:
 # ---- running rows (in this process, or in --workers processes) ---------------------------------------------
 
 
-def run_rows(rows: list[dict], args) -> None:
+def run_rows(rows: list[dict], args) -> int:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
     files after every row. A row already there is not run again (a run resumed). An lr-"auto" row runs the
     library's probe first (quality_suite.loops.probe); where the sweep ran the lr it chose on the same seed, the
     row is that run (same_run). A diverging lr, or a peer the installed peft lacks, is a result; any other
-    failure of a row (out of memory, say) is printed and the row left for the next run. With --workers, shares
-    of the rows run in that many processes."""
+    failure of a row (out of memory, say) is printed and the row left for the next run, as is a row not expected
+    to end within --budget (ends_in_time). With --workers, shares of the rows run in that many processes.
+    Returns how many rows ran."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
     history = common.load_rows(args.runs or details_path(args.out))
@@ -227,7 +228,7 @@ def same_run(row: dict, details: list[dict]) -> dict | None:
     return {k: run[k] for k in keep if k in run} | {"same_run_as": run["lr"]}
 
 
-def run_in_workers(rows: list[dict], args) -> None:
+def run_in_workers(rows: list[dict], args) -> int:
     """rows dealt round-robin to args.workers processes of this script (`work`), each into its own results
     files, merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
     finished) and when they are done; a worker that failed stops the sweep after the merge, loudly."""
@@ -244,8 +245,7 @@ def run_in_workers(rows: list[dict], args) -> None:
         (folder / f"rows{w}.json").write_text(json.dumps(share))
         command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
         command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
-        env = {**common.WORKER_ALLOC, **(args.mps_env or os.environ), "PYTHONUNBUFFERED": "1"}
-        env["OMP_NUM_THREADS"] = threads
+        env = common.worker_env(args.mps_env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         procs[w] = subprocess.Popen(command, env=env)
     while any(proc.poll() is None for proc in procs.values()):
         time.sleep(10)

@@ -20,7 +20,6 @@ and the rest) are left alone. Where the daemon does not start, or its clients fa
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,10 @@ import sys
 import common
 import torch
 
+# each work process: one host thread, its lines at once
+WORKER = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ANSWER = 4  # tokens of each row's answer: the positions a step's loss is on
-KEYS = ("workers", "tokens", "mps", "step_ms", "steps_per_s", "ratio_vs_one", "device")
+ROW_KEY = ("workers", "tokens", "mps", "device")  # a row replaces an earlier one with these values
 
 
 def work(args) -> None:
@@ -108,15 +109,12 @@ def main() -> None:
     if args.command == "work":
         return work(args)
     device = common.device_name(common.pick_device(args.device))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **common.WORKER_ALLOC}
-    rows = rows_for(args, False, env, device)
+    rows = rows_for(args, False, common.worker_env(None, **WORKER), device)
     if args.mps:
         with common.mps_daemon() as mps_env:
             if mps_env is not None:
-                rows += rows_for(
-                    args, True, {**mps_env, "OMP_NUM_THREADS": "1", **common.WORKER_ALLOC}, device
-                )
-    common.merge_rows(args.out, rows, lambda r: (r["workers"], r["tokens"], r["mps"], r["device"]))
+                rows += rows_for(args, True, common.worker_env(mps_env, **WORKER), device)
+    common.merge_rows(args.out, rows, ROW_KEY)
     print("| workers | tokens | mps | step ms | steps/s | × one |\n|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -55,9 +55,8 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
         sigma_model.add_adapter(member.name, config)
     sigma_model.set_adapter(members[0].name)
     first = members[0]
-    packed = use_packing_for(
-        sigma_model, tokenizer, first.task, settings, device, 8
-    )  # each member's batch a row
+    # each member's batch a row
+    packed = use_packing_for(sigma_model, tokenizer, first.task, settings, device, 8)
     trainable = sigma_model.get_nb_trainable_parameters()[0]
     log(f"{len(members)} adapters of {trainable:,} trainable numbers each, trained together")
     clock.lap("bases")
