@@ -70,7 +70,6 @@ SIGMATUNE = [
     sigmatune(128),  # near the top of the ≤ 1% tier (of LoRA r16's numbers: MiniLM 0.69%, SmolLM2 0.55%)
     sigmatune(128, "band", 1),  # the CPU's default (training/settings.RECIPES["cpu"]; 2.1%, 1.7%)
     sigmatune(32, "dense"),
-    sigmatune("full", "diag_rank1"),  # an experiment (issue 40): the diagonal plus a rank-1 term
     sigmatune("full", INPUT_SCALED),
 ]
 RANKED = {

@@ -20,7 +20,7 @@ from tests.reference import reference_band_weight, reference_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.bfloat16: 4e-2}
-KINDS = {"diagonal": 0, "band": 1, "dense": 0, "diag_rank1": 0}  # a structure, and its band's half-width
+KINDS = {"diagonal": 0, "band": 1, "dense": 0}  # a structure, and its band's half-width
 
 
 def adapted_layer(side, structure, update, dtype):

@@ -129,7 +129,7 @@ def test_lr_auto_divides_the_diagonals_lr_by_the_numbers_per_direction():
     }
     assert lrs == {1: 3e-3, 2: 3e-3, 4: 1e-3, 16: 3e-4}
     assert auto_lr("diagonal") == 1e-2 and auto_lr("band", 4) == one_three(1e-2 / 9) == 1e-3
-    assert auto_lr("dense") == auto_lr("diag_rank1") == 3e-3
+    assert auto_lr("dense") == 3e-3
     assert [one_three(v) for v in (0.0026, 0.0095, 0.0011, 0.02)] == [3e-3, 1e-2, 1e-3, 3e-2]
 
 

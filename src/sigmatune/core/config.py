@@ -46,8 +46,8 @@ class SigmaConfig:
     # bottom-r, or explicit singular-value indices (0 = largest): one list for every layer, or a dict from
     # layer name (exact or dotted suffix) to a list; explicit indices override `rank`
     update: str = "multiplicative"  # the update rule (updates.py): "additive" trains δ, "multiplicative" g
-    structure: str = "diagonal"  # what a layer trains over S: "diagonal" (g), "band" (a banded M),
-    # "dense" (M, r × r) or "diag_rank1" (diag(g) + u vᵀ): core/structures/
+    structure: str = "diagonal"  # what a layer trains over S: "diagonal" (g), "band" (a banded M) or
+    # "dense" (M, r × r): core/structures/
     band: int = 0  # structure="band": M's half-width b, |i − j| ≤ b (2b + 1 diagonals); 0 otherwise
     init: str = "zeros"  # "zeros" = the adapted model equals the base at step 0; "normal" = N(0, init_std²)
     init_std: float = 1e-3  # standard deviation of init="normal"

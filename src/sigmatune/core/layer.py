@@ -60,7 +60,7 @@ class SigmaVector(nn.Module):
         self.rule = update_rule(update)  # what the vector holds: δ (additive) or g (multiplicative)
         self.structure.check_rule(self.rule)
         zeros = torch.zeros(self.structure.shape(len(indices)), dtype=dtype, device=indices.device)
-        vector = self.structure.start(zeros)  # M = 0 (what a structure's factors start from)
+        vector = zeros  # M = 0: the adapted layer equals the base
         if init == "normal":
             vector.normal_(0.0, init_std)
             vector.copy_(self.structure.initial(vector))

@@ -25,7 +25,7 @@ RECIPES = {
 }
 LR_DIRECTION = 1e-2  # lr "auto" of the diagonal on a model REFERENCE_BLOCKS deep (SmolLM2-135M's best)
 REFERENCE_BLOCKS = 30
-LEARNING_RATES = {"dense": 3e-3, "diag_rank1": 3e-3}  # lr "auto" of the matrix structures (MiniLM's best)
+LEARNING_RATES = {"dense": 3e-3}  # lr "auto" of the matrix structure (MiniLM's best)
 
 
 def auto_lr(structure: str, band: int = 0, blocks: int = REFERENCE_BLOCKS) -> float:

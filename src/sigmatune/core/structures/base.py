@@ -16,7 +16,6 @@ rule, C is a matrix M over S (M = diag(g) for the diagonal), and the adapted lay
     spread(C, positions, R)  C over all R stored columns of a layer, its directions at `positions`
     as_band(C)               g, or the column-aligned diagonals of M: a serving table's row (band.py)
     initial(C)               C with the entries outside the structure zeroed (a random init)
-    start(C)                 the trained tensor at init, from zeros (M = 0: the adapter is the identity)
 
 A new structure is one file with a subclass and its line in registry.py; every consumer (the layer, the
 GEMM backend, merging, LoRA export, compression, files, serving tables) calls these methods.
@@ -75,9 +74,6 @@ class Structure:
         raise NotImplementedError
 
     def initial(self, coefficients: torch.Tensor) -> torch.Tensor:
-        return coefficients
-
-    def start(self, coefficients: torch.Tensor) -> torch.Tensor:
         return coefficients
 
     def diagonal(self, coefficients: torch.Tensor) -> torch.Tensor:
