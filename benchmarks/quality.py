@@ -62,6 +62,9 @@ from quality_suite.tasks import RETIRED, TASKS, split
 
 from sigmatune.training.lr_probe import PROBE_SHARE
 
+# what a finished lr-auto row's details hold: a row probed by another rule runs again
+PROBE_RULE = {"probe_share": PROBE_SHARE, "probe_slice": "groups kept whole"}
+
 LRS = {  # method → the 3 learning rates seed 0 sweeps
     "lora": [3e-4, 1e-3, 3e-3],
     "ia3": [3e-3, 1e-2, 3e-2],
@@ -154,7 +157,7 @@ def run_rows(rows: list[dict], args) -> int:
                 )
                 row = {**row, "lr_chosen": found.lr}
                 probe_s = round(time.perf_counter() - started, 1)
-                probed = {"lr_probe": found.by_name(), "probe_share": PROBE_SHARE, "probe_s": probe_s}
+                probed = {"lr_probe": found.by_name(), **PROBE_RULE, "probe_s": probe_s}
                 measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
             if measured is None:
                 measured = run(
@@ -207,10 +210,11 @@ def resume_key(row: dict) -> tuple:
 
 def finished_keys(out: Path) -> set[tuple]:
     """The rows done: one at a number lr in out; one at lr "auto" whose details hold a probe of today's
-    PROBE_SHARE (a row of the rule that came before the probe, or of another share, runs again)."""
+    PROBE_RULE (a row of the rule that came before the probe, or of another share or slice, runs again)."""
     done = {resume_key(r) for r in common.load_rows(out) if r["lr"] != "auto"}
     probed = common.load_rows(details_path(out))
-    return done | {resume_key(r) for r in probed if r["lr"] == "auto" and r.get("probe_share") == PROBE_SHARE}
+    today = [r for r in probed if r["lr"] == "auto" and all(r.get(k) == v for k, v in PROBE_RULE.items())]
+    return done | {resume_key(r) for r in today}
 
 
 def same_run(row: dict, details: list[dict]) -> dict | None:

@@ -144,9 +144,9 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
             r["lr_probe"] for r in details if r["lr"] == "auto"
         ]  # lr auto's probe ran, as the trainer's
         assert len(probes) == 8 and all(len(p) >= 3 for p in probes), output[-4000:]
-        assert {r["probe_share"] for r in details if r["lr"] == "auto"} == {
-            0.2
-        }  # a changed share runs them again
+        assert {(r["probe_share"], r["probe_slice"]) for r in details if r["lr"] == "auto"} == {
+            (0.2, "groups kept whole")
+        }  # a changed rule runs them again
         keys = {
             "task",
             "model",

@@ -12,7 +12,8 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   device time, and every method's row runs the same way.
 lr "auto" (probe): the library's range test (training/lr_probe.py) picks the row's lr first — for a causal row the
 very call `sigmatune train` makes; for an encoder row the same choice (lr_probe.choose_lr, probe_split,
-PROBE_SHARE of the steps) over this loop's own short runs, sequential.
+PROBE_SHARE of the steps) over this loop's own short runs, sequential. Either way the examples carry the groups
+the held-out split keeps whole (a speech, an analogy's word pair), so the probe's slice keeps them whole too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quality_suite.methods import Method, adapt, trainable
-from quality_suite.tasks import Item, SuiteTask
+from quality_suite.tasks import Item, SuiteTask, held_out_group
 
 HEAD_LR = 2e-3
 EPOCHS, BATCH, MAX_TOKENS = 2, 32, 128
@@ -240,7 +241,7 @@ def probe_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path
     """lr_probe.choose_lr over short runs of this loop: each probed lr trains PROBE_SHARE of a row's steps on the
     training split less lr_probe.probe_split's slice, and is scored on that slice (a diverging one: None)."""
     probing, centre = internals().lr_probe, centre_lr(method, folder)
-    train = data[0]
+    train = [i._replace(group=held_out_group(task, i)) for i in data[0]]  # the groups the split keeps whole
     parts = probing.probe_split(train)
     if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
         return probing.Probe(centre, {})
@@ -324,9 +325,9 @@ def causal_task(task: SuiteTask, data):
     """A suite task's split as the main job's Task (the answers its examples' outputs)."""
     ops = internals()
     train, heldout = data
-    examples = (
-        [ops.Example(i.text, [i.target]) for i in train],
-        [ops.Example(i.text, [i.target]) for i in heldout],
+    examples = (  # with their groups: lr auto's slice keeps them whole, as the held-out split does
+        [ops.Example(i.text, [i.target], held_out_group(task, i)) for i in train],
+        [ops.Example(i.text, [i.target], held_out_group(task, i)) for i in heldout],
     )
     return ops.Task(task.name, task.instruction, *examples, source="benchmarks/quality_suite/tasks.py")
 

@@ -274,6 +274,11 @@ def items(task: SuiteTask, folder: Path | None = None) -> list[Item]:
     ]
 
 
+def held_out_group(task: SuiteTask, item: Item) -> str:
+    """What the held-out split keeps whole: the item's group, or with task.pairs its (c, d) pair."""
+    return item.group.partition("|")[2] if task.pairs else item.group
+
+
 def split(
     task: SuiteTask,
     seed: int = 0,
@@ -290,7 +295,7 @@ def split(
     cap = task.heldout_per_group or heldout_size
     groups: dict[str, list[Item]] = {}
     for item in items(task, folder):
-        groups.setdefault(item.group.partition("|")[2] if task.pairs else item.group, []).append(item)
+        groups.setdefault(held_out_group(task, item), []).append(item)
     order = sorted(groups)
     rng.shuffle(order)
     held: set[str] = set()

@@ -54,6 +54,24 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert not {e.prompt for e in first.heldout} & {e.prompt for e in first.train}
 
 
+def test_a_group_stays_on_one_side_of_the_split(tmp_path):
+    records = [{"input": f"{i}", "output": "x", "group": f"doc{i // 7}"} for i in range(70)]  # 10 groups of 7
+    records += [{"input": f"alone{i}", "output": "y"} for i in range(5)]  # no group: one of its own each
+    task = load_task(write(tmp_path / "g.jsonl", "\n".join(json.dumps(r) for r in records)), 10, seed=1)
+    held, train = {e.group for e in task.heldout}, {e.group for e in task.train}
+    assert not (held - {None}) & (train - {None})  # no group on both sides
+    assert 10 <= len(task.heldout) < 10 + 7 and len(task.heldout) + len(task.train) == 75
+    assert [e.group for e in load_task(str(tmp_path / "g.jsonl"), 10, seed=1).heldout] == [
+        e.group for e in task.heldout
+    ]  # seeded
+    ungrouped = [Example(str(i), ["x"]) for i in range(50)]  # no groups: the plain seeded shuffle, as before
+    train, held = data.held_out_split(ungrouped, 10, seed=3)
+    order = list(range(50))
+    data.random.Random(3).shuffle(order)
+    assert [e.prompt for e in held] == [str(i) for i in order[:10]]
+    assert [e.prompt for e in train] == [str(i) for i in order[10:]]
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [

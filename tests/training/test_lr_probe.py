@@ -9,6 +9,7 @@ import torch
 from sigmatune import read_adapter
 from sigmatune.formats.checkpoint import CHECKPOINT_NAME
 from sigmatune.training import lr_probe
+from sigmatune.training.data import Example
 from sigmatune.training.job import train
 from tests.training.test_train import failing_loss, settings, workspace  # noqa: F401 (a fixture)
 
@@ -45,6 +46,12 @@ def test_the_probe_scores_on_a_slice_it_never_trains_on():
     assert (len(rest), len(held)) == (84, 16) and not set(rest) & set(held)
     rest, held = lr_probe.probe_split(list(range(5000)))
     assert len(held) == lr_probe.SLICE_MAX and rest + held == list(range(5000))
+    examples = [
+        Example(str(i), ["x"], f"pair{i // 9}") for i in range(300)
+    ]  # groups of 9: the slice whole ones
+    rest, held = lr_probe.probe_split(examples)
+    assert not {e.group for e in rest} & {e.group for e in held}  # a slice that shares no group
+    assert 30 <= len(held) < 30 + 9 and [e.prompt for e in rest + held] == [str(i) for i in range(300)]
 
 
 def test_lr_auto_probes_then_trains_as_an_explicit_run_at_the_lr_it_chose(workspace, tmp_path, capsys):  # noqa: F811

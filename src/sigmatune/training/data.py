@@ -20,6 +20,7 @@ import random
 import re
 import sys
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Example:
 
     prompt: str | None  # the user's message; None = plain text, trained on as a whole
     answers: list[str]  # acceptable answers; answers[0] is the one training teaches
+    group: str | None = None  # examples of one group (a document, a speaker, an entity) stay on one side
+    # of every split: the held-out one (load_task) and lr auto's slice (lr_probe.probe_split)
 
 
 @dataclass
@@ -89,15 +92,40 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
         raise ValueError(
             f"{spec}: needs at least 2 examples (one to train on, one held out), found {len(examples)}"
         )
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
     count = max(1, min(heldout, len(examples) // 5))  # at most a fifth of a small file is held out
     if count < heldout:
         capped = f"{count} held out: at most a fifth of the {len(examples)} examples of {spec} are held out"
         print(f"warning: --heldout {heldout} asked for, {capped}", file=sys.stderr, flush=True)
-    held = [examples[i] for i in order[:count]]
-    train = [examples[i] for i in order[count:]]
+    train, held = held_out_split(examples, count, seed)
     return Task(name=name, instruction=instruction, train=train, heldout=held, source=source)
+
+
+def held_out_split(examples: list[Example], count: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): the first `count` examples of a seeded shuffle are held out, groups kept whole
+    (split_off); both sides in the shuffle's order."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rest, held = split_off(examples, count, order)
+    return [examples[i] for i in rest], [examples[i] for i in held]
+
+
+def split_off(examples: list, count: int, order: list[int]) -> tuple[list[int], list[int]]:
+    """(the rest, the split-off part) as indices in `order`'s order: the first `count` of `order`, or, where
+    examples name groups (their `group`), the groups of the first examples in `order`, whole, until there are
+    `count` examples or just more — no group on both sides (an example without one is a group of its own)."""
+    keys = [getattr(e, "group", None) for e in examples]
+    if all(k is None for k in keys):
+        return order[count:], order[:count]
+    keys = [i if k is None else k for i, k in enumerate(keys)]  # (an index never equals a group's string)
+    sizes = Counter(keys)
+    taken, total = set(), 0
+    for i in order:
+        if total >= count:
+            break
+        if keys[i] not in taken:
+            taken.add(keys[i])
+            total += sizes[keys[i]]
+    return [i for i in order if keys[i] not in taken], [i for i in order if keys[i] in taken]
 
 
 def bigbench_task(name: str) -> dict:
@@ -179,7 +207,7 @@ def _read_user_file(path: Path) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
-        return [Example(None, [c]) for c in chunks if c]
+        return [Example(None, [c]) for c in chunks if c]  # (a text file names no groups)
     if suffix == ".jsonl":
         lines = path.read_text(encoding="utf-8").splitlines()
         records = [_json_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
@@ -206,8 +234,9 @@ def _json_line(path: Path, number: int, line: str) -> dict:
 def _user_example(path: Path, number: int, record) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: record {number} is a {type(record).__name__}, expected an object")
+    group = None if record.get("group") is None else str(record["group"])
     if "text" in record and not any(k in record for k in ANSWER_KEYS):
-        return Example(None, [str(record["text"])])
+        return Example(None, [str(record["text"])], group)
     prompt = next((record[k] for k in PROMPT_KEYS if k in record), None)
     answer = next((record[k] for k in ANSWER_KEYS if k in record), None)
     if prompt is None or answer is None:
@@ -216,4 +245,4 @@ def _user_example(path: Path, number: int, record) -> Example:
             f"and an answer (one of {list(ANSWER_KEYS)}), or a 'text' field"
         )
     answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
-    return Example(str(prompt), answers)
+    return Example(str(prompt), answers, group)

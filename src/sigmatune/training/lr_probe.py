@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .data import Task
+from .data import Task, split_off
 from .loop import log
 from .scores import score
 from .settings import TrainSettings, one_three
@@ -83,11 +83,15 @@ def probe_steps(steps: int) -> int:
 
 def probe_split(examples: list) -> tuple[list, list] | None:
     """(the examples the probe trains on, the slice it scores on: the last SLICE_SHARE of them, at least
-    SLICE_MIN and at most SLICE_MAX), or None where there are too few to spare a slice (fewer than 4 × SLICE_MIN)."""
+    SLICE_MIN and at most SLICE_MAX, groups kept whole where examples name them — a slice that shares groups
+    with what the probe trains on favours the lr that fits those groups best, not the one that generalises
+    to new ones), or None where there are too few to spare a slice (fewer than 4 × SLICE_MIN). Both in the
+    examples' order."""
     if len(examples) < 4 * SLICE_MIN:
         return None
     count = min(SLICE_MAX, max(SLICE_MIN, round(SLICE_SHARE * len(examples))))
-    return examples[:-count], examples[-count:]
+    rest, part = split_off(examples, count, list(reversed(range(len(examples)))))
+    return [examples[i] for i in sorted(rest)], [examples[i] for i in sorted(part)]
 
 
 def probe_lr(
