@@ -64,6 +64,9 @@ def test_a_group_stays_on_one_side_of_the_split(tmp_path):
     assert [e.group for e in load_task(str(tmp_path / "g.jsonl"), 10, seed=1).heldout] == [
         e.group for e in task.heldout
     ]  # seeded
+    one = write(tmp_path / "one.jsonl", "\n".join(json.dumps({**r, "group": "all"}) for r in records[:20]))
+    with pytest.raises(ValueError, match="holding out whole groups left nothing to train on"):
+        load_task(one, 4)
     ungrouped = [Example(str(i), ["x"]) for i in range(50)]  # no groups: the plain seeded shuffle, as before
     train, held = data.held_out_split(ungrouped, 10, seed=3)
     order = list(range(50))

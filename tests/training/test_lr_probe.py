@@ -52,6 +52,8 @@ def test_the_probe_scores_on_a_slice_it_never_trains_on():
     rest, held = lr_probe.probe_split(examples)
     assert not {e.group for e in rest} & {e.group for e in held}  # a slice that shares no group
     assert 30 <= len(held) < 30 + 9 and [e.prompt for e in rest + held] == [str(i) for i in range(300)]
+    big_last = [Example(str(i), ["x"], "big" if i >= 50 else None) for i in range(300)]
+    assert lr_probe.probe_split(big_last) is None  # the slice would be the big group, most of the examples
 
 
 def test_lr_auto_probes_then_trains_as_an_explicit_run_at_the_lr_it_chose(workspace, tmp_path, capsys):  # noqa: F811

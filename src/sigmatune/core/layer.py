@@ -59,8 +59,8 @@ class SigmaVector(nn.Module):
         self.structure = structure or Diagonal()
         self.rule = update_rule(update)  # what the vector holds: δ (additive) or g (multiplicative)
         self.structure.check_rule(self.rule)
-        zeros = torch.zeros(self.structure.shape(len(indices)), dtype=dtype, device=indices.device)
-        vector = zeros  # M = 0: the adapted layer equals the base
+        # M = 0: the adapted layer equals the base
+        vector = torch.zeros(self.structure.shape(len(indices)), dtype=dtype, device=indices.device)
         if init == "normal":
             vector.normal_(0.0, init_std)
             vector.copy_(self.structure.initial(vector))

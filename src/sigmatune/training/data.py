@@ -97,6 +97,11 @@ def load_task(spec: str, heldout: int = 200, seed: int = 0) -> Task:
         capped = f"{count} held out: at most a fifth of the {len(examples)} examples of {spec} are held out"
         print(f"warning: --heldout {heldout} asked for, {capped}", file=sys.stderr, flush=True)
     train, held = held_out_split(examples, count, seed)
+    if not train:
+        raise ValueError(
+            f"{spec}: holding out whole groups left nothing to train on (a group of {len(held)} examples?); "
+            "give the examples more, smaller groups, or none"
+        )
     return Task(name=name, instruction=instruction, train=train, heldout=held, source=source)
 
 

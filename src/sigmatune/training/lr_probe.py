@@ -85,12 +85,14 @@ def probe_split(examples: list) -> tuple[list, list] | None:
     """(the examples the probe trains on, the slice it scores on: the last SLICE_SHARE of them, at least
     SLICE_MIN and at most SLICE_MAX, groups kept whole where examples name them — a slice that shares groups
     with what the probe trains on favours the lr that fits those groups best, not the one that generalises
-    to new ones), or None where there are too few to spare a slice (fewer than 4 × SLICE_MIN). Both in the
-    examples' order."""
+    to new ones), or None where there are too few to spare a slice (fewer than 4 × SLICE_MIN, or groups so
+    large that the slice would outnumber the rest). Both in the examples' order."""
     if len(examples) < 4 * SLICE_MIN:
         return None
     count = min(SLICE_MAX, max(SLICE_MIN, round(SLICE_SHARE * len(examples))))
     rest, part = split_off(examples, count, list(reversed(range(len(examples)))))
+    if len(rest) < len(part):  # groups too large to spare one: as too few examples
+        return None
     return [examples[i] for i in sorted(rest)], [examples[i] for i in sorted(part)]
 
 
