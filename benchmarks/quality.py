@@ -319,6 +319,8 @@ def sweep(args) -> None:
         if seed != 0
     ]
     run_rows(later, args)
+    if args.no_auto:
+        return
     auto = [
         row_of(t, m, "auto", seed)
         for t in tasks
@@ -611,6 +613,9 @@ def main() -> None:
         "--mps",
         action="store_true",
         help="run: the workers under an MPS daemon of the run's own (side_by_side.py)",
+    )
+    options.add_argument(
+        "--no-auto", action="store_true", help="run: leave out the lr-auto rows (the sweep's rows only)"
     )
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     options.add_argument("--runs", type=Path, help=argparse.SUPPRESS)  # work: the parent's details file
