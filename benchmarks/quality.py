@@ -15,7 +15,7 @@ every one of them (quality_suite.methods.PEERS + SIGMATUNE).
 
 The sweep: seed 0 runs each method at the 3 learning rates of LRS (and one more beyond an edge the best lands
 on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every
-seed (the probe `sigmatune train` runs: training/lr_probe.py; its losses go to the details). --workers N runs N processes side by side
+seed (as `sigmatune train` runs it: training/lr_auto.py; its candidates' losses go to the details). --workers N runs N processes side by side
 on the one device (a small model leaves a GPU mostly idle).
 
 A run resumes: a row already in --out is not run again; --budget S starts no row that would not end within S
@@ -60,10 +60,10 @@ from quality_suite.methods import (
 )
 from quality_suite.tasks import RETIRED, TASKS, split
 
-from sigmatune.training.lr_probe import PROBE_SHARE
+from sigmatune.training.lr_auto import RULE, WINDOW
 
-# what a finished lr-auto row's details hold: a row probed by another rule runs again
-PROBE_RULE = {"probe_share": PROBE_SHARE, "probe_slice": "groups kept whole"}
+# what a finished lr-auto row's details hold: a row chosen by another rule runs again
+LR_AUTO_RULE = {"lr_auto_rule": RULE}
 
 LRS = {  # method → the 3 learning rates seed 0 sweeps
     "lora": [3e-4, 1e-3, 3e-3],
@@ -123,9 +123,8 @@ def method_of(row: dict) -> Method:
 
 def run_rows(rows: list[dict], args) -> int:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
-    files after every row. A row already there is not run again (a run resumed). An lr-"auto" row runs the
-    library's probe first (quality_suite.loops.probe); where the sweep ran the lr it chose on the same seed, the
-    row is that run (same_run). A diverging lr, or a peer the installed peft lacks, is a result; any other
+    files after every row. A row already there is not run again (a run resumed). An lr-"auto" row is the
+    library's lr auto (its candidates, the one kept scored: quality_suite.loops.run). A diverging lr, or a peer the installed peft lacks, is a result; any other
     failure of a row (out of memory, say) is printed and the row left for the next run, as is a row not expected
     to end within --budget (ends_in_time). With --workers, shares of the rows run in that many processes.
     Returns how many rows ran."""
@@ -138,7 +137,7 @@ def run_rows(rows: list[dict], args) -> int:
         print(f"{len(left) - len(rows)} rows would not end within --budget (run again to go on)", flush=True)
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
-    from quality_suite.loops import probe, run
+    from quality_suite.loops import run
 
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
     data, ran = {}, 0
@@ -149,21 +148,20 @@ def run_rows(rows: list[dict], args) -> int:
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        started, probed, measured = time.perf_counter(), {}, None
+        started = time.perf_counter()
         try:
+            measured = run(
+                task,
+                method_of(row),
+                row["lr"],
+                row["seed"],
+                data[task.name],
+                models,
+                device,
+                args.causal_steps,
+            )
             if row["lr"] == "auto":
-                found = probe(
-                    task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
-                )
-                row = {**row, "lr_chosen": found.lr}
-                probe_s = round(time.perf_counter() - started, 1)
-                probed = {"lr_probe": found.by_name(), **PROBE_RULE, "probe_s": probe_s}
-                measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
-            if measured is None:
-                measured = run(
-                    task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
-                    device, args.causal_steps,
-                )  # fmt: skip
+                row, measured = {**row, "lr_chosen": measured.pop("lr_chosen")}, measured | LR_AUTO_RULE
         except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
             measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
@@ -179,7 +177,7 @@ def run_rows(rows: list[dict], args) -> int:
                 torch.cuda.empty_cache()
             continue
         run_s = round(time.perf_counter() - started, 1)
-        record(row, measured | probed | {"run_s": run_s}, device, args.out)
+        record(row, measured | {"run_s": run_s}, device, args.out)
         ran += 1
     return ran
 
@@ -187,10 +185,19 @@ def run_rows(rows: list[dict], args) -> int:
 def ends_in_time(row: dict, history: list[dict], deadline: float) -> bool:
     """Whether the row, started now, is expected to end by the deadline (a GPU command's time limit would cut
     it, and its time would be lost): its expected seconds are the median run_s of the finished rows of its task
-    and kind (lr auto: probe and run; a number lr: the run), else of its task; 0 where none ran yet."""
+    and kind (a number lr; lr auto by today's rule), else len(WINDOW) × those of its task for an lr-auto row
+    (its candidates) and the same for another; 0 where none ran yet."""
+
+    def kind(r: dict) -> str | None:
+        return r.get("lr_auto_rule", "") if r["lr"] == "auto" else None
+
     same_task = [r for r in history if r["task"] == row["task"] and r.get("run_s")]
-    same_kind = [r for r in same_task if (r["lr"] == "auto") == (row["lr"] == "auto")]
-    expected = statistics.median(r["run_s"] for r in same_kind or same_task) if same_task else 0.0
+    same_kind = [r["run_s"] for r in same_task if kind(r) == (RULE if row["lr"] == "auto" else None)]
+    if same_kind:
+        expected = statistics.median(same_kind)
+    else:
+        runs = len(WINDOW) if row["lr"] == "auto" else 1
+        expected = runs * statistics.median(r["run_s"] for r in same_task) if same_task else 0.0
     return time.time() + expected <= deadline
 
 
@@ -209,27 +216,12 @@ def resume_key(row: dict) -> tuple:
 
 
 def finished_keys(out: Path) -> set[tuple]:
-    """The rows done: one at a number lr in out; one at lr "auto" whose details hold a probe of today's
-    PROBE_RULE (a row of the rule that came before the probe, or of another share or slice, runs again)."""
+    """The rows done: one at a number lr in out; one at lr "auto" whose details name today's LR_AUTO_RULE (a row
+    chosen by an earlier rule runs again)."""
     done = {resume_key(r) for r in common.load_rows(out) if r["lr"] != "auto"}
-    probed = common.load_rows(details_path(out))
-    today = [r for r in probed if r["lr"] == "auto" and all(r.get(k) == v for k, v in PROBE_RULE.items())]
+    chosen = common.load_rows(details_path(out))
+    today = [r for r in chosen if r["lr"] == "auto" and all(r.get(k) == v for k, v in LR_AUTO_RULE.items())]
     return done | {resume_key(r) for r in today}
-
-
-def same_run(row: dict, details: list[dict]) -> dict | None:
-    """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
-    (from the details rows), with same_run_as naming the lr; else None."""
-
-    def twin(r: dict) -> bool:
-        same = all(r.get(k) == row[k] for k in KEY if k != "lr")
-        return same and r["lr"] == row["lr_chosen"] and r.get("eval_loss") is not None
-
-    run = next((r for r in details if twin(r)), None)
-    if run is None:
-        return None
-    keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
-    return {k: run[k] for k in keep if k in run} | {"same_run_as": run["lr"]}
 
 
 def run_in_workers(rows: list[dict], args) -> int:
@@ -282,7 +274,7 @@ def forwarded(args) -> list[str]:
     """The options a worker takes from its parent."""
     options = ["--device", args.device, "--causal-model", args.causal_model, "--limit", args.limit]
     options += ["--causal-steps", str(args.causal_steps), "--deadline", str(args.deadline)]
-    options += ["--runs", str(details_path(args.out))]  # the sweep's runs, for same_run
+    options += ["--runs", str(details_path(args.out))]  # the sweep's runs, for ends_in_time
     options += ["--encoder", args.encoder] if args.encoder else []
     return options + (["--items", str(args.items)] if args.items else [])
 
@@ -296,8 +288,8 @@ def details_path(out: Path) -> Path:
 
 def sweep(args) -> None:
     """Seed 0 at each method's LRS, one more lr past an edge that wins (EXTEND at most), the other seeds at each
-    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (lr_probe's choice, as
-    `sigmatune train` makes it; where the sweep ran that lr on the seed, the row is that run)."""
+    method's best seed-0 lr; then every sigmatune method at lr "auto" on every seed (lr_auto's, as `sigmatune
+    train` runs it)."""
     seeds = common.ints(args.seeds)
     tasks = [TASKS[name] for name in args.tasks.split(",")]
     plan = {

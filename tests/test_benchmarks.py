@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import sigmatune
+from sigmatune.training.lr_auto import RULE
 from tests.models import save_tiny_chat_model
 
 ROOT = Path(__file__).parents[1]
@@ -71,7 +72,7 @@ def tiny_encoder(folder: Path) -> Path:
 
 def suite_items(folder: Path) -> Path:
     """Items of the suite's sentiment and spam tasks as `quality.py prepare` writes them: 40 of each class
-    (lr auto's probe needs 64 training examples to spare a slice to score on)."""
+    (lr auto needs 64 training examples to spare a slice to score on)."""
     folder.mkdir(parents=True)
     tasks = {"sentiment": ["negative", "neutral", "positive"], "spam": ["ham", "spam"]}
     for task, labels in tasks.items():
@@ -140,12 +141,12 @@ def test_the_script_runs_on_a_cpu_and_writes_its_results(runs, run):
         auto = [(r["task"], r["seed"]) for r in rows if r["lr"] == "auto"]
         assert sorted(auto) == [(t, s) for t in ("sentiment", "spam") for s in (0, 0, 1, 1)], output[-4000:]
         details = json.loads(out.with_name(out.stem + "_runs.json").read_text())
-        probes = [
-            r["lr_probe"] for r in details if r["lr"] == "auto"
-        ]  # lr auto's probe ran, as the trainer's
-        assert len(probes) == 8 and all(len(p) >= 3 for p in probes), output[-4000:]
-        assert {(r["probe_share"], r["probe_slice"]) for r in details if r["lr"] == "auto"} == {
-            (0.2, "groups kept whole")
+        tried = [
+            r["lr_auto"]["losses"] for r in details if r["lr"] == "auto"
+        ]  # lr auto's window, as the trainer's
+        assert len(tried) == 8 and all(len(losses) == 4 for losses in tried), output[-4000:]
+        assert {r["lr_auto_rule"] for r in details if r["lr"] == "auto"} == {
+            RULE
         }  # a changed rule runs them again
         keys = {
             "task",

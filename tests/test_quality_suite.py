@@ -229,16 +229,21 @@ def test_the_sweep_stops_extending_at_its_budget(tmp_path, monkeypatch):
 
 
 def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
-    """A row's expected time is the median run_s of its task's rows of its kind (lr auto: probe and run), else
-    of its task; a row of a task with none yet may start."""
+    """A row's expected time is the median run_s of its task's rows of its kind (a number lr; lr auto by today's
+    rule), else len(WINDOW) × its task's for an lr-auto row; a row of a task with none yet may start."""
     import time
 
     import quality
 
+    rule = quality.LR_AUTO_RULE
     history = [
         {"task": "spam", "lr": 1e-3, "run_s": s}
         for s in (10.0, 100.0, 30.0)  # median 30
-    ] + [{"task": "spam", "lr": "auto", "run_s": 200.0}, {"task": "era", "lr": 1e-3, "run_s": 5.0}]
+    ] + [
+        {"task": "spam", "lr": "auto", "run_s": 200.0, **rule},
+        {"task": "spam", "lr": "auto", "run_s": 20.0, "lr_auto_rule": "an earlier one"},
+        {"task": "era", "lr": 1e-3, "run_s": 5.0},
+    ]
     now = time.time()
     spam, auto = {"task": "spam", "lr": 3e-3}, {"task": "spam", "lr": "auto"}
     assert not quality.ends_in_time(spam, history, now + 20)
@@ -246,7 +251,19 @@ def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
     assert not quality.ends_in_time(auto, history, now + 150)
     assert quality.ends_in_time(auto, history, now + 250)
     assert quality.ends_in_time({"task": "pronounce", "lr": 1e-3}, history, now + 1)
-    assert quality.ends_in_time(
-        {"task": "era", "lr": "auto"}, history, now + 6
-    )  # its task's, none of its kind
-    assert not quality.ends_in_time({"task": "era", "lr": "auto"}, history, now + 4)
+    era = {"task": "era", "lr": "auto"}  # none of its kind: its candidates × its task's runs
+    assert quality.ends_in_time(era, history, now + 5 * len(quality.WINDOW) + 1)
+    assert not quality.ends_in_time(era, history, now + 5 * len(quality.WINDOW) - 1)
+
+
+def test_an_lr_auto_row_of_an_earlier_rule_runs_again(tmp_path):
+    import quality
+
+    out = tmp_path / "quality.json"
+    keys = dict(task="spam", model="smollm2", method="sigmatune", structure="diagonal", band=None, rank="full", seed=0,
+                recipe="default")  # fmt: skip
+    rows = [{**keys, "lr": 1e-2}, {**keys, "lr": "auto"}, {**keys, "seed": 1, "lr": "auto"}]
+    out.write_text(json.dumps(rows))
+    details = [{**rows[1], "lr_chosen": 1e-2, **quality.LR_AUTO_RULE}, {**rows[2], "probe_share": 0.2}]
+    quality.details_path(out).write_text(json.dumps(details))
+    assert quality.finished_keys(out) == {quality.resume_key(rows[0]), quality.resume_key(rows[1])}

@@ -10,10 +10,12 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   answers (a classification task's accuracy, its labels being the answers). On a GPU its float32 matmuls
   run on TF32 tensor cores (what the HF Trainer's tf32=True does): the causal rows are most of the suite's
   device time, and every method's row runs the same way.
-lr "auto" (probe): the library's range test (training/lr_probe.py) picks the row's lr first — for a causal row the
-very call `sigmatune train` makes; for an encoder row the same choice (lr_probe.choose_lr, probe_split,
-PROBE_SHARE of the steps) over this loop's own short runs, sequential. Either way the examples carry the groups
-the held-out split keeps whole (a speech, an analogy's word pair), so the probe's slice keeps them whole too.
+lr "auto": the library's (training/lr_auto.py) — a window of lrs around the rule's, each trained for the row's whole
+schedule on the training split less a slice, the lowest loss on the slice kept as the row's adapter and scored on
+the held-out split. For a causal row it is the very call `sigmatune train` makes (lr_auto.fit_auto: the candidates
+together); for an encoder row the same window, slice and choice over this loop's own runs, one after another.
+Either way the examples carry the groups the held-out split keeps whole (a speech, an analogy's word pair), so the
+slice keeps them whole too.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def internals() -> SimpleNamespace:
     from sigmatune.core.config import cache_root
     from sigmatune.formats.files import staged_folder
     from sigmatune.hub import loading, registry
-    from sigmatune.training import data, loop, lr_probe, scores, settings, setup
+    from sigmatune.training import data, loop, lr_auto, scores, settings, setup
 
     return SimpleNamespace(
         cache_root=cache_root,
@@ -69,7 +71,7 @@ def internals() -> SimpleNamespace:
         TrainSettings=settings.TrainSettings,
         auto_lr=settings.auto_lr,  # lr auto's centre
         model_blocks=setup.model_blocks,
-        lr_probe=lr_probe,
+        lr_auto=lr_auto,
     )
 
 
@@ -102,29 +104,22 @@ def minilm_path() -> Path:
 def run(
     task: SuiteTask,
     method: Method,
-    lr: float,
+    lr: float | str,
     seed: int,
     data,
     models: dict,
     device,
     causal_steps: int = CAUSAL_STEPS,
 ) -> dict:
-    """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}; raises FloatingPointError when the
-    loss is not finite (a diverging lr: the caller records it; loop.fit raises it too)."""
+    """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}, and at lr "auto" lr_chosen and lr_auto
+    (lr_auto.Choice.record: every candidate's loss on the slice); raises FloatingPointError when the loss is not
+    finite (a diverging lr: the caller records it; loop.fit raises it too)."""
     torch.manual_seed(seed)
     if task.model == "minilm":
+        if lr == "auto":
+            return auto_encoder(task, method, seed, data, models["minilm"], device)
         return run_encoder(task, method, lr, seed, data, models["minilm"], device)
     return run_causal(task, method, lr, seed, data, models["smollm2"], device, causal_steps)
-
-
-def probe(
-    task: SuiteTask, method: Method, seed: int, data, models: dict, device, causal_steps: int = CAUSAL_STEPS
-):
-    """lr "auto" for a row: the lr_probe.Probe (its lr, and every probed lr's loss on its slice)."""
-    torch.manual_seed(seed)
-    if task.model == "minilm":
-        return probe_encoder(task, method, seed, data, models["minilm"], device)
-    return probe_causal(task, method, seed, data, models["smollm2"], device, causal_steps)
 
 
 def centre_lr(method: Method, model_path) -> float:
@@ -162,9 +157,9 @@ def run_encoder(
     data,
     folder: Path,
     device,
-    steps: int | None = None,
+    slice_items: list[Item] | None = None,
 ) -> dict:
-    """A row's run; with steps, only the first steps batches (a warm-up and cosine over them: a probe's)."""
+    """A row's run; with slice_items, also the adapter's loss on them (slice_loss: lr auto's choice)."""
     from transformers import AutoModel, AutoTokenizer
 
     train, heldout = data
@@ -193,7 +188,7 @@ def run_encoder(
         for epoch in range(EPOCHS)
         for i in random.Random(seed + epoch).sample(range(len(train)), len(train))
     ]
-    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)][:steps]
+    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: internals().lr_factor(s, len(batches), WARMUP)
     )
@@ -218,46 +213,52 @@ def run_encoder(
             steps_s.append(time.perf_counter() - tick)
     wall = time.perf_counter() - started
     model.eval()
-    losses, predictions = [], []
-    with torch.no_grad(), autocast:
-        for i in range(0, len(heldout), 128):
-            inputs, labels = encode(heldout[i : i + 128])
-            logits = model(**inputs).float()
-            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-            predictions += logits.argmax(-1).tolist()
+
+    def evaluated(items: list[Item]) -> tuple[float, list[int]]:
+        """The mean cross-entropy over items, and each one's predicted class."""
+        losses, predictions = [], []
+        with torch.no_grad(), autocast:
+            for i in range(0, len(items), 128):
+                inputs, labels = encode(items[i : i + 128])
+                logits = model(**inputs).float()
+                losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+                predictions += logits.argmax(-1).tolist()
+        return round(float(sum(losses)) / len(items), 4), predictions
+
+    loss, predictions = evaluated(heldout)
     truth = [index[i.target] for i in heldout]
     return dict(
         trainable=sum(p.numel() for p in params),
-        eval_loss=round(float(sum(losses)) / len(heldout), 4),
+        eval_loss=loss,
         accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
         macro_f1=round(macro_f1(predictions, truth, len(task.labels)), 4),
         wall_s=round(wall, 1),
         step_ms=round(1e3 * statistics.median(steps_s[1:] or steps_s), 2),
         curve=curve,
-    )
+    ) | ({"slice_loss": evaluated(slice_items)[0]} if slice_items else {})
 
 
-def probe_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device):
-    """lr_probe.choose_lr over short runs of this loop: each probed lr trains PROBE_SHARE of a row's steps on the
-    training split less lr_probe.probe_split's slice, and is scored on that slice (a diverging one: None)."""
-    probing, centre = internals().lr_probe, centre_lr(method, folder)
+def auto_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device) -> dict:
+    """lr "auto" over this loop: each of lr_auto's candidates around the rule's lr trains the whole schedule on the
+    training split less lr_auto.slice_split's slice (one after another, each from the same head), the lowest loss
+    on the slice is kept, and the row is that run (its held-out scores), with lr_chosen and lr_auto."""
+    lr_auto, centre = internals().lr_auto, centre_lr(method, folder)
     train = [i._replace(group=held_out_group(task, i)) for i in data[0]]  # the groups the split keeps whole
-    parts = probing.probe_split(train)
+    parts = lr_auto.slice_split(train)
     if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
-        return probing.Probe(centre, {})
-    steps = probing.probe_steps(EPOCHS * len(train) // BATCH)  # of a row's steps
-
-    def trial(lrs: list[float]) -> dict[float, float | None]:
-        losses = {}
-        for lr in lrs:
-            torch.manual_seed(seed)  # each lr from the same head
-            try:
-                losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device, steps)["eval_loss"]
-            except FloatingPointError:
-                losses[lr] = None
-        return losses
-
-    return probing.choose_lr(centre, trial)
+        measured = run_encoder(task, method, centre, seed, data, folder, device)
+        return measured | {"lr_chosen": centre, "lr_auto": lr_auto.Choice(centre, {}, []).record()}
+    runs = {}
+    for lr in lr_auto.candidates(centre):
+        torch.manual_seed(seed)  # each lr from the same head
+        try:
+            runs[lr] = run_encoder(task, method, lr, seed, (parts[0], data[1]), folder, device, parts[1])
+        except FloatingPointError:
+            runs[lr] = None
+    losses = {lr: run and run["slice_loss"] for lr, run in runs.items()}
+    kept = lr_auto.lowest(losses)
+    choice = lr_auto.Choice(kept, losses, [], len(parts[1]), len(train) - len(parts[0]))
+    return runs[kept] | {"lr_chosen": kept, "lr_auto": choice.record()}
 
 
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
@@ -274,27 +275,14 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 
 
 def run_causal(
-    task: SuiteTask, method: Method, lr: float, seed: int, data, model_path: str, device, steps: int
+    task: SuiteTask, method: Method, lr: float | str, seed: int, data, model_path: str, device, steps: int
 ) -> dict:
     settings = causal_settings(lr, seed, data[1], model_path, device, steps)
     with tf32():
         return _run_causal(task, method, settings, data, device, internals())
 
 
-def probe_causal(task: SuiteTask, method: Method, seed: int, data, model_path: str, device, steps: int):
-    """The probe `sigmatune train` runs for lr auto (lr_probe.probe_lr), on this row's model and task."""
-    ops = internals()
-    settings = causal_settings(centre_lr(method, model_path), seed, data[1], model_path, device, steps)
-    with tf32():
-        model, tokenizer = ops.load_model(settings.model, torch.float32, device)
-        dataset = causal_task(task, data)
-        adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
-        packed = ops.use_packing_for(adapted, tokenizer, dataset, settings, device)  # as the job judges it
-        found = ops.lr_probe.probe_lr(adapted, tokenizer, dataset, settings, device, packed)
-    return found or ops.lr_probe.Probe(settings.lr, {})
-
-
-def causal_settings(lr: float, seed: int, heldout: list, model_path: str, device, steps: int):
+def causal_settings(lr: float | str, seed: int, heldout: list, model_path: str, device, steps: int):
     ops = internals()
     return ops.TrainSettings(
         model=model_path,
@@ -336,11 +324,16 @@ def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) ->
     model, tokenizer = ops.load_model(settings.model, torch.float32, device)
     dataset = causal_task(task, data)
     adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
-    started = time.perf_counter()
-    history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []
+    started, chosen = time.perf_counter(), {}
+    if settings.lr == "auto":  # the candidates together, the best kept in the adapter (as `sigmatune train`)
+        packed = ops.use_packing_for(adapted, tokenizer, dataset, settings, device)  # as the job judges it
+        choice = ops.lr_auto.fit_auto(adapted, tokenizer, dataset, settings, device, packed=packed)
+        history, chosen = choice.history, {"lr_chosen": choice.lr, "lr_auto": choice.record()}
+    else:
+        history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []
     wall = time.perf_counter() - started
     result = ops.score(adapted, tokenizer, dataset, settings, device)
-    return dict(
+    return chosen | dict(
         trainable=sum(p.numel() for p in trainable(adapted)),
         eval_loss=result.loss,
         accuracy=result.accuracy,

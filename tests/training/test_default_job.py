@@ -34,13 +34,12 @@ def test_a_few_steps_of_the_default_job_lower_the_heldout_loss(tmp_path):
     assert summary["after"]["loss"] < 0.8 * summary["before"]["loss"], summary
     chosen = {k: summary["settings"][k] for k in ("rank", "structure", "band")}
     assert chosen == dict(rank=128, structure="band", band=1)  # "auto" on a CPU
-    probed = summary["lr_probe"]  # lr auto: the rule's 3e-3 and its neighbours, probed; one of them kept
-    assert {"0.001", "0.003", "0.01"} <= set(probed) and f"{summary['settings']['lr']:g}" in probed
+    tried = summary["lr_auto"]["losses"]  # lr auto: the window around the rule's 3e-3; the lowest kept
+    assert set(tried) == {"0.001", "0.003", "0.01", "0.03"} and f"{summary['chosen_lr']:g}" in tried
     assert summary["trainable_parameters"] == 30 * 7 * 3 * 128  # M's 2b + 1 = 3 diagonals, 128 entries each
     assert set(summary["seconds"]) >= {
         "model and data",
         "score before",
-        "lr probe",
         "training",
         "score after",
     }

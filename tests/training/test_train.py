@@ -97,23 +97,28 @@ def test_auto_settings_take_the_devices_recipe():
     def chosen(s: TrainSettings) -> tuple:
         return s.rank, s.structure, s.band, s.lr
 
-    assert chosen(TrainSettings().on_device(cpu, 576)) == (128, "band", 1, 3e-3)
-    assert chosen(TrainSettings().on_device(gpu, 576)) == ("full", "diagonal", 0, 1e-2)
-    assert chosen(TrainSettings().on_device(cpu, 64)) == ("full", "band", 1, 3e-3)  # a layer has < 128
-    assert chosen(TrainSettings(rank=64).on_device(cpu, 576)) == (64, "diagonal", 0, 1e-2)  # the user's rank
+    assert chosen(TrainSettings().on_device(cpu, 576)) == (128, "band", 1, "auto")  # lr: the job's (lr_auto)
+    assert chosen(TrainSettings().on_device(gpu, 576)) == ("full", "diagonal", 0, "auto")
+    assert chosen(TrainSettings().on_device(cpu, 64)) == ("full", "band", 1, "auto")  # a layer has < 128
+    assert chosen(TrainSettings(rank=64).on_device(cpu, 576)) == (
+        64,
+        "diagonal",
+        0,
+        "auto",
+    )  # the user's rank
     explicit = TrainSettings(lr=0.02, structure="band", band=2)
     assert chosen(explicit.on_device(cpu, 576)) == (128, "band", 2, 0.02)
     assert chosen(TrainSettings(band=2).on_device(gpu, 576)) == (
         "full",
         "band",
         2,
-        3e-3,
-    )  # a band was asked for
+        "auto",
+    )  # a band asked for
     assert chosen(TrainSettings(rank=64, structure="band", band=1).on_device(cpu, 576)) == (
         64,
         "band",
         1,
-        3e-3,
+        "auto",
     )
     assert TrainSettings().on_device(cpu, 576).is_resolved() and not TrainSettings().is_resolved()
     with pytest.raises(ValueError, match="lr must be"):
@@ -123,10 +128,7 @@ def test_auto_settings_take_the_devices_recipe():
 def test_lr_auto_divides_the_diagonals_lr_by_the_numbers_per_direction():
     """A band's 2b+1 numbers sum into each direction's update: lr auto is the diagonal's over 2b+1, on the
     1-3-10 series; the matrix structures keep their own."""
-    lrs = {
-        b: TrainSettings(structure="band", band=b).on_device(torch.device("cpu"), 576).lr
-        for b in (1, 2, 4, 16)
-    }
+    lrs = {b: auto_lr("band", b) for b in (1, 2, 4, 16)}
     assert lrs == {1: 3e-3, 2: 3e-3, 4: 1e-3, 16: 3e-4}
     assert auto_lr("diagonal") == 1e-2 and auto_lr("band", 4) == one_three(1e-2 / 9) == 1e-3
     assert auto_lr("dense") == 3e-3
@@ -143,8 +145,6 @@ def test_lr_auto_grows_as_the_model_gets_shallower():
         and auto_lr("diagonal", blocks=120) == 3e-3
     )
     assert auto_lr("dense", blocks=6) == 3e-3  # the matrix structures keep theirs
-    shallow = TrainSettings(rank=64).on_device(torch.device("cpu"), 576, blocks=6)
-    assert shallow.lr == 3e-2
     with pytest.raises(ValueError, match="at least one block"):
         auto_lr("diagonal", blocks=0)
     tiny = tiny_llama()  # its config's depth

@@ -115,8 +115,10 @@ def _training_lines(training: dict) -> list[str]:
     if task:
         lines.append(f"Data: {task.get('source', task.get('name'))}.")
         lines.append(f"{task.get('train', 0):,} examples for training, {task.get('heldout', 0):,} held out.")
+    lr, chosen = settings.get("lr"), training.get("chosen_lr")
+    lr = f"{chosen} (chosen by lr {lr})" if chosen is not None and chosen != lr else lr
     lines.append(
-        f"{settings.get('steps')} steps of {settings.get('batch_size')} examples at lr {settings.get('lr')} on "
+        f"{settings.get('steps')} steps of {settings.get('batch_size')} examples at lr {lr} on "
         f"{training.get('device')} ({training.get('train_seconds')} s)."
     )
     before, after = training.get("before"), training.get("after")

@@ -50,7 +50,7 @@ class Example:
     prompt: str | None  # the user's message; None = plain text, trained on as a whole
     answers: list[str]  # acceptable answers; answers[0] is the one training teaches
     group: str | None = None  # examples of one group (a document, a speaker, an entity) stay on one side
-    # of every split: the held-out one (load_task) and lr auto's slice (lr_probe.probe_split)
+    # of every split: the held-out one (load_task) and lr auto's slice (lr_auto.slice_split)
 
 
 @dataclass
@@ -118,10 +118,9 @@ def split_off(examples: list, count: int, order: list[int]) -> tuple[list[int], 
     """(the rest, the split-off part) as indices in `order`'s order: the first `count` of `order`, or, where
     examples name groups (their `group`), the groups of the first examples in `order`, whole, until there are
     `count` examples or just more — no group on both sides (an example without one is a group of its own)."""
-    keys = [getattr(e, "group", None) for e in examples]
-    if all(k is None for k in keys):
+    if all(getattr(e, "group", None) is None for e in examples):
         return order[count:], order[:count]
-    keys = [i if k is None else k for i, k in enumerate(keys)]  # (an index never equals a group's string)
+    keys = group_keys(examples)
     sizes = Counter(keys)
     taken, total = set(), 0
     for i in order:
@@ -131,6 +130,12 @@ def split_off(examples: list, count: int, order: list[int]) -> tuple[list[int], 
             taken.add(keys[i])
             total += sizes[keys[i]]
     return [i for i in order if keys[i] not in taken], [i for i in order if keys[i] in taken]
+
+
+def group_keys(examples: list) -> list:
+    """Each example's group: its `group`, or for one without, its index (a group of its own; an index never
+    equals a group's name)."""
+    return [i if getattr(e, "group", None) is None else e.group for i, e in enumerate(examples)]
 
 
 def bigbench_task(name: str) -> dict:

@@ -1,7 +1,7 @@
 """The main job: fine-tune a model's singular values on a task, scoring it before and after.
 
-load the model and task → wrap it (get_sigma_model) → score → lr auto's probe (lr_probe.py) → fit (loop.py)
-→ score → save the adapter and a training_summary.json (settings, scores before and after, timings), both
+load the model and task → wrap it (get_sigma_model) → score → fit (loop.py; lr auto: lr_auto.py, a window of
+lrs trained together) → score → save the adapter and a training_summary.json (settings, scores before and after, timings), both
 written atomically.
 
 Nothing is lost on failure: every save_every steps a checkpoint goes into the output folder, and
@@ -24,7 +24,7 @@ from . import together_job
 from .data import load_task
 from .evaluate import Score
 from .loop import fit, log, use_packing_for
-from .lr_probe import probe_lr
+from .lr_auto import fit_auto
 from .output_lock import output_lock
 from .scores import base_score, format_score, score
 from .settings import TrainSettings
@@ -45,7 +45,6 @@ def train(settings: TrainSettings, setup_seconds: float | None = None) -> dict:
 
 
 def _train(settings: TrainSettings, config, clock: Phases) -> dict:
-    auto_lr = settings.lr == "auto"
     settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
     task = load_task(settings.data, settings.heldout, settings.seed)
     log(f"task {task.name}: {task.described()}")
@@ -64,13 +63,15 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
         before = Score(**resumed.before)
     log(f"before: {format_score(before)}")
     clock.lap("score before")
-    probe = None
-    if auto_lr and resumed is None:  # (a resumed run keeps the lr its checkpoint was trained at)
-        probe = probe_lr(sigma_model, tokenizer, task, settings, device, packed)
-        settings = settings if probe is None else dataclasses.replace(settings, lr=probe.lr)
-        clock.lap("lr probe")
     checkpoints = Path(settings.output_dir) / CHECKPOINT_NAME
-    history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed, packed)
+    choice = None
+    if settings.lr == "auto":
+        choice = fit_auto(
+            sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed, packed
+        )
+        history = choice.history
+    else:
+        history = fit(sigma_model, tokenizer, task, settings, device, checkpoints, before, resumed, packed)
     train_seconds = clock.lap("training")
     after = score(sigma_model, tokenizer, task, settings, device, packed)
     clock.lap("score after")
@@ -87,7 +88,8 @@ def _train(settings: TrainSettings, config, clock: Phases) -> dict:
         "total_seconds": round(clock.total(), 1),
         "seconds": clock.seconds,
         "resumed_from_step": resumed.step if resumed else None,
-        "lr_probe": None if probe is None else probe.by_name(),
+        "chosen_lr": settings.lr if choice is None else choice.lr,
+        "lr_auto": None if choice is None else choice.record(),
         "loss_history": history,
     }
     atomic_write_json(Path(settings.output_dir) / SUMMARY_NAME, summary)

@@ -33,6 +33,8 @@ class RowsAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # (every member failed this step: nothing was differentiated)
+                continue
             states = [self._state_of(p) for p in params]
             grads = [p.grad for p in params]
             ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]

@@ -29,7 +29,7 @@ LEARNING_RATES = {"dense": 3e-3}  # lr "auto" of the matrix structure (MiniLM's 
 
 
 def auto_lr(structure: str, band: int = 0, blocks: int = REFERENCE_BLOCKS) -> float:
-    """The centre of lr "auto"'s probe (lr_probe.py) = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the
+    """The centre of lr "auto"'s window (lr_auto.py) = LR_DIRECTION · √(REFERENCE_BLOCKS / blocks) / n on the
     1-3-10 series, where n is the count of trained numbers that sum into one direction's update — 1 for the
     diagonal, a band's 2b+1 (Adam moves each number by about lr a step, so a direction moves by n · lr) — and
     blocks the model's depth (its transformer blocks: a change per layer compounds over them, so a deeper
@@ -61,7 +61,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak lr, "auto" (a short probe around auto_lr), or "a,b,c": a sweep, best kept
+    lr: float | str = "auto"  # peak lr, "auto" (4 lrs trained together, the best on a slice kept), or "a,b,c"
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
@@ -102,14 +102,14 @@ class TrainSettings:
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup!r}")
 
-    def on_device(self, device: torch.device, smallest: int, blocks: int = REFERENCE_BLOCKS) -> TrainSettings:
-        """These settings with "auto" resolved for the device, the smallest min(in, out) of the targeted
-        layers and the model's depth in blocks. Rank "auto" takes the device's RECIPES entry (on a CPU the
+    def on_device(self, device: torch.device, smallest: int) -> TrainSettings:
+        """These settings with "auto" resolved for the device and the smallest min(in, out) of the targeted
+        layers. Rank "auto" takes the device's RECIPES entry (on a CPU the
         band b = 1 over the top 128 singular values, as good as the full spectrum on the default job at about
         2/3 of its step time; elsewhere the full spectrum; "full" where a layer has fewer), and so does
         structure "auto" with it; beside a rank of the user's, structure "auto" is the diagonal. A band given
-        with structure "auto" makes it a band. lr "auto" becomes auto_lr's for the structure, band and depth:
-        the centre the job's probe starts from (lr_probe.py)."""
+        with structure "auto" makes it a band. lr "auto" stays: the job trains a window of lrs around auto_lr's
+        for the structure, band and the model's depth (lr_auto.py)."""
         recipe = RECIPES["cpu" if device.type == "cpu" else "gpu"]
         changes = {}
         if self.rank == "auto":
@@ -120,8 +120,6 @@ class TrainSettings:
             structure = "band" if band else (recipe["structure"] if self.rank == "auto" else "diagonal")
             band = band or (recipe["band"] if structure == "band" else 0)
             changes.update(structure=structure, band=band)
-        if self.lr == "auto":
-            changes["lr"] = auto_lr(structure, band, blocks)
         return dataclasses.replace(self, **changes)
 
     def lr_candidates(self) -> list[float] | None:
@@ -146,7 +144,8 @@ class TrainSettings:
         return bool(self.manifest) or self.lr_candidates() is not None
 
     def is_resolved(self) -> bool:
-        return "auto" not in (self.rank, self.structure, self.lr)
+        """Whether the rank and structure are the model's own (lr "auto" is the job's to resolve: lr_auto.py)."""
+        return "auto" not in (self.rank, self.structure)
 
     def sigma_config(self) -> SigmaConfig:
         """The adapter's config ("auto" checked as the full spectrum, diagonal or band as `band` says:

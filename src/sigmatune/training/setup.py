@@ -28,11 +28,7 @@ def prepared(settings: TrainSettings, config):
     device, dtype = resolve_device(settings.device, settings.dtype)
     model, tokenizer = load_model(settings.model, dtype, device)
     if not settings.is_resolved():
-        probed = settings.lr == "auto" and resumed is not None  # lr auto's probe chose the checkpoint's lr
         settings = resolve_auto(model, settings, config, device)
-        if probed:
-            settings = dataclasses.replace(settings, lr=resumed.settings.get("lr", settings.lr))
-            log(f"lr {settings.lr:g}: the lr auto's probe chose for the run being resumed")
         config = settings.sigma_config()
     settings = fit_to_model(model, settings, device)
     if resumed is not None:
@@ -95,13 +91,11 @@ def resolve_auto(model, settings: TrainSettings, config, device: torch.device) -
     """Settings with every "auto" resolved (TrainSettings.on_device), saying what was chosen."""
     shapes = linear_shapes(model)
     smallest = min(min(shapes[name]) for name in find_targets(model, config.target_modules))
-    blocks = model_blocks(model.config)
-    chosen = settings.on_device(device, smallest, blocks)
+    chosen = settings.on_device(device, smallest)
     structure = f"band b={chosen.band}" if chosen.structure == "band" else chosen.structure
-    lr = chosen.lr if isinstance(chosen.lr, str) else f"{chosen.lr:g}"  # a sweep's, as given
     log(
-        f"rank {chosen.rank}, {structure}, lr {lr} (the {'auto' if settings.rank == 'auto' else 'default'} "
-        f"choice on {device.type} for a model of {blocks} blocks; a GPU takes the full spectrum, diagonal)"
+        f"rank {chosen.rank}, {structure} (the {'auto' if settings.rank == 'auto' else 'default'} choice on "
+        f"{device.type}; a GPU takes the full spectrum, diagonal)"
     )
     return chosen
 

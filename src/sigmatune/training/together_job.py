@@ -27,11 +27,12 @@ from ..model.exchange import record_of
 from ..model.sigma_model import get_sigma_model
 from .data import load_task
 from .loop import log, use_packing_for
+from .lr_auto import centre_of
 from .scores import base_score, format_score, score
 from .settings import TRAJECTORY, TrainSettings, from_record
 from .setup import Phases, fit_to_model, prepared
 from .summary import SUMMARY_NAME
-from .together_loop import Member, fit_together
+from .together_loop import Member, fit_together, lr_name
 
 MEMBER_SETTINGS = ("lr", "steps", "batch_size", "seed", "warmup", "max_length", "heldout", "eval_accuracy")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name anywhere, an adapter name (no ".")
@@ -44,7 +45,8 @@ def train(settings: TrainSettings, config, clock: Phases) -> dict:
     entries = read_manifest(settings) if settings.manifest else None  # bad lines fail before any loading
     settings, config, model, tokenizer, device, dtype, resumed = prepared(settings, config)
     if entries:
-        members = _manifest_members(settings, entries, lambda s: fit_to_model(model, s, device))
+        centre = centre_of(config, model.config)  # the lr of an adapter with lr "auto"
+        members = _manifest_members(settings, entries, lambda s: fit_to_model(model, s, device), centre)
     else:
         members = _sweep_members(settings)
     if resumed is not None:
@@ -131,17 +133,20 @@ def _sweep_members(settings: TrainSettings) -> list[Member]:
     task = load_task(settings.data, settings.heldout, settings.seed)
     log(f"task {task.name}: {task.described()}")
     return [
-        Member(f"lr_{lr:g}".replace(".", "p"), task, dataclasses.replace(settings, lr=lr, manifest=""))
+        Member(lr_name(lr), task, dataclasses.replace(settings, lr=lr, manifest=""))
         for lr in settings.lr_candidates()
     ]
 
 
-def _manifest_members(settings: TrainSettings, entries: list[dict], fitted) -> list[Member]:
-    """One member per manifest entry: the job's settings with the entry's own, fitted to the model."""
+def _manifest_members(settings: TrainSettings, entries: list[dict], fitted, centre: float) -> list[Member]:
+    """One member per manifest entry: the job's settings with the entry's own, fitted to the model; lr "auto"
+    is the rule's lr, centre (a window of lrs for each adapter is a sweep's work: lr_auto.py)."""
     members = []
     for entry in entries:
         own = {key: entry[key] for key in MEMBER_SETTINGS if key in entry}
         member_settings = fitted(dataclasses.replace(settings, data=entry["data"], manifest="", **own))
+        if member_settings.lr == "auto":
+            member_settings = dataclasses.replace(member_settings, lr=centre)
         task = load_task(member_settings.data, member_settings.heldout, member_settings.seed)
         log(f"{entry['name']}: {task.described()}")
         members.append(Member(entry["name"], task, member_settings))

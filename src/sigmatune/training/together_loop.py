@@ -44,6 +44,11 @@ class Member:
     settings: TrainSettings
 
 
+def lr_name(lr: float) -> str:
+    """A learning-rate candidate's adapter name: 3e-3 → "lr_0p003"."""
+    return f"lr_{lr:g}".replace(".", "p")
+
+
 @dataclass
 class Outcome:
     histories: dict[str, list[float]]  # member → training loss of each of its steps
@@ -121,6 +126,8 @@ def fit_together(
                 and step < steps
             ):
                 checkpoint.save(path, model, optimizer, _state(step, members, outcome, recorded))
+            if len(outcome.failed) == len(members):
+                break  # nothing left to train
             shown = {m.name: outcome.histories[m.name][-1] for m in members if outcome.histories[m.name]}
             bar.set_postfix(**{n: f"{v:.3f}" for n, v in list(shown.items())[:6]})  # each adapter's loss
             bar.update()

@@ -1,0 +1,192 @@
+"""lr "auto": a window of learning rates trained together, the one that does best on unseen examples kept.
+
+The structure's rule (settings.auto_lr) names a centre c for the structure and the model's depth; the
+candidates are the 1-3-10 series' c/3, c, 3c and 10c (WINDOW). They train together (together_loop.py: one
+batch holding each candidate's own batch, each row through its own adapter) for the job's whole schedule on
+the training examples less a slice (slice_split), each is scored by its loss on that slice, and the lowest
+is kept as the job's adapter: no second run. The held-out split the job reports is never used to choose.
+
+Why this form (the quality suite's sweeps and lr-auto rows: benchmarks/results/quality.json and
+quality_runs.json):
+- one structure's best lr moves with the task by up to 30× on one model, more than any rule follows; the
+  window spans what the suite's sweeps found around the rule (the best of a task is mostly at c/3 … 10c);
+- a short run (a part of the schedule, its own warm-up and decay) favours a higher lr than the whole
+  schedule does: the candidates train the whole one;
+- a slice that shares groups (a document, an entity) with what the candidates train on favours the lr that
+  fits those groups best; so the slice is a few examples (PER_GROUP) of each of many groups, and all of
+  those groups' examples are set aside.
+Its cost: the candidates' rows go through the base model, so about len(WINDOW) runs on a CPU, far fewer on a
+GPU that a small model leaves idle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .data import Task, group_keys
+from .loop import fit, log
+from .scores import score
+from .settings import TrainSettings, auto_lr, one_three
+from .setup import model_blocks
+from .together_loop import Member, fit_together, lr_name
+
+WINDOW = (1 / 3.2, 1, 3.2, 10)  # the candidates, × the rule's centre, rounded onto the 1-3-10 series
+SET_ASIDE_SHARE = 0.1  # of the training examples, at most (whole groups), for the slice
+SLICE_MIN, SLICE_MAX, PER_GROUP = 16, 128, 4  # examples scored: in all, and of each group
+RULE = "window c/3-10c, whole schedule, best on a slice of unseen groups kept"  # (the suite's records)
+
+
+@dataclass
+class Choice:
+    lr: float  # the kept candidate's
+    losses: dict[float, float | None]  # every candidate's loss on the slice (None: it failed)
+    history: list[float]  # the kept candidate's training loss, a step each
+    slice: int = 0  # examples scored
+    set_aside: int = 0  # examples not trained on (the slice's groups, whole)
+
+    def record(self) -> dict:
+        """What training_summary.json holds of the choice (the losses keyed by each lr as written)."""
+        losses = {f"{lr:g}": loss for lr, loss in self.losses.items()}
+        return {"losses": losses, "slice": self.slice, "set_aside": self.set_aside, "rule": RULE}
+
+
+def candidates(centre: float) -> list[float]:
+    """The window around the rule's centre: 1e-2 → [3e-3, 1e-2, 3e-2, 0.1] (none of 10 or more)."""
+    rates = dict.fromkeys(one_three(centre * factor) for factor in WINDOW)
+    return [lr for lr in rates if lr < 10]
+
+
+def centre_of(config, model_config) -> float:
+    """The rule's lr for an adapter's structure on a model of this depth (settings.auto_lr)."""
+    return auto_lr(config.structure, config.band, model_blocks(model_config))
+
+
+def slice_split(examples: list) -> tuple[list, list] | None:
+    """(the examples the candidates train on, the slice they are scored on), both in the examples' order; or
+    None where there are too few to spare a slice (fewer than 4 × SLICE_MIN, or groups so large that the slice
+    would be under SLICE_MIN examples or set aside more than it leaves).
+
+    From the last example back, each new group is set aside whole — until SET_ASIDE_SHARE of the examples
+    are (at least SLICE_MIN), or the slice has SLICE_MAX — and its first PER_GROUP examples join the slice:
+    many groups, a few of each. Examples without groups are groups of one: the slice is then the last
+    SET_ASIDE_SHARE of them (SLICE_MIN to SLICE_MAX)."""
+    count = len(examples)
+    if count < 4 * SLICE_MIN:
+        return None
+    keys = group_keys(examples)
+    sizes, members = Counter(keys), defaultdict(list)
+    for i, key in enumerate(keys):
+        members[key].append(i)
+    budget = max(SLICE_MIN, round(SET_ASIDE_SHARE * count))
+    aside, scored, set_aside = set(), [], 0
+    for key in reversed(keys):
+        if set_aside >= budget or len(scored) >= SLICE_MAX:
+            break
+        if key not in aside:
+            aside.add(key)
+            set_aside += sizes[key]
+            scored += members[key][:PER_GROUP]
+    scored = sorted(scored)[-SLICE_MAX:] if len(scored) > SLICE_MAX else sorted(scored)
+    if len(scored) < SLICE_MIN or set_aside > count - set_aside:
+        return None
+    return [e for e, key in zip(examples, keys, strict=True) if key not in aside], [
+        examples[i] for i in scored
+    ]
+
+
+def fit_auto(
+    sigma_model,
+    tokenizer,
+    task: Task,
+    settings: TrainSettings,
+    device,
+    path=None,
+    before=None,
+    resumed=None,
+    packed: bool = False,
+) -> Choice:
+    """lr auto for the model's active adapter (settings.lr is "auto"; see the module docstring): the
+    candidates train together as adapters of its config ("lr_<rate>"), with checkpoints at `path` every
+    save_every steps and `resumed` continuing one; the kept one's values end in the active adapter, the
+    others are deleted. A candidate that fails (NaN, Inf) is dropped with a message; all failing is an error.
+    Where the task is too small to spare a slice, the active adapter trains at the centre (loop.fit)."""
+    own = sigma_model.active_adapter
+    config = sigma_model.peft_config[own]
+    centre = centre_of(config, sigma_model.get_base_model().config)
+    parts = slice_split(task.train)
+    if parts is None:
+        log(
+            f"lr auto: {len(task.train)} training examples are too few to spare a slice; lr {centre:g} (the rule's)"
+        )
+        single = dataclasses.replace(settings, lr=centre)
+        return Choice(
+            centre, {}, fit(sigma_model, tokenizer, task, single, device, path, before, resumed, packed)
+        )
+    trained_on = dataclasses.replace(task, train=parts[0], heldout=parts[1])
+    members = [
+        Member(lr_name(lr), trained_on, dataclasses.replace(settings, lr=lr)) for lr in candidates(centre)
+    ]
+    log(
+        f"lr auto: {', '.join(f'{m.settings.lr:g}' for m in members)} (around the rule's {centre:g}) trained "
+        f"together on {len(parts[0])} examples, scored on {len(parts[1])} of the "
+        f"{len(task.train) - len(parts[0])} set aside"
+    )
+    for member in members:
+        sigma_model.add_adapter(member.name, config)
+    try:
+        sigma_model.set_adapter(
+            members[0].name
+        )  # (the own adapter not trainable meanwhile: not checkpointed)
+        outcome = fit_together(
+            sigma_model, tokenizer, members, device, path, resumed, dataclasses.asdict(settings), packed
+        )
+        scoring = dataclasses.replace(settings, heldout=len(parts[1]), eval_accuracy=0)
+        losses = {}
+        for member in members:
+            if member.name in outcome.failed:
+                log(outcome.failed[member.name])
+                losses[member.settings.lr] = None
+                continue
+            sigma_model.set_adapter(member.name)
+            losses[member.settings.lr] = score(
+                sigma_model, tokenizer, trained_on, scoring, device, packed
+            ).loss
+        kept = lowest(losses)
+        log("lr auto, loss on the slice: " + ", ".join(f"{lr:g} {_shown(v)}" for lr, v in losses.items()))
+        log(f"lr auto: {kept:g} kept (the lowest loss on the slice)")
+        winner = next(m for m in members if m.settings.lr == kept)
+        _copy_values(sigma_model, winner.name, own)
+    finally:
+        sigma_model.set_adapter(own)
+        for member in members:
+            sigma_model.delete_adapter(member.name)
+    set_aside = len(task.train) - len(parts[0])
+    return Choice(kept, losses, outcome.histories[winner.name], len(parts[1]), set_aside)
+
+
+def lowest(losses: dict[float, float | None]) -> float:
+    """The lr of the lowest finite loss; every one failed: an error naming them."""
+    finished = {lr: loss for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+    if not finished:
+        raise FloatingPointError(
+            f"lr auto: every learning rate tried failed ({', '.join(f'{lr:g}' for lr in losses)}); "
+            "give --lr a smaller one, or check the data"
+        )
+    return min(finished, key=finished.get)
+
+
+def _copy_values(sigma_model, source: str, target: str) -> None:
+    """Adapter target takes adapter source's trained values, layer by layer (one config: the same shapes)."""
+    with torch.no_grad():
+        for layer in sigma_model.spectral_layers().values():
+            if target in layer.sigma_adapters:
+                layer.sigma_adapters[target].vector.copy_(layer.sigma_adapters[source].vector)
+
+
+def _shown(loss: float | None) -> str:
+    return "failed" if loss is None else f"{loss:.4f}"
