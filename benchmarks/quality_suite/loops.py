@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quality_suite.methods import Method, adapt, trainable
-from quality_suite.tasks import Item, SuiteTask, held_out_group
+from quality_suite.tasks import Item, SuiteTask, drawn_on, held_out_group
 
 HEAD_LR = 2e-3
 EPOCHS, BATCH, MAX_TOKENS = 2, 32, 128
@@ -313,9 +313,9 @@ def causal_task(task: SuiteTask, data):
     """A suite task's split as the main job's Task (the answers its examples' outputs)."""
     ops = internals()
     train, heldout = data
-    examples = (  # with their groups: lr auto's slice keeps them whole, as the held-out split does
-        [ops.Example(i.text, [i.target], held_out_group(task, i)) for i in train],
-        [ops.Example(i.text, [i.target], held_out_group(task, i)) for i in heldout],
+    examples = (  # with their groups: lr auto's slice keeps them apart, as the held-out split does
+        [ops.Example(i.text, [i.target], held_out_group(task, i), drawn_on(task, i)) for i in train],
+        [ops.Example(i.text, [i.target], held_out_group(task, i), drawn_on(task, i)) for i in heldout],
     )
     return ops.Task(task.name, task.instruction, *examples, source="benchmarks/quality_suite/tasks.py")
 

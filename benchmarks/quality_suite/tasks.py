@@ -279,6 +279,12 @@ def held_out_group(task: SuiteTask, item: Item) -> str:
     return item.group.partition("|")[2] if task.pairs else item.group
 
 
+def drawn_on(task: SuiteTask, item: Item) -> tuple[str, ...]:
+    """The groups an item shows without belonging to them: with task.pairs its exemplar (a, b) pair (split()
+    trains on no item whose exemplar is held out; the library's splits take it as an example's draws_on)."""
+    return (item.group.partition("|")[0],) if task.pairs else ()
+
+
 def split(
     task: SuiteTask,
     seed: int = 0,

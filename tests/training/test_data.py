@@ -75,6 +75,26 @@ def test_a_group_stays_on_one_side_of_the_split(tmp_path):
     assert [e.prompt for e in train] == [str(i) for i in order[10:]]
 
 
+def test_an_example_that_draws_on_a_held_out_group_is_on_neither_side(tmp_path):
+    """An analogy "a:b :: c:?" belongs to its (c, d) pair and shows the (a, b) pair: while (a, b) is held out it is
+    not trained on (it would show a held-out answer), nor held out (its own pair is trained on)."""
+    pairs = [f"p{k}" for k in range(20)]
+    records = [
+        {"input": f"{a} : {c}", "output": "x", "group": c, "draws_on": [a]}
+        for c in pairs
+        for a in pairs
+        if a != c
+    ]
+    task = load_task(write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in records)), 40, seed=0)
+    held = {e.group for e in task.heldout}
+    assert held and not held & {e.group for e in task.train}
+    assert all(not held & set(e.draws_on) for e in task.train)  # no held-out pair shown in training
+    assert len(task.train) == (20 - len(held)) * (20 - len(held) - 1)  # the bridging ones on neither side
+    assert data._user_example(tmp_path, 1, {**records[0], "draws_on": "p9"}).draws_on == (
+        "p9",
+    )  # one: a string
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [

@@ -48,6 +48,11 @@ def test_the_slice_is_a_few_examples_of_many_groups_none_of_them_trained_on():
     aside = 2000 - len(rest)  # whole groups, SET_ASIDE_SHARE of the examples (and part of one group more)
     assert aside == sum(e.group in held for e in examples) and 200 <= aside < 200 + 9
     assert [e.prompt for e in rest] == [str(i) for i in range(2000) if f"pair{i // 9}" not in held]
+    shown = [Example(str(i), ["x"], f"pair{i // 9}", (f"pair{(i * 7) % 222}",)) for i in range(2000)]
+    rest, part = lr_auto.slice_split(shown)  # each also shows another pair (an exemplar): none set aside
+    held = {e.group for e in part}
+    assert rest and all(e.group not in held and not held & set(e.draws_on) for e in rest)
+    assert len(rest) == sum(e.group not in held and e.draws_on[0] not in held for e in shown)
     big_last = [Example(str(i), ["x"], "big" if i >= 50 else None) for i in range(300)]
     assert lr_auto.slice_split(big_last) is None  # the slice's one group: most of the examples
     few = [

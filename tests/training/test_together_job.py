@@ -13,6 +13,7 @@ from sigmatune import SigmaModel, read_adapter
 from sigmatune.cli import main
 from sigmatune.hub.loading import load_model
 from sigmatune.training.job import SUMMARY_NAME
+from sigmatune.training.settings import auto_lr
 from tests.models import save_tiny_chat_model
 from tests.training.test_together import crash_at_call
 
@@ -91,6 +92,16 @@ def test_a_manifest_trains_one_adapter_per_line_and_a_failing_one_stops_alone(
         assert saved["after"]["loss"] < saved["before"]["loss"] and saved["settings"]["data"].endswith(data)
         assert read_adapter(out / name).config.rank == "full"
     assert adapters["next"]["settings"]["seed"] == 3 and adapters["next"]["settings"]["steps"] == 8
+
+
+def test_a_manifest_adapter_without_an_lr_trains_at_the_rules_lr(workspace, tmp_path):
+    manifest = tmp_path / "jobs.jsonl"
+    lines = [{"name": "a", "data": str(workspace / "parity.jsonl")}, {"name": "b", "data": str(workspace / "next.jsonl"), "lr": 0.05}]  # fmt: skip
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    summary = train(workspace, tmp_path / "out", "--manifest", str(manifest), "--steps", "2")  # lr: "auto"
+    blocks = json.loads((workspace / "model" / "config.json").read_text())["num_hidden_layers"]
+    lrs = {name: adapter["settings"]["lr"] for name, adapter in summary["adapters"].items()}
+    assert lrs == {"a": auto_lr("diagonal", 0, blocks), "b": 0.05} and summary["settings"]["lr"] == "auto"
 
 
 @pytest.mark.parametrize(

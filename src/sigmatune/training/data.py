@@ -51,6 +51,8 @@ class Example:
     answers: list[str]  # acceptable answers; answers[0] is the one training teaches
     group: str | None = None  # examples of one group (a document, a speaker, an entity) stay on one side
     # of every split: the held-out one (load_task) and lr auto's slice (lr_auto.slice_split)
+    draws_on: tuple[str, ...] = ()  # groups it shows without belonging to them (an exemplar, a quoted
+    # document): never trained on while one of them is held out (it would show the held-out answers)
 
 
 @dataclass
@@ -117,8 +119,9 @@ def held_out_split(examples: list[Example], count: int, seed: int) -> tuple[list
 def split_off(examples: list, count: int, order: list[int]) -> tuple[list[int], list[int]]:
     """(the rest, the split-off part) as indices in `order`'s order: the first `count` of `order`, or, where
     examples name groups (their `group`), the groups of the first examples in `order`, whole, until there are
-    `count` examples or just more — no group on both sides (an example without one is a group of its own)."""
-    if all(getattr(e, "group", None) is None for e in examples):
+    `count` examples or just more — no group on both sides (an example without one is a group of its own),
+    and an example that draws on a split-off group (its `draws_on`) on neither side."""
+    if all(getattr(e, "group", None) is None and not getattr(e, "draws_on", ()) for e in examples):
         return order[count:], order[:count]
     keys = group_keys(examples)
     sizes = Counter(keys)
@@ -129,13 +132,21 @@ def split_off(examples: list, count: int, order: list[int]) -> tuple[list[int], 
         if keys[i] not in taken:
             taken.add(keys[i])
             total += sizes[keys[i]]
-    return [i for i in order if keys[i] not in taken], [i for i in order if keys[i] in taken]
+    return [i for i in order if trainable(examples[i], keys[i], taken)], [
+        i for i in order if keys[i] in taken
+    ]
 
 
 def group_keys(examples: list) -> list:
     """Each example's group: its `group`, or for one without, its index (a group of its own; an index never
     equals a group's name)."""
     return [i if getattr(e, "group", None) is None else e.group for i, e in enumerate(examples)]
+
+
+def trainable(example, key, held: set) -> bool:
+    """Whether an example of group `key` may be trained on while the groups `held` are held out: neither its
+    group nor any it draws on is."""
+    return key not in held and not held.intersection(getattr(example, "draws_on", ()))
 
 
 def bigbench_task(name: str) -> dict:
@@ -245,8 +256,10 @@ def _user_example(path: Path, number: int, record) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: record {number} is a {type(record).__name__}, expected an object")
     group = None if record.get("group") is None else str(record["group"])
+    drawn = record.get("draws_on")  # a group's name, or a list of them
+    draws_on = () if drawn is None else tuple(map(str, drawn)) if isinstance(drawn, list) else (str(drawn),)
     if "text" in record and not any(k in record for k in ANSWER_KEYS):
-        return Example(None, [str(record["text"])], group)
+        return Example(None, [str(record["text"])], group, draws_on)
     prompt = next((record[k] for k in PROMPT_KEYS if k in record), None)
     answer = next((record[k] for k in ANSWER_KEYS if k in record), None)
     if prompt is None or answer is None:
@@ -255,4 +268,4 @@ def _user_example(path: Path, number: int, record) -> Example:
             f"and an answer (one of {list(ANSWER_KEYS)}), or a 'text' field"
         )
     answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
-    return Example(str(prompt), answers, group)
+    return Example(str(prompt), answers, group, draws_on)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from .data import Task, group_keys
+from .data import Task, group_keys, trainable
 from .loop import fit, log
 from .scores import score
 from .settings import TrainSettings, auto_lr, one_three
@@ -73,13 +73,14 @@ def slice_split(examples: list) -> tuple[list, list] | None:
 
     From the last example back, each new group is set aside whole — until SET_ASIDE_SHARE of the examples
     are (at least SLICE_MIN), or the slice has SLICE_MAX — and its first PER_GROUP examples join the slice:
-    many groups, a few of each. Examples without groups are groups of one: the slice is then the last
-    SET_ASIDE_SHARE of them (SLICE_MIN to SLICE_MAX)."""
+    many groups, a few of each; an example that draws on a group set aside (its `draws_on`: an exemplar that
+    shows a slice's answer) is not trained on either. Examples without groups are groups of one: the slice is
+    then the last SET_ASIDE_SHARE of them (SLICE_MIN to SLICE_MAX)."""
     count = len(examples)
     if count < 4 * SLICE_MIN:
         return None
     keys = group_keys(examples)
-    sizes, members = Counter(keys), defaultdict(list)
+    members = defaultdict(list)  # group → its examples' indices
     for i, key in enumerate(keys):
         members[key].append(i)
     budget = max(SLICE_MIN, round(SET_ASIDE_SHARE * count))
@@ -89,14 +90,13 @@ def slice_split(examples: list) -> tuple[list, list] | None:
             break
         if key not in aside:
             aside.add(key)
-            set_aside += sizes[key]
+            set_aside += len(members[key])
             scored += members[key][:PER_GROUP]
-    scored = sorted(scored)[-SLICE_MAX:] if len(scored) > SLICE_MAX else sorted(scored)
-    if len(scored) < SLICE_MIN or set_aside > count - set_aside:
+    scored = sorted(scored)[-SLICE_MAX:]
+    rest = [e for e, key in zip(examples, keys, strict=True) if trainable(e, key, aside)]
+    if len(scored) < SLICE_MIN or len(rest) < count - len(rest):
         return None
-    return [e for e, key in zip(examples, keys, strict=True) if key not in aside], [
-        examples[i] for i in scored
-    ]
+    return rest, [examples[i] for i in scored]
 
 
 def fit_auto(
