@@ -11,8 +11,8 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   run on TF32 tensor cores (what the HF Trainer's tf32=True does): the causal rows are most of the suite's
   device time, and every method's row runs the same way.
 lr "auto": the library's (training/lr_auto.py) — a window of lrs around the rule's, each trained for the row's whole
-schedule on the training split less a slice, the lowest loss on the slice kept as the row's adapter and scored on
-the held-out split. For a causal row it is the very call `sigmatune train` makes (lr_auto.fit_auto: the candidates
+schedule on the training split less a slice; the row is the run at the lr with the lowest loss on the slice, on the
+whole split. For a causal row it is the very call `sigmatune train` makes (lr_auto.fit_auto: the candidates
 together); for an encoder row the same window, slice and choice over this loop's own runs, one after another.
 Either way the examples carry the groups the held-out split keeps whole (a speech, an analogy's word pair), so the
 slice keeps them whole too.
@@ -157,9 +157,8 @@ def run_encoder(
     data,
     folder: Path,
     device,
-    slice_items: list[Item] | None = None,
 ) -> dict:
-    """A row's run; with slice_items, also the adapter's loss on them (slice_loss: lr auto's choice)."""
+    """A row's run: trained on data[0], scored on data[1]."""
     from transformers import AutoModel, AutoTokenizer
 
     train, heldout = data
@@ -235,30 +234,29 @@ def run_encoder(
         wall_s=round(wall, 1),
         step_ms=round(1e3 * statistics.median(steps_s[1:] or steps_s), 2),
         curve=curve,
-    ) | ({"slice_loss": evaluated(slice_items)[0]} if slice_items else {})
+    )
 
 
 def auto_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device) -> dict:
-    """lr "auto" over this loop: each of lr_auto's candidates around the rule's lr trains the whole schedule on the
-    training split less lr_auto.slice_split's slice (one after another, each from the same head), the lowest loss
-    on the slice is kept, and the row is that run (its held-out scores), with lr_chosen and lr_auto."""
+    """lr "auto" over this loop, as the library's: each of lr_auto's candidates around the rule's lr trains the
+    whole schedule on the training split less lr_auto.slice_split's slice and is scored on the slice (one after
+    another, each from the same head); the row is the run at the lowest's lr on the whole split, with lr_chosen
+    and lr_auto."""
     lr_auto, centre = internals().lr_auto, centre_lr(method, folder)
     train = [i._replace(group=held_out_group(task, i)) for i in data[0]]  # the groups the split keeps whole
     parts = lr_auto.slice_split(train)
-    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
-        measured = run_encoder(task, method, centre, seed, data, folder, device)
-        return measured | {"lr_chosen": centre, "lr_auto": lr_auto.Choice(centre, {}, []).record()}
-    runs = {}
-    for lr in lr_auto.candidates(centre):
+    losses = {}
+    for lr in lr_auto.candidates(centre) if parts else []:
         torch.manual_seed(seed)  # each lr from the same head
         try:
-            runs[lr] = run_encoder(task, method, lr, seed, (parts[0], data[1]), folder, device, parts[1])
+            losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device)["eval_loss"]
         except FloatingPointError:
-            runs[lr] = None
-    losses = {lr: run and run["slice_loss"] for lr, run in runs.items()}
-    kept = lr_auto.lowest(losses)
-    choice = lr_auto.Choice(kept, losses, [], len(parts[1]), len(train) - len(parts[0]))
-    return runs[kept] | {"lr_chosen": kept, "lr_auto": choice.record()}
+            losses[lr] = None
+    kept = lr_auto.lowest(losses) if parts else centre  # too few examples to spare a slice: the rule's lr
+    choice = lr_auto.Choice(kept, losses, [], len(parts[1]), len(train) - len(parts[0])) if parts else None
+    torch.manual_seed(seed)
+    measured = run_encoder(task, method, kept, seed, data, folder, device)
+    return measured | {"lr_chosen": kept, "lr_auto": (choice or lr_auto.Choice(kept, {}, [])).record()}
 
 
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:

@@ -1,7 +1,8 @@
 """lr "auto" (training/lr_auto.py): a window of learning rates around the rule's, trained together for the whole
-schedule on the training examples less a slice of unseen groups, the lowest loss on the slice kept — in fp64
-the kept adapter is the one a run alone at its lr makes on the same examples; the held-out split is never
-read to choose; a failing candidate drops out; a resumed job ends where an uninterrupted one does."""
+schedule on the training examples less a slice of unseen groups, the lowest loss on the slice chosen, then the
+adapter trained at it on the whole split — in fp64 the run an explicit lr makes; the held-out split is never
+read to choose; a failing candidate drops out; a job resumed in either phase ends where an uninterrupted one
+does."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from sigmatune.training.job import train
 from sigmatune.training.scores import score
 from sigmatune.training.settings import TrainSettings, auto_lr
 from tests.training.test_together import chat, crash_at_call  # noqa: F401 (a fixture)
-from tests.training.test_train import settings, workspace  # noqa: F401 (a fixture)
+from tests.training.test_train import failing_loss, settings, workspace  # noqa: F401 (a fixture)
 
 DIAGONAL = SigmaConfig(rank=6, svd="exact")
 CPU = torch.device("cpu")
@@ -81,30 +82,34 @@ def vectors(model) -> dict[str, torch.Tensor]:
     }
 
 
-def test_the_kept_adapter_is_its_lr_trained_alone_and_the_held_out_split_is_never_read(chat):  # noqa: F811
+def test_lr_auto_chooses_on_the_slice_alone_then_is_the_run_at_its_lr(chat):  # noqa: F811
     folder, base, tokenizer = chat
     task = load_task(str(folder / "parity.jsonl"), heldout=10, seed=0)
     unread = dataclasses.replace(task, heldout=[])  # choosing may not score on it: there is nothing there
     choice, kept, model = auto_run(chat, unread)
+    model.unload()
     centre = auto_lr("diagonal", 0, base.config.num_hidden_layers)
     assert list(choice.losses) == lr_auto.candidates(centre) and all(choice.losses.values())
     assert choice.lr == min(choice.losses, key=choice.losses.get) and len(choice.history) == 6
-    assert list(model.peft_config) == ["default"]  # the candidates are gone
     rest, part = lr_auto.slice_split(task.train)
     assert (choice.slice, choice.set_aside) == (len(part), len(task.train) - len(rest))
+    alone = TrainSettings(batch_size=4, steps=6, warmup=0.2, save_every=0, packing=False, lr=choice.lr)
+    candidate = get_sigma_model(base, DIAGONAL)  # the kept lr's candidate, alone: its loss on the slice
     on_slice = dataclasses.replace(task, train=rest, heldout=part)
-    alone_settings = TrainSettings(
-        batch_size=4, steps=6, warmup=0.2, save_every=0, packing=False, lr=choice.lr
+    loop.fit(candidate, tokenizer, on_slice, alone, CPU, packed=False)
+    scoring = dataclasses.replace(alone, heldout=len(part), eval_accuracy=0)
+    assert score(candidate, tokenizer, on_slice, scoring, CPU).loss == pytest.approx(
+        choice.losses[choice.lr], abs=2e-4
     )
-    scoring = dataclasses.replace(alone_settings, heldout=len(part), eval_accuracy=0)
-    assert score(model, tokenizer, on_slice, scoring, CPU).loss == choice.losses[choice.lr]  # kept: scored
-    model.unload()
-    alone = get_sigma_model(base, DIAGONAL)
-    history = loop.fit(alone, tokenizer, on_slice, alone_settings, CPU, packed=False)
-    for layer, vector in vectors(alone).items():
+    candidate.unload()
+    final = get_sigma_model(
+        base, DIAGONAL
+    )  # the job's adapter: the run at the kept lr on all the training split
+    history = loop.fit(final, tokenizer, task, alone, CPU, packed=False)
+    for layer, vector in vectors(final).items():
         torch.testing.assert_close(kept[layer], vector, rtol=1e-9, atol=1e-11)
     assert history == choice.history and float(max(v.abs().max() for v in kept.values())) > 1e-3
-    alone.unload()
+    final.unload()
 
 
 def test_a_failing_candidate_drops_out_and_all_failing_is_an_error(chat, monkeypatch):  # noqa: F811
@@ -159,8 +164,17 @@ def test_the_job_records_the_choice_and_a_resumed_one_ends_where_a_straight_one_
     assert (out / CHECKPOINT_NAME).exists()
     with pytest.raises(ValueError, match=r"lr 'auto' → 0.01"):  # not the run that wrote it
         train(settings(workspace, out, **{**options, "lr": 0.01}, resume=True))
+    failing_loss(monkeypatch, at_call=10, how="crash")  # the last run's step 10: its checkpoint of step 8
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(workspace, out, **options, resume=True))  # the choice resumed and made, then cut
+    monkeypatch.undo()
+    capsys.readouterr()
     resumed = train(settings(workspace, out, **options, resume=True))
-    assert resumed["resumed_from_step"] == 4 and resumed["lr_auto"] == straight["lr_auto"]
+    log = capsys.readouterr().err
+    assert (
+        "trained together" not in log and f"lr auto: {straight['chosen_lr']:g}, the lr the interrupted" in log
+    )
+    assert resumed["resumed_from_step"] == 8 and resumed["lr_auto"] == straight["lr_auto"]
     assert resumed["loss_history"] == straight["loss_history"] and not (out / CHECKPOINT_NAME).exists()
     for name, layer in read_adapter(tmp_path / "straight").layers.items():
         assert torch.equal(layer.vector, read_adapter(out).layers[name].vector)

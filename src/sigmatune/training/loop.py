@@ -39,11 +39,13 @@ def fit(
     before: Score | None = None,
     resumed: checkpoint.Checkpoint | None = None,
     packed: bool | None = None,
+    recorded: dict | None = None,
 ) -> list[float]:
     """The optimisation loop; returns the training loss of every step (those before a resume included).
     With a checkpoint path, a checkpoint goes there every settings.save_every steps (with `before`, the
     score before training, to report on resume); `resumed` continues one. Batches are packed (packing.py)
-    when `packed`, or when it is None and use_packing says so."""
+    when `packed`, or when it is None and use_packing says so. `recorded`: the settings a checkpoint holds, where
+    they are not these (lr auto's: lr "auto" and its choice)."""
     order = batch_order(len(task.train), settings.batch_size, settings.steps, settings.seed)
     encoded = {  # only the examples the steps use
         i: encode(tokenizer, task.instruction, task.train[i], settings.max_length)
@@ -76,7 +78,8 @@ def fit(
         value = float(loss.detach())
         history.append(round(value, 4))
         if path and settings.save_every and step % settings.save_every == 0 and step < settings.steps:
-            state = checkpoint.Checkpoint(step, history, dataclasses.asdict(settings), _asdict(before), {})
+            kept = recorded or dataclasses.asdict(settings)
+            state = checkpoint.Checkpoint(step, history, kept, _asdict(before), {})
             checkpoint.save(path, model, optimizer, state)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         tokens += sum(len(e.input_ids) for e in examples)  # the examples' tokens, packed or padded

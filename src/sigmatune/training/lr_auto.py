@@ -1,10 +1,11 @@
-"""lr "auto": a window of learning rates trained together, the one that does best on unseen examples kept.
+"""lr "auto": a window of learning rates trained together, the one that does best on unseen examples chosen.
 
 The structure's rule (settings.auto_lr) names a centre c for the structure and the model's depth; the
 candidates are the 1-3-10 series' c/3, c, 3c and 10c (WINDOW). They train together (together_loop.py: one
 batch holding each candidate's own batch, each row through its own adapter) for the job's whole schedule on
 the training examples less a slice (slice_split), each is scored by its loss on that slice, and the lowest
-is kept as the job's adapter: no second run. The held-out split the job reports is never used to choose.
+wins; the job's adapter then trains at that lr on the whole training split (the run an explicit --lr of it
+makes). The held-out split the job reports is never used to choose.
 
 Why this form (the quality suite's sweeps and lr-auto rows: benchmarks/results/quality.json and
 quality_runs.json):
@@ -14,9 +15,11 @@ quality_runs.json):
   schedule does: the candidates train the whole one;
 - a slice that shares groups (a document, an entity) with what the candidates train on favours the lr that
   fits those groups best; so the slice is a few examples (PER_GROUP) of each of many groups, and all of
-  those groups' examples are set aside.
-Its cost: the candidates' rows go through the base model, so about len(WINDOW) runs on a CPU, far fewer on a
-GPU that a small model leaves idle.
+  those groups' examples are set aside (and those that show them: an example's draws_on);
+- the kept candidate itself trained on less (and other) data than the whole split; trained again on all of it,
+  lr auto's adapter is the one an explicit run at its lr makes, so its quality is that lr's.
+Its cost: the candidates' rows go through the base model, so about len(WINDOW) runs and one more on a CPU;
+far less on a GPU that a small model leaves idle.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
-
+from ..formats.checkpoint import FIX
+from ..formats.files import AdapterFileError
 from .data import Task, group_keys, trainable
 from .loop import fit, log
 from .scores import score
@@ -45,7 +48,7 @@ RULE = "window c/3-10c, whole schedule, best on a slice of unseen groups kept"  
 class Choice:
     lr: float  # the kept candidate's
     losses: dict[float, float | None]  # every candidate's loss on the slice (None: it failed)
-    history: list[float]  # the kept candidate's training loss, a step each
+    history: list[float]  # the job's training loss at the kept lr, a step each (fit_auto's)
     slice: int = 0  # examples scored
     set_aside: int = 0  # examples not trained on (the slice's groups, whole)
 
@@ -110,11 +113,29 @@ def fit_auto(
     resumed=None,
     packed: bool = False,
 ) -> Choice:
-    """lr auto for the model's active adapter (settings.lr is "auto"; see the module docstring): the
-    candidates train together as adapters of its config ("lr_<rate>"), with checkpoints at `path` every
-    save_every steps and `resumed` continuing one; the kept one's values end in the active adapter, the
-    others are deleted. A candidate that fails (NaN, Inf) is dropped with a message; all failing is an error.
-    Where the task is too small to spare a slice, the active adapter trains at the centre (loop.fit)."""
+    """lr auto for the model's active adapter (settings.lr is "auto"; see the module docstring): choose() the lr,
+    then train the active adapter at it on the whole training split (loop.fit: the run an explicit --lr of it
+    makes). Checkpoints go to `path` every save_every steps in both phases; `resumed` continues either — one
+    written by the last run holds the choice (chosen_lr, lr_auto), which is then not made again."""
+    if resumed is not None and "lr_auto" in resumed.settings:
+        choice = _recorded_choice(path, resumed.settings)
+        log(f"lr auto: {choice.lr:g}, the lr the interrupted run chose")
+    else:
+        choice = choose(sigma_model, tokenizer, task, settings, device, path, resumed, packed)
+        resumed = None
+    recorded = {**dataclasses.asdict(settings), "chosen_lr": choice.lr, "lr_auto": choice.record()}
+    run = dataclasses.replace(settings, lr=choice.lr)
+    choice.history = fit(sigma_model, tokenizer, task, run, device, path, before, resumed, packed, recorded)
+    return choice
+
+
+def choose(
+    sigma_model, tokenizer, task: Task, settings: TrainSettings, device, path=None, resumed=None, packed=False
+) -> Choice:
+    """The lr lr auto keeps (no history): the candidates train together as adapters of the active adapter's
+    config ("lr_<rate>"), each is scored on the slice, and they are deleted; the active adapter is left as it
+    was. A candidate that fails (NaN, Inf) is dropped with a message; all failing is an error. Where the task is
+    too small to spare a slice: the rule's lr, untried."""
     own = sigma_model.active_adapter
     config = sigma_model.peft_config[own]
     centre = centre_of(config, sigma_model.get_base_model().config)
@@ -123,18 +144,15 @@ def fit_auto(
         log(
             f"lr auto: {len(task.train)} training examples are too few to spare a slice; lr {centre:g} (the rule's)"
         )
-        single = dataclasses.replace(settings, lr=centre)
-        return Choice(
-            centre, {}, fit(sigma_model, tokenizer, task, single, device, path, before, resumed, packed)
-        )
+        return Choice(centre, {}, [])
     trained_on = dataclasses.replace(task, train=parts[0], heldout=parts[1])
     members = [
         Member(lr_name(lr), trained_on, dataclasses.replace(settings, lr=lr)) for lr in candidates(centre)
     ]
+    set_aside = len(task.train) - len(parts[0])
     log(
         f"lr auto: {', '.join(f'{m.settings.lr:g}' for m in members)} (around the rule's {centre:g}) trained "
-        f"together on {len(parts[0])} examples, scored on {len(parts[1])} of the "
-        f"{len(task.train) - len(parts[0])} set aside"
+        f"together on {len(parts[0])} examples, scored on {len(parts[1])} of the {set_aside} set aside"
     )
     for member in members:
         sigma_model.add_adapter(member.name, config)
@@ -142,9 +160,8 @@ def fit_auto(
         sigma_model.set_adapter(
             members[0].name
         )  # (the own adapter not trainable meanwhile: not checkpointed)
-        outcome = fit_together(
-            sigma_model, tokenizer, members, device, path, resumed, dataclasses.asdict(settings), packed
-        )
+        recorded = dataclasses.asdict(settings)
+        outcome = fit_together(sigma_model, tokenizer, members, device, path, resumed, recorded, packed)
         scoring = dataclasses.replace(settings, heldout=len(parts[1]), eval_accuracy=0)
         losses = {}
         for member in members:
@@ -156,17 +173,35 @@ def fit_auto(
             losses[member.settings.lr] = score(
                 sigma_model, tokenizer, trained_on, scoring, device, packed
             ).loss
-        kept = lowest(losses)
-        log("lr auto, loss on the slice: " + ", ".join(f"{lr:g} {_shown(v)}" for lr, v in losses.items()))
-        log(f"lr auto: {kept:g} kept (the lowest loss on the slice)")
-        winner = next(m for m in members if m.settings.lr == kept)
-        _copy_values(sigma_model, winner.name, own)
     finally:
         sigma_model.set_adapter(own)
         for member in members:
             sigma_model.delete_adapter(member.name)
-    set_aside = len(task.train) - len(parts[0])
-    return Choice(kept, losses, outcome.histories[winner.name], len(parts[1]), set_aside)
+    kept = lowest(losses)
+    log("lr auto, loss on the slice: " + ", ".join(f"{lr:g} {_shown(v)}" for lr, v in losses.items()))
+    log(
+        f"lr auto: {kept:g} kept (the lowest loss on the slice); now trained on all {len(task.train)} examples"
+    )
+    return Choice(kept, losses, [], len(parts[1]), set_aside)
+
+
+def _recorded_choice(path, recorded: dict) -> Choice:
+    """The choice a checkpoint of the last run holds, checked (a damaged one is refused by name)."""
+    made, lr = recorded.get("lr_auto"), recorded.get("chosen_lr")
+    losses = made.get("losses") if isinstance(made, dict) else None
+    good = (
+        isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < 10 and isinstance(losses, dict)
+    )
+    good = good and all(
+        v is None or (isinstance(v, int | float) and math.isfinite(v)) for v in losses.values()
+    )
+    try:
+        losses = {float(k): v for k, v in losses.items()} if good else None
+    except ValueError:
+        good = False
+    if not good or not all(isinstance(made.get(k), int) for k in ("slice", "set_aside")):
+        raise AdapterFileError(path, "holds an lr auto choice that is not one lr auto writes", FIX)
+    return Choice(float(lr), losses, [], made["slice"], made["set_aside"])
 
 
 def lowest(losses: dict[float, float | None]) -> float:
@@ -178,14 +213,6 @@ def lowest(losses: dict[float, float | None]) -> float:
             "give --lr a smaller one, or check the data"
         )
     return min(finished, key=finished.get)
-
-
-def _copy_values(sigma_model, source: str, target: str) -> None:
-    """Adapter target takes adapter source's trained values, layer by layer (one config: the same shapes)."""
-    with torch.no_grad():
-        for layer in sigma_model.spectral_layers().values():
-            if target in layer.sigma_adapters:
-                layer.sigma_adapters[target].vector.copy_(layer.sigma_adapters[source].vector)
 
 
 def _shown(loss: float | None) -> str:
