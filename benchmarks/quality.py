@@ -123,10 +123,11 @@ def method_of(row: dict) -> Method:
 
 def run_rows(rows: list[dict], args) -> int:
     """The rows, run: each with its scores (exactly ROW_KEYS) and a details row, both merged into the results
-    files after every row. A row already there is not run again (a run resumed). An lr-"auto" row is the
-    library's lr auto (its candidates, the one kept scored: quality_suite.loops.run). A diverging lr, or a peer the installed peft lacks, is a result; any other
-    failure of a row (out of memory, say) is printed and the row left for the next run, as is a row not expected
-    to end within --budget (ends_in_time). With --workers, shares of the rows run in that many processes.
+    files after every row. A row already there is not run again (a run resumed). An lr-"auto" row makes lr
+    auto's choice first (quality_suite.loops.choose), then is the run at the chosen lr — the sweep's row where
+    it ran that lr on the same seed (same_run), as lr auto trains the adapter again at its choice. A diverging
+    lr, or a peer the installed peft lacks, is a result; any other failure of a row (out of memory, say) is
+    printed and the row left for the next run, as is a row not expected to end within --budget (ends_in_time). With --workers, shares of the rows run in that many processes.
     Returns how many rows ran."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
@@ -137,7 +138,7 @@ def run_rows(rows: list[dict], args) -> int:
         print(f"{len(left) - len(rows)} rows would not end within --budget (run again to go on)", flush=True)
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
-    from quality_suite.loops import run
+    from quality_suite.loops import choose, run
 
     models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
     data, ran = {}, 0
@@ -148,20 +149,21 @@ def run_rows(rows: list[dict], args) -> int:
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        started = time.perf_counter()
+        started, chosen, measured = time.perf_counter(), {}, None
         try:
-            measured = run(
-                task,
-                method_of(row),
-                row["lr"],
-                row["seed"],
-                data[task.name],
-                models,
-                device,
-                args.causal_steps,
-            )
             if row["lr"] == "auto":
-                row, measured = {**row, "lr_chosen": measured.pop("lr_chosen")}, measured | LR_AUTO_RULE
+                choice = choose(
+                    task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
+                )
+                row = {**row, "lr_chosen": choice.lr}
+                choose_s = round(time.perf_counter() - started, 1)
+                chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s}
+                measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
+            if measured is None:
+                measured = run(
+                    task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
+                    device, args.causal_steps,
+                )  # fmt: skip
         except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
             print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
             measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
@@ -177,7 +179,7 @@ def run_rows(rows: list[dict], args) -> int:
                 torch.cuda.empty_cache()
             continue
         run_s = round(time.perf_counter() - started, 1)
-        record(row, measured | {"run_s": run_s}, device, args.out)
+        record(row, measured | chosen | {"run_s": run_s}, device, args.out)
         ran += 1
     return ran
 
@@ -222,6 +224,21 @@ def finished_keys(out: Path) -> set[tuple]:
     chosen = common.load_rows(details_path(out))
     today = [r for r in chosen if r["lr"] == "auto" and all(r.get(k) == v for k, v in LR_AUTO_RULE.items())]
     return done | {resume_key(r) for r in today}
+
+
+def same_run(row: dict, details: list[dict]) -> dict | None:
+    """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
+    (from the details rows), with same_run_as naming the lr; else None."""
+
+    def twin(r: dict) -> bool:
+        same = all(r.get(k) == row[k] for k in KEY if k != "lr")
+        return same and r["lr"] == row["lr_chosen"] and r.get("eval_loss") is not None
+
+    run = next((r for r in details if twin(r)), None)
+    if run is None:
+        return None
+    keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
+    return {k: run[k] for k in keep if k in run} | {"same_run_as": run["lr"]}
 
 
 def run_in_workers(rows: list[dict], args) -> int:
@@ -274,7 +291,7 @@ def forwarded(args) -> list[str]:
     """The options a worker takes from its parent."""
     options = ["--device", args.device, "--causal-model", args.causal_model, "--limit", args.limit]
     options += ["--causal-steps", str(args.causal_steps), "--deadline", str(args.deadline)]
-    options += ["--runs", str(details_path(args.out))]  # the sweep's runs, for ends_in_time
+    options += ["--runs", str(details_path(args.out))]  # the sweep's runs, for same_run and ends_in_time
     options += ["--encoder", args.encoder] if args.encoder else []
     return options + (["--items", str(args.items)] if args.items else [])
 

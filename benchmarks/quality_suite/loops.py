@@ -12,8 +12,9 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   device time, and every method's row runs the same way.
 lr "auto": the library's (training/lr_auto.py) — a window of lrs around the rule's, each trained for the row's whole
 schedule on the training split less a slice; the row is the run at the lr with the lowest loss on the slice, on the
-whole split. For a causal row it is the very call `sigmatune train` makes (lr_auto.fit_auto: the candidates
-together); for an encoder row the same window, slice and choice over this loop's own runs, one after another.
+whole split (choose, then run). For a causal row the choice is the very call `sigmatune train` makes
+(lr_auto.choose: the candidates together); for an encoder row the same window, slice and choice over this loop's
+own runs, one after another.
 Either way the examples carry the groups the held-out split keeps whole (a speech, an analogy's word pair), so the
 slice keeps them whole too.
 """
@@ -104,22 +105,30 @@ def minilm_path() -> Path:
 def run(
     task: SuiteTask,
     method: Method,
-    lr: float | str,
+    lr: float,
     seed: int,
     data,
     models: dict,
     device,
     causal_steps: int = CAUSAL_STEPS,
 ) -> dict:
-    """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}, and at lr "auto" lr_chosen and lr_auto
-    (lr_auto.Choice.record: every candidate's loss on the slice); raises FloatingPointError when the loss is not
-    finite (a diverging lr: the caller records it; loop.fit raises it too)."""
+    """{trainable, eval_loss, accuracy, macro_f1?, wall_s, step_ms, curve}; raises FloatingPointError when the
+    loss is not finite (a diverging lr: the caller records it; loop.fit raises it too)."""
     torch.manual_seed(seed)
     if task.model == "minilm":
-        if lr == "auto":
-            return auto_encoder(task, method, seed, data, models["minilm"], device)
         return run_encoder(task, method, lr, seed, data, models["minilm"], device)
     return run_causal(task, method, lr, seed, data, models["smollm2"], device, causal_steps)
+
+
+def choose(
+    task: SuiteTask, method: Method, seed: int, data, models: dict, device, causal_steps: int = CAUSAL_STEPS
+):
+    """lr "auto"'s choice for a row (lr_auto.Choice: the lr, every candidate's loss on the slice); the row is then
+    run() at that lr, as lr_auto.fit_auto trains the adapter at it."""
+    torch.manual_seed(seed)
+    if task.model == "minilm":
+        return choose_encoder(task, method, seed, data, models["minilm"], device)
+    return choose_causal(task, method, seed, data, models["smollm2"], device, causal_steps)
 
 
 def centre_lr(method: Method, model_path) -> float:
@@ -237,26 +246,23 @@ def run_encoder(
     )
 
 
-def auto_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device) -> dict:
-    """lr "auto" over this loop, as the library's: each of lr_auto's candidates around the rule's lr trains the
-    whole schedule on the training split less lr_auto.slice_split's slice and is scored on the slice (one after
-    another, each from the same head); the row is the run at the lowest's lr on the whole split, with lr_chosen
-    and lr_auto."""
+def choose_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Path, device):
+    """lr auto's choice over this loop, as the library makes it: each of lr_auto's candidates around the rule's lr
+    trains the whole schedule on the training split less lr_auto.slice_split's slice and is scored on the slice
+    (one after another, each from the same head)."""
     lr_auto, centre = internals().lr_auto, centre_lr(method, folder)
     train = [i._replace(group=held_out_group(task, i)) for i in data[0]]  # the groups the split keeps whole
     parts = lr_auto.slice_split(train)
+    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
+        return lr_auto.Choice(centre, {}, [])
     losses = {}
-    for lr in lr_auto.candidates(centre) if parts else []:
-        torch.manual_seed(seed)  # each lr from the same head
+    for lr in lr_auto.candidates(centre):
+        torch.manual_seed(seed)
         try:
             losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device)["eval_loss"]
         except FloatingPointError:
             losses[lr] = None
-    kept = lr_auto.lowest(losses) if parts else centre  # too few examples to spare a slice: the rule's lr
-    choice = lr_auto.Choice(kept, losses, [], len(parts[1]), len(train) - len(parts[0])) if parts else None
-    torch.manual_seed(seed)
-    measured = run_encoder(task, method, kept, seed, data, folder, device)
-    return measured | {"lr_chosen": kept, "lr_auto": (choice or lr_auto.Choice(kept, {}, [])).record()}
+    return lr_auto.Choice(lr_auto.lowest(losses), losses, [], len(parts[1]), len(train) - len(parts[0]))
 
 
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
@@ -273,11 +279,23 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
 
 
 def run_causal(
-    task: SuiteTask, method: Method, lr: float | str, seed: int, data, model_path: str, device, steps: int
+    task: SuiteTask, method: Method, lr: float, seed: int, data, model_path: str, device, steps: int
 ) -> dict:
     settings = causal_settings(lr, seed, data[1], model_path, device, steps)
     with tf32():
         return _run_causal(task, method, settings, data, device, internals())
+
+
+def choose_causal(task: SuiteTask, method: Method, seed: int, data, model_path: str, device, steps: int):
+    """lr auto's choice as `sigmatune train` makes it (lr_auto.choose), on this row's model and task."""
+    ops = internals()
+    settings = causal_settings("auto", seed, data[1], model_path, device, steps)
+    with tf32():
+        model, tokenizer = ops.load_model(settings.model, torch.float32, device)
+        dataset = causal_task(task, data)
+        adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
+        packed = ops.use_packing_for(adapted, tokenizer, dataset, settings, device)  # as the job judges it
+        return ops.lr_auto.choose(adapted, tokenizer, dataset, settings, device, packed=packed)
 
 
 def causal_settings(lr: float | str, seed: int, heldout: list, model_path: str, device, steps: int):
@@ -322,16 +340,11 @@ def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) ->
     model, tokenizer = ops.load_model(settings.model, torch.float32, device)
     dataset = causal_task(task, data)
     adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
-    started, chosen = time.perf_counter(), {}
-    if settings.lr == "auto":  # the candidates together, the best kept in the adapter (as `sigmatune train`)
-        packed = ops.use_packing_for(adapted, tokenizer, dataset, settings, device)  # as the job judges it
-        choice = ops.lr_auto.fit_auto(adapted, tokenizer, dataset, settings, device, packed=packed)
-        history, chosen = choice.history, {"lr_chosen": choice.lr, "lr_auto": choice.record()}
-    else:
-        history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []
+    started = time.perf_counter()
+    history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []
     wall = time.perf_counter() - started
     result = ops.score(adapted, tokenizer, dataset, settings, device)
-    return chosen | dict(
+    return dict(
         trainable=sum(p.numel() for p in trainable(adapted)),
         eval_loss=result.loss,
         accuracy=result.accuracy,
