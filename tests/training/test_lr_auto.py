@@ -16,6 +16,7 @@ import torch
 import sigmatune.training.together_loop as together_loop
 from sigmatune import SigmaConfig, get_sigma_model, read_adapter
 from sigmatune.formats.checkpoint import CHECKPOINT_NAME
+from sigmatune.formats.files import AdapterFileError
 from sigmatune.training import loop, lr_auto
 from sigmatune.training.data import Example, Task, load_task
 from sigmatune.training.job import train
@@ -179,3 +180,16 @@ def test_the_job_records_the_choice_and_a_resumed_one_ends_where_a_straight_one_
     for name, layer in read_adapter(tmp_path / "straight").layers.items():
         assert torch.equal(layer.vector, read_adapter(out).layers[name].vector)
     assert json.loads((out / "training_summary.json").read_text())["chosen_lr"] == straight["chosen_lr"]
+
+
+def test_a_checkpoints_recorded_choice_is_checked_before_it_is_used(tmp_path):
+    good = {
+        "chosen_lr": 3e-3,
+        "lr_auto": {"losses": {"0.001": 0.7, "0.003": 0.5, "0.01": None}, "slice": 16, "set_aside": 20},
+    }
+    choice = lr_auto._recorded_choice(tmp_path, good)
+    assert (choice.lr, choice.losses, choice.slice) == (3e-3, {1e-3: 0.7, 3e-3: 0.5, 1e-2: None}, 16)
+    for bad in ({**good, "chosen_lr": "3e-3"}, {**good, "chosen_lr": 50}, {**good, "lr_auto": {**good["lr_auto"], "losses": {"x": 1}}},
+                {**good, "lr_auto": {**good["lr_auto"], "losses": {"0.1": "low"}}}, {**good, "lr_auto": []}):  # fmt: skip
+        with pytest.raises(AdapterFileError, match="holds an lr auto choice that is not one lr auto writes"):
+            lr_auto._recorded_choice(tmp_path, bad)

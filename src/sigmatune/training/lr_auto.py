@@ -16,7 +16,7 @@ quality_runs.json):
 - a slice that shares groups (a document, an entity) with what the candidates train on favours the lr that
   fits those groups best; so the slice is a few examples (PER_GROUP) of each of many groups, and all of
   those groups' examples are set aside (and those that show them: an example's draws_on);
-- the kept candidate itself trained on less (and other) data than the whole split; trained again on all of it,
+- the chosen candidate itself trained on less (and other) data than the whole split; trained again on all of it,
   lr auto's adapter is the one an explicit run at its lr makes, so its quality is that lr's.
 Its cost: the candidates' rows go through the base model, so about len(WINDOW) runs and one more on a CPU;
 far less on a GPU that a small model leaves idle.
@@ -46,9 +46,9 @@ RULE = "window c/3-10c, whole schedule, chosen on a slice of unseen groups, trai
 
 @dataclass
 class Choice:
-    lr: float  # the kept candidate's
+    lr: float  # the chosen one
     losses: dict[float, float | None]  # every candidate's loss on the slice (None: it failed)
-    history: list[float]  # the job's training loss at the kept lr, a step each (fit_auto's)
+    history: list[float]  # the job's training loss at the chosen lr, a step each (fit_auto's)
     slice: int = 0  # examples scored
     set_aside: int = 0  # examples not trained on (the slice's groups, whole)
 
