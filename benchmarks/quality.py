@@ -127,8 +127,8 @@ def run_rows(rows: list[dict], args) -> int:
     auto's choice first (quality_suite.loops.choose), then is the run at the chosen lr — the sweep's row where
     it ran that lr on the same seed (same_run), as lr auto trains the adapter again at its choice. A diverging
     lr, or a peer the installed peft lacks, is a result; any other failure of a row (out of memory, say) is
-    printed and the row left for the next run, as is a row not expected to end within --budget (ends_in_time). With --workers, shares of the rows run in that many processes.
-    Returns how many rows ran."""
+    printed and the row left for the next run, as is a row not expected to end within --budget (ends_in_time).
+    With --workers, shares of the rows run in that many processes. Returns how many rows ran."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
     history = common.load_rows(args.runs or details_path(args.out))

@@ -221,23 +221,17 @@ def run_encoder(
             steps_s.append(time.perf_counter() - tick)
     wall = time.perf_counter() - started
     model.eval()
-
-    def evaluated(items: list[Item]) -> tuple[float, list[int]]:
-        """The mean cross-entropy over items, and each one's predicted class."""
-        losses, predictions = [], []
-        with torch.no_grad(), autocast:
-            for i in range(0, len(items), 128):
-                inputs, labels = encode(items[i : i + 128])
-                logits = model(**inputs).float()
-                losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-                predictions += logits.argmax(-1).tolist()
-        return round(float(sum(losses)) / len(items), 4), predictions
-
-    loss, predictions = evaluated(heldout)
+    losses, predictions = [], []
+    with torch.no_grad(), autocast:
+        for i in range(0, len(heldout), 128):
+            inputs, labels = encode(heldout[i : i + 128])
+            logits = model(**inputs).float()
+            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            predictions += logits.argmax(-1).tolist()
     truth = [index[i.target] for i in heldout]
     return dict(
         trainable=sum(p.numel() for p in params),
-        eval_loss=loss,
+        eval_loss=round(float(sum(losses)) / len(heldout), 4),
         accuracy=round(sum(p == t for p, t in zip(predictions, truth, strict=True)) / len(truth), 4),
         macro_f1=round(macro_f1(predictions, truth, len(task.labels)), 4),
         wall_s=round(wall, 1),

@@ -123,6 +123,7 @@ def fit_auto(
     else:
         choice = choose(sigma_model, tokenizer, task, settings, device, path, resumed, packed)
         resumed = None
+    log(f"lr auto: {choice.lr:g}, now trained on all {len(task.train)} training examples")
     recorded = {**dataclasses.asdict(settings), "chosen_lr": choice.lr, "lr_auto": choice.record()}
     run = dataclasses.replace(settings, lr=choice.lr)
     choice.history = fit(sigma_model, tokenizer, task, run, device, path, before, resumed, packed, recorded)
@@ -132,7 +133,7 @@ def fit_auto(
 def choose(
     sigma_model, tokenizer, task: Task, settings: TrainSettings, device, path=None, resumed=None, packed=False
 ) -> Choice:
-    """The lr lr auto keeps (no history): the candidates train together as adapters of the active adapter's
+    """lr auto's choice (no history): the candidates train together as adapters of the active adapter's
     config ("lr_<rate>"), each is scored on the slice, and they are deleted; the active adapter is left as it
     was. A candidate that fails (NaN, Inf) is dropped with a message; all failing is an error. Where the task is
     too small to spare a slice: the rule's lr, untried."""
@@ -157,9 +158,8 @@ def choose(
     for member in members:
         sigma_model.add_adapter(member.name, config)
     try:
-        sigma_model.set_adapter(
-            members[0].name
-        )  # (the own adapter not trainable meanwhile: not checkpointed)
+        # the own adapter not trainable meanwhile (not checkpointed)
+        sigma_model.set_adapter(members[0].name)
         recorded = dataclasses.asdict(settings)
         outcome = fit_together(sigma_model, tokenizer, members, device, path, resumed, recorded, packed)
         scoring = dataclasses.replace(settings, heldout=len(parts[1]), eval_accuracy=0)
@@ -179,29 +179,30 @@ def choose(
             sigma_model.delete_adapter(member.name)
     kept = lowest(losses)
     log("lr auto, loss on the slice: " + ", ".join(f"{lr:g} {_shown(v)}" for lr, v in losses.items()))
-    log(
-        f"lr auto: {kept:g} kept (the lowest loss on the slice); now trained on all {len(task.train)} examples"
-    )
+    log(f"lr auto: {kept:g} kept (the lowest loss on the slice)")
     return Choice(kept, losses, [], len(parts[1]), set_aside)
 
 
 def _recorded_choice(path, recorded: dict) -> Choice:
     """The choice a checkpoint of the last run holds, checked (a damaged one is refused by name)."""
+
+    def number(value) -> bool:  # a finite JSON number, not a bool
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
     made, lr = recorded.get("lr_auto"), recorded.get("chosen_lr")
-    losses = made.get("losses") if isinstance(made, dict) else None
-    good = (
-        isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < 10 and isinstance(losses, dict)
-    )
-    good = good and all(
-        v is None or (isinstance(v, int | float) and math.isfinite(v)) for v in losses.values()
-    )
     try:
-        losses = {float(k): v for k, v in losses.items()} if good else None
-    except ValueError:
-        good = False
-    if not good or not all(isinstance(made.get(k), int) for k in ("slice", "set_aside")):
+        losses = {float(k): v for k, v in made["losses"].items()}
+        counts = [made[k] for k in ("slice", "set_aside")]
+    except (TypeError, KeyError, AttributeError, ValueError):
+        losses, counts = None, []
+    good = losses is not None and number(lr) and 0 < lr < 10
+    if not good or not all(v is None or number(v) for v in losses.values()) or not all(map(_whole, counts)):
         raise AdapterFileError(path, "holds an lr auto choice that is not one lr auto writes", FIX)
-    return Choice(float(lr), losses, [], made["slice"], made["set_aside"])
+    return Choice(float(lr), losses, [], *counts)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def lowest(losses: dict[float, float | None]) -> float:
