@@ -330,12 +330,14 @@ def sweep(args) -> None:
     run_rows(later, args)
     if args.no_auto:
         return
-    auto = [
+    methods = dict.fromkeys(m for t in tasks for m in plan[t.name])  # in the plan's order (the recipes first)
+    auto = [  # method by method, so that a run cut short leaves whole methods across the tasks
         row_of(t, m, "auto", seed)
-        for t in tasks
-        for m in plan[t.name]
+        for m in methods
         if m.method == "sigmatune"
         and m.structure != INPUT_SCALED  # (a prototype's scales do not train together)
+        for t in tasks
+        if m in plan[t.name]
         for seed in seeds
     ]
     run_rows(auto, args)

@@ -228,6 +228,46 @@ def test_the_sweep_stops_extending_at_its_budget(tmp_path, monkeypatch):
     assert len(ran) == 1
 
 
+def test_the_lr_auto_rows_come_method_by_method_after_the_sweep(tmp_path, monkeypatch):
+    """Every sigmatune method at lr auto on every seed, after the sweep's rows; method by method (the plan's order:
+    the recipes first), so a run cut short by its budget leaves whole methods across the tasks."""
+    import argparse
+
+    import common
+    import quality
+
+    asked = []
+
+    def run_rows(rows, args):  # the middle lr is each sweep's best: no edge to extend
+        asked.append(rows)
+        common.merge_rows(
+            args.out, [{**r, "eval_loss": 1.0 if r["lr"] != 1e-3 else 0.5} for r in rows], quality.KEY
+        )
+        return len(rows)
+
+    monkeypatch.setattr(quality, "run_rows", run_rows)
+    monkeypatch.setattr(quality, "resolve_models", lambda args, families: None)
+    monkeypatch.setattr(quality, "split", lambda *a, **k: None)
+    monkeypatch.setitem(quality.LRS, "sigmatune", [3e-4, 1e-3, 3e-3])
+    monkeypatch.setitem(quality.LRS, "lora", [3e-4, 1e-3, 3e-3])
+    args = argparse.Namespace(
+        out=tmp_path / "quality.json", tasks="sentiment,spam", methods="default,lora:4,quality", seeds="0,1",
+        items=None, limit="", no_auto=False,
+    )  # fmt: skip
+    quality.sweep(args)
+    auto = asked[-1]
+    assert all(r["lr"] == "auto" for r in auto) and all(
+        r["lr"] != "auto" for rows in asked[:-1] for r in rows
+    )
+    order = [(r["recipe"], r["task"], r["seed"]) for r in auto]
+    assert order == [
+        (recipe, task, seed)
+        for recipe in ("default", "quality")
+        for task in ("sentiment", "spam")
+        for seed in (0, 1)
+    ]
+
+
 def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
     """A row's expected time is the median run_s of its task's rows of its kind (a number lr; lr auto by today's
     rule), else len(WINDOW) × its task's for an lr-auto row; a row of a task with none yet may start."""
