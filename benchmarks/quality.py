@@ -226,6 +226,13 @@ def finished_keys(out: Path) -> set[tuple]:
     return done | {resume_key(r) for r in today}
 
 
+def reported_rows(out: Path) -> list[dict]:
+    """The rows the report reads: every number-lr row, and the lr-"auto" rows of today's rule (one chosen by an
+    earlier rule, or of a method no longer planned, stays in the file as measured but is not today's lr auto)."""
+    today = finished_keys(out)
+    return [r for r in common.load_rows(out) if r["lr"] != "auto" or resume_key(r) in today]
+
+
 def same_run(row: dict, details: list[dict]) -> dict | None:
     """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
     (from the details rows), with same_run_as naming the lr; else None."""
@@ -645,9 +652,9 @@ def main() -> None:
     elif args.command == "run":
         with common.mps_daemon() if args.mps else contextlib.nullcontext() as args.mps_env:
             sweep(args)
-        print(report(common.load_rows(args.out), None))
+        print(report(reported_rows(args.out), None))
     else:
-        print(report(common.load_rows(args.out), args.out.with_suffix(".png")))
+        print(report(reported_rows(args.out), args.out.with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
     assert not quality.ends_in_time(era, history, now + 5 * len(quality.WINDOW) - 1)
 
 
-def test_an_lr_auto_row_of_an_earlier_rule_runs_again(tmp_path):
+def test_an_lr_auto_row_of_an_earlier_rule_runs_again_and_is_not_reported(tmp_path):
+    """finished_keys leaves it to run again; until it has, the report reads the number-lr rows and today's."""
     import quality
 
     out = tmp_path / "quality.json"
@@ -307,3 +308,4 @@ def test_an_lr_auto_row_of_an_earlier_rule_runs_again(tmp_path):
     details = [{**rows[1], "lr_chosen": 1e-2, **quality.LR_AUTO_RULE}, {**rows[2], "probe_share": 0.2}]
     quality.details_path(out).write_text(json.dumps(details))
     assert quality.finished_keys(out) == {quality.resume_key(rows[0]), quality.resume_key(rows[1])}
+    assert quality.reported_rows(out) == rows[:2]
