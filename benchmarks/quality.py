@@ -60,10 +60,14 @@ from quality_suite.methods import (
 )
 from quality_suite.tasks import RETIRED, TASKS, split
 
+from sigmatune.training import lr_auto
 from sigmatune.training.lr_auto import RULE, WINDOW
 
 # what a finished lr-auto row's details hold: a row chosen by another rule runs again
 LR_AUTO_RULE = {"lr_auto_rule": RULE}
+# an earlier rule whose candidates trained and were scored as today's (only its decision differs): a row it chose
+# is decided again from its recorded slice losses (decided_again), not trained again
+SAME_CANDIDATES = "window c/3-10c, whole schedule, chosen on a slice of unseen groups, trained again on all"
 
 LRS = {  # method → the 3 learning rates seed 0 sweeps
     "lora": [3e-4, 1e-3, 3e-3],
@@ -152,11 +156,13 @@ def run_rows(rows: list[dict], args) -> int:
         started, chosen, measured = time.perf_counter(), {}, None
         try:
             if row["lr"] == "auto":
-                choice = choose(
-                    task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
-                )
+                choice, choose_s = decided_again(row, history, models)
+                if choice is None:
+                    choice = choose(
+                        task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
+                    )
+                    choose_s = round(time.perf_counter() - started, 1)
                 row = {**row, "lr_chosen": choice.lr}
-                choose_s = round(time.perf_counter() - started, 1)
                 chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s}
                 measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
             if measured is None:
@@ -182,6 +188,24 @@ def run_rows(rows: list[dict], args) -> int:
         record(row, measured | chosen | {"run_s": run_s}, device, args.out)
         ran += 1
     return ran
+
+
+def decided_again(row: dict, details: list[dict], models: dict) -> tuple:
+    """(today's choice, the seconds its candidates took) for an lr-auto row that SAME_CANDIDATES chose: today's
+    decision (lr_auto.decide) on the slice losses it recorded; (None, None) where there is no such row."""
+    earlier = next(
+        (r for r in details if resume_key(r) == resume_key(row) and r.get("lr_auto_rule") == SAME_CANDIDATES),
+        None,
+    )
+    if earlier is None:
+        return None, None
+    from quality_suite.loops import centre_lr
+
+    made = earlier["lr_auto"]
+    losses = {float(lr): loss for lr, loss in made["losses"].items()}
+    centre = centre_lr(method_of(row), models[TASKS[row["task"]].model])
+    lr = lr_auto.decide(losses, centre) if losses else centre  # (no losses: too small a task, the centre)
+    return lr_auto.Choice(lr, losses, [], made["slice"], made["set_aside"]), earlier.get("choose_s")
 
 
 def ends_in_time(row: dict, history: list[dict], deadline: float) -> bool:
@@ -235,17 +259,23 @@ def reported_rows(out: Path) -> list[dict]:
 
 def same_run(row: dict, details: list[dict]) -> dict | None:
     """An lr-"auto" row whose chosen lr the sweep ran on the same seed is that very run: its measurements
-    (from the details rows), with same_run_as naming the lr; else None."""
+    (from the details rows), with same_run_as naming the lr; else the run an earlier lr-auto row of the same
+    seed made at that lr (decided again to the same lr); else None."""
 
-    def twin(r: dict) -> bool:
+    def twin(r: dict, lr) -> bool:
         same = all(r.get(k) == row[k] for k in KEY if k != "lr")
-        return same and r["lr"] == row["lr_chosen"] and r.get("eval_loss") is not None
+        return (
+            same
+            and r["lr"] == lr
+            and r.get("lr_chosen", lr) == row["lr_chosen"]
+            and r.get("eval_loss") is not None
+        )
 
-    run = next((r for r in details if twin(r)), None)
+    run = next((r for lr in (row["lr_chosen"], "auto") for r in details if twin(r, lr)), None)
     if run is None:
         return None
     keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
-    return {k: run[k] for k in keep if k in run} | {"same_run_as": run["lr"]}
+    return {k: run[k] for k in keep if k in run} | {"same_run_as": row["lr_chosen"]}
 
 
 def run_in_workers(rows: list[dict], args) -> int:

@@ -309,3 +309,35 @@ def test_an_lr_auto_row_of_an_earlier_rule_runs_again_and_is_not_reported(tmp_pa
     quality.details_path(out).write_text(json.dumps(details))
     assert quality.finished_keys(out) == {quality.resume_key(rows[0]), quality.resume_key(rows[1])}
     assert quality.reported_rows(out) == rows[:2]
+
+
+def test_a_row_an_earlier_rule_with_todays_candidates_chose_is_decided_again_not_trained(tmp_path):
+    """SAME_CANDIDATES' rows: today's decision on the slice losses they recorded; the run at its lr is the sweep's
+    row of that seed, or the earlier auto row's own run where it chose the same lr."""
+    import quality
+    from transformers import BertConfig
+
+    BertConfig(num_hidden_layers=6).save_pretrained(tmp_path)  # MiniLM's depth: the diagonal's centre is 3e-2
+    keys = dict(task="era", model="minilm", method="sigmatune", structure="diagonal", band=None, rank="full", seed=0,
+                recipe="default")  # fmt: skip
+    made = {"losses": {"0.01": 0.50, "0.03": 0.51, "0.1": 0.7, "0.3": 1.0}, "slice": 52, "set_aside": 300}
+    earlier = {**keys, "lr": "auto", "lr_chosen": 0.01, "eval_loss": 1.10, "lr_auto": made, "choose_s": 80.0,
+               "lr_auto_rule": quality.SAME_CANDIDATES}  # fmt: skip
+    swept = {**keys, "lr": 0.03, "eval_loss": 1.05, "trainable": 13824}
+    choice, choose_s = quality.decided_again(
+        keys | {"lr": "auto"}, [earlier, swept], {"minilm": str(tmp_path)}
+    )
+    assert (choice.lr, choice.slice, choose_s) == (0.03, 52, 80.0)  # 0.51 is within 5% of 0.50: the centre
+    row = keys | {"lr": "auto", "lr_chosen": choice.lr}
+    assert quality.same_run(row, [earlier, swept])["eval_loss"] == 1.05
+    clear = {**earlier, "lr_auto": {**made, "losses": {**made["losses"], "0.03": 0.60}}}
+    choice, _ = quality.decided_again(keys | {"lr": "auto"}, [clear], {"minilm": str(tmp_path)})
+    assert (
+        choice.lr == 0.01
+        and quality.same_run(keys | {"lr": "auto", "lr_chosen": 0.01}, [clear])["eval_loss"] == 1.10
+    )
+    assert (
+        quality.same_run(keys | {"lr": "auto", "lr_chosen": 0.1}, [clear, swept]) is None
+    )  # not run: run it
+    today = {**earlier, "lr_auto_rule": quality.RULE}
+    assert quality.decided_again(keys | {"lr": "auto"}, [today], {"minilm": str(tmp_path)}) == (None, None)

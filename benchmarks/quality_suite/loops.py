@@ -11,8 +11,8 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   run on TF32 tensor cores (what the HF Trainer's tf32=True does): the causal rows are most of the suite's
   device time, and every method's row runs the same way.
 lr "auto": the library's (training/lr_auto.py) — a window of lrs around the rule's, each trained for the row's whole
-schedule on the training split less a slice; the row is the run at the lr with the lowest loss on the slice, on the
-whole split (choose, then run). For a causal row the choice is the very call `sigmatune train` makes
+schedule on the training split less a slice; the row is the run at the lr lr_auto.decide keeps from their losses on
+the slice (the rule's unless another is clearly lower), on the whole split (choose, then run). For a causal row the choice is the very call `sigmatune train` makes
 (lr_auto.choose: the candidates together); for an encoder row the same window, slice and choice over this loop's
 own runs, one after another.
 Either way the examples carry the groups the held-out split keeps whole (a speech, an analogy's word pair), so the
@@ -256,7 +256,9 @@ def choose_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Pat
             losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device)["eval_loss"]
         except FloatingPointError:
             losses[lr] = None
-    return lr_auto.Choice(lr_auto.lowest(losses), losses, [], len(parts[1]), len(train) - len(parts[0]))
+    return lr_auto.Choice(
+        lr_auto.decide(losses, centre), losses, [], len(parts[1]), len(train) - len(parts[0])
+    )
 
 
 def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:

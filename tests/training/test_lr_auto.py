@@ -1,5 +1,6 @@
 """lr "auto" (training/lr_auto.py): a window of learning rates around the rule's, trained together for the whole
-schedule on the training examples less a slice of unseen groups, the lowest loss on the slice chosen, then the
+schedule on the training examples less a slice of unseen groups, the rule's kept unless another's loss on the slice
+is clearly lower (then the lowest), then the
 adapter trained at it on the whole split — in fp64 the run an explicit lr makes; the held-out split is never
 read to choose; a failing candidate drops out; a job resumed in either phase ends where an uninterrupted one
 does."""
@@ -34,6 +35,18 @@ def test_the_window_runs_from_a_third_to_ten_times_the_rules_lr():
     assert lr_auto.candidates(3e-3) == [1e-3, 3e-3, 1e-2, 3e-2]
     assert lr_auto.candidates(3e-4) == [1e-4, 3e-4, 1e-3, 3e-3]
     assert lr_auto.candidates(3.0) == [1.0, 3.0]  # none of 10 or more (settings refuse them)
+
+
+def test_the_rules_lr_stands_unless_another_is_clearly_lower_on_the_slice():
+    margin = lr_auto.MARGIN
+    near = {1e-3: 0.50, 3e-3: 0.50 * (1 + margin) * 0.999, 1e-2: 0.9, 3e-2: None}
+    assert lr_auto.decide(near, 3e-3) == 3e-3  # within MARGIN of the lowest: the centre
+    clear = {**near, 3e-3: 0.50 * (1 + margin) * 1.001}
+    assert lr_auto.decide(clear, 3e-3) == 1e-3  # more than MARGIN above it: the lowest
+    assert lr_auto.decide({**clear, 3e-3: None}, 3e-3) == 1e-3  # the centre failed: the lowest
+    assert lr_auto.decide({**clear, 3e-3: math.inf}, 3e-3) == 1e-3
+    with pytest.raises(FloatingPointError, match="every learning rate tried failed"):
+        lr_auto.decide(dict.fromkeys(near), 3e-3)
 
 
 def test_the_slice_is_a_few_examples_of_many_groups_none_of_them_trained_on():
@@ -91,7 +104,7 @@ def test_lr_auto_chooses_on_the_slice_alone_then_is_the_run_at_its_lr(chat):  # 
     model.unload()
     centre = auto_lr("diagonal", 0, base.config.num_hidden_layers)
     assert list(choice.losses) == lr_auto.candidates(centre) and all(choice.losses.values())
-    assert choice.lr == min(choice.losses, key=choice.losses.get) and len(choice.history) == 6
+    assert choice.lr == lr_auto.decide(choice.losses, centre) and len(choice.history) == 6
     rest, part = lr_auto.slice_split(task.train)
     assert (choice.slice, choice.set_aside) == (len(part), len(task.train) - len(rest))
     alone = TrainSettings(batch_size=4, steps=6, warmup=0.2, save_every=0, packing=False, lr=choice.lr)
