@@ -231,7 +231,7 @@ def record(row: dict, measured: dict, device, out: Path) -> None:
     """A row's scores into out (exactly ROW_KEYS) and all it measured into the details file beside it."""
     scores = {k: measured.get(k) for k in ("trainable", "eval_loss", "accuracy")}
     result = {k: v for k, v in {**row, **scores, "step_ratio": None}.items() if k in ROW_KEYS}
-    details = {**row, **measured, "device": common.device_name(device)}
+    details = {**row, "device": common.device_name(device), **measured}  # (a same_run: the device it ran on)
     common.merge_rows(out, [result], KEY)
     common.merge_rows(details_path(out), [details], KEY)
     print(json.dumps({k: v for k, v in details.items() if k != "curve"}), flush=True)
@@ -274,7 +274,7 @@ def same_run(row: dict, details: list[dict]) -> dict | None:
     run = next((r for lr in (row["lr_chosen"], "auto") for r in details if twin(r, lr)), None)
     if run is None:
         return None
-    keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve")
+    keep = ("trainable", "eval_loss", "accuracy", "macro_f1", "wall_s", "step_ms", "curve", "device")
     return {k: run[k] for k in keep if k in run} | {"same_run_as": row["lr_chosen"]}
 
 

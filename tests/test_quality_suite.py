@@ -323,13 +323,14 @@ def test_a_row_an_earlier_rule_with_todays_candidates_chose_is_decided_again_not
     made = {"losses": {"0.01": 0.50, "0.03": 0.51, "0.1": 0.7, "0.3": 1.0}, "slice": 52, "set_aside": 300}
     earlier = {**keys, "lr": "auto", "lr_chosen": 0.01, "eval_loss": 1.10, "lr_auto": made, "choose_s": 80.0,
                "lr_auto_rule": quality.SAME_CANDIDATES}  # fmt: skip
-    swept = {**keys, "lr": 0.03, "eval_loss": 1.05, "trainable": 13824}
+    swept = {**keys, "lr": 0.03, "eval_loss": 1.05, "trainable": 13824, "device": "the GPU it ran on"}
     choice, choose_s = quality.decided_again(
         keys | {"lr": "auto"}, [earlier, swept], {"minilm": str(tmp_path)}
     )
     assert (choice.lr, choice.slice, choose_s) == (0.03, 52, 80.0)  # 0.51 is within 5% of 0.50: the centre
     row = keys | {"lr": "auto", "lr_chosen": choice.lr}
-    assert quality.same_run(row, [earlier, swept])["eval_loss"] == 1.05
+    reused = quality.same_run(row, [earlier, swept])
+    assert (reused["eval_loss"], reused["device"]) == (1.05, "the GPU it ran on")  # (recorded as run there)
     clear = {**earlier, "lr_auto": {**made, "losses": {**made["losses"], "0.03": 0.60}}}
     choice, _ = quality.decided_again(keys | {"lr": "auto"}, [clear], {"minilm": str(tmp_path)})
     assert (
