@@ -12,9 +12,9 @@ cosine: training/loop.lr_factor), clipping and evaluation.
   device time, and every method's row runs the same way.
 lr "auto": the library's (training/lr_auto.py) — a window of lrs around the rule's, each trained for the row's whole
 schedule on the training split less a slice; the row is the run at the lr lr_auto.decide keeps from their losses on
-the slice (the rule's unless another is clearly lower), on the whole split (choose, then run). For a causal row the choice is the very call `sigmatune train` makes
-(lr_auto.choose: the candidates together); for an encoder row the same window, slice and choice over this loop's
-own runs, one after another.
+the slice (the rule's unless another is clearly lower), on the whole split (choose, then run). For a causal row the
+choice is the very call `sigmatune train` makes (lr_auto.choose: the candidates together); for an encoder row the
+same window, slice and choice over this loop's own runs, one after another.
 Either way the examples carry the groups the held-out split keeps whole (a speech, an analogy's word pair), so the
 slice keeps them whole too.
 """
