@@ -61,7 +61,7 @@ class TrainSettings:
     update: str = "multiplicative"  # "multiplicative" or "additive"
     structure: str = "auto"  # "diagonal" (a vector over the spectrum), "band" (a banded matrix M), or "auto"
     band: int = 0  # --structure band: M's half-width b (2b+1 diagonals per layer)
-    lr: float | str = "auto"  # peak lr, "auto" (4 tried together: the rule's unless one is clearly better), or "a,b,c"
+    lr: float | str = "auto"  # peak lr, "auto" (4 tried: the rule's unless one is clearly better), or "a,b,c"
     steps: int = 150  # optimizer steps
     batch_size: int = 8  # examples per step
     max_length: int = 128  # tokens per example (prompt + answer)
