@@ -218,6 +218,58 @@ def test_a_member_whose_data_gives_nan_stops_alone_and_the_others_finish(chat):
             torch.testing.assert_close(together[member.name][layer], vector, rtol=1e-9, atol=1e-11)
 
 
+def memory_for(monkeypatch, members: int, also_at: int = 0) -> list[int]:
+    """A device with memory for `members` members' rows a pass: a larger pass raises the allocator's
+    torch.OutOfMemoryError (as a CUDA device does) before the forward, packed or padded; so does pass number
+    `also_at` (memory another process took for a moment). The members of every pass tried are recorded."""
+    tried = []
+
+    def limited(real):
+        def losses(model, *args):
+            ids = model.training_together._ids  # the rows of this pass, by member
+            tried.append(len(set(ids.tolist())))
+            if tried[-1] > members or len(tried) == also_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB (simulated)")
+            return real(model, *args)
+
+        return losses
+
+    monkeypatch.setattr(together_loop, "row_losses", limited(together_loop.row_losses))
+    monkeypatch.setattr(together_loop, "packed_row_losses", limited(together_loop.packed_row_losses))
+    return tried
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_out_of_memory_runs_a_step_in_passes_of_fewer_members_with_the_same_result(
+    chat, monkeypatch, capsys, packed
+):
+    members = members_of(chat[0], "band", lrs=(0.05, 0.02, 0.1), seeds=(0, 1, 2), steps=(6, 6, 4))
+    members.append(Member("m3", members[0].task, dataclasses.replace(members[0].settings, lr=0.03, seed=5)))
+    whole, expected = trained_together(chat, CONFIGS["band"], members, packed=packed)
+    tried = memory_for(
+        monkeypatch, 2, also_at=7
+    )  # pass 7: step 3's second pass, after its first one's backward
+    outcome, vectors = trained_together(chat, CONFIGS["band"], members, packed=packed)
+    # step 1: 4 members a pass ran out, then 2 + 2; step 2: 2 + 2; step 3: 2, then 2 ran out, then 1 a pass
+    assert tried[:11] == [4, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1] and set(tried[11:]) == {1}
+    said = capsys.readouterr().err
+    assert "out of memory at step 1 with 4 adapters' batches a pass: now 2 a pass" in said
+    assert "out of memory at step 3 with 2 adapters' batches a pass: now 1 a pass" in said
+    assert outcome.histories == whole.histories and not outcome.failed
+    for member in members:
+        for layer, vector in expected[member.name].items():
+            torch.testing.assert_close(vectors[member.name][layer], vector, rtol=1e-9, atol=1e-11)
+
+
+def test_out_of_memory_with_one_member_a_pass_is_an_error_naming_the_fix(chat, monkeypatch):
+    memory_for(monkeypatch, 0)
+    members = members_of(chat[0], "diagonal", lrs=(0.05, 0.05), seeds=(0, 1), steps=(6, 6))
+    with pytest.raises(
+        MemoryError, match=r"out of memory at step 1 with one adapter's batch a pass .*lower --batch-size"
+    ):
+        trained_together(chat, CONFIGS["diagonal"], members)
+
+
 def crash_at_call(monkeypatch, call: int) -> None:
     """Interrupt a run (KeyboardInterrupt) at its call-th padded loss: step `call` of a run without packing."""
     real, calls = together_loop.row_losses, [0]

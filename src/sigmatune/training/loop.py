@@ -97,11 +97,11 @@ def _asdict(score_before: Score | None) -> dict:
 def _check_finite(value: torch.Tensor, what: str, step: int, path: Path | None) -> None:
     if not torch.isfinite(value):
         raise FloatingPointError(
-            f"the {what} became {float(value)} at step {step}; lower --lr. " + _kept(path)
+            f"the {what} became {float(value)} at step {step}; lower --lr. " + kept_on_disk(path)
         )
 
 
-def _kept(path: Path | None) -> str:
+def kept_on_disk(path: Path | None) -> str:
     """What is safe on disk after a failed step."""
     if path is not None and path.exists():
         return f"Nothing was saved; the last good checkpoint is {path}: continue it with --resume."
@@ -136,14 +136,23 @@ def _backward(loss_of_batch, step: int, path: Path | None) -> torch.Tensor:
         loss, _ = loss_of_batch()
         _check_finite(loss.detach(), "training loss", step, path)
         loss.backward()
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and "memory" not in str(err):
+    except RuntimeError as err:
+        if not out_of_memory(err):
             raise
         raise MemoryError(
             f"out of memory at step {step} ({str(err).splitlines()[0][:120]}); "
-            "lower --batch-size or --max-length. " + _kept(path)
+            "lower --batch-size or --max-length. " + kept_on_disk(path)
         ) from None
     return loss
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an error is the device running out of memory: torch.OutOfMemoryError, or a RuntimeError that
+    says so (the CPU allocator's "can't allocate memory", another backend's "out of memory")."""
+    said = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in said or "allocate memory" in said)
+    )
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:

@@ -12,6 +12,10 @@ A member that fails — a loss, gradient norm or value that is not finite (too h
 answer token to learn from) — stops with a message naming it and the step; the others train on, and only
 it is not saved. Checkpoints (formats/checkpoint.py) hold every member's rows and optimizer state, and each
 member's history and failure, so a resumed run goes on to the same numbers.
+
+K members' batches take about K times one run's activation memory. Where a step runs out of it, the step
+runs again in passes of half as many members each, their gradients accumulated (each member's rows lie in
+one pass, so the numbers are the same; only the time grows), down to one member a pass.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..formats import checkpoint
 from ..model.together import Together
 from .data import Task
 from .evaluate import row_losses
-from .loop import batch_order, lr_factor
+from .loop import batch_order, kept_on_disk, log, lr_factor, out_of_memory
 from .packing import fits, packed_row_losses
 from .rows_adamw import RowsAdamW, clip_rows
 from .settings import TrainSettings
@@ -78,6 +82,9 @@ def fit_together(
     encoded = _encoded(tokenizer, members, orders)
     outcome = Outcome({name: [] for name in names})
     steps, done = max(m.settings.steps for m in members), 0
+    per_pass = len(
+        members
+    )  # members whose rows go through the model in one pass (halved where memory runs out)
     with Together(model, names) as together:
         banks = list(together.banks().values())
         optimizer = RowsAdamW(banks, torch.zeros(len(members)))
@@ -90,9 +97,20 @@ def fit_together(
             active = [
                 k for k, m in enumerate(members) if m.name not in outcome.failed and step <= m.settings.steps
             ]
-            losses = _backward(
-                model, tokenizer, members, orders, encoded, active, step, device, together, packed
-            )
+            while True:
+                try:
+                    losses = _backward(
+                        model, tokenizer, members, orders, encoded, active, step, device, together, packed,
+                        per_pass,
+                    )  # fmt: skip
+                    break
+                except RuntimeError as err:
+                    if not out_of_memory(err):
+                        raise
+                    per_pass = _fewer_per_pass(per_pass, len(active), step, err, path)
+                optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             for k in active:
                 if not math.isfinite(losses[k]):
                     _fail(
@@ -136,16 +154,43 @@ def fit_together(
     return outcome
 
 
+def _fewer_per_pass(per_pass: int, active: int, step: int, err: RuntimeError, path: Path | None) -> int:
+    """Half as many members a pass after running out of memory with per_pass (said); one a pass that ran out
+    is an error naming the fix."""
+    if min(per_pass, active) <= 1:
+        raise MemoryError(
+            f"out of memory at step {step} with one adapter's batch a pass ({str(err).splitlines()[0][:120]}); "
+            "lower --batch-size or --max-length. " + kept_on_disk(path)
+        ) from None
+    fewer = (min(per_pass, active) + 1) // 2
+    log(
+        f"out of memory at step {step} with {min(per_pass, active)} adapters' batches a pass: now {fewer} a pass "
+        "(the same numbers, more time)"
+    )
+    return fewer
+
+
 def _backward(
-    model, tokenizer, members, orders, encoded, active, step, device, together, packed
+    model, tokenizer, members, orders, encoded, active, step, device, together, packed, per_pass
 ) -> list[float]:
     """Each active member's loss on its batch of this step (NaN for a member whose batch holds no answer
-    token), the gradients of their sum in the banks; the members' losses by index (NaN if inactive)."""
+    token), the gradients of their sum in the banks, in passes of per_pass members; the members' losses by
+    index (NaN if inactive)."""
     batches = {k: [encoded[k][i] for i in orders[k][step - 1]] for k in active}
     losses = [math.nan] * len(members)
-    if not batches:
-        return losses
-    if packed and all(fits(batch) for batch in batches.values()):
+    packed = packed and all(fits(batch) for batch in batches.values())  # one decision for the whole step
+    keys = list(batches)
+    for start in range(0, len(keys), per_pass):
+        chunk = {k: batches[k] for k in keys[start : start + per_pass]}
+        for k, loss in _pass(model, tokenizer, chunk, len(members), device, together, packed).items():
+            losses[k] = loss
+    return losses
+
+
+def _pass(model, tokenizer, batches: dict, members: int, device, together, packed) -> dict[int, float]:
+    """One pass of some members' batches (member index → its examples) through the model: each one's mean
+    loss over its answer tokens, and the gradient of their sum added to the banks'."""
+    if packed:
         row_ids = torch.tensor(list(batches), device=device)  # one packed row per member
         together.rows(row_ids)
         sums, counts = packed_row_losses(model, list(batches.values()), tokenizer.pad_token_id, device)
@@ -155,16 +200,14 @@ def _backward(
         examples = [e for batch in batches.values() for e in batch]
         batch = {key: value.to(device) for key, value in collate(examples, tokenizer.pad_token_id).items()}
         sums, counts = row_losses(model, batch)
-    per_member = torch.zeros(len(members), device=device).index_add(0, row_ids, sums.float())
-    counted = torch.zeros(len(members), device=device).index_add(0, row_ids, counts.float())
-    mean = per_member / counted  # 0/0 = NaN: a member's batch with no answer token
+    per_member = torch.zeros(members, device=device).index_add(0, row_ids, sums.float())
+    counted = torch.zeros(members, device=device).index_add(0, row_ids, counts.float())
+    mean = per_member / counted  # 0/0 = NaN: a member's batch with no answer token (or not in this pass)
     values = mean.tolist()
     finite = torch.isfinite(mean)
     if finite.any():
         mean[finite].sum().backward()
-    for k in active:
-        losses[k] = values[k]
-    return losses
+    return {k: values[k] for k in batches}
 
 
 def _finite_rows(banks) -> list[bool]:
