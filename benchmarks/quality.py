@@ -132,7 +132,8 @@ def run_rows(rows: list[dict], args) -> int:
     it ran that lr on the same seed (same_run), as lr auto trains the adapter again at its choice. A diverging
     lr, or a peer the installed peft lacks, is a result; any other failure of a row (out of memory, say) is
     printed and the row left for the next run, as is a row not expected to end within --budget (ends_in_time).
-    With --workers, shares of the rows run in that many processes. Returns how many rows ran."""
+    With --workers, the rows run in that many processes, each taking the next row no other has taken
+    (--claims). Returns how many rows ran."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
     history = common.load_rows(args.runs or details_path(args.out))
@@ -150,6 +151,8 @@ def run_rows(rows: list[dict], args) -> int:
         if not ends_in_time(row, history, args.deadline):
             print(f"{row}: left for the next run (it would not end within --budget)", flush=True)
             continue
+        if args.claims and not claimed(args.claims, row):
+            continue  # another worker's
         task = TASKS[row["task"]]
         if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
             data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
@@ -188,6 +191,17 @@ def run_rows(rows: list[dict], args) -> int:
         record(row, measured | chosen | {"run_s": run_s}, device, args.out)
         ran += 1
     return ran
+
+
+def claimed(claims: Path, row: dict) -> bool:
+    """Whether this worker takes a row of those all workers share: the first to create the row's claim file (named
+    by its key) does (atomic: O_EXCL), so each row runs once and a worker that is free takes the next row left."""
+    name = hashlib.sha256(json.dumps(resume_key(row)).encode()).hexdigest()[:20]
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def decided_again(row: dict, details: list[dict], models: dict) -> tuple:
@@ -279,8 +293,10 @@ def same_run(row: dict, details: list[dict]) -> dict | None:
 
 
 def run_in_workers(rows: list[dict], args) -> int:
-    """rows dealt round-robin to args.workers processes of this script (`work`), each into its own results
-    files, merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
+    """rows run by args.workers processes of this script (`work`), all given the rows in order, each taking the
+    next one no other has taken (claimed: a queue, so a worker that ends a short row early goes on to the next
+    instead of idling while another works through a share of long ones), each into its own results files,
+    merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
     finished) and when they are done; a worker that failed stops the sweep after the merge, loudly."""
     folder = Path(
         tempfile.mkdtemp(prefix="quality-workers-")
@@ -288,12 +304,17 @@ def run_in_workers(rows: list[dict], args) -> int:
     procs, started = {}, time.time()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // args.workers))  # shared, not each's
-    for w in range(args.workers):
-        share = rows[w :: args.workers]
-        if not share:
-            continue
-        (folder / f"rows{w}.json").write_text(json.dumps(share))
-        command = [sys.executable, __file__, "work", str(folder / f"rows{w}.json")]
+    (folder / "rows.json").write_text(json.dumps(rows))
+    (folder / "claims").mkdir()
+    for w in range(min(args.workers, len(rows))):
+        command = [
+            sys.executable,
+            __file__,
+            "work",
+            str(folder / "rows.json"),
+            "--claims",
+            str(folder / "claims"),
+        ]
         command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
         env = common.worker_env(args.mps_env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         procs[w] = subprocess.Popen(command, env=env)
@@ -667,6 +688,7 @@ def main() -> None:
     )
     options.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # work: the parent's, as a time
     options.add_argument("--runs", type=Path, help=argparse.SUPPRESS)  # work: the parent's details file
+    options.add_argument("--claims", type=Path, help=argparse.SUPPRESS)  # work: the rows the workers took
     args = options.parse_args()
     args.deadline = args.deadline or time.time() + args.budget
     quick = args.limit or args.causal_steps != CAUSAL_STEPS or args.causal_model != "smollm2" or args.encoder

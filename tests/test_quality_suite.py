@@ -342,3 +342,37 @@ def test_a_row_an_earlier_rule_with_todays_candidates_chose_is_decided_again_not
     )  # not run: run it
     today = {**earlier, "lr_auto_rule": quality.RULE}
     assert quality.decided_again(keys | {"lr": "auto"}, [today], {"minilm": str(tmp_path)}) == (None, None)
+
+
+def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkeypatch):
+    """A worker runs the rows in order, skipping those another has claimed (claimed: one claim file a row, by its
+    key); a worker that comes to rows all claimed runs none."""
+    import argparse
+    import time
+
+    import quality
+    from quality_suite import loops
+
+    ran = []
+
+    def run(task, method, lr, seed, *rest):  # (the training is not what this test is about)
+        ran.append(lr)
+        return {"trainable": 1, "eval_loss": lr, "accuracy": None}
+
+    monkeypatch.setattr(loops, "run", run)
+    monkeypatch.setattr(quality, "split", lambda *a, **k: None)
+    method = quality.parse_method("lora:4")
+    rows = [quality.row_of(quality.TASKS["sentiment"], method, lr, 0) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    assert quality.claimed(claims, rows[1]) and not quality.claimed(claims, rows[1])  # another worker's row
+
+    def worker(w: int) -> argparse.Namespace:
+        return argparse.Namespace(
+            device="cpu", out=tmp_path / f"out{w}.json", runs=None, deadline=time.time() + 3600, workers=1,
+            claims=claims, encoder=None, causal_model="smollm2", items=None, limit="", causal_steps=2,
+        )  # fmt: skip
+
+    assert quality.run_rows(rows, worker(0)) == 3 and ran == [1e-4, 1e-3, 3e-3]
+    assert quality.run_rows(rows, worker(1)) == 0 and len(ran) == 3  # every row taken
+    assert [r["lr"] for r in json.loads((tmp_path / "out0.json").read_text())] == [1e-4, 1e-3, 3e-3]
