@@ -535,7 +535,7 @@ def report(rows: list[dict], plot: Path | None) -> str:
     means = {label: suite_mean(per_task) for label, per_task in table.items()}  # (loss ×, parameters ×)
     for label, (ratio, share) in sorted(means.items(), key=lambda kv: kv[1][0]):
         lines.append(f"| {label} | {len(table[label])} | {share:.2%} | {ratio:.3f} |")
-    lines += ["", *tiers(table, tasks)]
+    lines += ["", *tiers(table, tasks), "", *targets(best, tasks)]
     devices = sorted(
         {r.get("device", "?") for r in common.load_rows(details_path(plot.with_suffix(".json")))}
         if plot
@@ -587,6 +587,56 @@ def tiers(table: dict[str, dict[str, tuple[float, float]]], tasks: list[str]) ->
             won = sum(table[best][t][0] < table[peer][t][0] for t in tasks)
             lines.append(
                 f"| ≤ {tier:.0%} | {best} | {mean(best):.3f} | {peer} | {mean(peer):.3f} | {won} of {len(tasks)} |"
+            )
+    return lines
+
+
+TARGETS = {  # the recipes' targets (issue 40): × LoRA r16's loss on the suite's mean, the worst task's, accuracy
+    "quality": dict(mean=1.00, worst=1.03, points=-0.5, share=0.25),  # (points lower at most), parameters
+    "default": dict(mean=1.05, worst=math.inf, points=-math.inf, share=0.05),
+}
+
+
+def targets(best: dict[tuple, dict], tasks: list[str]) -> list[str]:
+    """Each recipe against its target (TARGETS), at its best swept lr and at lr auto: the mean loss ratio to LoRA
+    r16 over the tasks, the worst task's, the mean accuracy difference in points (tasks with an accuracy), the
+    largest share of LoRA r16's parameters; met only on every task (the default's step cost is train_step.py's)."""
+    lines = [
+        "### the recipes against their targets",
+        "",
+        "| recipe | lr | tasks | mean × LoRA r16 | worst task | accuracy − LoRA r16's | most × LoRA r16 params | target | met |",
+        "|" + "---|" * 9,
+    ]
+    for recipe, target in TARGETS.items():
+        for auto in (False, True):
+            ending = f"[{recipe}]" + (" (lr auto)" if auto else "")
+            label = next((label for _, label in best if label.endswith(ending)), None)
+            ran = [t for t in tasks if label and (t, label) in best and (t, "lora r16") in best]
+            if not ran:
+                continue
+            ours, anchor = [best[t, label] for t in ran], [best[t, "lora r16"] for t in ran]
+            ratios = [o["eval_loss"] / a["eval_loss"] for o, a in zip(ours, anchor, strict=True)]
+            shares = [o["trainable"] / a["trainable"] for o, a in zip(ours, anchor, strict=True)]
+            pairs = [(o["accuracy"], a["accuracy"]) for o, a in zip(ours, anchor, strict=True)]
+            points = [100 * (o - a) for o, a in pairs if o is not None and a is not None]
+            mean, worst = sum(ratios) / len(ratios), max(ratios)
+            gap = sum(points) / len(points) if points else 0.0
+            met = (
+                len(ran) == len(tasks)
+                and mean <= target["mean"]
+                and worst <= target["worst"]
+                and gap >= target["points"]
+                and max(shares) <= target["share"]
+            )
+            wanted = f"mean ≤ {target['mean']:.2f}, ≤ {target['share']:.0%} params" + (
+                f", no task > {target['worst']:.2f}, accuracy ≥ {target['points']:+.1f}"
+                if math.isfinite(target["worst"])
+                else ""
+            )
+            lines.append(
+                f"| {recipe} | {'auto' if auto else 'best swept'} | {len(ran)} of {len(tasks)} | {mean:.3f} | "
+                f"{worst:.3f} ({ran[ratios.index(worst)]}) | {gap:+.1f} points | {max(shares):.1%} | {wanted} | "
+                f"{'yes' if met else 'no'} |"
             )
     return lines
 

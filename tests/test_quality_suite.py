@@ -140,6 +140,37 @@ def test_the_report_compares_sigmatune_at_lr_auto_with_each_peer_in_its_tier():
     assert "| ≤ 1% | — |" in text  # nothing of sigmatune's fits 1%
 
 
+def test_the_report_holds_each_recipe_against_its_target_at_both_lrs():
+    """Parity (quality: mean ≤ 1.00, no task > 1.03, accuracy at most 0.5 points lower, ≤ 25% of the parameters)
+    and the default (mean ≤ 1.05 at ≤ 5%), at the best swept lr and at lr auto, each met or not on every task."""
+    import quality
+
+    def row(
+        task, lr, loss, accuracy, trainable, recipe=None, structure=None, method="sigmatune", rank="full"
+    ):
+        return dict(task=task, model="minilm", method=method, structure=structure, band=None, rank=rank, lr=lr,
+                    seed=0, recipe=recipe, trainable=trainable, eval_loss=loss, accuracy=accuracy, step_ratio=None)  # fmt: skip
+
+    rows = []
+    for task, quality_loss, default_loss in (("a", 0.98, 1.04), ("b", 1.01, 1.05)):
+        rows += [row(task, 1e-3, 1.0, 0.80, 1000, method="lora", rank=16)]
+        rows += [row(task, 3e-3, quality_loss, 0.799, 200, "quality", "band")]  # 0.1 points lower
+        rows += [
+            row(task, "auto", quality_loss * 1.04, 0.80, 200, "quality", "band")
+        ]  # task a 1.019, b 1.050
+        rows += [row(task, 3e-2, default_loss, 0.70, 50, "default", "diagonal")]  # ≤ 5%: 50 of 1000
+    text = quality.report(rows, None)
+    assert "| quality | best swept | 2 of 2 | 0.995 | 1.010 (b) | -0.1 points | 20.0% |" in text
+    assert text.split("| quality | best swept")[1].splitlines()[0].endswith("| yes |")
+    assert "| quality | auto | 2 of 2 | 1.035 | 1.050 (b) | +0.0 points | 20.0% |" in text  # mean and b: no
+    assert text.split("| quality | auto")[1].splitlines()[0].endswith("| no |")
+    assert (
+        "| default | best swept | 2 of 2 | 1.045 | 1.050 (b) | -10.0 points | 5.0% | mean ≤ 1.05, ≤ 5% params | yes |"
+        in text
+    )
+    assert "| default | auto" not in text  # no lr-auto rows of it
+
+
 def test_a_method_that_is_not_one_is_refused_by_name():
     import quality
 
