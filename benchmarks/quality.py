@@ -49,7 +49,6 @@ import torch
 from quality_suite.loops import CAUSAL_STEPS
 from quality_suite.methods import (
     FULL,
-    INPUT_SCALED,
     NONE,
     PEERS,
     RANKED,
@@ -393,7 +392,6 @@ def sweep(args) -> None:
         row_of(t, m, "auto", seed)
         for m in methods
         if m.method == "sigmatune"
-        and m.structure != INPUT_SCALED  # (a prototype's scales do not train together)
         for t in tasks
         if m in plan[t.name]
         for seed in seeds

@@ -407,3 +407,36 @@ def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkey
     assert quality.run_rows(rows, worker(0)) == 3 and ran == [1e-4, 1e-3, 3e-3]
     assert quality.run_rows(rows, worker(1)) == 0 and len(ran) == 3  # every row taken
     assert [r["lr"] for r in json.loads((tmp_path / "out0.json").read_text())] == [1e-4, 1e-3, 3e-3]
+
+
+def test_lr_auto_with_each_candidate_alone_chooses_as_training_them_together_does(tmp_path):
+    """choose_causal_alone (for a prototype, whose hooks cannot train together): the same candidates, slice and
+    losses on it as lr_auto.choose's candidates trained together (the diagonal, fp32), hence the same lr; and the
+    input-scaled prototype's candidates train their scales (other losses than the diagonal's)."""
+    from quality_suite import loops
+
+    from tests.models import save_tiny_chat_model
+
+    labels = ["ham", "spam"]
+    rows = [[f"the claim {i} is {label}", label, f"group {i}"] for i in range(40) for label in labels]
+    write_items(tmp_path / "items", "spam", rows)
+    chat = save_tiny_chat_model(tmp_path / "chat", [r[0] for r in rows] + labels)
+    task = tasks.TASKS["spam"]
+    data = tasks.split(task, 0, tmp_path / "items", 64, 12)
+    cpu, diagonal = torch.device("cpu"), methods.sigmatune("full")
+    together = loops.choose_causal(task, diagonal, 0, data, str(chat), cpu, 4)
+    alone = loops.choose_causal_alone(task, diagonal, 0, data, str(chat), cpu, 4)
+    assert (alone.slice, alone.set_aside, list(alone.losses)) == (
+        together.slice,
+        together.set_aside,
+        list(together.losses),
+    )
+    assert len(alone.losses) == 4 and alone.slice >= 16
+    for lr, loss in together.losses.items():
+        assert loss == pytest.approx(alone.losses[lr], rel=1e-4)
+    assert alone.lr == together.lr
+    scaled = loops.choose_causal_alone(
+        task, methods.sigmatune("full", methods.INPUT_SCALED), 0, data, str(chat), cpu, 4
+    )
+    assert list(scaled.losses) == list(alone.losses)  # the diagonal's centre and window
+    assert all(abs(scaled.losses[lr] - alone.losses[lr]) > 1e-6 for lr in alone.losses)

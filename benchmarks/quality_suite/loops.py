@@ -21,6 +21,7 @@ slice keeps them whole too.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import statistics
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quality_suite.methods import Method, adapt, trainable
+from quality_suite.methods import INPUT_SCALED, Method, adapt, trainable
 from quality_suite.tasks import Item, SuiteTask, drawn_on, held_out_group
 
 HEAD_LR = 2e-3
@@ -128,6 +129,8 @@ def choose(
     torch.manual_seed(seed)
     if task.model == "minilm":
         return choose_encoder(task, method, seed, data, models["minilm"], device)
+    if method.structure == INPUT_SCALED:  # its scales are hooks: they cannot train together
+        return choose_causal_alone(task, method, seed, data, models["smollm2"], device, causal_steps)
     return choose_causal(task, method, seed, data, models["smollm2"], device, causal_steps)
 
 
@@ -294,6 +297,35 @@ def choose_causal(task: SuiteTask, method: Method, seed: int, data, model_path: 
         return ops.lr_auto.choose(adapted, tokenizer, dataset, settings, device, packed=packed)
 
 
+def choose_causal_alone(
+    task: SuiteTask, method: Method, seed: int, data, model_path: str, device, steps: int
+):
+    """lr auto's choice (lr_auto's candidates, slice and decision) for a method whose parameters cannot train
+    together (a prototype's hooks): each candidate trained alone on the training split less the slice, one after
+    another, and scored on the slice — what training them together computes (tests/training/test_together.py),
+    at about len(WINDOW) runs' time."""
+    ops = internals()
+    lr_auto, centre = ops.lr_auto, centre_lr(method, model_path)
+    dataset = causal_task(task, data)
+    parts = lr_auto.slice_split(dataset.train)
+    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
+        return lr_auto.Choice(centre, {}, [])
+    trained_on = dataclasses.replace(dataset, train=parts[0], heldout=parts[1])
+    losses = {}
+    for lr in lr_auto.candidates(centre):
+        settings = causal_settings(lr, seed, parts[1], model_path, device, steps)
+        settings = dataclasses.replace(settings, eval_accuracy=0)  # the slice's loss alone, as lr auto scores
+        torch.manual_seed(seed)
+        try:
+            with tf32():
+                losses[lr] = _train_and_score(trained_on, method, settings, device, ops)["eval_loss"]
+        except FloatingPointError:
+            losses[lr] = None
+    return lr_auto.Choice(
+        lr_auto.decide(losses, centre), losses, [], len(parts[1]), len(dataset.train) - len(parts[0])
+    )
+
+
 def causal_settings(lr: float | str, seed: int, heldout: list, model_path: str, device, steps: int):
     ops = internals()
     return ops.TrainSettings(
@@ -333,8 +365,13 @@ def causal_task(task: SuiteTask, data):
 
 
 def _run_causal(task: SuiteTask, method: Method, settings, data, device, ops) -> dict:
+    return _train_and_score(causal_task(task, data), method, settings, device, ops)
+
+
+def _train_and_score(dataset, method: Method, settings, device, ops) -> dict:
+    """The method on the causal model, trained on dataset.train (ops.fit: the main job's loop) and scored on its
+    held-out examples."""
     model, tokenizer = ops.load_model(settings.model, torch.float32, device)
-    dataset = causal_task(task, data)
     adapted = adapt(model, method, DECODER_TARGETS, DECODER_FEEDFORWARD)
     started = time.perf_counter()
     history = ops.fit(adapted, tokenizer, dataset, settings, device) if trainable(adapted) else []

@@ -41,7 +41,8 @@ def sigmatune(rank="full", structure="diagonal", band=0, recipe=None) -> Method:
 # scale on the adapted layers' input channels, x → (1 + s) ⊙ x before the layer (IA3's and VeRA's degree of
 # freedom), one s for the layers that read one input (q, k, v; gate, up: serving.mixed.SHARED_INPUTS) — which keeps
 # it within 5% of LoRA r16's numbers (MiniLM 4.5%, SmolLM2 4.0%). A hook here; built into the transform only if
-# the suite keeps it.
+# the suite keeps it. Its lr-auto rows take the diagonal's rule and train each candidate alone
+# (loops.choose_causal_alone; the encoder's candidates always do).
 INPUT_SCALED = "diagonal+input_scale"
 
 # The README's recipes, as the suite runs them (the same settings as training/settings.RECIPES says)
