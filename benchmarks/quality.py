@@ -16,7 +16,8 @@ every one of them (quality_suite.methods.PEERS + SIGMATUNE).
 The sweep: seed 0 runs each method at the 3 learning rates of LRS (and one more beyond an edge the best lands
 on, EXTEND at most); the other seeds repeat each method's best seed-0 lr; a sigmatune row also runs at lr "auto" on every
 seed (as `sigmatune train` runs it: training/lr_auto.py; its candidates' losses go to the details). --workers N runs N processes side by side
-on the one device (a small model leaves a GPU mostly idle).
+on the one device (a small model leaves a GPU mostly idle), taking rows from one queue, each row started only where
+its memory fits beside those running (quality_suite/queue.py).
 
 A run resumes: a row already in --out is not run again; --budget S starts no row that would not end within S
 seconds (by the median time of its task's rows so far: a GPU command has a time limit, and a row it cuts is
@@ -43,12 +44,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import common
 import torch
 from quality_suite.loops import CAUSAL_STEPS
 from quality_suite.methods import (
     FULL,
+    INPUT_SCALED,
     NONE,
     PEERS,
     RANKED,
@@ -57,6 +60,7 @@ from quality_suite.methods import (
     Method,
     sigmatune,
 )
+from quality_suite.queue import RowQueue
 from quality_suite.tasks import RETIRED, TASKS, split
 
 from sigmatune.training import lr_auto
@@ -131,8 +135,8 @@ def run_rows(rows: list[dict], args) -> int:
     it ran that lr on the same seed (same_run), as lr auto trains the adapter again at its choice. A diverging
     lr, or a peer the installed peft lacks, is a result; any other failure of a row (out of memory, say) is
     printed and the row left for the next run, as is a row not expected to end within --budget (ends_in_time).
-    With --workers, the rows run in that many processes, each taking the next row no other has taken
-    (--claims). Returns how many rows ran."""
+    With --workers, the rows run in that many processes, each taking the next row no other has taken and whose
+    memory fits (--claims: quality_suite/queue.py). Returns how many rows ran."""
     device = common.pick_device(args.device)
     finished = finished_keys(args.out)
     history = common.load_rows(args.runs or details_path(args.out))
@@ -142,65 +146,110 @@ def run_rows(rows: list[dict], args) -> int:
         print(f"{len(left) - len(rows)} rows would not end within --budget (run again to go on)", flush=True)
     if args.workers > 1 and len(rows) > 1:
         return run_in_workers(rows, args)
-    from quality_suite.loops import choose, run
-
-    models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
-    data, ran = {}, 0
-    for row in rows:
-        if not ends_in_time(row, history, args.deadline):
+    queue = RowQueue(args.claims, memory_budget_gb(device)) if args.claims else None
+    context = SimpleNamespace(args=args, device=device, history=history, data={})
+    pending, ran = list(rows), 0
+    while pending:
+        for row in [r for r in pending if not ends_in_time(r, history, args.deadline)]:
             print(f"{row}: left for the next run (it would not end within --budget)", flush=True)
+            pending.remove(row)
+        if not pending:
+            break
+        row = pending.pop(0) if queue is None else queue.take(pending, lambda r: need_gb(r, history))
+        if row is None:
+            if pending:
+                time.sleep(WAIT_S)  # each row left needs memory that rows running hold
             continue
-        if args.claims and not claimed(args.claims, row):
-            continue  # another worker's
-        task = TASKS[row["task"]]
-        if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
-            data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-        started, chosen, measured = time.perf_counter(), {}, None
         try:
-            if row["lr"] == "auto":
-                choice, choose_s = decided_again(row, history, models)
-                if choice is None:
-                    choice = choose(
-                        task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
-                    )
-                    choose_s = round(time.perf_counter() - started, 1)
-                row = {**row, "lr_chosen": choice.lr}
-                chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s}
-                measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
-            if measured is None:
-                measured = run(
-                    task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
-                    device, args.causal_steps,
-                )  # fmt: skip
-        except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
-            print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
-            measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
-        except (RuntimeError, MemoryError) as err:
-            # out of memory, ...: not a result; the next run retries it
-            spent = time.perf_counter() - started
-            print(
-                f"{row}: NOT RUN after {spent:.0f} s {type(err).__name__}: {err}"[:600],
-                file=sys.stderr,
-                flush=True,
-            )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        run_s = round(time.perf_counter() - started, 1)
-        record(row, measured | chosen | {"run_s": run_s}, device, args.out)
-        ran += 1
+            ran += run_row(row, context)
+        finally:
+            if queue is not None:
+                queue.done(row)
     return ran
 
 
-def claimed(claims: Path, row: dict) -> bool:
-    """Whether this worker takes a row of those all workers share: the first to create the row's claim file (named
-    by its key) does (atomic: O_EXCL), so each row runs once and a worker that is free takes the next row left."""
-    name = hashlib.sha256(json.dumps(resume_key(row)).encode()).hexdigest()[:20]
+def run_row(row: dict, context: SimpleNamespace) -> bool:
+    """One row run and recorded (run_rows says how); False where it is left for the next run. Its device memory
+    is given back after it, and its peak recorded (peak_gb: what need_gb reads)."""
+    from quality_suite.loops import choose, run
+
+    args, device, history, data = context.args, context.device, context.history, context.data
+    models = {"minilm": Path(args.encoder) if args.encoder else None, "smollm2": args.causal_model}
+    task = TASKS[row["task"]]
+    if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
+        data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the last row's cached blocks back to the device: other workers count on them
+        torch.cuda.reset_peak_memory_stats(device)
+    started, chosen, measured = time.perf_counter(), {}, None
     try:
-        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
+        if row["lr"] == "auto":
+            choice, choose_s = decided_again(row, history, models)
+            if choice is None:
+                choice = choose(
+                    task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
+                )
+                choose_s = round(time.perf_counter() - started, 1)
+            row = {**row, "lr_chosen": choice.lr}
+            chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s}
+            measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
+        if measured is None:
+            measured = run(
+                task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
+                device, args.causal_steps,
+            )  # fmt: skip
+    except (FloatingPointError, NotImplementedError) as err:  # a diverging lr, a peer this peft lacks
+        print(f"{row}: FAILED {type(err).__name__}: {err}"[:600], file=sys.stderr, flush=True)
+        measured = dict(eval_loss=None, accuracy=None, error=f"{type(err).__name__}: {err}"[:300])
+    except (RuntimeError, MemoryError) as err:  # out of memory, ...: not a result; the next run retries it
+        spent = time.perf_counter() - started
+        print(
+            f"{row}: NOT RUN after {spent:.0f} s {type(err).__name__}: {err}"[:600],
+            file=sys.stderr,
+            flush=True,
+        )
         return False
+    finally:
+        peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    run_s = round(time.perf_counter() - started, 1)
+    peak_gb = {"peak_gb": round(peak, 1)} if peak is not None and "same_run_as" not in measured else {}
+    record(row, measured | chosen | {"run_s": run_s} | peak_gb, device, args.out)
     return True
+
+
+WAIT_S = 5  # a worker's wait before it looks again for a row whose memory fits
+NEED_GB = {
+    "spam": 12.0
+}  # one run's device memory (side_by_side.py: 11.7 GB at 16 × 384) before a peak is recorded
+CAUSAL_GB, ENCODER_GB = 4.0, 2.0  # the same for the other tasks
+
+
+def need_gb(row: dict, history: list[dict]) -> float:
+    """The device memory a row is expected to need: the largest peak_gb of its task's rows of its kind run so far
+    (a number lr; lr auto); else one run's (NEED_GB), len(WINDOW) times for a causal lr-auto row whose candidates
+    train together (lr_auto.choose; they go on in passes of fewer where memory runs out)."""
+
+    def auto(r: dict) -> bool:
+        return r["lr"] == "auto"
+
+    same = [r for r in history if r["task"] == row["task"] and auto(r) == auto(row)]
+    peaks = [r["peak_gb"] for r in same if r.get("peak_gb")]
+    if peaks:
+        return max(peaks)
+    causal = TASKS[row["task"]].model != "minilm"
+    one = NEED_GB.get(row["task"], CAUSAL_GB if causal else ENCODER_GB)
+    together = causal and auto(row) and method_of(row).structure != INPUT_SCALED  # (its candidates run alone)
+    return one * (len(WINDOW) if together else 1)
+
+
+def memory_budget_gb(device) -> float | None:
+    """What the rows running at once may need in all: 85% of the GPU's memory (the rest: each worker's CUDA context,
+    fragments); no limit on a CPU."""
+    if device.type != "cuda":
+        return None
+    return 0.85 * torch.cuda.mem_get_info(device)[1] / 2**30
 
 
 def decided_again(row: dict, details: list[dict], models: dict) -> tuple:
@@ -293,8 +342,8 @@ def same_run(row: dict, details: list[dict]) -> dict | None:
 
 def run_in_workers(rows: list[dict], args) -> int:
     """rows run by args.workers processes of this script (`work`), all given the rows in order, each taking the
-    next one no other has taken (claimed: a queue, so a worker that ends a short row early goes on to the next
-    instead of idling while another works through a share of long ones), each into its own results files,
+    next one no other has taken whose memory fits (quality_suite/queue.py: a worker that ends a short row early
+    goes on to the next instead of idling while another works through long ones), each into its own results files,
     merged into --out every few seconds while they run (a parent stopped at a time limit keeps what they
     finished) and when they are done; a worker that failed stops the sweep after the merge, loudly."""
     folder = Path(

@@ -376,13 +376,14 @@ def test_a_row_an_earlier_rule_with_todays_candidates_chose_is_decided_again_not
 
 
 def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkeypatch):
-    """A worker runs the rows in order, skipping those another has claimed (claimed: one claim file a row, by its
-    key); a worker that comes to rows all claimed runs none."""
+    """A worker runs the rows in order, skipping those another has taken (one queue folder); a worker that comes
+    to rows all taken runs none."""
     import argparse
     import time
 
     import quality
     from quality_suite import loops
+    from quality_suite.queue import RowQueue
 
     ran = []
 
@@ -395,8 +396,7 @@ def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkey
     method = quality.parse_method("lora:4")
     rows = [quality.row_of(quality.TASKS["sentiment"], method, lr, 0) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
     claims = tmp_path / "claims"
-    claims.mkdir()
-    assert quality.claimed(claims, rows[1]) and not quality.claimed(claims, rows[1])  # another worker's row
+    assert RowQueue(claims, None).take([rows[1]], lambda row: 1.0) == rows[1]  # another worker's row
 
     def worker(w: int) -> argparse.Namespace:
         return argparse.Namespace(
@@ -407,6 +407,37 @@ def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkey
     assert quality.run_rows(rows, worker(0)) == 3 and ran == [1e-4, 1e-3, 3e-3]
     assert quality.run_rows(rows, worker(1)) == 0 and len(ran) == 3  # every row taken
     assert [r["lr"] for r in json.loads((tmp_path / "out0.json").read_text())] == [1e-4, 1e-3, 3e-3]
+
+
+def test_a_row_starts_only_where_its_memory_fits_beside_the_rows_running(tmp_path):
+    """Two workers on a 20 GB budget: a 12 GB row waits while another runs, a smaller one behind it goes first,
+    and it starts once the first is done; a row runs alone whatever it needs; a dead worker's row holds nothing."""
+    import subprocess
+
+    from quality_suite.queue import RowQueue
+
+    needs = {"a": 12.0, "b": 12.0, "c": 6.0, "huge": 50.0}
+    rows = [{"task": name} for name in needs]
+    one, other = RowQueue(tmp_path, 20.0), RowQueue(tmp_path, 20.0)
+    mine, theirs = list(rows[:3]), list(rows[:3])
+
+    def need(row):
+        return needs[row["task"]]
+
+    assert one.take(mine, need) == rows[0] and mine == rows[1:3]
+    assert other.take(theirs, need) == rows[2] and theirs == [rows[1]]  # a taken, b does not fit: c
+    assert other.take(theirs, need) is None and theirs == [rows[1]]  # 12 + 6 held: b waits
+    one.done(rows[0])
+    assert other.take(theirs, need) == rows[1] and theirs == []
+    assert one.take(mine, need) is None and mine == []  # (b and c taken by the other)
+    other.done(rows[1])
+    other.done(rows[2])
+    assert one.take([rows[3]], need) == rows[3]  # nothing running: it runs alone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "running" / "x").write_text(json.dumps({"pid": dead.pid, "gb": 100.0}))
+    one.done(rows[3])
+    assert other.take([{"task": "c"} | {"seed": 1}], need) is not None  # the dead worker's 100 GB not counted
 
 
 def test_lr_auto_with_each_candidate_alone_chooses_as_training_them_together_does(tmp_path):
