@@ -151,7 +151,8 @@ def run_rows(rows: list[dict], args) -> int:
     pending, ran = list(rows), 0
     while pending:
         for row in [r for r in pending if not ends_in_time(r, history, args.deadline)]:
-            print(f"{row}: left for the next run (it would not end within --budget)", flush=True)
+            if queue is None or not queue.taken(row):  # (another worker's row is its to report)
+                print(f"{row}: left for the next run (it would not end within --budget)", flush=True)
             pending.remove(row)
         if not pending:
             break
@@ -170,7 +171,8 @@ def run_rows(rows: list[dict], args) -> int:
 
 def run_row(row: dict, context: SimpleNamespace) -> bool:
     """One row run and recorded (run_rows says how); False where it is left for the next run. Its device memory
-    is given back after it, and its peak recorded (peak_gb: what need_gb reads)."""
+    is given back after it; where it trained anything its peak is recorded (peak_gb: what need_gb reads), and an
+    lr-auto row records whether its candidates trained now (chose_now: False where it was decided again)."""
     from quality_suite.loops import choose, run
 
     args, device, history, data = context.args, context.device, context.history, context.data
@@ -181,19 +183,20 @@ def run_row(row: dict, context: SimpleNamespace) -> bool:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the last row's cached blocks back to the device: other workers count on them
         torch.cuda.reset_peak_memory_stats(device)
-    started, chosen, measured = time.perf_counter(), {}, None
+    started, chosen, measured, trained = time.perf_counter(), {}, None, False
     try:
         if row["lr"] == "auto":
             choice, choose_s = decided_again(row, history, models)
-            if choice is None:
+            if trained := choice is None:
                 choice = choose(
                     task, method_of(row), row["seed"], data[task.name], models, device, args.causal_steps
                 )
                 choose_s = round(time.perf_counter() - started, 1)
             row = {**row, "lr_chosen": choice.lr}
-            chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s}
+            chosen = {"lr_auto": choice.record(), **LR_AUTO_RULE, "choose_s": choose_s, "chose_now": trained}
             measured = same_run(row, common.load_rows(args.runs or details_path(args.out)))
         if measured is None:
+            trained = True
             measured = run(
                 task, method_of(row), row.get("lr_chosen", row["lr"]), row["seed"], data[task.name], models,
                 device, args.causal_steps,
@@ -210,38 +213,62 @@ def run_row(row: dict, context: SimpleNamespace) -> bool:
         )
         return False
     finally:
-        peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        peak = peak_reserved_gb(device)
     run_s = round(time.perf_counter() - started, 1)
-    peak_gb = {"peak_gb": round(peak, 1)} if peak is not None and "same_run_as" not in measured else {}
+    peak_gb = {"peak_gb": round(peak, 1)} if peak is not None and trained else {}
     record(row, measured | chosen | {"run_s": run_s} | peak_gb, device, args.out)
     return True
+
+
+def peak_reserved_gb(device) -> float | None:
+    """The most device memory this process reserved since the row began (None on a CPU, or where the device
+    cannot say: a failed CUDA call); the cache then goes back to the device."""
+    if device.type != "cuda":
+        return None
+    try:
+        peak = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.empty_cache()
+    except RuntimeError:  # (the row's own error is the one to report)
+        return None
+    return peak
+
+
+def kind(row: dict) -> str:
+    """What a row's time and memory go with: "run" (a number lr: one run), "together" (a causal lr-auto row: its
+    candidates train at once, lr_auto.choose) or "alone" (an lr-auto row whose candidates train one after
+    another: the encoder's, the prototype's)."""
+    if row["lr"] != "auto":
+        return "run"
+    causal = TASKS[row["task"]].model != "minilm"
+    return "together" if causal and row.get("structure") != INPUT_SCALED else "alone"
+
+
+def measured_like(row: dict, history: list[dict]) -> list[dict]:
+    """The rows of history that tell what `row` will take: its task's, of its kind, that trained (an lr-auto row
+    of today's rule whose candidates trained in it; older details rows all did)."""
+
+    def trained(r: dict) -> bool:
+        return r["lr"] != "auto" or (r.get("lr_auto_rule") == RULE and r.get("chose_now", True))
+
+    return [r for r in history if r["task"] == row["task"] and kind(r) == kind(row) and trained(r)]
 
 
 WAIT_S = 5  # a worker's wait before it looks again for a row whose memory fits
 NEED_GB = {
     "spam": 12.0
-}  # one run's device memory (side_by_side.py: 11.7 GB at 16 × 384) before a peak is recorded
+}  # one run's device memory before a peak is recorded (side_by_side.py: 11.7 GB, 16 × 384)
 CAUSAL_GB, ENCODER_GB = 4.0, 2.0  # the same for the other tasks
 
 
 def need_gb(row: dict, history: list[dict]) -> float:
-    """The device memory a row is expected to need: the largest peak_gb of its task's rows of its kind run so far
-    (a number lr; lr auto); else one run's (NEED_GB), len(WINDOW) times for a causal lr-auto row whose candidates
-    train together (lr_auto.choose; they go on in passes of fewer where memory runs out)."""
-
-    def auto(r: dict) -> bool:
-        return r["lr"] == "auto"
-
-    same = [r for r in history if r["task"] == row["task"] and auto(r) == auto(row)]
-    peaks = [r["peak_gb"] for r in same if r.get("peak_gb")]
+    """The device memory a row is expected to need: the largest peak_gb of the rows like it in the details as the
+    worker read them when it started (measured_like); else one run's (NEED_GB), len(WINDOW) times for a row whose
+    candidates train together (lr_auto.choose; they go on in passes of fewer where memory runs out)."""
+    peaks = [r["peak_gb"] for r in measured_like(row, history) if r.get("peak_gb")]
     if peaks:
         return max(peaks)
-    causal = TASKS[row["task"]].model != "minilm"
-    one = NEED_GB.get(row["task"], CAUSAL_GB if causal else ENCODER_GB)
-    together = causal and auto(row) and method_of(row).structure != INPUT_SCALED  # (its candidates run alone)
-    return one * (len(WINDOW) if together else 1)
+    one = NEED_GB.get(row["task"], ENCODER_GB if TASKS[row["task"]].model == "minilm" else CAUSAL_GB)
+    return one * (len(WINDOW) if kind(row) == "together" else 1)
 
 
 def memory_budget_gb(device) -> float | None:
@@ -272,20 +299,16 @@ def decided_again(row: dict, details: list[dict], models: dict) -> tuple:
 
 def ends_in_time(row: dict, history: list[dict], deadline: float) -> bool:
     """Whether the row, started now, is expected to end by the deadline (a GPU command's time limit would cut
-    it, and its time would be lost): its expected seconds are the median run_s of the finished rows of its task
-    and kind (a number lr; lr auto by today's rule), else len(WINDOW) × those of its task for an lr-auto row
-    (its candidates) and the same for another; 0 where none ran yet."""
-
-    def kind(r: dict) -> str | None:
-        return r.get("lr_auto_rule", "") if r["lr"] == "auto" else None
-
-    same_task = [r for r in history if r["task"] == row["task"] and r.get("run_s")]
-    same_kind = [r["run_s"] for r in same_task if kind(r) == (RULE if row["lr"] == "auto" else None)]
+    it, and its time would be lost): its expected seconds are the median run_s of the rows like it
+    (measured_like), else those of its task's rows × the runs it makes — len(WINDOW) candidates together, or
+    len(WINDOW) + 1 runs one after another (the candidates, then the run at the choice); 0 where none ran yet."""
+    same_kind = [r["run_s"] for r in measured_like(row, history) if r.get("run_s")]
+    same_task = [r["run_s"] for r in history if r["task"] == row["task"] and r.get("run_s")]
     if same_kind:
         expected = statistics.median(same_kind)
     else:
-        runs = len(WINDOW) if row["lr"] == "auto" else 1
-        expected = runs * statistics.median(r["run_s"] for r in same_task) if same_task else 0.0
+        runs = {"run": 1, "together": len(WINDOW), "alone": len(WINDOW) + 1}[kind(row)]
+        expected = runs * statistics.median(same_task) if same_task else 0.0
     return time.time() + expected <= deadline
 
 
@@ -667,7 +690,7 @@ def targets(best: dict[tuple, dict], tasks: list[str]) -> list[str]:
             pairs = [(o["accuracy"], a["accuracy"]) for o, a in zip(ours, anchor, strict=True)]
             points = [100 * (o - a) for o, a in pairs if o is not None and a is not None]
             mean, worst = sum(ratios) / len(ratios), max(ratios)
-            gap = sum(points) / len(points) if points else 0.0
+            gap = sum(points) / len(points) if points else 0.0  # (no accuracies: nothing to miss)
             met = (
                 len(ran) == len(tasks)
                 and mean <= target["mean"]
@@ -682,7 +705,8 @@ def targets(best: dict[tuple, dict], tasks: list[str]) -> list[str]:
             )
             lines.append(
                 f"| {recipe} | {'auto' if auto else 'best swept'} | {len(ran)} of {len(tasks)} | {mean:.3f} | "
-                f"{worst:.3f} ({ran[ratios.index(worst)]}) | {gap:+.1f} points | {max(shares):.1%} | {wanted} | "
+                f"{worst:.3f} ({ran[ratios.index(worst)]}) | {f'{gap:+.1f} points' if points else '—'} | "
+                f"{max(shares):.1%} | {wanted} | "
                 f"{'yes' if met else 'no'} |"
             )
     return lines

@@ -301,7 +301,8 @@ def test_the_lr_auto_rows_come_method_by_method_after_the_sweep(tmp_path, monkey
 
 def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
     """A row's expected time is the median run_s of its task's rows of its kind (a number lr; lr auto by today's
-    rule), else len(WINDOW) × its task's for an lr-auto row; a row of a task with none yet may start."""
+    rule, its candidates together or one after another, trained in that row), else its task's × the runs it makes;
+    a row of a task with none yet may start."""
     import time
 
     import quality
@@ -322,9 +323,24 @@ def test_a_row_starts_only_where_it_is_expected_to_end_within_the_budget():
     assert not quality.ends_in_time(auto, history, now + 150)
     assert quality.ends_in_time(auto, history, now + 250)
     assert quality.ends_in_time({"task": "pronounce", "lr": 1e-3}, history, now + 1)
-    era = {"task": "era", "lr": "auto"}  # none of its kind: its candidates × its task's runs
-    assert quality.ends_in_time(era, history, now + 5 * len(quality.WINDOW) + 1)
-    assert not quality.ends_in_time(era, history, now + 5 * len(quality.WINDOW) - 1)
+    era = {"task": "era", "lr": "auto"}  # none of its kind: its candidates one after another, then the run
+    assert quality.ends_in_time(era, history, now + 5 * (len(quality.WINDOW) + 1) + 1)
+    assert not quality.ends_in_time(era, history, now + 5 * (len(quality.WINDOW) + 1) - 1)
+    scaled = {
+        "task": "spam",
+        "lr": "auto",
+        "structure": quality.INPUT_SCALED,
+    }  # alone: not like the 200-s rows
+    assert quality.ends_in_time(scaled, history, now + 30 * (len(quality.WINDOW) + 1) + 1)
+    assert not quality.ends_in_time(scaled, history, now + 30 * (len(quality.WINDOW) + 1) - 1)
+    again = {
+        "task": "spam",
+        "lr": "auto",
+        "run_s": 1.0,
+        "chose_now": False,
+        **rule,
+    }  # decided again: not like
+    assert not quality.ends_in_time(auto, [*history, again, again, again], now + 150)
 
 
 def test_an_lr_auto_row_of_an_earlier_rule_runs_again_and_is_not_reported(tmp_path):
@@ -407,6 +423,29 @@ def test_workers_take_rows_from_one_queue_so_each_row_runs_once(tmp_path, monkey
     assert quality.run_rows(rows, worker(0)) == 3 and ran == [1e-4, 1e-3, 3e-3]
     assert quality.run_rows(rows, worker(1)) == 0 and len(ran) == 3  # every row taken
     assert [r["lr"] for r in json.loads((tmp_path / "out0.json").read_text())] == [1e-4, 1e-3, 3e-3]
+
+
+def test_a_rows_memory_need_is_the_peak_of_rows_like_it_else_a_guess_by_task_and_kind():
+    import quality
+
+    keys = dict(
+        model="smollm2", method="sigmatune", structure="diagonal", band=None, rank="full", seed=0, recipe=None
+    )
+    spam, pronounce = {**keys, "task": "spam", "lr": "auto"}, {**keys, "task": "pronounce", "lr": 1e-2}
+    scaled = {**spam, "structure": quality.INPUT_SCALED}
+    assert quality.need_gb(spam, []) == 12.0 * len(quality.WINDOW)  # its candidates together
+    assert quality.need_gb(scaled, []) == 12.0 and quality.need_gb(pronounce, []) == quality.CAUSAL_GB
+    sentiment = {**keys, "model": "minilm", "task": "sentiment", "lr": "auto"}
+    assert quality.need_gb(sentiment, []) == quality.ENCODER_GB  # (the encoder's candidates run one by one)
+    rule = quality.LR_AUTO_RULE
+    history = [
+        {**spam, **rule, "peak_gb": 40.0},
+        {**spam, **rule, "peak_gb": 11.0, "chose_now": False},  # decided again, one run: not like it
+        {**scaled, **rule, "peak_gb": 13.0},  # candidates alone
+        {**spam, "lr": 1e-2, "peak_gb": 11.5},
+    ]
+    assert quality.need_gb(spam, history) == 40.0 and quality.need_gb(scaled, history) == 13.0
+    assert quality.need_gb({**spam, "lr": 3e-2}, history) == 11.5
 
 
 def test_a_row_starts_only_where_its_memory_fits_beside_the_rows_running(tmp_path):

@@ -302,8 +302,8 @@ def choose_causal_alone(
 ):
     """lr auto's choice (lr_auto's candidates, slice and decision) for a method whose parameters cannot train
     together (a prototype's hooks): each candidate trained alone on the training split less the slice, one after
-    another, and scored on the slice — what training them together computes (tests/training/test_together.py),
-    at about len(WINDOW) runs' time."""
+    another, and scored on the slice — what training them together computes, up to rounding (together may pack a
+    batch: tests/test_quality_suite.py checks the two choices agree), at about len(WINDOW) runs' time."""
     ops = internals()
     lr_auto, centre = ops.lr_auto, centre_lr(method, model_path)
     dataset = causal_task(task, data)

@@ -27,13 +27,14 @@ class RowQueue:
 
     def take(self, pending: list[dict], need: Callable[[dict], float]) -> dict | None:
         """The first row of pending that no worker has taken and whose need (GB) fits beside the rows running —
-        or that runs alone, when nothing runs — now claimed by this worker and removed from pending, as is every
-        row another worker took; None where none fits now (pending then holds the rows left to try again)."""
+        or that runs alone, when nothing runs — now claimed by this worker and removed from pending, as is each
+        row before it that another worker took; None where none fits now (pending then holds the rows left to try
+        again)."""
         with open(self.folder / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             running = self._running_gb()
             for row in list(pending):
-                if (self.folder / _name(row)).exists():
+                if self.taken(row):
                     pending.remove(row)  # another worker's
                     continue
                 wanted = need(row)
@@ -45,11 +46,18 @@ class RowQueue:
                     return row
         return None
 
+    def taken(self, row: dict) -> bool:
+        """Whether a worker has taken the row."""
+        return (self.folder / _name(row)).exists()
+
     def done(self, row: dict) -> None:
         """The row ended (whatever its outcome): its memory is free for others."""
-        (self.folder / "running" / _name(row)).unlink(missing_ok=True)
+        with open(self.folder / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (self.folder / "running" / _name(row)).unlink(missing_ok=True)
 
     def _running_gb(self) -> float:
+        """The memory the rows running need, in all (read under the lock that done() takes too)."""
         total = 0.0
         for entry in (self.folder / "running").iterdir():
             held = json.loads(entry.read_text())

@@ -13,9 +13,10 @@ answer token to learn from) — stops with a message naming it and the step; the
 it is not saved. Checkpoints (formats/checkpoint.py) hold every member's rows and optimizer state, and each
 member's history and failure, so a resumed run goes on to the same numbers.
 
-K members' batches take about K times one run's activation memory. Where a step runs out of it, the step
-runs again in passes of half as many members each, their gradients accumulated (each member's rows lie in
-one pass, so the numbers are the same; only the time grows), down to one member a pass.
+K members' batches take about K times one run's activation memory. Where a step's forward and backward run
+out of it, the step runs again in passes of half as many members each, their gradients accumulated (each
+member's rows lie in one pass, so the numbers are the same; only the time grows), down to one member a pass;
+the run keeps the smaller passes to its end.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def fit_together(
                         raise
                     per_pass = _fewer_per_pass(per_pass, len(active), step, err, path)
                 optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
-                if torch.cuda.is_available():
+                if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
             for k in active:
                 if not math.isfinite(losses[k]):
