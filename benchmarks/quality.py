@@ -180,8 +180,7 @@ def run_row(row: dict, context: SimpleNamespace) -> bool:
     task = TASKS[row["task"]]
     if task.name not in data:  # one held-out split for every seed (a seed: the init and the order)
         data[task.name] = split(task, 0, args.items, *common.ints(args.limit))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the last row's cached blocks back to the device: other workers count on them
+    if device.type == "cuda":  # (the last row gave its cache back to the device: peak_reserved_gb)
         torch.cuda.reset_peak_memory_stats(device)
     started, chosen, measured, trained = time.perf_counter(), {}, None, False
     try:
@@ -254,9 +253,8 @@ def measured_like(row: dict, history: list[dict]) -> list[dict]:
 
 
 WAIT_S = 5  # a worker's wait before it looks again for a row whose memory fits
-NEED_GB = {
-    "spam": 12.0
-}  # one run's device memory before a peak is recorded (side_by_side.py: 11.7 GB, 16 × 384)
+# one run's device memory before a peak is recorded (side_by_side.py: 11.7 GB at 16 × 384)
+NEED_GB = {"spam": 12.0}
 CAUSAL_GB, ENCODER_GB = 4.0, 2.0  # the same for the other tasks
 
 
@@ -378,15 +376,14 @@ def run_in_workers(rows: list[dict], args) -> int:
     (folder / "rows.json").write_text(json.dumps(rows))
     (folder / "claims").mkdir()
     for w in range(min(args.workers, len(rows))):
-        command = [
-            sys.executable,
-            __file__,
-            "work",
-            str(folder / "rows.json"),
+        command = [sys.executable, __file__, "work", str(folder / "rows.json")]
+        command += [
             "--claims",
             str(folder / "claims"),
+            "--out",
+            str(folder / f"out{w}.json"),
+            *forwarded(args),
         ]
-        command += ["--out", str(folder / f"out{w}.json"), *forwarded(args)]
         env = common.worker_env(args.mps_env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         procs[w] = subprocess.Popen(command, env=env)
     while any(proc.poll() is None for proc in procs.values()):
@@ -706,8 +703,7 @@ def targets(best: dict[tuple, dict], tasks: list[str]) -> list[str]:
             lines.append(
                 f"| {recipe} | {'auto' if auto else 'best swept'} | {len(ran)} of {len(tasks)} | {mean:.3f} | "
                 f"{worst:.3f} ({ran[ratios.index(worst)]}) | {f'{gap:+.1f} points' if points else '—'} | "
-                f"{max(shares):.1%} | {wanted} | "
-                f"{'yes' if met else 'no'} |"
+                f"{max(shares):.1%} | {wanted} | {'yes' if met else 'no'} |"
             )
     return lines
 

@@ -247,16 +247,28 @@ def choose_encoder(task: SuiteTask, method: Method, seed: int, data, folder: Pat
     """lr auto's choice over this loop, as the library makes it: each of lr_auto's candidates around the rule's lr
     trains the whole schedule on the training split less lr_auto.slice_split's slice and is scored on the slice
     (one after another, each from the same head)."""
-    lr_auto, centre = internals().lr_auto, centre_lr(method, folder)
     train = [i._replace(group=held_out_group(task, i)) for i in data[0]]  # the groups the split keeps whole
+
+    def slice_loss(lr: float, parts: tuple) -> float:
+        return run_encoder(task, method, lr, seed, parts, folder, device)["eval_loss"]
+
+    return one_by_one(train, centre_lr(method, folder), seed, slice_loss)
+
+
+def one_by_one(train: list, centre: float, seed: int, slice_loss):
+    """lr auto's choice with its candidates trained one after another: lr_auto's slice of train and candidates
+    around centre, slice_loss(lr, (the rest, the slice)) of each (from the same seed; None where it raises
+    FloatingPointError), and lr_auto's decision; where train is too small to spare a slice, the centre, untried
+    (as the library does)."""
+    lr_auto = internals().lr_auto
     parts = lr_auto.slice_split(train)
-    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
+    if parts is None:
         return lr_auto.Choice(centre, {}, [])
     losses = {}
     for lr in lr_auto.candidates(centre):
         torch.manual_seed(seed)
         try:
-            losses[lr] = run_encoder(task, method, lr, seed, parts, folder, device)["eval_loss"]
+            losses[lr] = slice_loss(lr, parts)
         except FloatingPointError:
             losses[lr] = None
     return lr_auto.Choice(
@@ -304,26 +316,16 @@ def choose_causal_alone(
     together (a prototype's hooks): each candidate trained alone on the training split less the slice, one after
     another, and scored on the slice — what training them together computes, up to rounding (together may pack a
     batch: tests/test_quality_suite.py checks the two choices agree), at about len(WINDOW) runs' time."""
-    ops = internals()
-    lr_auto, centre = ops.lr_auto, centre_lr(method, model_path)
     dataset = causal_task(task, data)
-    parts = lr_auto.slice_split(dataset.train)
-    if parts is None:  # too few examples to spare a slice: the rule's lr, as the library does
-        return lr_auto.Choice(centre, {}, [])
-    trained_on = dataclasses.replace(dataset, train=parts[0], heldout=parts[1])
-    losses = {}
-    for lr in lr_auto.candidates(centre):
+
+    def slice_loss(lr: float, parts: tuple) -> float:
         settings = causal_settings(lr, seed, parts[1], model_path, device, steps)
         settings = dataclasses.replace(settings, eval_accuracy=0)  # the slice's loss alone, as lr auto scores
-        torch.manual_seed(seed)
-        try:
-            with tf32():
-                losses[lr] = _train_and_score(trained_on, method, settings, device, ops)["eval_loss"]
-        except FloatingPointError:
-            losses[lr] = None
-    return lr_auto.Choice(
-        lr_auto.decide(losses, centre), losses, [], len(parts[1]), len(dataset.train) - len(parts[0])
-    )
+        trained_on = dataclasses.replace(dataset, train=parts[0], heldout=parts[1])
+        with tf32():
+            return _train_and_score(trained_on, method, settings, device, internals())["eval_loss"]
+
+    return one_by_one(dataset.train, centre_lr(method, model_path), seed, slice_loss)
 
 
 def causal_settings(lr: float | str, seed: int, heldout: list, model_path: str, device, steps: int):

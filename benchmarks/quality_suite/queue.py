@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,8 +31,7 @@ class RowQueue:
         or that runs alone, when nothing runs — now claimed by this worker and removed from pending, as is each
         row before it that another worker took; None where none fits now (pending then holds the rows left to try
         again)."""
-        with open(self.folder / "lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._locked():
             running = self._running_gb()
             for row in list(pending):
                 if self.taken(row):
@@ -52,9 +52,15 @@ class RowQueue:
 
     def done(self, row: dict) -> None:
         """The row ended (whatever its outcome): its memory is free for others."""
+        with self._locked():
+            (self.folder / "running" / _name(row)).unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self):
+        """The ledger to this worker alone, until the block ends."""
         with open(self.folder / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            (self.folder / "running" / _name(row)).unlink(missing_ok=True)
+            yield
 
     def _running_gb(self) -> float:
         """The memory the rows running need, in all (read under the lock that done() takes too)."""

@@ -146,13 +146,11 @@ def _backward(loss_of_batch, step: int, path: Path | None) -> torch.Tensor:
     return loss
 
 
-def out_of_memory(err: BaseException) -> bool:
-    """Whether an error is the device running out of memory: torch.OutOfMemoryError, or a RuntimeError that
-    says so (the CPU allocator's "can't allocate memory", another backend's "out of memory")."""
+def out_of_memory(err: RuntimeError) -> bool:
+    """Whether an error is the device running out of memory: torch.OutOfMemoryError, or one that says so (the
+    CPU allocator's "can't allocate memory", another backend's "out of memory")."""
     said = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in said or "allocate memory" in said)
-    )
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in said or "allocate memory" in said
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:

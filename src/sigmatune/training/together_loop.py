@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,9 +84,8 @@ def fit_together(
     encoded = _encoded(tokenizer, members, orders)
     outcome = Outcome({name: [] for name in names})
     steps, done = max(m.settings.steps for m in members), 0
-    per_pass = len(
-        members
-    )  # members whose rows go through the model in one pass (halved where memory runs out)
+    # members whose rows go through the model in one pass (halved where memory runs out)
+    per_pass = len(members)
     with Together(model, names) as together:
         banks = list(together.banks().values())
         optimizer = RowsAdamW(banks, torch.zeros(len(members)))
@@ -98,20 +98,10 @@ def fit_together(
             active = [
                 k for k, m in enumerate(members) if m.name not in outcome.failed and step <= m.settings.steps
             ]
-            while True:
-                try:
-                    losses = _backward(
-                        model, tokenizer, members, orders, encoded, active, step, device, together, packed,
-                        per_pass,
-                    )  # fmt: skip
-                    break
-                except RuntimeError as err:
-                    if not out_of_memory(err):
-                        raise
-                    per_pass = _fewer_per_pass(per_pass, len(active), step, err, path)
-                optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
+            backward = partial(
+                _backward, model, tokenizer, members, orders, encoded, active, step, device, together, packed
+            )
+            losses, per_pass = _within_memory(backward, per_pass, len(active), step, optimizer, device, path)
             for k in active:
                 if not math.isfinite(losses[k]):
                     _fail(
@@ -155,20 +145,31 @@ def fit_together(
     return outcome
 
 
-def _fewer_per_pass(per_pass: int, active: int, step: int, err: RuntimeError, path: Path | None) -> int:
-    """Half as many members a pass after running out of memory with per_pass (said); one a pass that ran out
-    is an error naming the fix."""
-    if min(per_pass, active) <= 1:
-        raise MemoryError(
-            f"out of memory at step {step} with one adapter's batch a pass ({str(err).splitlines()[0][:120]}); "
-            "lower --batch-size or --max-length. " + kept_on_disk(path)
-        ) from None
-    fewer = (min(per_pass, active) + 1) // 2
-    log(
-        f"out of memory at step {step} with {min(per_pass, active)} adapters' batches a pass: now {fewer} a pass "
-        "(the same numbers, more time)"
-    )
-    return fewer
+def _within_memory(backward, per_pass: int, active: int, step: int, optimizer, device, path) -> tuple:
+    """(backward(per_pass): the members' losses, per_pass) — where the device runs out of memory, the step again
+    in passes of half as many members (said; the failed step's partial gradients cleared first), down to one a
+    pass, which running out is an error naming the fix."""
+    while True:
+        try:
+            return backward(per_pass), per_pass
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            now = min(per_pass, active)
+            if now <= 1:
+                raise MemoryError(
+                    f"out of memory at step {step} with one adapter's batch a pass "
+                    f"({str(err).splitlines()[0][:120]}); lower --batch-size or --max-length. "
+                    + kept_on_disk(path)
+                ) from None
+            per_pass = (now + 1) // 2
+            log(
+                f"out of memory at step {step} with {now} adapters' batches a pass: now {per_pass} a pass "
+                "(the same numbers, more time)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _backward(
